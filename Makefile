@@ -1,0 +1,60 @@
+# mtrank — one command to run, one to test. Everything goes through the project venv.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ART    ?= artifacts
+CONFIG ?= configs/kuairand_mmoe.toml
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run train serve test test-fast lint bench loadtest soak clean report
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, so no dependency can drag in a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## Train on the shipped KuaiRand-Pure data if no model exists yet, then serve on the embedded store.
+run: setup
+	@if [ ! -f $(ART)/models/LATEST ]; then \
+		echo "No model under $(ART)/models yet: training $(CONFIG)"; \
+		$(BIN)/mtrank train --config $(CONFIG) --artifacts $(ART); \
+	fi
+	$(BIN)/mtrank serve --artifacts $(ART) --host $(HOST) --port $(PORT)
+
+train: setup
+	$(BIN)/mtrank train --config $(CONFIG) --artifacts $(ART)
+
+serve: setup
+	$(BIN)/mtrank serve --artifacts $(ART) --host $(HOST) --port $(PORT)
+
+test: setup
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check model service tests loadtest scripts
+	$(BIN)/ruff format --check model service tests loadtest scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: setup
+	$(BIN)/python scripts/bench.py
+
+loadtest: setup
+	$(BIN)/python scripts/loadtest.py
+
+report: setup
+	$(BIN)/mtrank report --artifacts $(ART)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

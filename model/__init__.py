@@ -1,0 +1,41 @@
+"""mtrank offline half: data, multi-task networks, trainer, checkpoints.
+
+The public API the online service uses is re-exported here and kept small.
+"""
+
+from model.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    check_version_id,
+    list_versions,
+    load_checkpoint,
+    read_latest,
+    resolve_checkpoint,
+    write_latest,
+)
+from model.features import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec, stable_hash
+from model.scoring import Ranker, combine_scores
+
+__all__ = [
+    "CanonicalRows",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "FeatureError",
+    "FeatureSchema",
+    "FeatureSpec",
+    "IncompatibleCheckpointError",
+    "Ranker",
+    "check_version_id",
+    "combine_scores",
+    "list_versions",
+    "load_checkpoint",
+    "read_latest",
+    "resolve_checkpoint",
+    "stable_hash",
+    "write_latest",
+]

@@ -1,0 +1,209 @@
+"""Offline commands: ``train``, ``evaluate``, ``models``, ``data synth``.
+
+``register(app)`` adds them to a Typer app; the ``mtrank`` console script (``service.cli``) adds
+the online commands beside them. Console output (rich) is allowed here, not in library modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from model.checkpoint import (
+    CheckpointError,
+    list_versions,
+    load_checkpoint,
+    read_latest,
+    resolve_checkpoint,
+    write_latest,
+)
+from model.config import ConfigError, load_config
+from model.data import DataError, load_dataset
+from model.features import FeatureError
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file", exists=False)]
+ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", "-a", envvar="MTRANK_ARTIFACTS", help="artifacts dir")]
+
+
+def _fail(msg: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {msg}")
+    return typer.Exit(code=2)
+
+
+def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}")
+        elif isinstance(v, int | str):
+            table.add_row(k, str(v))
+    return table
+
+
+def train_cmd(
+    config: ConfigOpt,
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
+    arch: Annotated[str | None, typer.Option(help="override model.arch")] = None,
+    no_latest: Annotated[bool, typer.Option("--no-latest", help="write the checkpoint, keep LATEST")] = False,
+) -> None:
+    """Fit a model from a config and write a versioned checkpoint (and move LATEST to it)."""
+    from model.checkpoint import save_checkpoint
+    from model.train import fit
+
+    try:
+        cfg = load_config(config)
+        if seed is not None:
+            cfg.train.seed = seed
+        if epochs is not None:
+            cfg.train.epochs = epochs
+        if arch is not None:
+            cfg.model.arch = arch  # type: ignore[assignment]
+            cfg.__post_init__()
+        with console.status("loading data"):
+            ds = load_dataset(cfg)
+        console.print(f"data: train={len(ds.train)} valid={len(ds.valid)} test={len(ds.test)} rows")
+    except (ConfigError, DataError, FeatureError) as e:
+        raise _fail(str(e)) from None
+
+    with Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("train", total=None, epoch=0, loss=0.0)
+
+        def progress(kind: str, info: dict[str, Any]) -> None:
+            if kind == "step" and (info["step"] % 10 == 0 or info["step"] == info["steps"]):
+                bar.update(task, completed=info["step"], total=info["steps"], epoch=info["epoch"], loss=info["loss"])
+            elif kind == "epoch":
+                shown = {k: round(v, 4) for k, v in info.items() if k.endswith(("loss", "auc"))}
+                bar.console.print(f"epoch {int(info['epoch'])}: {shown}")
+
+        result = fit(cfg, ds, progress)
+    path = save_checkpoint(
+        artifacts,
+        result.model,
+        cfg,
+        ds.schema,
+        metrics=result.metrics,
+        data_fingerprint=ds.fingerprint,
+        extra={"history": result.history},
+        set_latest=not no_latest,
+    )
+    console.print(_metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics"))
+    console.print(f"training samples/s: {result.samples_per_sec:,.0f}   best epoch: {result.best_epoch}")
+    console.print(f"wrote [bold]{path}[/]" + ("" if no_latest else " (LATEST)"))
+
+
+def evaluate_cmd(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    version: Annotated[str | None, typer.Option(help="model version (default: LATEST)")] = None,
+    config: Annotated[Path | None, typer.Option(help="evaluate on this config's test split instead")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print metrics as JSON on stdout")] = False,
+) -> None:
+    """Per-task AUC / GAUC / logloss (RMSE / MAE for regression) and NDCG@10 on the test split."""
+    from model.train import evaluate_split
+
+    try:
+        ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
+        cfg = load_config(config) if config else ckpt.config
+        ds = load_dataset(cfg)
+    except (CheckpointError, ConfigError, DataError, FeatureError) as e:
+        raise _fail(str(e)) from None
+    # re-encode the test rows with the checkpoint's own fitted schema (vocabularies, statistics)
+    from model.data import canonical_groups, encode_groups, load_raw, split_masks
+
+    raw = load_raw(cfg.data)
+    _, _, test_m = split_masks(raw.log, cfg.data)
+    cats, nums = encode_groups(ckpt.schema, canonical_groups(ckpt.schema, raw.log.loc[test_m]))
+    test = ds.test
+    test.cats, test.nums = cats, nums
+    metrics = evaluate_split(ckpt.model, test, ckpt.config.tasks, "test/")
+    if as_json:
+        typer.echo(json.dumps({"version": ckpt.version, "metrics": metrics}, indent=1))
+    else:
+        console.print(_metrics_table(metrics, f"model {ckpt.version}"))
+
+
+def models_cmd(artifacts: ArtifactsOpt = Path("artifacts")) -> None:
+    """List model versions (LATEST marked) with their test AUCs."""
+    try:
+        latest = read_latest(artifacts)
+    except CheckpointError:
+        latest = None
+    table = Table(title=str(artifacts))
+    for col in ("version", "arch", "engagement AUC", "satisfaction AUC", ""):
+        table.add_column(col)
+    for v in list_versions(artifacts):
+        m = json.loads((resolve_checkpoint(artifacts, v) / "manifest.json").read_text())
+        mt = m.get("metrics", {})
+        fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
+        table.add_row(
+            v,
+            m["config"]["model"]["arch"],
+            fmt(mt.get("test/engagement/auc")),
+            fmt(mt.get("test/satisfaction/auc")),
+            "LATEST" if v == latest else "",
+        )
+    console.print(table)
+
+
+def rollback_cmd(version: str, artifacts: ArtifactsOpt = Path("artifacts")) -> None:
+    """Point LATEST at an existing version (a running service picks it up)."""
+    try:
+        load_checkpoint(resolve_checkpoint(artifacts, version))  # never point LATEST at a bad model
+        write_latest(artifacts, version)
+    except CheckpointError as e:
+        raise _fail(str(e)) from None
+    console.print(f"LATEST -> {version}")
+
+
+def synth_cmd(
+    kind: Annotated[str, typer.Argument(help="mmoe (task-correlation benchmark) or youtube (impression log)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("artifacts/data/synth"),
+    seed: int = 0,
+    correlation: Annotated[float, typer.Option(help="mmoe: task correlation in [-1, 1]")] = 0.5,
+    rows: Annotated[int | None, typer.Option(help="rows (mmoe) / impressions (youtube)")] = None,
+) -> None:
+    """Write a synthetic data set (files in the generic tables layout)."""
+    from model import synth
+
+    if kind == "mmoe":
+        paths = synth.make_mmoe_benchmark(out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows else {}))
+    elif kind == "youtube":
+        paths = synth.make_youtube_log(out, seed=seed, **({"n_impressions": rows} if rows else {}))
+    else:
+        raise _fail(f"unknown synthetic data kind {kind!r} (mmoe or youtube)")
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("models")(models_cmd)
+    app.command("rollback")(rollback_cmd)
+    data = typer.Typer(help="data utilities", no_args_is_help=True)
+    data.command("synth")(synth_cmd)
+    app.add_typer(data, name="data")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,137 @@
+"""Batch scoring: the small public surface the online service uses.
+
+``Ranker.load(path)`` loads a checkpoint; ``Ranker.score(user, videos, context)`` takes canonical
+feature rows (see ``model.features``) for one user, B candidate videos and one context and returns
+per-head scores: probabilities for binary heads, predictions in label units for regression heads.
+``combine_scores`` turns the heads into the one ranking score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.config import Config, TaskConfig
+from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
+
+Combine = Literal["product", "sum"]
+
+
+def head_outputs(raw: Mapping[str, torch.Tensor], tasks: list[TaskConfig]) -> dict[str, np.ndarray]:
+    """Network outputs -> scores: sigmoid for binary heads, inverse label transform for regression."""
+    out: dict[str, np.ndarray] = {}
+    for t in tasks:
+        y = raw[t.name].float()
+        if t.kind == "binary":
+            y = torch.sigmoid(y)
+        elif t.transform == "log1p":
+            y = torch.expm1(y.clamp(min=0.0))
+        out[t.name] = y.numpy().astype(np.float64)
+    return out
+
+
+def combine_scores(
+    heads: Mapping[str, np.ndarray], weights: Mapping[str, float], method: Combine = "product"
+) -> np.ndarray:
+    """One ranking score per item from the per-head scores.
+
+    ``product``: prod_i s_i ** w_i (a weighted geometric combination, scale-free per head);
+    ``sum``:     sum_i w_i * s_i.
+    Heads without a weight (or with weight 0) do not contribute.
+    """
+    n = len(next(iter(heads.values())))
+    if method == "product":
+        log_score = np.zeros(n)
+        for name, w in weights.items():
+            if w:
+                log_score += w * np.log(np.clip(heads[name], 1e-12, None))
+        return np.exp(log_score)
+    if method == "sum":
+        score = np.zeros(n)
+        for name, w in weights.items():
+            if w:
+                score += w * heads[name]
+        return score
+    raise ValueError(f"unknown combine method {method!r}")
+
+
+class Ranker:
+    """A loaded, validated model ready to score. Immutable; safe to share between threads."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._ckpt = ckpt
+        self.model = ckpt.model.eval()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Ranker:
+        return cls(load_checkpoint(path))
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self._ckpt.version
+
+    @property
+    def path(self) -> Path:
+        return self._ckpt.path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._ckpt.manifest
+
+    @property
+    def config(self) -> Config:
+        return self._ckpt.config
+
+    @property
+    def schema(self) -> FeatureSchema:
+        return self._ckpt.schema
+
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        return self._ckpt.config.tasks
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    # -- scoring -----------------------------------------------------------------------------
+    def score_encoded(self, cats: np.ndarray, nums: np.ndarray) -> dict[str, np.ndarray]:
+        """Encoded rows (B, C) int64 / (B, F) float32 -> per-head scores (B,)."""
+        with torch.inference_mode():
+            raw = self.model(torch.from_numpy(cats), torch.from_numpy(nums))
+        return head_outputs(raw, self.tasks)
+
+    def encode(
+        self, user: CanonicalRows, videos: CanonicalRows, context: CanonicalRows
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical rows -> model inputs. ``user`` and ``context`` have 1 row (broadcast) or B rows."""
+        n = len(videos)
+        rows: dict[Group, CanonicalRows] = {"user": user, "video": videos, "context": context}
+        cats, nums = [], []
+        for g in GROUPS:
+            c, x = self.schema.encode(g, rows[g])
+            if c.shape[0] != n:
+                if c.shape[0] != 1:
+                    raise ValueError(f"{g} rows: expected 1 or {n}, got {c.shape[0]}")
+                c, x = np.broadcast_to(c, (n, c.shape[1])), np.broadcast_to(x, (n, x.shape[1]))
+            cats.append(c)
+            nums.append(x)
+        return np.concatenate(cats, axis=1), np.concatenate(nums, axis=1)
+
+    def score(
+        self, user: CanonicalRows, videos: CanonicalRows, context: CanonicalRows
+    ) -> dict[str, np.ndarray]:
+        return self.score_encoded(*self.encode(user, videos, context))
+
+    def warmup(self, n: int = 512, rounds: int = 3) -> None:
+        """Run a few forward passes at serving batch sizes (allocator, kernels, lazy init)."""
+        s = self.schema
+        for _ in range(rounds):
+            for b in (1, n):
+                self.score(s.default_rows("user", 1), s.default_rows("video", b), s.default_rows("context", 1))
