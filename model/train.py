@@ -145,9 +145,10 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            run_loss += float(loss.detach())
+            loss_value = float(loss.detach())
+            run_loss += loss_value
             if progress is not None:
-                progress("step", {"epoch": epoch, "step": step + 1, "steps": steps_per_epoch, "loss": float(loss)})
+                progress("step", {"epoch": epoch, "step": step + 1, "steps": steps_per_epoch, "loss": loss_value})
         train_time += time.perf_counter() - t0
         seen += n
         row: dict[str, float] = {"epoch": epoch, "train/loss": run_loss / steps_per_epoch}

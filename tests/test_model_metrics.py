@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from sklearn.metrics import ndcg_score, roc_auc_score
+
+from model.metrics import gauc, higher_is_better, ndcg_at_k
+
+
+def _data(seed: int = 0, users: int = 40):
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, users, size=1500)
+    y = (rng.random(1500) < 0.3).astype(float)
+    p = np.round(rng.random(1500) * 0.5 + y * 0.2, 2)  # rounded: plenty of ties
+    return y, p, groups
+
+
+def test_gauc_matches_sklearn_user_by_user():
+    y, p, g = _data()
+    num = den = 0.0
+    for u in np.unique(g):
+        m = g == u
+        if 0 < y[m].sum() < m.sum():
+            num += roc_auc_score(y[m], p[m]) * m.sum()
+            den += m.sum()
+    assert gauc(y, p, g) == pytest.approx(num / den, rel=1e-9)
+
+
+def test_gauc_skips_single_class_users():
+    y = np.array([1, 0, 1, 1, 0, 0.0])
+    p = np.array([0.9, 0.1, 0.5, 0.6, 0.3, 0.2])
+    g = np.array([0, 0, 1, 1, 2, 2])
+    assert gauc(y, p, g) == pytest.approx(1.0)
+    assert np.isnan(gauc(np.ones(3), np.ones(3), np.zeros(3)))
+
+
+def test_ndcg_matches_sklearn_user_by_user():
+    rng = np.random.default_rng(1)
+    g = rng.integers(0, 30, size=600)
+    gain = rng.integers(0, 3, size=600).astype(float)
+    s = rng.random(600)  # no ties: sklearn averages over ties, we break them by input order
+    vals = []
+    for u in np.unique(g):
+        m = g == u
+        if gain[m].sum() > 0 and m.sum() > 1:
+            vals.append(ndcg_score(gain[m][None], s[m][None], k=10))
+        elif gain[m].sum() > 0:
+            vals.append(1.0)
+    assert ndcg_at_k(gain, s, g, k=10) == pytest.approx(np.mean(vals), rel=1e-9)
+
+
+def test_metric_directions():
+    assert higher_is_better("valid/engagement/auc") and higher_is_better("test/ndcg@10")
+    assert not higher_is_better("valid/loss") and not higher_is_better("valid/watch/rmse")
+    with pytest.raises(ValueError):
+        higher_is_better("valid/unknown")

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from model.config import ModelConfig, TaskConfig
+from model.features import FeatureSchema, FeatureSpec
+from model.nets import MMoE, SeparateTowers, build_model
+from model.train import task_losses, weighted_total
+
+TASKS = [TaskConfig("engagement", "binary", "long_view"), TaskConfig("satisfaction", "binary", "is_like")]
+
+
+def _schema() -> FeatureSchema:
+    return FeatureSchema(
+        [
+            FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
+            FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
+            FeatureSpec("dur", "video", "numeric"),
+            FeatureSpec("tab", "context", "categorical", vocab=["0", "1"]),
+        ]
+    )
+
+
+def _batch(b: int = 32):
+    g = torch.Generator().manual_seed(0)
+    cats = torch.stack(
+        [torch.randint(0, 11, (b,), generator=g), torch.randint(0, 21, (b,), generator=g), torch.randint(0, 3, (b,), generator=g)],
+        dim=1,
+    )
+    return cats, torch.randn(b, 1, generator=g)
+
+
+@pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe"])
+def test_forward_returns_one_output_per_task(arch):
+    net = build_model(ModelConfig(arch=arch, embed_dim=4, expert_dims=[8], bottom_dims=[8], tower_dims=[4]), _schema(), TASKS)
+    out = net(*_batch(32))
+    assert set(out) == {"engagement", "satisfaction"}
+    assert all(v.shape == (32,) and torch.isfinite(v).all() for v in out.values())
+
+
+def test_mmoe_gates_are_distributions_and_gate_dropout_keeps_an_expert():
+    cfg = ModelConfig(arch="mmoe", embed_dim=4, n_experts=3, expert_dims=[8], tower_dims=[4], gate_dropout=0.9)
+    net = build_model(cfg, _schema(), TASKS)
+    assert isinstance(net, MMoE)
+    cats, nums = _batch(256)
+    net.eval()
+    g = net.gate_weights(cats, nums)  # (B, T, E)
+    assert g.shape == (256, 2, 3)
+    torch.testing.assert_close(g.sum(-1), torch.ones(256, 2))
+    net.train()
+    probs = net.gate_probs(net.embed(cats, nums))
+    for p in probs.values():
+        assert torch.isfinite(p).all()  # never all experts dropped (no NaN softmax)
+        assert ((p == 0).sum(-1) >= 1).float().mean() > 0.5  # 0.9 dropout really drops experts
+        torch.testing.assert_close(p.sum(-1), torch.ones(256))
+
+
+def test_separate_towers_share_nothing():
+    net = build_model(ModelConfig(arch="separate", embed_dim=4, bottom_dims=[8], tower_dims=[4]), _schema(), TASKS)
+    assert isinstance(net, SeparateTowers)
+    out = net(*_batch(16))
+    out["engagement"].sum().backward()
+    for name, p in net.named_parameters():
+        if "satisfaction" in name:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+
+
+def test_masked_losses_are_count_normalised():
+    out = {"engagement": torch.zeros(4), "satisfaction": torch.zeros(4)}
+    labels = torch.tensor([[1.0, float("nan")], [0.0, float("nan")], [1.0, 1.0], [0.0, float("nan")]])
+    losses = task_losses(out, labels, TASKS)
+    assert losses["engagement"].item() == pytest.approx(math.log(2))  # mean over 4 rows
+    assert losses["satisfaction"].item() == pytest.approx(math.log(2))  # mean over its 1 observed row
+    all_missing = torch.full((4, 2), float("nan"))
+    assert task_losses(out, all_missing, TASKS)["satisfaction"].item() == 0.0
+    weighted = [TaskConfig("engagement", weight=2.0), TaskConfig("satisfaction", label="is_like", weight=0.5)]
+    total = weighted_total(losses, weighted)
+    assert total.item() == pytest.approx(2.5 * math.log(2))
