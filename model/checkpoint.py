@@ -181,7 +181,9 @@ def list_versions(artifacts: str | Path) -> list[str]:
     root = models_dir(artifacts)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file() and VERSION_RE.match(p.name))
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file() and VERSION_RE.match(p.name)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +215,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{mpath}: manifest must be a JSON object")
     fv = manifest.get("format_version")
     if fv != FORMAT_VERSION:
-        raise IncompatibleCheckpointError(f"{mpath}: format_version {fv!r}, this build reads {FORMAT_VERSION}")
+        raise IncompatibleCheckpointError(
+            f"{mpath}: format_version {fv!r}, this build reads {FORMAT_VERSION}"
+        )
     for key in ("version", "config", "feature_schema", "weights"):
         if key not in manifest:
             raise CorruptCheckpointError(f"{mpath}: missing key {key!r}")

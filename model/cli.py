@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +32,9 @@ from model.features import FeatureError
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file", exists=False)]
-ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", "-a", envvar="MTRANK_ARTIFACTS", help="artifacts dir")]
+ArtifactsOpt = Annotated[
+    Path, typer.Option("--artifacts", "-a", envvar="MTRANK_ARTIFACTS", help="artifacts dir")
+]
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -89,9 +92,11 @@ def train_cmd(
     ) as bar:
         task = bar.add_task("train", total=None, epoch=0, loss=0.0)
 
-        def progress(kind: str, info: dict[str, Any]) -> None:
+        def progress(kind: str, info: Mapping[str, Any]) -> None:
             if kind == "step" and (info["step"] % 10 == 0 or info["step"] == info["steps"]):
-                bar.update(task, completed=info["step"], total=info["steps"], epoch=info["epoch"], loss=info["loss"])
+                bar.update(
+                    task, completed=info["step"], total=info["steps"], epoch=info["epoch"], loss=info["loss"]
+                )
             elif kind == "epoch":
                 shown = {k: round(v, 4) for k, v in info.items() if k.endswith(("loss", "auc"))}
                 bar.console.print(f"epoch {int(info['epoch'])}: {shown}")
@@ -107,7 +112,9 @@ def train_cmd(
         extra={"history": result.history},
         set_latest=not no_latest,
     )
-    console.print(_metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics"))
+    console.print(
+        _metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics")
+    )
     console.print(f"training samples/s: {result.samples_per_sec:,.0f}   best epoch: {result.best_epoch}")
     console.print(f"wrote [bold]{path}[/]" + ("" if no_latest else " (LATEST)"))
 
@@ -154,15 +161,18 @@ def models_cmd(artifacts: ArtifactsOpt = Path("artifacts")) -> None:
     for v in list_versions(artifacts):
         m = json.loads((resolve_checkpoint(artifacts, v) / "manifest.json").read_text())
         mt = m.get("metrics", {})
-        fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
         table.add_row(
             v,
             m["config"]["model"]["arch"],
-            fmt(mt.get("test/engagement/auc")),
-            fmt(mt.get("test/satisfaction/auc")),
+            _fmt(mt.get("test/engagement/auc")),
+            _fmt(mt.get("test/satisfaction/auc")),
             "LATEST" if v == latest else "",
         )
     console.print(table)
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "-"
 
 
 def rollback_cmd(version: str, artifacts: ArtifactsOpt = Path("artifacts")) -> None:
@@ -176,8 +186,12 @@ def rollback_cmd(version: str, artifacts: ArtifactsOpt = Path("artifacts")) -> N
 
 
 def synth_cmd(
-    kind: Annotated[str, typer.Argument(help="mmoe (task-correlation benchmark) or youtube (impression log)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("artifacts/data/synth"),
+    kind: Annotated[
+        str, typer.Argument(help="mmoe (task-correlation benchmark) or youtube (impression log)")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="output dir (default artifacts/synth/KIND)")
+    ] = None,
     seed: int = 0,
     correlation: Annotated[float, typer.Option(help="mmoe: task correlation in [-1, 1]")] = 0.5,
     rows: Annotated[int | None, typer.Option(help="rows (mmoe) / impressions (youtube)")] = None,
@@ -185,8 +199,11 @@ def synth_cmd(
     """Write a synthetic data set (files in the generic tables layout)."""
     from model import synth
 
+    out = out or Path("artifacts/synth") / kind
     if kind == "mmoe":
-        paths = synth.make_mmoe_benchmark(out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows else {}))
+        paths = synth.make_mmoe_benchmark(
+            out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows else {})
+        )
     elif kind == "youtube":
         paths = synth.make_youtube_log(out, seed=seed, **({"n_impressions": rows} if rows else {}))
     else:

@@ -54,6 +54,11 @@ class DataConfig:
     max_rows: int | None = None  # keep the first N log rows (smoke tests)
     features: list[FeatureDecl] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # TOML has no null: an empty string means "no such table"
+        self.users = self.users or None
+        self.videos = self.videos or None
+
     def path(self, name: str) -> Path:
         p = Path(name)
         if p.is_absolute():

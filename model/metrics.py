@@ -31,7 +31,9 @@ def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
     """
     df = pd.DataFrame({"g": groups, "y": (y > 0.5).astype(np.int64), "p": p})
     df["r"] = df.groupby("g")["p"].rank(method="average")
-    agg = df.assign(rp=df["r"] * df["y"]).groupby("g").agg(n=("y", "size"), pos=("y", "sum"), rp=("rp", "sum"))
+    agg = (
+        df.assign(rp=df["r"] * df["y"]).groupby("g").agg(n=("y", "size"), pos=("y", "sum"), rp=("rp", "sum"))
+    )
     agg = agg[(agg["pos"] > 0) & (agg["pos"] < agg["n"])]
     if agg.empty:
         return float("nan")
@@ -80,7 +82,15 @@ def task_metrics(task: TaskConfig, y: np.ndarray, p: np.ndarray, groups: np.ndar
 
 
 # direction of each metric for early stopping / model selection
-HIGHER_IS_BETTER = {"auc": True, "gauc": True, "ndcg@10": True, "logloss": False, "rmse": False, "mae": False, "loss": False}
+HIGHER_IS_BETTER = {
+    "auc": True,
+    "gauc": True,
+    "ndcg@10": True,
+    "logloss": False,
+    "rmse": False,
+    "mae": False,
+    "loss": False,
+}
 
 
 def higher_is_better(metric_name: str) -> bool:

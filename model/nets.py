@@ -16,7 +16,7 @@ space. Losses and task weighting live outside ``forward()`` (see ``model.train``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,13 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> tuple[nn.Sequential
 class FeatureEmbedding(nn.Module):
     """All categorical features share one embedding matrix, each field with its own row range."""
 
+    offsets: Tensor
+
     def __init__(self, cardinalities: Sequence[int], n_nums: int, embed_dim: int) -> None:
         super().__init__()
-        offsets = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0) if cardinalities else None
+        offsets = (
+            torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0) if cardinalities else None
+        )
         self.register_buffer("offsets", offsets if offsets is not None else torch.zeros(0, dtype=torch.long))
         self.emb = nn.Embedding(max(sum(cardinalities), 1), embed_dim)
         nn.init.normal_(self.emb.weight, std=0.05)
@@ -60,7 +64,8 @@ class Tower(nn.Module):
         self.out = nn.Linear(out, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.out(self.body(h)).squeeze(-1)  # (B,)
+        y: Tensor = self.out(self.body(h)).squeeze(-1)  # (B,)
+        return y
 
 
 class MultiTaskNet(nn.Module):
@@ -75,7 +80,7 @@ class SeparateTowers(MultiTaskNet):
     def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
         self.embed = nn.ModuleDict({t: FeatureEmbedding(cards, n_nums, cfg.embed_dim) for t in tasks})
-        d_in = next(iter(self.embed.values())).out_dim
+        d_in = len(cards) * cfg.embed_dim + n_nums
         self.bottom = nn.ModuleDict({t: mlp(d_in, cfg.bottom_dims, cfg.dropout)[0] for t in tasks})
         d_b = cfg.bottom_dims[-1] if cfg.bottom_dims else d_in
         self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
@@ -114,7 +119,7 @@ class Experts(nn.Module):
         self.out_dim = in_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.einsum("bd,edh->beh", x, self.weights[0]) + self.biases[0]  # (B, E, H1)
+        h: Tensor = torch.einsum("bd,edh->beh", x, self.weights[0]) + self.biases[0]  # (B, E, H1)
         h = self.dropout(F.relu(h))
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
             h = self.dropout(F.relu(torch.einsum("beh,ehk->bek", h, w) + b))  # (B, E, Hk)
@@ -129,7 +134,9 @@ class MMoE(MultiTaskNet):
         self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
         self.experts = Experts(cfg.n_experts, self.embed.out_dim, cfg.expert_dims, cfg.dropout)
         self.gates = nn.ModuleDict({t: nn.Linear(self.embed.out_dim, cfg.n_experts) for t in tasks})
-        self.towers = nn.ModuleDict({t: Tower(self.experts.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.towers = nn.ModuleDict(
+            {t: Tower(self.experts.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks}
+        )
 
     def gate_probs(self, x: Tensor) -> dict[str, Tensor]:
         """Per-task softmax over experts, (B, E) each; expert dropout while training."""
@@ -160,7 +167,7 @@ class MMoE(MultiTaskNet):
         return torch.stack([g[t] for t in self.tasks], dim=1)
 
 
-ARCHS: dict[str, type[MultiTaskNet]] = {
+ARCHS: dict[str, Callable[[ModelConfig, Sequence[int], int, Sequence[str]], MultiTaskNet]] = {
     "separate": SeparateTowers,
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,

@@ -134,4 +134,6 @@ class Ranker:
         s = self.schema
         for _ in range(rounds):
             for b in (1, n):
-                self.score(s.default_rows("user", 1), s.default_rows("video", b), s.default_rows("context", 1))
+                self.score(
+                    s.default_rows("user", 1), s.default_rows("video", b), s.default_rows("context", 1)
+                )

@@ -66,7 +66,9 @@ def predict(
     model.eval()
     parts: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
     for i in range(0, len(split), batch_size):
-        raw = model(torch.from_numpy(split.cats[i : i + batch_size]), torch.from_numpy(split.nums[i : i + batch_size]))
+        raw = model(
+            torch.from_numpy(split.cats[i : i + batch_size]), torch.from_numpy(split.nums[i : i + batch_size])
+        )
         for k, v in head_outputs(raw, tasks).items():
             parts[k].append(v)
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
@@ -94,7 +96,9 @@ def evaluate_split(
 
 
 @torch.no_grad()
-def expert_utilization(model: MultiTaskNet, split: Split, max_rows: int = 20000) -> dict[str, list[float]] | None:
+def expert_utilization(
+    model: MultiTaskNet, split: Split, max_rows: int = 20000
+) -> dict[str, list[float]] | None:
     """Mean gate probability of each expert per task (MMoE); a collapsed gate puts ~1 on one expert."""
     if not isinstance(model, MMoE) or len(split) == 0:
         return None
@@ -143,17 +147,23 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
             losses = task_losses(out, labels[idx], cfg.tasks)
             loss = weighted_total(losses, cfg.tasks)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             loss_value = float(loss.detach())
             run_loss += loss_value
             if progress is not None:
-                progress("step", {"epoch": epoch, "step": step + 1, "steps": steps_per_epoch, "loss": loss_value})
+                progress(
+                    "step", {"epoch": epoch, "step": step + 1, "steps": steps_per_epoch, "loss": loss_value}
+                )
         train_time += time.perf_counter() - t0
         seen += n
         row: dict[str, float] = {"epoch": epoch, "train/loss": run_loss / steps_per_epoch}
         split = ds.valid if len(ds.valid) else ds.train
-        row.update(evaluate_split(model, split, cfg.tasks, "valid/" if len(ds.valid) else "train/", tc.eval_batch_size))
+        row.update(
+            evaluate_split(
+                model, split, cfg.tasks, "valid/" if len(ds.valid) else "train/", tc.eval_batch_size
+            )
+        )
         history.append(row)
         value = row.get(monitor, float("nan"))
         improved = not math.isnan(value) and (value > best if higher else value < best)
@@ -165,7 +175,9 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
         if progress is not None:
             progress("epoch", row)
         if bad > tc.patience:
-            log.info("early stopping after epoch %d (best %s=%.4f at epoch %d)", epoch, monitor, best, best_epoch)
+            log.info(
+                "early stopping after epoch %d (best %s=%.4f at epoch %d)", epoch, monitor, best, best_epoch
+            )
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -180,7 +192,9 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
     return TrainResult(model, metrics, history, best_epoch, sps)
 
 
-def train(cfg: Config, artifacts: str | Path | None = None, progress: ProgressFn | None = None) -> TrainResult:
+def train(
+    cfg: Config, artifacts: str | Path | None = None, progress: ProgressFn | None = None
+) -> TrainResult:
     """Load data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to it."""
     t0 = time.perf_counter()
     ds = load_dataset(cfg)

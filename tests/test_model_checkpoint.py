@@ -26,7 +26,9 @@ def trained(tmp_path_factory):
     ds = load_dataset(cfg)
     res = fit(cfg, ds)
     art = tmp_path_factory.mktemp("art")
-    path = save_checkpoint(art, res.model, cfg, ds.schema, metrics=res.metrics, data_fingerprint=ds.fingerprint)
+    path = save_checkpoint(
+        art, res.model, cfg, ds.schema, metrics=res.metrics, data_fingerprint=ds.fingerprint
+    )
     return art, path, res, ds, cfg
 
 

@@ -27,7 +27,10 @@ def test_canonical_str_agrees_across_types():
 def test_stable_hash_is_process_independent():
     values = ["full_active", 7, "日本語", 3.25]
     here = [stable_hash(v) for v in values]
-    code = "from model.features import stable_hash; print([stable_hash(v) for v in ['full_active', 7, '日本語', 3.25]])"
+    code = (
+        "from model.features import stable_hash; "
+        "print([stable_hash(v) for v in ['full_active', 7, '日本語', 3.25]])"
+    )
     env = {"PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == str(here)
@@ -53,7 +56,9 @@ def _schema() -> FeatureSchema:
 
 
 def test_fit_uses_train_rows_only_and_encodes_unknowns_as_zero():
-    train = pd.DataFrame({"user_id": [1, 1, 2], "fans": [0, 10, 100], "video_id": [5, 5, 6], "tab": [0, 1, 1]})
+    train = pd.DataFrame(
+        {"user_id": [1, 1, 2], "fans": [0, 10, 100], "video_id": [5, 5, 6], "tab": [0, 1, 1]}
+    )
     schema = _schema()
     canon = {g: schema.canonicalize_frame(g, train) for g in ("user", "video", "context")}
     fitted = schema.fit(canon, {g: train for g in ("user", "video", "context")})

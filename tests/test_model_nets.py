@@ -25,7 +25,11 @@ def _schema() -> FeatureSchema:
 def _batch(b: int = 32):
     g = torch.Generator().manual_seed(0)
     cats = torch.stack(
-        [torch.randint(0, 11, (b,), generator=g), torch.randint(0, 21, (b,), generator=g), torch.randint(0, 3, (b,), generator=g)],
+        [
+            torch.randint(0, 11, (b,), generator=g),
+            torch.randint(0, 21, (b,), generator=g),
+            torch.randint(0, 3, (b,), generator=g),
+        ],
         dim=1,
     )
     return cats, torch.randn(b, 1, generator=g)
@@ -33,14 +37,20 @@ def _batch(b: int = 32):
 
 @pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe"])
 def test_forward_returns_one_output_per_task(arch):
-    net = build_model(ModelConfig(arch=arch, embed_dim=4, expert_dims=[8], bottom_dims=[8], tower_dims=[4]), _schema(), TASKS)
+    net = build_model(
+        ModelConfig(arch=arch, embed_dim=4, expert_dims=[8], bottom_dims=[8], tower_dims=[4]),
+        _schema(),
+        TASKS,
+    )
     out = net(*_batch(32))
     assert set(out) == {"engagement", "satisfaction"}
     assert all(v.shape == (32,) and torch.isfinite(v).all() for v in out.values())
 
 
 def test_mmoe_gates_are_distributions_and_gate_dropout_keeps_an_expert():
-    cfg = ModelConfig(arch="mmoe", embed_dim=4, n_experts=3, expert_dims=[8], tower_dims=[4], gate_dropout=0.9)
+    cfg = ModelConfig(
+        arch="mmoe", embed_dim=4, n_experts=3, expert_dims=[8], tower_dims=[4], gate_dropout=0.9
+    )
     net = build_model(cfg, _schema(), TASKS)
     assert isinstance(net, MMoE)
     cats, nums = _batch(256)
@@ -57,7 +67,9 @@ def test_mmoe_gates_are_distributions_and_gate_dropout_keeps_an_expert():
 
 
 def test_separate_towers_share_nothing():
-    net = build_model(ModelConfig(arch="separate", embed_dim=4, bottom_dims=[8], tower_dims=[4]), _schema(), TASKS)
+    net = build_model(
+        ModelConfig(arch="separate", embed_dim=4, bottom_dims=[8], tower_dims=[4]), _schema(), TASKS
+    )
     assert isinstance(net, SeparateTowers)
     out = net(*_batch(16))
     out["engagement"].sum().backward()

@@ -98,9 +98,15 @@ def test_config_errors_are_clear(tmp_path):
 
 def _tiny_toml(tmp_path) -> str:
     src = (ROOT / "configs" / "kuairand_mmoe.toml").read_text()
-    src = src.replace('log = "log_standard_20220425_to_20220508_pure.csv.gz"', 'log = "kuairand_pure_20220425_0508_300users_seed20240601.csv"')
+    src = src.replace(
+        'log = "log_standard_20220425_to_20220508_pure.csv.gz"',
+        'log = "kuairand_pure_20220425_0508_300users_seed20240601.csv"',
+    )
     src = src.replace("epochs = 8", "epochs = 1").replace("expert_dims = [128, 64]", "expert_dims = [16]")
-    src = src.replace('data_dir = "../shared/data/kuairand-pure"', f'data_dir = "{ROOT.parent / "shared/data/kuairand-pure"}"')
+    src = src.replace(
+        'data_dir = "../shared/data/kuairand-pure"',
+        f'data_dir = "{ROOT.parent / "shared/data/kuairand-pure"}"',
+    )
     p = tmp_path / "tiny.toml"
     p.write_text(src)
     return str(p)
