@@ -1,0 +1,207 @@
+"""`make bench`: training throughput, model-forward floor and /rank latency, in one run.
+
+Prints (and writes to artifacts/reports/bench.json):
+  * training samples/s on KuaiRand-Pure for MMoE and shared-bottom (one epoch each);
+  * the pure model time for 100/500/1000 candidates: network forward only, and encode + forward;
+  * /rank latency p50/p95/p99 and candidates/s against a real `mtrank serve` (one uvicorn worker,
+    loopback, sequential keep-alive requests), embedded feature store, then Redis;
+  * the ratio of /rank p50 to the forward floor.
+
+Trains a model first if artifacts/models/LATEST does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import Ranker, resolve_checkpoint  # noqa: E402
+from model.config import load_config  # noqa: E402
+from model.data import load_dataset, load_entity_table  # noqa: E402
+from model.train import fit  # noqa: E402
+from scripts.serverctl import MTRANK, ensure_model, start_server, stop_server  # noqa: E402
+
+SIZES = (100, 500, 1000)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {"p50": pct(ms, 50), "p95": pct(ms, 95), "p99": pct(ms, 99), "mean": statistics.fmean(ms)}
+
+
+def bench_training(config: Path) -> dict[str, float]:
+    out = {}
+    cfg = load_config(config)
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg)
+    out["data_load_s"] = time.perf_counter() - t0
+    for arch in ("mmoe", "shared_bottom"):
+        cfg = load_config(config)
+        cfg.model.arch = arch  # type: ignore[assignment]
+        cfg.train.epochs = 1
+        res = fit(cfg, ds)
+        out[f"{arch}_samples_per_s"] = res.samples_per_sec
+        print(f"training {arch:14s} {res.samples_per_sec:>10,.0f} samples/s", flush=True)
+    return out
+
+
+def bench_forward(ckpt: Path, reps: int) -> dict[int, dict[str, Any]]:
+    import torch
+
+    ranker = Ranker.load(ckpt)
+    torch.set_num_threads(1)
+    data = ranker.config.data
+    videos = load_entity_table(data, "video")
+    users = load_entity_table(data, "user")
+    assert videos is not None and users is not None
+    s = ranker.schema
+    out: dict[int, dict[str, Any]] = {}
+    for n in SIZES:
+        v = s.canonicalize_frame("video", videos.sample(n, random_state=0))
+        u = s.canonicalize_frame("user", users.iloc[:1])
+        c = s.canonicalize_records("context", [{"tab": 1, "hour": 18}])
+        cats, nums = ranker.encode(u, v, c)
+        ct, nt = torch.from_numpy(np.ascontiguousarray(cats)), torch.from_numpy(np.ascontiguousarray(nums))
+        fwd, full = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                ranker.model(ct, nt)
+            fwd.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            ranker.score(u, v, c)
+            full.append((time.perf_counter() - t0) * 1e3)
+        out[n] = {"forward_ms": summary(fwd[5:]), "encode_forward_ms": summary(full[5:])}
+    return out
+
+
+def bench_http(url: str, ckpt: Path, sizes: tuple[int, ...], reps: int) -> dict[int, dict[str, Any]]:
+    ranker_cfg = json.loads((ckpt / "manifest.json").read_text())["config"]["data"]
+    cfg = load_config(ROOT / "configs" / "kuairand_mmoe.toml").data
+    cfg.data_dir = ranker_cfg["data_dir"]
+    videos = load_entity_table(cfg, "video")
+    users = load_entity_table(cfg, "user")
+    assert videos is not None and users is not None
+    vids = videos[cfg.video_key].to_numpy()
+    uids = users[cfg.user_key].to_numpy()
+    rng = np.random.default_rng(0)
+    out: dict[int, dict[str, Any]] = {}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for n in sizes:
+            lat, degraded = [], 0
+            for i in range(reps + 20):
+                body = {
+                    "user_id": int(rng.choice(uids)),
+                    "candidates": [int(x) for x in rng.choice(vids, size=n, replace=False)],
+                    "context": {"tab": int(rng.integers(0, 15)), "hour": int(rng.integers(0, 24))},
+                }
+                t0 = time.perf_counter()
+                r = client.post("/rank", json=body)
+                ms = (time.perf_counter() - t0) * 1e3
+                r.raise_for_status()
+                if i >= 20:  # warm-up requests are not counted
+                    lat.append(ms)
+                    degraded += bool(r.json().get("degraded"))
+            s = summary(lat)
+            out[n] = {"latency_ms": s, "candidates_per_s": n / (s["mean"] / 1e3), "degraded": degraded}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "kuairand_mmoe.toml")
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument(
+        "--redis-url", default=os.environ.get("MTRANK_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    )
+    ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--skip-redis", action="store_true")
+    a = ap.parse_args()
+
+    ensure_model(a.artifacts, a.config)
+    ckpt = resolve_checkpoint(a.artifacts)
+    report: dict[str, Any] = {"model": ckpt.name, "cpus": os.cpu_count()}
+    if not a.skip_training:
+        report["training"] = bench_training(a.config)
+    report["forward"] = fwd = bench_forward(ckpt, a.reps)
+
+    proc, url = start_server(a.artifacts, {"MTRANK_FEATURE_STORE": "embedded"})
+    try:
+        report["rank_embedded"] = emb = bench_http(url, ckpt, SIZES, a.reps)
+    finally:
+        stop_server(proc)
+
+    red: dict[int, dict[str, Any]] = {}
+    if not a.skip_redis:
+        prefix = f"mtrank-bench-{os.getpid()}:"
+        env = {
+            "MTRANK_FEATURE_STORE": "redis",
+            "MTRANK_REDIS_URL": a.redis_url,
+            "MTRANK_REDIS_PREFIX": prefix,
+        }
+        subprocess.run(
+            [MTRANK, "materialize", "--artifacts", str(a.artifacts), "--redis-url", a.redis_url],
+            env={**os.environ, **env},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        proc, url = start_server(a.artifacts, env)
+        try:
+            report["rank_redis"] = red = bench_http(url, ckpt, SIZES, a.reps)
+        finally:
+            stop_server(proc)
+            import redis
+
+            r = redis.Redis.from_url(a.redis_url)
+            keys = list(r.scan_iter(match=prefix + "*", count=10000))
+            for i in range(0, len(keys), 5000):
+                r.delete(*keys[i : i + 5000])
+
+    print(
+        f"\nmodel {ckpt.name}, {os.cpu_count()} CPUs, one uvicorn worker, {a.reps} sequential requests per row"
+    )
+    print(
+        "| candidates | forward p50 ms | encode+forward p50 ms | /rank p50 | p95 | p99 ms | cand/s | p50 ÷ forward |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for store, res in (("embedded", emb), ("redis", red)):
+        for n in SIZES:
+            if n not in res:
+                continue
+            lat = res[n]["latency_ms"]
+            f = fwd[n]["forward_ms"]["p50"]
+            print(
+                f"| {n} ({store}) | {f:.2f} | {fwd[n]['encode_forward_ms']['p50']:.2f} | {lat['p50']:.2f} | "
+                f"{lat['p95']:.2f} | {lat['p99']:.2f} | {res[n]['candidates_per_s']:,.0f} | {lat['p50'] / f:.1f} |"
+            )
+    if "training" in report:
+        t = report["training"]
+        print(
+            f"\ntraining: MMoE {t['mmoe_samples_per_s']:,.0f} samples/s, "
+            f"shared-bottom {t['shared_bottom_samples_per_s']:,.0f} samples/s (data load {t['data_load_s']:.1f} s)"
+        )
+    out = a.artifacts / "reports" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`make loadtest`: a bounded, headless locust run against a real `mtrank serve` on loopback.
+
+Starts the service (embedded feature store unless --redis-url), drives it at a fixed request rate
+(users x per-user rate) with candidate lists of a fixed size, writes locust's CSV and HTML reports to
+artifacts/loadtest/, records the server's CPU use and memory, stops everything and exits with locust's
+verdict (non-zero on any failed request or a p99 above the SLO).
+
+    python scripts/loadtest.py --rps 50 --candidates 500 --duration 60 --slo-p99-ms 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.serverctl import MTRANK, cpu_seconds, ensure_model, rss_mb, start_server, stop_server  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "kuairand_mmoe.toml")
+    ap.add_argument("--rps", type=float, default=50.0, help="total requests/s")
+    ap.add_argument("--users", type=int, default=10, help="simulated users (rate is split evenly)")
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--duration", type=int, default=60, help="seconds (bounded run)")
+    ap.add_argument("--slo-p99-ms", type=float, default=100.0)
+    ap.add_argument(
+        "--redis-url", default=None, help="serve from Redis (materialized first) instead of embedded"
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "loadtest")
+    a = ap.parse_args()
+
+    ensure_model(a.artifacts, a.config)
+    env = {"MTRANK_FEATURE_STORE": "embedded"}
+    if a.redis_url:
+        env = {
+            "MTRANK_FEATURE_STORE": "redis",
+            "MTRANK_REDIS_URL": a.redis_url,
+            "MTRANK_REDIS_PREFIX": "mtrank-loadtest:",
+        }
+        subprocess.run(
+            [MTRANK, "materialize", "--artifacts", str(a.artifacts)], env={**os.environ, **env}, check=True
+        )
+    a.out.mkdir(parents=True, exist_ok=True)
+    proc, url = start_server(a.artifacts, env)
+    try:
+        cpu0, t0, rss0 = cpu_seconds(proc.pid), time.perf_counter(), rss_mb(proc.pid)
+        locust = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("locust")),
+                "-f",
+                str(ROOT / "loadtest" / "locustfile.py"),
+                "--headless",
+                "-u",
+                str(a.users),
+                "-r",
+                str(a.users),
+                "-t",
+                f"{a.duration}s",
+                "--stop-timeout",
+                "5",
+                "--host",
+                url,
+                "--csv",
+                str(a.out / "run"),
+                "--html",
+                str(a.out / "report.html"),
+                "--slo-p99-ms",
+                str(a.slo_p99_ms),
+                "--only-summary",
+            ],
+            env={
+                **os.environ,
+                "MTRANK_LOADTEST_CANDIDATES": str(a.candidates),
+                "MTRANK_LOADTEST_USER_RPS": str(a.rps / a.users),
+            },
+            timeout=a.duration + 120,
+            check=False,
+        )
+        wall = time.perf_counter() - t0
+        cpu = (cpu_seconds(proc.pid) - cpu0) / wall
+        rss1 = rss_mb(proc.pid)
+    finally:
+        stop_server(proc)
+
+    with (a.out / "run_stats.csv").open() as f:
+        total = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    print(
+        f"\n/rank at {float(total['Requests/s']):.1f} req/s, {a.candidates} candidates, {a.duration} s: "
+        f"{total['Request Count']} requests, {total['Failure Count']} failures, "
+        f"p50 {total['50%']} ms, p95 {total['95%']} ms, p99 {total['99%']} ms, max {float(total['Max Response Time']):.0f} ms; "
+        f"server CPU {cpu * 100:.0f}% of one core, RSS {rss0:.0f} -> {rss1:.0f} MB"
+    )
+    print(f"reports: {a.out}/run_stats.csv, {a.out}/report.html; verdict exit code {locust.returncode}")
+    return locust.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
