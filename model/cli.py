@@ -212,11 +212,22 @@ def synth_cmd(
         console.print(f"{name}: {p}")
 
 
+def report_cmd(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    out: Annotated[Path | None, typer.Option(help="output dir (default ARTIFACTS/reports)")] = None,
+) -> None:
+    """Write PNG plots and an HTML page: training curves, test metrics, gate utilisation, experiments."""
+    from model.report import write_report
+
+    console.print(f"wrote [bold]{write_report(artifacts, out)}[/]")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("models")(models_cmd)
     app.command("rollback")(rollback_cmd)
+    app.command("report")(report_cmd)
     data = typer.Typer(help="data utilities", no_args_is_help=True)
     data.command("synth")(synth_cmd)
     app.add_typer(data, name="data")

@@ -1,0 +1,239 @@
+"""``mtrank report``: PNG plots and one HTML page about the trained models.
+
+Reads every checkpoint manifest under ``artifacts/models`` (training history, test metrics, expert
+utilisation) and, when present, the experiment results under ``artifacts/reports``
+(``compare_mtl.json`` from scripts/compare_mtl.py, ``mmoe_synthetic.json`` from
+scripts/mmoe_synthetic.py), and writes ``artifacts/reports/report.html`` with its PNG figures.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from model.checkpoint import MANIFEST, list_versions, models_dir
+
+log = logging.getLogger(__name__)
+
+
+def load_manifests(artifacts: Path) -> list[dict[str, Any]]:
+    out = []
+    for v in list_versions(artifacts):
+        try:
+            out.append(json.loads((models_dir(artifacts) / v / MANIFEST).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping %s: %s", v, e)
+    return out
+
+
+def _label(m: Mapping[str, Any]) -> str:
+    cfg = m["config"]
+    weighting = cfg.get("train", {}).get("weighting", "static")
+    return f"{m['version']} ({cfg['model']['arch']}, {weighting})"
+
+
+def plot_history(m: Mapping[str, Any], path: Path) -> bool:
+    """Loss and per-task validation AUC per epoch."""
+    hist: Sequence[Mapping[str, float]] = m.get("history") or []
+    if not hist:
+        return False
+    epochs = [h["epoch"] for h in hist]
+    tasks = [t["name"] for t in m["config"]["tasks"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, style in (("train/loss", "-"), ("valid/loss", "--")):
+        if key in hist[0]:
+            axes[0].plot(epochs, [h[key] for h in hist], style, marker="o", label=key)
+    axes[0].set(title="weighted loss", xlabel="epoch")
+    axes[0].legend()
+    for t in tasks:
+        for metric in ("auc", "rmse"):
+            key = f"valid/{t}/{metric}"
+            if key in hist[0]:
+                axes[1].plot(epochs, [h[key] for h in hist], marker="o", label=key)
+    axes[1].set(title="validation metric per task", xlabel="epoch")
+    axes[1].legend(fontsize=8)
+    best = m.get("metrics", {}).get("best_epoch")
+    if best:
+        for ax in axes:
+            ax.axvline(best, color="grey", lw=0.8, ls=":")
+    fig.suptitle(_label(m), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_gates(m: Mapping[str, Any], path: Path) -> bool:
+    """Heatmap of the mean gate probability per task (rows) and expert (columns)."""
+    util: Mapping[str, Sequence[float]] | None = m.get("metrics", {}).get("expert_utilization")
+    if not util:
+        return False
+    tasks = list(util)
+    mat = np.array([util[t] for t in tasks])  # (T, E)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * mat.shape[1], 0.9 + 0.6 * len(tasks)))
+    im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(mat.shape[1]), [f"e{i}" for i in range(mat.shape[1])])
+    for (i, j), v in np.ndenumerate(mat):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    ax.set_title(f"gate utilisation {m['version']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_test_metrics(manifests: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Test AUC per head for every version, grouped by architecture + weighting."""
+    rows = [m for m in manifests if any(k.endswith("/auc") for k in m.get("metrics", {}))]
+    if not rows:
+        return False
+    tasks = sorted(
+        {k.split("/")[1] for m in rows for k in m["metrics"] if k.startswith("test/") and k.endswith("/auc")}
+    )
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(rows)), 3.6))
+    width = 0.8 / max(len(tasks), 1)
+    x = np.arange(len(rows))
+    for i, t in enumerate(tasks):
+        vals = [m["metrics"].get(f"test/{t}/auc", np.nan) for m in rows]
+        ax.bar(x + i * width, vals, width, label=t)
+    ax.set_xticks(
+        x + width * (len(tasks) - 1) / 2, [_label(m).split(" ", 1)[1] for m in rows], rotation=30, fontsize=7
+    )
+    lo = np.nanmin([m["metrics"].get(f"test/{t}/auc", np.nan) for m in rows for t in tasks])
+    ax.set_ylim(max(0.0, lo - 0.05), None)
+    ax.set(title="test AUC per head", ylabel="AUC")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_mmoe_synthetic(res: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> bool:
+    """Test MSE against task correlation, mean ± std over seeds, one line per architecture."""
+    if not res:
+        return False
+    ps = sorted(res, key=float, reverse=True)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for arch in sorted({a for by in res.values() for a in by}):
+        mean = [np.mean(res[p][arch]) for p in ps]
+        std = [np.std(res[p][arch]) for p in ps]
+        ax.errorbar([float(p) for p in ps], mean, yerr=std, marker="o", capsize=3, label=arch)
+    ax.invert_xaxis()
+    ax.set(title="synthetic benchmark (Ma et al. 2018)", xlabel="task correlation", ylabel="test MSE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
+
+
+def compare_table(data: Any) -> str:
+    """scripts/compare_mtl.py results: ``{"rows": [{"arch", "weighting", metric: [per seed]...}]}``."""
+    rows = data.get("rows", []) if isinstance(data, dict) else []
+    out = []
+    keys: list[str] = []
+    for r in rows:
+        keys = keys or [k for k in r if k not in ("arch", "weighting") and isinstance(r[k], list)]
+        out.append(
+            [r.get("arch"), r.get("weighting")]
+            + [f"{np.mean(r[k]):.4f} ± {np.std(r[k]):.4f}" if r.get(k) else "-" for k in keys]
+        )
+    return _table(out, ["arch", "weighting", *keys]) if out else ""
+
+
+def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write all figures and ``report.html``; returns the HTML path."""
+    artifacts = Path(artifacts)
+    out = Path(out_dir) if out_dir else artifacts / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = load_manifests(artifacts)
+    parts = [
+        "<h1>mtrank report</h1>",
+        f"<p>{len(manifests)} model version(s) under {html.escape(str(artifacts))}</p>",
+    ]
+
+    rows = []
+    for m in manifests:
+        mt = m.get("metrics", {})
+        rows.append(
+            [
+                m["version"],
+                m["config"]["model"]["arch"],
+                m["config"].get("train", {}).get("weighting", "static"),
+            ]
+            + [
+                _fmt(mt.get(k))
+                for k in (
+                    "test/engagement/auc",
+                    "test/satisfaction/auc",
+                    "test/engagement/gauc",
+                    "test/ndcg@10",
+                )
+            ]
+            + [mt.get("best_epoch", "-")]
+        )
+    parts += [
+        "<h2>Models</h2>",
+        _table(
+            rows, ["version", "arch", "weighting", "eng AUC", "sat AUC", "eng GAUC", "NDCG@10", "best epoch"]
+        ),
+    ]
+    if plot_test_metrics(manifests, out / "test_auc.png"):
+        parts.append('<img src="test_auc.png">')
+
+    for name, title, plot in (
+        ("compare_mtl.json", "Architectures x task weighting (KuaiRand-Pure)", None),
+        ("mmoe_synthetic.json", "Synthetic task-correlation benchmark", plot_mmoe_synthetic),
+    ):
+        p = artifacts / "reports" / name
+        if not p.is_file():
+            continue
+        data = json.loads(p.read_text())
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if plot is None:
+            parts.append(compare_table(data))
+        elif plot(data, out / (p.stem + ".png")):
+            parts.append(f'<img src="{p.stem}.png">')
+
+    parts.append("<h2>Training curves and gate utilisation</h2>")
+    for m in manifests:
+        v = m["version"]
+        if plot_history(m, out / f"history_{v}.png"):
+            parts.append(f'<h3>{html.escape(_label(m))}</h3><img src="history_{v}.png">')
+        if plot_gates(m, out / f"gates_{v}.png"):
+            parts.append(f'<img src="gates_{v}.png">')
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}"
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mtrank report</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    path = out / "report.html"
+    path.write_text(page)
+    log.info("wrote %s", path)
+    return path

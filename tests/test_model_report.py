@@ -1,0 +1,26 @@
+import json
+
+from modelkit import tiny_config
+
+from model.report import write_report
+from model.train import train
+
+
+def test_report_writes_html_and_figures(tmp_path):
+    res = train(tiny_config(epochs=2), tmp_path)
+    (tmp_path / "reports").mkdir(exist_ok=True)
+    (tmp_path / "reports" / "mmoe_synthetic.json").write_text(
+        json.dumps(
+            {
+                "1.0": {"mmoe": [0.1, 0.12], "shared_bottom": [0.1, 0.11]},
+                "0.5": {"mmoe": [0.1], "shared_bottom": [0.3]},
+            }
+        )
+    )
+    page = write_report(tmp_path)
+    text = page.read_text()
+    v = res.checkpoint.name
+    for png in (f"history_{v}.png", f"gates_{v}.png", "test_auc.png", "mmoe_synthetic.png"):
+        assert f'src="{png}"' in text
+        assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert v in text and "mmoe" in text
