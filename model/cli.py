@@ -222,12 +222,42 @@ def report_cmd(
     console.print(f"wrote [bold]{write_report(artifacts, out)}[/]")
 
 
+def tune_cmd(
+    config: ConfigOpt,
+    trials: Annotated[int, typer.Option(help="Optuna trials")] = 10,
+    folds: Annotated[int, typer.Option(help="cross-validation folds (grouped by user)")] = 3,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs per fit")] = None,
+    out: Annotated[Path, typer.Option(help="results JSON")] = Path("artifacts/reports/tune.json"),
+) -> None:
+    """k-fold cross-validated hyperparameter search (Optuna TPE) on the train split."""
+    from model import tune
+
+    try:
+        cfg = load_config(config)
+        if epochs is not None:
+            cfg.train.epochs = epochs
+        ds = load_dataset(cfg)
+    except (ConfigError, DataError, FeatureError) as e:
+        raise _fail(str(e)) from None
+
+    def show(t: Mapping[str, Any]) -> None:
+        console.print(
+            f"trial {t['trial']}: {cfg.train.monitor}={t['value']:.4f} "
+            + json.dumps({k: v for k, v in t.items() if k not in ("trial", "value", "folds")})
+        )
+
+    res = tune.tune(cfg, ds, n_trials=trials, k=folds, seed=cfg.train.seed, on_trial=show)
+    tune.save(res, out)
+    console.print(f"best {res.monitor}={res.best_value:.4f} with {res.best_params}; wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("models")(models_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("report")(report_cmd)
+    app.command("tune")(tune_cmd)
     data = typer.Typer(help="data utilities", no_args_is_help=True)
     data.command("synth")(synth_cmd)
     app.add_typer(data, name="data")

@@ -28,3 +28,20 @@ def tiny_config(arch: str = "mmoe", epochs: int = 2, seed: int = 0) -> Config:
     for f in cfg.data.features:
         f.min_count = 1
     return cfg
+
+
+def tiny_toml(tmp_path: Path) -> str:
+    """The KuaiRand MMoE config file rewritten for the 300-user fixture, one small epoch."""
+    src = (ROOT / "configs" / "kuairand_mmoe.toml").read_text()
+    src = src.replace(
+        'log = "log_standard_20220425_to_20220508_pure.csv.gz"',
+        'log = "kuairand_pure_20220425_0508_300users_seed20240601.csv"',
+    )
+    src = src.replace("epochs = 8", "epochs = 1").replace("expert_dims = [128, 64]", "expert_dims = [16]")
+    src = src.replace(
+        'data_dir = "../shared/data/kuairand-pure"',
+        f'data_dir = "{ROOT.parent / "shared/data/kuairand-pure"}"',
+    )
+    p = tmp_path / "tiny.toml"
+    p.write_text(src)
+    return str(p)

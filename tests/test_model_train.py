@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from modelkit import ROOT, tiny_config
+from modelkit import ROOT, tiny_config, tiny_toml
 from typer.testing import CliRunner
 
 from model.checkpoint import list_versions, load_checkpoint, read_latest, resolve_checkpoint
@@ -96,25 +96,9 @@ def test_config_errors_are_clear(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
-def _tiny_toml(tmp_path) -> str:
-    src = (ROOT / "configs" / "kuairand_mmoe.toml").read_text()
-    src = src.replace(
-        'log = "log_standard_20220425_to_20220508_pure.csv.gz"',
-        'log = "kuairand_pure_20220425_0508_300users_seed20240601.csv"',
-    )
-    src = src.replace("epochs = 8", "epochs = 1").replace("expert_dims = [128, 64]", "expert_dims = [16]")
-    src = src.replace(
-        'data_dir = "../shared/data/kuairand-pure"',
-        f'data_dir = "{ROOT.parent / "shared/data/kuairand-pure"}"',
-    )
-    p = tmp_path / "tiny.toml"
-    p.write_text(src)
-    return str(p)
-
-
 def test_cli_train_evaluate_models_rollback(tmp_path):
     runner = CliRunner()
-    cfg, art = _tiny_toml(tmp_path), str(tmp_path / "art")
+    cfg, art = tiny_toml(tmp_path), str(tmp_path / "art")
     r1 = runner.invoke(app, ["train", "--config", cfg, "--artifacts", art])
     assert r1.exit_code == 0, r1.output
     r2 = runner.invoke(app, ["train", "--config", cfg, "--artifacts", art, "--seed", "3"])
