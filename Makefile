@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run train serve test test-fast lint bench loadtest soak clean report
+.PHONY: setup run train serve test lint bench loadtest soak clean report
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -52,6 +52,9 @@ bench: setup
 
 loadtest: setup
 	$(BIN)/python scripts/loadtest.py
+
+soak: setup
+	$(BIN)/python scripts/soak.py
 
 report: setup
 	$(BIN)/mtrank report --artifacts $(ART)
