@@ -64,8 +64,9 @@ def models_dir(artifacts: str | Path) -> Path:
 
 
 def new_version(now: dt.datetime | None = None) -> str:
+    """Sortable by creation time (millisecond resolution), unique by its random suffix."""
     now = now or dt.datetime.now(dt.UTC)
-    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%d-%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 
 def check_version_id(version: str) -> str:

@@ -61,10 +61,14 @@ def train_cmd(
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
     arch: Annotated[str | None, typer.Option(help="override model.arch")] = None,
     no_latest: Annotated[bool, typer.Option("--no-latest", help="write the checkpoint, keep LATEST")] = False,
+    init_from: Annotated[
+        str | None,
+        typer.Option("--init-from", help="fine-tune from a checkpoint folder or version (or LATEST)"),
+    ] = None,
 ) -> None:
     """Fit a model from a config and write a versioned checkpoint (and move LATEST to it)."""
     from model.checkpoint import save_checkpoint
-    from model.train import fit
+    from model.train import fit, load_init_checkpoint
 
     try:
         cfg = load_config(config)
@@ -75,10 +79,11 @@ def train_cmd(
         if arch is not None:
             cfg.model.arch = arch  # type: ignore[assignment]
             cfg.__post_init__()
+        source = load_init_checkpoint(init_from, artifacts) if init_from else None
         with console.status("loading data"):
-            ds = load_dataset(cfg)
+            ds = load_dataset(cfg, schema=source.schema if source else None)
         console.print(f"data: train={len(ds.train)} valid={len(ds.valid)} test={len(ds.test)} rows")
-    except (ConfigError, DataError, FeatureError) as e:
+    except (ConfigError, DataError, FeatureError, CheckpointError) as e:
         raise _fail(str(e)) from None
 
     with Progress(
@@ -101,7 +106,10 @@ def train_cmd(
                 shown = {k: round(v, 4) for k, v in info.items() if k.endswith(("loss", "auc"))}
                 bar.console.print(f"epoch {int(info['epoch'])}: {shown}")
 
-        result = fit(cfg, ds, progress)
+        try:
+            result = fit(cfg, ds, progress, init_from=source)
+        except ConfigError as e:  # e.g. train.freeze naming no module of the network
+            raise _fail(str(e)) from None
     path = save_checkpoint(
         artifacts,
         result.model,

@@ -14,8 +14,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-Arch = Literal["separate", "shared_bottom", "mmoe"]
+Arch = Literal["separate", "shared_bottom", "mmoe", "ple", "conditioned"]
 TaskKind = Literal["binary", "regression"]
+Conditioning = Literal["concat", "add", "film"]
+Weighting = Literal["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"]
+
+ARCHS: tuple[str, ...] = ("separate", "shared_bottom", "mmoe", "ple", "conditioned")
+CONDITIONINGS: tuple[str, ...] = ("concat", "add", "film")
+WEIGHTINGS: tuple[str, ...] = ("static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad")
 
 DATA_DIR_ENV = "MTRANK_DATA_DIR"
 
@@ -80,14 +86,31 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
+    """The network. Every field added after the first release has a default, so the configs stored
+    in older checkpoints still load (and build the same network)."""
+
     arch: Arch = "mmoe"
     embed_dim: int = 16
-    bottom_dims: list[int] = field(default_factory=lambda: [256, 128])  # shared_bottom / separate
+    bottom_dims: list[int] = field(default_factory=lambda: [256, 128])  # shared_bottom/separate/conditioned
     n_experts: int = 4
-    expert_dims: list[int] = field(default_factory=lambda: [128, 64])  # mmoe
+    expert_dims: list[int] = field(default_factory=lambda: [128, 64])  # mmoe, ple (every level)
     tower_dims: list[int] = field(default_factory=lambda: [64])
     dropout: float = 0.1
-    gate_dropout: float = 0.0  # mmoe: drop whole experts from a gate while training (Zhao et al.)
+    gate_dropout: float = 0.0  # mmoe / ple: drop whole experts from a gate while training (Zhao et al.)
+    # ple (Tang et al. RecSys 2020): levels of (shared experts + per-task experts) with gates
+    ple_levels: int = 2
+    n_shared_experts: int = 2
+    n_task_experts: int = 1
+    # conditioned: one trunk (bottom_dims) + one head shared by all tasks, told the task by a learned
+    # task embedding z_t: concatenated to the input, added to the input, or FiLM on every trunk layer
+    conditioning: Conditioning = "concat"
+    task_embed_dim: int = 16  # concat / film ("add" uses the input width)
+    # position / selection bias (Zhao et al. RecSys 2019): a shallow tower on these categorical log
+    # columns (never served) whose logit is added to the bias_tasks' logits in training only
+    bias_features: list[str] = field(default_factory=list)
+    bias_tasks: list[str] = field(default_factory=lambda: ["engagement"])
+    bias_dims: list[int] = field(default_factory=lambda: [16])
+    bias_dropout: float = 0.1  # fraction of training rows whose bias features are set to "unknown"
 
 
 @dataclass
@@ -101,6 +124,18 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 0  # 0 = torch default
     eval_batch_size: int = 8192
+    # task weighting (model.weighting); tasks[].weight is used by "static" only
+    weighting: Weighting = "static"
+    worst_case_temperature: float = 0.1  # smooth max (log-sum-exp) of L_i / L_i(0); 0 = hard max
+    gradnorm_alpha: float = 1.5  # GradNorm asymmetry
+    gradnorm_lr: float = 0.01  # Adam learning rate of the GradNorm task weights
+    # soft parameter sharing: tower_l2 * sum over task pairs of ||theta_a - theta_b||^2 (towers)
+    tower_l2: float = 0.0
+    # fine-tuning (mostly with `mtrank train --init-from`)
+    lr_scale: float = 1.0  # effective learning rate = lr * lr_scale
+    layer_lr_decay: float = 1.0  # towers get the lr, a layer `depth` below them lr * decay**depth
+    freeze: list[str] = field(default_factory=list)  # top-level modules: embed, bottom, experts, ...
+    reset_heads: bool = False  # re-initialise the towers' output layers (and the bias tower)
 
 
 @dataclass
@@ -122,8 +157,29 @@ class Config:
                 raise ConfigError(f"task {t.name!r}: kind must be binary or regression")
             if t.weight < 0:
                 raise ConfigError(f"task {t.name!r}: weight must be >= 0")
-        if self.model.arch not in ("separate", "shared_bottom", "mmoe"):
-            raise ConfigError(f"model.arch must be separate, shared_bottom or mmoe, got {self.model.arch!r}")
+        m, tr = self.model, self.train
+        if m.arch not in ARCHS:
+            raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+        if m.conditioning not in CONDITIONINGS:
+            raise ConfigError(f"model.conditioning must be one of {CONDITIONINGS}, got {m.conditioning!r}")
+        if m.arch == "ple" and min(m.ple_levels, m.n_shared_experts, m.n_task_experts) < 1:
+            raise ConfigError("model: ple_levels, n_shared_experts and n_task_experts must be >= 1")
+        if m.arch == "conditioned" and not m.bottom_dims:
+            raise ConfigError("model: the conditioned arch needs bottom_dims (its shared trunk)")
+        if m.bias_features:
+            unknown = sorted(set(m.bias_tasks) - set(names))
+            if unknown or not m.bias_tasks:
+                raise ConfigError(f"model.bias_tasks must name configured tasks, got {m.bias_tasks!r}")
+            if len(set(m.bias_features)) != len(m.bias_features):
+                raise ConfigError(f"model.bias_features has duplicates: {m.bias_features!r}")
+        if not 0.0 <= m.bias_dropout < 1.0:
+            raise ConfigError("model.bias_dropout must be in [0, 1)")
+        if tr.weighting not in WEIGHTINGS:
+            raise ConfigError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}, got {tr.weighting!r}")
+        if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:
+            raise ConfigError("train: worst_case_temperature and tower_l2 must be >= 0, gradnorm_lr > 0")
+        if tr.lr_scale <= 0 or not 0.0 < tr.layer_lr_decay <= 1.0:
+            raise ConfigError("train: lr_scale must be > 0 and layer_lr_decay in (0, 1]")
         if not 0.0 <= self.data.valid_fraction < 1.0:
             raise ConfigError("data.valid_fraction must be in [0, 1)")
 

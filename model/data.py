@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from model.config import Config, DataConfig, TaskConfig
-from model.features import GROUPS, CanonicalRows, FeatureSchema, FeatureSpec, Group
+from model.features import BIAS, GROUPS, AnyGroup, CanonicalRows, FeatureSchema, FeatureSpec, Group
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,15 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def schema_from_config(cfg: DataConfig) -> FeatureSchema:
+def schema_from_config(cfg: DataConfig, bias_features: Sequence[str] = ()) -> FeatureSchema:
+    """Unfitted schema of the declared features, plus ``bias_features`` (categorical log columns)."""
     specs = [
         FeatureSpec(
             name=f.name, group=f.group, kind=f.kind, min_count=f.min_count, max_size=f.max_size, log1p=f.log1p
         )
         for f in cfg.features
     ]
+    specs += [FeatureSpec(name=name, group=BIAS, kind="categorical") for name in bias_features]
     return FeatureSchema(specs, user_key=cfg.user_key, video_key=cfg.video_key)
 
 
@@ -148,6 +151,7 @@ class Split:
     nums: np.ndarray
     labels: np.ndarray
     users: np.ndarray  # (N,) group ids for per-user metrics (GAUC, NDCG)
+    bias: np.ndarray | None = None  # (N, Cb) int64 logged bias-feature indices (training only)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -164,6 +168,23 @@ class Dataset:
 
 def canonical_groups(schema: FeatureSchema, df: pd.DataFrame) -> dict[Group, CanonicalRows]:
     return {g: schema.canonicalize_frame(g, df) for g in GROUPS}
+
+
+def check_same_features(fitted: FeatureSchema, declared: FeatureSchema) -> None:
+    """A fitted schema (e.g. a checkpoint's) can encode data declared by ``declared`` only if the
+    serving features agree in name, group, kind, log1p and order."""
+
+    def sig(s: FeatureSchema) -> list[tuple[str, str, str, bool]]:
+        return [(f.name, f.group, f.kind, f.log1p) for f in s.serving().features]
+
+    if sig(fitted) != sig(declared) or (fitted.user_key, fitted.video_key) != (
+        declared.user_key,
+        declared.video_key,
+    ):
+        raise DataError(
+            "the config's features differ from the checkpoint's feature schema: "
+            f"{sig(declared)} vs {sig(fitted)}"
+        )
 
 
 def encode_groups(schema: FeatureSchema, rows: dict[Group, CanonicalRows]) -> tuple[np.ndarray, np.ndarray]:
@@ -188,24 +209,42 @@ def split_masks(df: pd.DataFrame, cfg: DataConfig) -> tuple[np.ndarray, np.ndarr
     return train, valid, test
 
 
-def load_dataset(cfg: Config) -> Dataset:
+def load_dataset(cfg: Config, schema: FeatureSchema | None = None) -> Dataset:
+    """Load, label, split by time and encode. Vocabularies and statistics are fitted on the train
+    split, unless a fitted ``schema`` is given (fine-tuning: the source checkpoint's, so embedding
+    rows keep their meaning); its serving features must match the config's. Bias features
+    (``model.bias_features``) are taken from ``schema`` when it has exactly those, else fitted."""
     raw = load_raw(cfg.data)
     df = raw.log
-    schema = schema_from_config(cfg.data)
-    if not schema.features:
+    declared = schema_from_config(cfg.data, cfg.model.bias_features)
+    if not declared.serving().features:
         raise DataError("no features declared: add [[data.features]] entries to the config")
+    missing = [c for c in cfg.model.bias_features if c not in df.columns]
+    if missing:
+        raise DataError(f"model.bias_features {missing} are not columns of the log")
     labels = build_labels(df, cfg.tasks)
     train_m, valid_m, test_m = split_masks(df, cfg.data)
-    canon = canonical_groups(schema, df)
-    schema = schema.fit(
-        {g: rows.take(train_m) for g, rows in canon.items()},
-        {g: df.loc[train_m] for g in GROUPS},
-    )
+    canon = canonical_groups(declared, df)
+    bias_rows = declared.canonicalize_frame(BIAS, df) if declared.bias else None
+    frames: dict[AnyGroup, CanonicalRows] = {g: rows.take(train_m) for g, rows in canon.items()}
+    if bias_rows is not None:
+        frames[BIAS] = bias_rows.take(train_m)
+    raw_frames: dict[AnyGroup, pd.DataFrame] = {g: df.loc[train_m] for g in (*GROUPS, BIAS)}
+    if schema is None:
+        schema = declared.fit(frames, raw_frames)
+    else:
+        check_same_features(schema, declared)
+        if [f.name for f in schema.bias] != list(cfg.model.bias_features):
+            fitted_bias = declared.fit(frames, raw_frames).bias
+            schema = FeatureSchema(
+                schema.serving().features + fitted_bias, user_key=schema.user_key, video_key=schema.video_key
+            )
     cats, nums = encode_groups(schema, canon)
+    bias = schema.encode(BIAS, bias_rows)[0] if bias_rows is not None else None
     users = pd.factorize(df[cfg.data.user_key])[0].astype(np.int64)
 
     def split(m: np.ndarray) -> Split:
-        return Split(cats[m], nums[m], labels[m], users[m])
+        return Split(cats[m], nums[m], labels[m], users[m], None if bias is None else bias[m])
 
     ds = Dataset(schema, split(train_m), split(valid_m), split(test_m), dict(raw.fingerprint))
     ds.fingerprint.update(

@@ -2,6 +2,10 @@
 
 A feature belongs to one *group*: ``user`` and ``video`` features come from entity tables (the
 online feature store serves them), ``context`` features come with the request (tab, hour, ...).
+The ``bias`` group holds logged selection-bias features (display position, device) that only the
+training-time bias tower reads: they are never part of the serving input (``GROUPS``, ``cats()``,
+``nums()`` and so ``Ranker`` leave them out). A bias feature may share its log column, and so its
+name, with a serving feature (``device`` is both context and a position-bias interaction).
 
 Three representations, one code path for training and serving (no train/serve skew):
 
@@ -27,8 +31,12 @@ import numpy as np
 import pandas as pd
 
 Group = Literal["user", "video", "context"]
+BiasGroup = Literal["bias"]
+AnyGroup = Group | BiasGroup
 Kind = Literal["categorical", "numeric"]
-GROUPS: tuple[Group, ...] = ("user", "video", "context")
+GROUPS: tuple[Group, ...] = ("user", "video", "context")  # the serving input, in model column order
+BIAS: BiasGroup = "bias"
+ALL_GROUPS: tuple[AnyGroup, ...] = (*GROUPS, BIAS)
 NULL_CODE = 0  # canonical code of a missing categorical value
 
 
@@ -100,7 +108,7 @@ class CanonicalRows:
 @dataclass
 class FeatureSpec:
     name: str
-    group: Group
+    group: AnyGroup
     kind: Kind
     # categorical: raw values (canonical strings) in index order; index 0 is reserved for unknown
     vocab: list[str] | None = None
@@ -112,8 +120,12 @@ class FeatureSpec:
     std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.group not in GROUPS:
-            raise FeatureError(f"feature {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
+        if self.group not in ALL_GROUPS:
+            raise FeatureError(
+                f"feature {self.name!r}: group must be one of {ALL_GROUPS}, got {self.group!r}"
+            )
+        if self.group == BIAS and self.kind != "categorical":
+            raise FeatureError(f"bias feature {self.name!r} must be categorical")
         if self.kind not in ("categorical", "numeric"):
             raise FeatureError(f"feature {self.name!r}: kind must be categorical or numeric")
 
@@ -175,22 +187,34 @@ class FeatureSchema:
     video_key: str = "video_id"
 
     def __post_init__(self) -> None:
-        names = [f.name for f in self.features]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes:
-            raise FeatureError(f"duplicate feature names: {sorted(dupes)}")
+        for serving in (True, False):  # names are unique among serving features and among bias ones
+            names = [f.name for f in self.features if (f.group != BIAS) == serving]
+            dupes = {n for n in names if names.count(n) > 1}
+            if dupes:
+                raise FeatureError(f"duplicate feature names: {sorted(dupes)}")
 
     # -- views -------------------------------------------------------------------------------
-    def cats(self, group: Group | None = None) -> list[FeatureSpec]:
-        """Categorical features of a group, or of all groups in group-major order (the model's)."""
-        groups = GROUPS if group is None else (group,)
+    def cats(self, group: AnyGroup | None = None) -> list[FeatureSpec]:
+        """Categorical features of a group, or of all serving groups in group-major order (the model's)."""
+        groups: tuple[AnyGroup, ...] = GROUPS if group is None else (group,)
         return [f for g in groups for f in self.features if f.kind == "categorical" and f.group == g]
 
-    def nums(self, group: Group | None = None) -> list[FeatureSpec]:
-        groups = GROUPS if group is None else (group,)
+    def nums(self, group: AnyGroup | None = None) -> list[FeatureSpec]:
+        groups: tuple[AnyGroup, ...] = GROUPS if group is None else (group,)
         return [f for g in groups for f in self.features if f.kind == "numeric" and f.group == g]
 
-    def columns(self, group: Group) -> tuple[list[str], list[str]]:
+    @property
+    def bias(self) -> list[FeatureSpec]:
+        """The training-only selection-bias features (empty for most models)."""
+        return self.cats(BIAS)
+
+    def serving(self) -> FeatureSchema:
+        """A copy without the bias features."""
+        return FeatureSchema(
+            [f for f in self.features if f.group != BIAS], user_key=self.user_key, video_key=self.video_key
+        )
+
+    def columns(self, group: AnyGroup) -> tuple[list[str], list[str]]:
         """(categorical names, numeric names) of a group, in canonical column order."""
         return [f.name for f in self.cats(group)], [f.name for f in self.nums(group)]
 
@@ -206,7 +230,7 @@ class FeatureSchema:
         return {"user": self.user_key, "video": self.video_key}.get(group)
 
     # -- raw -> canonical --------------------------------------------------------------------
-    def canonicalize_frame(self, group: Group, df: pd.DataFrame) -> CanonicalRows:
+    def canonicalize_frame(self, group: AnyGroup, df: pd.DataFrame) -> CanonicalRows:
         cat_names, num_names = self.columns(group)
         missing = [c for c in cat_names + num_names if c not in df.columns]
         if missing:
@@ -247,14 +271,19 @@ class FeatureSchema:
         )
 
     # -- fitting (train rows only) -----------------------------------------------------------
-    def fit(self, frames: Mapping[Group, CanonicalRows], raw: Mapping[Group, pd.DataFrame]) -> FeatureSchema:
+    def fit(
+        self, frames: Mapping[AnyGroup, CanonicalRows], raw: Mapping[AnyGroup, pd.DataFrame]
+    ) -> FeatureSchema:
         """Fit vocabularies and numeric statistics on training rows; returns a fitted copy.
 
         ``frames[g]`` are the canonical training rows of group g (one row per impression), ``raw[g]``
         the matching raw values (the vocabulary records raw strings, so the manifest is readable).
+        The bias group is only needed (and fitted) when the schema has bias features.
         """
         fitted: list[FeatureSpec] = []
-        for g in GROUPS:
+        for g in ALL_GROUPS:
+            if g == BIAS and not self.bias:
+                continue
             cat_names, num_names = self.columns(g)
             for j, spec in enumerate(self.cats(g)):
                 values = pd.Series(raw[g][cat_names[j]].to_numpy(dtype=object)).map(canonical_str).dropna()
@@ -275,12 +304,12 @@ class FeatureSchema:
                     FeatureSpec(**{**asdict(spec), "mean": mean, "std": std if std > 1e-8 else 1.0})
                 )
         del num_names
-        order = {f.name: i for i, f in enumerate(self.features)}
-        fitted.sort(key=lambda f: order[f.name])
+        order = {(f.group == BIAS, f.name): i for i, f in enumerate(self.features)}
+        fitted.sort(key=lambda f: order[(f.group == BIAS, f.name)])
         return FeatureSchema(fitted, user_key=self.user_key, video_key=self.video_key)
 
     # -- canonical -> encoded ----------------------------------------------------------------
-    def encode(self, group: Group, rows: CanonicalRows) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, group: AnyGroup, rows: CanonicalRows) -> tuple[np.ndarray, np.ndarray]:
         """Canonical rows -> (embedding indices (N, C) int64, standardised numerics (N, F) float32)."""
         cats = np.empty(rows.cats.shape, dtype=np.int64)
         for j, spec in enumerate(self.cats(group)):

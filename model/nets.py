@@ -5,18 +5,42 @@ Every network maps a batch of encoded features to a dict of per-task outputs:
     cats (B, C) int64 embedding indices, nums (B, F) float32  ->  {task: (B,) logit or value}
 
 Binary heads return logits, regression heads return the prediction in the (transformed) label
-space. Losses and task weighting live outside ``forward()`` (see ``model.train``).
+space. Losses and task weighting live outside ``forward()`` (see ``model.train`` and
+``model.weighting``).
 
 - ``SeparateTowers``: one full network per task, no sharing at all (the no-transfer baseline).
 - ``SharedBottom``:   shared embeddings + shared bottom MLP, one tower per task (Caruana 1997).
 - ``MMoE``:           shared embeddings, E expert MLPs, one softmax gate per task mixing the
                       experts (Ma et al. KDD 2018), optional expert dropout in the gates (Zhao et
                       al. RecSys 2019) against gate polarisation.
+- ``PLE``:            Progressive Layered Extraction (Tang et al. RecSys 2020): levels of shared +
+                      task-specific experts; a task's gate mixes its own and the shared experts, a
+                      shared gate mixes all of them for the next level.
+- ``Conditioned``:    ONE network for all tasks, told which task to predict by a learned task
+                      embedding z_t (concatenated to / added to the input, or FiLM on every trunk
+                      layer); the trunk runs once per task.
+
+Hooks the multi-task machinery outside ``forward()`` uses (every arch implements them):
+
+- ``forward_with_shared`` also returns the *shared representation* z: the tensor every task's
+  output is computed from (shared-bottom output; MMoE expert outputs; the embedding output for
+  PLE and Conditioned; the per-task embedding outputs stacked (B, T, D) for SeparateTowers).
+  MGDA-UB differentiates the task losses w.r.t. z.
+- ``shared_parameters()``: parameters more than one task's loss depends on (PCGrad);
+  ``last_shared_parameters()``: the last shared layer's weight (GradNorm's W).
+- ``task_towers()``: per-task modules with corresponding parameters (soft parameter sharing).
+- ``param_depths()``: layers below the heads (layer-wise LR decay); ``reset_heads()``.
+
+Selection bias (YouTube, Zhao et al. 2019): ``bias_tower`` is a shallow tower on logged position x
+device whose logit is added to the ``bias_tasks``' logits, only when the batch carries the bias
+inputs (training). Serving never has them, so the tower is dropped there.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -64,16 +88,115 @@ class Tower(nn.Module):
         self.out = nn.Linear(out, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        y: Tensor = self.out(self.body(h)).squeeze(-1)  # (B,)
+        y: Tensor = self.out(self.body(h)).squeeze(-1)  # (..., B)
+        return y
+
+
+class BiasTower(nn.Module):
+    """Shallow tower on logged selection-bias features -> one additive logit per bias task.
+
+    With probability ``feature_dropout`` a training row gets all its bias features set to the
+    unknown index 0, so the main network cannot lean on the tower for every row (YouTube paper).
+    """
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        embed_dim: int,
+        dims: Sequence[int],
+        tasks: Sequence[str],
+        p: float,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.feature_dropout = p
+        self.embed = FeatureEmbedding(cardinalities, 0, embed_dim)
+        self.body, d = mlp(self.embed.out_dim, dims, 0.0)
+        self.out = nn.Linear(d, len(self.tasks))
+
+    def forward(self, bias: Tensor) -> Tensor:
+        if self.training and self.feature_dropout > 0:
+            drop = torch.rand(bias.shape[0], device=bias.device) < self.feature_dropout  # (B,)
+            bias = bias.masked_fill(drop[:, None], 0)
+        x = self.embed(bias, torch.zeros(bias.shape[0], 0, device=bias.device))  # (B, Cb*D)
+        y: Tensor = self.out(self.body(x))  # (B, Tb)
         return y
 
 
 class MultiTaskNet(nn.Module):
-    """Base class: knows its task names; ``forward`` returns ``{task: (B,)}``."""
+    """Base class: knows its task names; ``forward`` returns ``{task: (B,)}``.
+
+    Subclasses implement ``forward_tasks`` (outputs + shared representation) and the parameter
+    views; the bias tower is handled here, so every arch supports it.
+    """
+
+    bias_tower: BiasTower | None
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
         self.tasks = list(tasks)
+        self.bias_tower = None  # attached by build_model when model.bias_features is set
+
+    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({task: (B,)}, shared representation z)."""
+        raise NotImplementedError
+
+    def forward_with_shared(
+        self, cats: Tensor, nums: Tensor, bias: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        out, z = self.forward_tasks(cats, nums)
+        if bias is not None and bias.shape[-1] > 0 and self.bias_tower is not None:
+            b = self.bias_tower(bias)  # (B, Tb)
+            out = dict(out)
+            for i, t in enumerate(self.bias_tower.tasks):
+                out[t] = out[t] + b[:, i]
+        return out, z
+
+    def forward(self, cats: Tensor, nums: Tensor, bias: Tensor | None = None) -> dict[str, Tensor]:
+        return self.forward_with_shared(cats, nums, bias)[0]
+
+    # -- parameter views for the multi-task machinery -------------------------------------------
+    def shared_parameters(self) -> list[Tensor]:
+        """Parameters that more than one task's loss depends on."""
+        return []
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        """The weight of the last shared layer (GradNorm); empty when nothing is shared."""
+        return []
+
+    def task_towers(self) -> dict[str, nn.Module]:
+        """Per-task modules whose same-named parameters correspond (soft parameter sharing)."""
+        towers = getattr(self, "towers", None)
+        return dict(towers.items()) if isinstance(towers, nn.ModuleDict) else {}
+
+    def reset_heads(self) -> None:
+        """Re-initialise every output layer (task towers' and the bias tower's)."""
+        towers = getattr(self, "towers", None)
+        for tower in towers.values() if isinstance(towers, nn.ModuleDict) else []:
+            if isinstance(tower, Tower):
+                tower.out.reset_parameters()
+        if self.bias_tower is not None:
+            self.bias_tower.out.reset_parameters()
+
+    def param_depths(self) -> dict[str, int]:
+        """Layers between each parameter and the output: 0 for towers / heads / the bias tower,
+        growing towards the input, the embeddings deepest (layer-wise learning-rate decay)."""
+        out = {}
+        for name, _ in self.named_parameters():
+            top = name.split(".", 1)[0]
+            out[name] = 0 if top in ("towers", "head", "task_emb", "bias_tower") else self._depth(name)
+        return out
+
+    def _depth(self, name: str) -> int:
+        raise NotImplementedError
+
+
+def _layer_index(name: str, pattern: str) -> int:
+    """The integer captured by ``pattern`` in a parameter name (e.g. 'bottom\\.(\\d+)\\.')."""
+    m = re.search(pattern, name)
+    if m is None:
+        raise ValueError(f"unexpected parameter name {name!r}")
+    return int(m.group(1))
 
 
 class SeparateTowers(MultiTaskNet):
@@ -84,9 +207,21 @@ class SeparateTowers(MultiTaskNet):
         self.bottom = nn.ModuleDict({t: mlp(d_in, cfg.bottom_dims, cfg.dropout)[0] for t in tasks})
         d_b = cfg.bottom_dims[-1] if cfg.bottom_dims else d_in
         self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.n_bottom = len(cfg.bottom_dims)
 
-    def forward(self, cats: Tensor, nums: Tensor) -> dict[str, Tensor]:
-        return {t: self.towers[t](self.bottom[t](self.embed[t](cats, nums))) for t in self.tasks}
+    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        z = torch.stack([self.embed[t](cats, nums) for t in self.tasks], dim=1)  # (B, T, D)
+        out = {t: self.towers[t](self.bottom[t](z[:, i])) for i, t in enumerate(self.tasks)}
+        return out, z
+
+    def task_towers(self) -> dict[str, nn.Module]:
+        # nothing is shared, so the whole per-task network is the "tower" soft sharing ties together
+        return {t: nn.ModuleList([self.embed[t], self.bottom[t], self.towers[t]]) for t in self.tasks}
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return self.n_bottom + 1
+        return self.n_bottom - _layer_index(name, r"^bottom\.[^.]+\.(\d+)\.") // 3
 
 
 class SharedBottom(MultiTaskNet):
@@ -95,10 +230,23 @@ class SharedBottom(MultiTaskNet):
         self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
         self.bottom, d_b = mlp(self.embed.out_dim, cfg.bottom_dims, cfg.dropout)
         self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.n_bottom = len(cfg.bottom_dims)
 
-    def forward(self, cats: Tensor, nums: Tensor) -> dict[str, Tensor]:
+    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         h = self.bottom(self.embed(cats, nums))  # (B, H)
-        return {t: self.towers[t](h) for t in self.tasks}
+        return {t: self.towers[t](h) for t in self.tasks}, h
+
+    def shared_parameters(self) -> list[Tensor]:
+        return [*self.embed.parameters(), *self.bottom.parameters()]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        linears = [m for m in self.bottom if isinstance(m, nn.Linear)]
+        return [linears[-1].weight] if linears else [self.embed.emb.weight]
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return self.n_bottom + 1
+        return self.n_bottom - _layer_index(name, r"^bottom\.(\d+)\.") // 3
 
 
 class Experts(nn.Module):
@@ -126,6 +274,13 @@ class Experts(nn.Module):
         return h
 
 
+def expert_keep_mask(batch: int, n_experts: int, p: float, device: torch.device) -> Tensor:
+    """Expert dropout for gates: (B, E) bool, each expert kept with prob 1-p, never none kept."""
+    keep = torch.rand(batch, n_experts, device=device) >= p  # (B, E)
+    fallback = F.one_hot(torch.randint(n_experts, (batch,), device=device), n_experts).bool()
+    return torch.where(keep.any(dim=1, keepdim=True), keep, fallback)
+
+
 class MMoE(MultiTaskNet):
     def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
@@ -137,15 +292,13 @@ class MMoE(MultiTaskNet):
         self.towers = nn.ModuleDict(
             {t: Tower(self.experts.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks}
         )
+        self.n_layers = len(cfg.expert_dims)
 
     def gate_probs(self, x: Tensor) -> dict[str, Tensor]:
         """Per-task softmax over experts, (B, E) each; expert dropout while training."""
         keep: Tensor | None = None
         if self.training and self.gate_dropout > 0:
-            B, E = x.shape[0], self.n_experts
-            keep = torch.rand(B, E, device=x.device) >= self.gate_dropout  # (B, E)
-            fallback = F.one_hot(torch.randint(E, (B,), device=x.device), E).bool()
-            keep = torch.where(keep.any(dim=1, keepdim=True), keep, fallback)  # never drop all experts
+            keep = expert_keep_mask(x.shape[0], self.n_experts, self.gate_dropout, x.device)  # (B, E)
         out = {}
         for t in self.tasks:
             logits = self.gates[t](x)  # (B, E)
@@ -154,11 +307,11 @@ class MMoE(MultiTaskNet):
             out[t] = torch.softmax(logits, dim=-1)
         return out
 
-    def forward(self, cats: Tensor, nums: Tensor) -> dict[str, Tensor]:
+    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         x = self.embed(cats, nums)  # (B, D)
         h = self.experts(x)  # (B, E, H)
         gates = self.gate_probs(x)
-        return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}
+        return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}, h
 
     @torch.no_grad()
     def gate_weights(self, cats: Tensor, nums: Tensor) -> Tensor:
@@ -166,14 +319,256 @@ class MMoE(MultiTaskNet):
         g = self.gate_probs(self.embed(cats, nums))
         return torch.stack([g[t] for t in self.tasks], dim=1)
 
+    def shared_parameters(self) -> list[Tensor]:
+        return [*self.embed.parameters(), *self.experts.parameters()]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        return [self.experts.weights[-1]] if self.n_layers else [self.embed.emb.weight]
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return self.n_layers + 1
+        if name.startswith("gates."):
+            return 1
+        return self.n_layers - _layer_index(name, r"^experts\.(?:weights|biases)\.(\d+)$")
+
+
+class PLELevel(nn.Module):
+    """One extraction network of PLE (a CGC block).
+
+    Experts at this level, in the order used for gate statistics: task 0's ``n_task`` experts,
+    task 1's, ..., then the ``n_shared`` shared experts. Task t's gate mixes [its experts, shared
+    experts]; below the last level a shared gate mixes all of them into the next level's shared
+    input.
+    """
+
+    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str], last: bool) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.n_task, self.n_shared = cfg.n_task_experts, cfg.n_shared_experts
+        self.gate_dropout = cfg.gate_dropout
+        self.task_experts = nn.ModuleDict(
+            {t: Experts(self.n_task, in_dim, cfg.expert_dims, cfg.dropout) for t in tasks}
+        )
+        self.shared_experts = Experts(self.n_shared, in_dim, cfg.expert_dims, cfg.dropout)
+        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, self.n_task + self.n_shared) for t in tasks})
+        self.shared_gate = None if last else nn.Linear(in_dim, len(tasks) * self.n_task + self.n_shared)
+        self.out_dim = self.shared_experts.out_dim
+
+    @property
+    def n_all(self) -> int:
+        return len(self.tasks) * self.n_task + self.n_shared
+
+    def _columns(self, t: int | None) -> list[int]:
+        """Positions (in the level's expert order) a gate mixes: task t's + shared; all if None."""
+        shared = list(range(len(self.tasks) * self.n_task, self.n_all))
+        return (
+            list(range(self.n_all))
+            if t is None
+            else [*range(t * self.n_task, (t + 1) * self.n_task), *shared]
+        )
+
+    def gate_probs(self, xs: Sequence[Tensor], x_shared: Tensor) -> dict[str, Tensor]:
+        """Softmax of every gate over the experts it mixes: {task: (B, Et+Es), 'shared': (B, E_all)}."""
+        keep: Tensor | None = None
+        if self.training and self.gate_dropout > 0:
+            keep = torch.rand(x_shared.shape[0], self.n_all, device=x_shared.device) >= self.gate_dropout
+        gates: list[tuple[str, nn.Module, Tensor, int | None]] = [
+            (t, self.gates[t], xs[i], i) for i, t in enumerate(self.tasks)
+        ]
+        if self.shared_gate is not None:
+            gates.append(("shared", self.shared_gate, x_shared, None))
+        out = {}
+        for name, gate, x, t in gates:
+            logits = gate(x)  # (B, n)
+            if keep is not None:
+                k = keep[:, self._columns(t)]  # (B, n)
+                fallback = F.one_hot(torch.randint(k.shape[1], (k.shape[0],), device=k.device), k.shape[1])
+                k = torch.where(k.any(dim=1, keepdim=True), k, fallback.bool())  # never drop all experts
+                logits = logits.masked_fill(~k, float("-inf"))
+            out[name] = torch.softmax(logits, dim=-1)
+        return out
+
+    def forward(self, xs: Sequence[Tensor], x_shared: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        hs = self.shared_experts(x_shared)  # (B, Es, H)
+        ht = [self.task_experts[t](xs[i]) for i, t in enumerate(self.tasks)]  # T x (B, Et, H)
+        g = self.gate_probs(xs, x_shared)
+        outs = [
+            torch.einsum("be,beh->bh", g[t], torch.cat([ht[i], hs], dim=1))  # (B, H)
+            for i, t in enumerate(self.tasks)
+        ]
+        shared = None
+        if self.shared_gate is not None:
+            shared = torch.einsum("be,beh->bh", g["shared"], torch.cat([*ht, hs], dim=1))  # (B, H)
+        return outs, shared
+
+    def full_gate_weights(self, xs: Sequence[Tensor], x_shared: Tensor) -> dict[str, Tensor]:
+        """Every gate's probabilities spread over all experts of the level (0 where it cannot look)."""
+        out = {}
+        for name, p in self.gate_probs(xs, x_shared).items():
+            t = None if name == "shared" else self.tasks.index(name)
+            full = p.new_zeros(p.shape[0], self.n_all)  # (B, E_all)
+            full[:, self._columns(t)] = p
+            out[name] = full
+        return out
+
+
+class PLE(MultiTaskNet):
+    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
+        levels, d = [], self.embed.out_dim
+        for k in range(cfg.ple_levels):
+            level = PLELevel(d, cfg, tasks, last=k == cfg.ple_levels - 1)
+            levels.append(level)
+            d = level.out_dim
+        self.levels = nn.ModuleList(levels)
+        self.towers = nn.ModuleDict({t: Tower(d, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.n_layers = len(cfg.expert_dims)  # per level
+
+    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums)  # (B, D)
+        xs: list[Tensor] = [x] * len(self.tasks)
+        x_shared: Tensor | None = x
+        for level in self.level_list:
+            assert x_shared is not None
+            xs, x_shared = level(xs, x_shared)  # T x (B, H), (B, H) or None after the last level
+        return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}, x
+
+    @property
+    def level_list(self) -> list[PLELevel]:
+        return [lv for lv in self.levels if isinstance(lv, PLELevel)]
+
+    @torch.no_grad()
+    def gate_weights_by_level(self, cats: Tensor, nums: Tensor) -> list[dict[str, Tensor]]:
+        """Per level, every gate's probabilities over all the level's experts: {gate: (B, E_all)}."""
+        x = self.embed(cats, nums)
+        xs: list[Tensor] = [x] * len(self.tasks)
+        x_shared: Tensor | None = x
+        out = []
+        for level in self.level_list:
+            assert x_shared is not None
+            out.append(level.full_gate_weights(xs, x_shared))
+            xs, x_shared = level(xs, x_shared)
+        return out
+
+    @torch.no_grad()
+    def gate_weights(self, cats: Tensor, nums: Tensor) -> Tensor:
+        """Last level's task gates (B, T, E_all), like ``MMoE.gate_weights``."""
+        g = self.gate_weights_by_level(cats, nums)[-1]
+        return torch.stack([g[t] for t in self.tasks], dim=1)
+
+    def shared_parameters(self) -> list[Tensor]:
+        # below the last level everything reaches every task (through the shared gate)
+        params = [*self.embed.parameters()]
+        for level in self.level_list[:-1]:
+            params += [*level.task_experts.parameters(), *level.shared_experts.parameters()]
+            params += [*level.shared_gate.parameters()] if level.shared_gate is not None else []
+        return [*params, *self.level_list[-1].shared_experts.parameters()]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        last = self.level_list[-1].shared_experts
+        return [last.weights[-1]] if self.n_layers else [self.embed.emb.weight]
+
+    def _depth(self, name: str) -> int:
+        n_levels = len(self.levels)
+        if name.startswith("embed."):
+            return n_levels * self.n_layers + 1
+        level = _layer_index(name, r"^levels\.(\d+)\.")
+        below = (n_levels - 1 - level) * self.n_layers  # layers of the levels above this one
+        if ".gates." in name or ".shared_gate." in name:
+            return below + 1
+        return below + self.n_layers - _layer_index(name, r"\.(?:weights|biases)\.(\d+)$")
+
+
+class Conditioned(MultiTaskNet):
+    """A single network f(x, z_t) for all tasks; z_t is a learned task embedding.
+
+    conditioning = "concat": trunk input [x, z_t];  "add": trunk input x + z_t (z_t has the input's
+    width); "film": h_l = (1 + gamma_l(z_t)) * (W_l h_{l-1} + b_l) + beta_l(z_t) on every trunk layer
+    (Perez et al. 2018; gamma, beta start at 0, i.e. at the unconditioned network). The trunk and the
+    head run once per task on a (T, B, .) batch; only z_t differs between tasks.
+    """
+
+    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.conditioning = cfg.conditioning
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
+        d_x = self.embed.out_dim
+        d_z = d_x if cfg.conditioning == "add" else cfg.task_embed_dim
+        self.task_emb = nn.Parameter(0.1 * torch.randn(len(tasks), d_z))  # z_t, (T, Dz)
+        dims = [d_x + d_z if cfg.conditioning == "concat" else d_x, *cfg.bottom_dims]
+        self.trunk = nn.ModuleList([nn.Linear(a, b) for a, b in pairwise(dims)])
+        self.film = nn.ModuleList(
+            [nn.Linear(d_z, 2 * d) for d in cfg.bottom_dims] if cfg.conditioning == "film" else []
+        )
+        for layer in self.film:
+            assert isinstance(layer, nn.Linear)
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = Tower(dims[-1], cfg.tower_dims, cfg.dropout)
+
+    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums)  # (B, D)
+        T, (B, D) = len(self.tasks), x.shape
+        z = self.task_emb  # (T, Dz)
+        h = x.unsqueeze(0).expand(T, B, D)  # (T, B, D)
+        if self.conditioning == "concat":
+            h = torch.cat([h, z[:, None, :].expand(T, B, z.shape[1])], dim=-1)  # (T, B, D+Dz)
+        elif self.conditioning == "add":
+            h = h + z[:, None, :]  # (T, B, D)
+        for i, layer in enumerate(self.trunk):
+            h = layer(h)  # (T, B, H)
+            if self.conditioning == "film":
+                gamma, beta = self.film[i](z).chunk(2, dim=-1)  # (T, H) each
+                h = (1 + gamma[:, None, :]) * h + beta[:, None, :]
+            h = self.dropout(F.relu(h))
+        y = self.head(h)  # (T, B)
+        return {t: y[i] for i, t in enumerate(self.tasks)}, x
+
+    def shared_parameters(self) -> list[Tensor]:
+        return [
+            p for name, p in self.named_parameters() if name != "task_emb" and not name.startswith("bias")
+        ]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        return [self.head.out.weight]
+
+    def reset_heads(self) -> None:
+        self.head.out.reset_parameters()
+        with torch.no_grad():
+            self.task_emb.normal_(std=0.1)
+        if self.bias_tower is not None:
+            self.bias_tower.out.reset_parameters()
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return len(self.trunk) + 1
+        return len(self.trunk) - _layer_index(name, r"^(?:trunk|film)\.(\d+)\.")
+
 
 ARCHS: dict[str, Callable[[ModelConfig, Sequence[int], int, Sequence[str]], MultiTaskNet]] = {
     "separate": SeparateTowers,
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,
+    "ple": PLE,
+    "conditioned": Conditioned,
 }
 
 
 def build_model(cfg: ModelConfig, schema: FeatureSchema, tasks: Sequence[TaskConfig]) -> MultiTaskNet:
     cards = [f.cardinality for f in schema.cats()]
-    return ARCHS[cfg.arch](cfg, cards, schema.n_nums, [t.name for t in tasks])
+    net = ARCHS[cfg.arch](cfg, cards, schema.n_nums, [t.name for t in tasks])
+    if cfg.bias_features:
+        have = [f.name for f in schema.bias]
+        if have != list(cfg.bias_features):
+            raise ValueError(f"model.bias_features {cfg.bias_features} but the schema has {have}")
+        net.bias_tower = BiasTower(
+            [f.cardinality for f in schema.bias],
+            cfg.embed_dim,
+            cfg.bias_dims,
+            cfg.bias_tasks,
+            cfg.bias_dropout,
+        )
+    return net

@@ -2,9 +2,20 @@
 
     L = sum_i w_i * L_i,   L_i = mean over the rows of the batch whose label i is observed
 
-Labels may be missing (NaN), e.g. satisfaction only observed after a click; those rows do not
-count for that head. Early stopping watches one validation metric in its right direction and keeps
-the best weights. The result is written as a versioned checkpoint (``model.checkpoint``).
+(or another task weighting, ``train.weighting``, see ``model.weighting``). Labels may be missing
+(NaN), e.g. satisfaction only observed after a click; those rows do not count for that head.
+Early stopping watches one validation metric in its right direction and keeps the best weights.
+The result is written as a versioned checkpoint (``model.checkpoint``).
+
+Around the weighting scheme: ``train.tower_l2`` adds the soft-sharing penalty; the bias tower
+(``model.bias_features``) sees the logged bias features in training only -- evaluation scores rows
+exactly as the service does, without them. Validation / test ``loss`` is always the static
+sum_i w_i L_i, comparable across weighting schemes.
+
+Fine-tuning (``init_from``, ``mtrank train --init-from``): the network starts from a checkpoint's
+weights (every tensor whose name and shape match; the data is encoded with the checkpoint's own
+feature schema, so embedding rows keep their meaning), optionally with ``train.reset_heads``,
+``train.freeze`` (modules by name), ``train.lr_scale`` and ``train.layer_lr_decay``.
 """
 
 from __future__ import annotations
@@ -13,7 +24,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.checkpoint import save_checkpoint
-from model.config import Config, TaskConfig
+from model.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from model.config import Config, ConfigError, TaskConfig, TrainConfig
 from model.data import Dataset, Split, load_dataset
 from model.metrics import evaluate_predictions, higher_is_better
-from model.nets import MMoE, MultiTaskNet, build_model
+from model.nets import PLE, MMoE, MultiTaskNet, build_model
 from model.scoring import combine_scores, head_outputs
+from model.weighting import TaskWeighting, make_weighting, tower_l2_penalty
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +112,26 @@ def evaluate_split(
 def expert_utilization(
     model: MultiTaskNet, split: Split, max_rows: int = 20000
 ) -> dict[str, list[float]] | None:
-    """Mean gate probability of each expert per task (MMoE); a collapsed gate puts ~1 on one expert."""
-    if not isinstance(model, MMoE) or len(split) == 0:
+    """Mean gate probability of each expert per gate; a collapsed gate puts ~1 on one expert.
+
+    MMoE: one row per task over its E experts. PLE: one row per gate over all experts of its level
+    (task 0's experts, task 1's, ..., shared experts; 0 where a gate cannot look); the last level's
+    task gates are keyed by task name, earlier levels' by ``level<k>/<task>`` and ``level<k>/shared``.
+    """
+    if not isinstance(model, MMoE | PLE) or len(split) == 0:
         return None
     model.eval()
-    g = model.gate_weights(torch.from_numpy(split.cats[:max_rows]), torch.from_numpy(split.nums[:max_rows]))
-    mean = g.mean(dim=0)  # (T, E)
-    return {t: [round(float(x), 4) for x in mean[i]] for i, t in enumerate(model.tasks)}
+    cats, nums = torch.from_numpy(split.cats[:max_rows]), torch.from_numpy(split.nums[:max_rows])
+    if isinstance(model, MMoE):
+        mean = model.gate_weights(cats, nums).mean(dim=0)  # (T, E)
+        return {t: [round(float(x), 4) for x in mean[i]] for i, t in enumerate(model.tasks)}
+    levels = model.gate_weights_by_level(cats, nums)
+    out: dict[str, list[float]] = {}
+    for k, gates in enumerate(levels, start=1):
+        for name, g in gates.items():
+            key = name if k == len(levels) else f"level{k}/{name}"
+            out[key] = [round(float(x), 4) for x in g.mean(dim=0)]
+    return out
 
 
 @dataclass
@@ -118,15 +144,127 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainResult:
-    """Train on ``ds.train`` with early stopping on ``ds.valid``; evaluate on ``ds.test``."""
+# --------------------------------------------------------------------------------------------
+# fine-tuning helpers
+
+
+def load_init_checkpoint(ref: str | Path | Checkpoint, artifacts: str | Path | None = None) -> Checkpoint:
+    """A checkpoint to start from: a version folder, a version id (or ``LATEST``) under artifacts."""
+    if isinstance(ref, Checkpoint):
+        return ref
+    if Path(ref).is_dir():
+        return load_checkpoint(ref)
+    version = None if str(ref) == "LATEST" else str(ref)
+    return load_checkpoint(resolve_checkpoint(artifacts if artifacts is not None else "artifacts", version))
+
+
+def init_from_checkpoint(model: MultiTaskNet, source: Checkpoint) -> dict[str, Any]:
+    """Copy every tensor whose name and shape match from the source model; report what was not."""
+    src, dst = source.model.state_dict(), model.state_dict()
+    loaded = [k for k, v in dst.items() if k in src and src[k].shape == v.shape]
+    if not set(loaded) & {name for name, _ in model.named_parameters()}:
+        raise ConfigError(f"checkpoint {source.path} has no parameter that fits the configured network")
+    model.load_state_dict({**dst, **{k: src[k] for k in loaded}})
+    skipped = sorted(set(dst) - set(loaded))
+    if skipped:
+        log.warning(
+            "init from %s: %d tensors missing or of another shape, left as initialised: %s",
+            source.version,
+            len(skipped),
+            skipped,
+        )
+    return {"init_from": str(source.path), "init_loaded_tensors": len(loaded), "init_skipped": skipped}
+
+
+def freeze(model: MultiTaskNet, names: Sequence[str]) -> list[str]:
+    """Stop training the named modules (``embed``, ``bottom``, ``experts``, ``towers.engagement``, ...:
+    a dotted prefix of parameter names). Returns the frozen parameter names."""
+    params = dict(model.named_parameters())
+    frozen: list[str] = []
+    for prefix in names:
+        hit = [n for n in params if n == prefix or n.startswith(prefix + ".")]
+        if not hit:
+            tops = sorted({n.split(".", 1)[0] for n in params})
+            raise ConfigError(f"train.freeze: {prefix!r} matches no parameter (modules: {tops})")
+        frozen += hit
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return sorted(set(frozen))
+
+
+def param_groups(model: MultiTaskNet, tc: TrainConfig) -> list[dict[str, Any]]:
+    """Adam parameter groups: lr * lr_scale, times layer_lr_decay ** depth below the heads."""
+    lr = tc.lr * tc.lr_scale
+    depths = model.param_depths() if tc.layer_lr_decay < 1.0 else {}
+    by_depth: dict[int, list[torch.nn.Parameter]] = defaultdict(list)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            by_depth[depths.get(name, 0)].append(p)
+    return [{"params": ps, "lr": lr * tc.layer_lr_decay**d, "depth": d} for d, ps in sorted(by_depth.items())]
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_step(
+    model: MultiTaskNet,
+    weighting: TaskWeighting,
+    opt: torch.optim.Optimizer,
+    batch: tuple[Tensor, Tensor, Tensor, Tensor | None],
+    tasks: list[TaskConfig],
+    tower_l2: float = 0.0,
+) -> tuple[float, dict[str, float]]:
+    """One optimiser step; returns the objective and the per-task losses."""
+    cats, nums, labels, bias = batch
+    out, z = model.forward_with_shared(cats, nums, bias)
+    losses = task_losses(out, labels, tasks)
+    opt.zero_grad(set_to_none=True)
+    loss = float(weighting.backward(losses, z, model))
+    if tower_l2 > 0:
+        penalty = tower_l2 * tower_l2_penalty(model)
+        penalty.backward()  # type: ignore[no-untyped-call]
+        loss += float(penalty.detach())
+    opt.step()
+    weighting.after_step()
+    return loss, {k: float(v.detach()) for k, v in losses.items()}
+
+
+def fit(
+    cfg: Config, ds: Dataset, progress: ProgressFn | None = None, *, init_from: Checkpoint | None = None
+) -> TrainResult:
+    """Train on ``ds.train`` with early stopping on ``ds.valid``; evaluate on ``ds.test``.
+
+    With ``init_from``, start from that checkpoint's weights; ``ds`` must then be encoded with its
+    feature schema (``load_dataset(cfg, schema=ckpt.schema)``, what ``train`` does).
+    """
     tc = cfg.train
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     model = build_model(cfg.model, ds.schema, cfg.tasks)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    info: dict[str, Any] = {}
+    if init_from is not None:
+        if ds.schema.serving().to_dict() != init_from.schema.serving().to_dict():
+            raise ConfigError(
+                "fine-tuning needs the data encoded with the checkpoint's feature schema: "
+                "load_dataset(cfg, schema=checkpoint.schema)"
+            )
+        info.update(init_from_checkpoint(model, init_from))
+    if tc.reset_heads:
+        model.reset_heads()
+    if tc.freeze:
+        info["frozen_parameters"] = freeze(model, tc.freeze)
+    weighting = make_weighting(tc, cfg.tasks)
+    groups = param_groups(model, tc)
+    if weighting.extra_parameters():
+        groups.append(
+            {"params": weighting.extra_parameters(), "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0}
+        )
+    opt = torch.optim.Adam(groups, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay)
+    if tc.weighting != "static" and any(t.weight != 1.0 for t in cfg.tasks):
+        log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting)
     monitor = tc.monitor
     if len(ds.valid) == 0 and monitor.startswith("valid/"):
         monitor = "train/" + monitor.split("/", 1)[1]
@@ -137,27 +275,41 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
     steps_per_epoch = math.ceil(n / tc.batch_size)
     train_time, seen = 0.0, 0
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
+    bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
     for epoch in range(1, tc.epochs + 1):
         model.train()
         perm = torch.from_numpy(rng.permutation(n))
-        t0, run_loss = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
         for step in range(steps_per_epoch):
             idx = perm[step * tc.batch_size : (step + 1) * tc.batch_size]
-            out = model(cats[idx], nums[idx])
-            losses = task_losses(out, labels[idx], cfg.tasks)
-            loss = weighted_total(losses, cfg.tasks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            loss_value = float(loss.detach())
-            run_loss += loss_value
+            batch = (cats[idx], nums[idx], labels[idx], None if bias is None else bias[idx])
+            loss_value, losses = train_step(model, weighting, opt, batch, cfg.tasks, tc.tower_l2)
+            weights = weighting.weights()
+            sums["train/loss"] += loss_value
+            for k, v in losses.items():
+                sums[f"train/{k}/loss"] += v
+            for k, v in weights.items():
+                sums[f"weight/{k}"] += v
+            for k, v in weighting.stats().items():
+                sums[k] += v
+            if step % 100 == 0:
+                log.debug("epoch %d step %d: loss %.4f weights %s", epoch, step + 1, loss_value, weights)
             if progress is not None:
                 progress(
-                    "step", {"epoch": epoch, "step": step + 1, "steps": steps_per_epoch, "loss": loss_value}
+                    "step",
+                    {
+                        "epoch": epoch,
+                        "step": step + 1,
+                        "steps": steps_per_epoch,
+                        "loss": loss_value,
+                        "task_losses": losses,
+                        "weights": weights,
+                    },
                 )
         train_time += time.perf_counter() - t0
         seen += n
-        row: dict[str, float] = {"epoch": epoch, "train/loss": run_loss / steps_per_epoch}
+        row: dict[str, float] = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}}
         split = ds.valid if len(ds.valid) else ds.train
         row.update(
             evaluate_split(
@@ -184,6 +336,9 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
     model.eval()
     metrics: dict[str, Any] = {"best_epoch": best_epoch, "monitor": monitor, "best_monitor": best}
     metrics.update(evaluate_split(model, ds.test, cfg.tasks, "test/", tc.eval_batch_size))
+    metrics["weighting"] = tc.weighting
+    metrics["task_weights"] = {k: round(v, 6) for k, v in weighting.weights().items()}  # final, effective
+    metrics.update(info)
     util = expert_utilization(model, ds.test)
     if util is not None:
         metrics["expert_utilization"] = util
@@ -193,13 +348,22 @@ def fit(cfg: Config, ds: Dataset, progress: ProgressFn | None = None) -> TrainRe
 
 
 def train(
-    cfg: Config, artifacts: str | Path | None = None, progress: ProgressFn | None = None
+    cfg: Config,
+    artifacts: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    init_from: str | Path | Checkpoint | None = None,
 ) -> TrainResult:
-    """Load data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to it."""
+    """Load data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to it.
+
+    ``init_from``: a checkpoint folder, a version id under ``artifacts`` (or ``LATEST``), or a loaded
+    checkpoint to fine-tune from; the data is then encoded with that checkpoint's feature schema.
+    """
     t0 = time.perf_counter()
-    ds = load_dataset(cfg)
+    source = load_init_checkpoint(init_from, artifacts) if init_from is not None else None
+    ds = load_dataset(cfg, schema=source.schema if source is not None else None)
     log.info("data loaded in %.1fs", time.perf_counter() - t0)
-    result = fit(cfg, ds, progress)
+    result = fit(cfg, ds, progress, init_from=source)
     if artifacts is not None:
         result.checkpoint = save_checkpoint(
             artifacts,

@@ -29,7 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def _take(s: Split, idx: np.ndarray) -> Split:
-    return Split(s.cats[idx], s.nums[idx], s.labels[idx], s.users[idx])
+    return Split(
+        s.cats[idx], s.nums[idx], s.labels[idx], s.users[idx], None if s.bias is None else s.bias[idx]
+    )
+
+
+def _bias(s: Split, like: np.ndarray) -> np.ndarray:
+    return s.bias if s.bias is not None else np.zeros((len(s), like.shape[1]), dtype=like.dtype)
 
 
 def folds(ds: Dataset, k: int) -> list[Dataset]:
@@ -39,6 +45,7 @@ def folds(ds: Dataset, k: int) -> list[Dataset]:
         np.concatenate([ds.train.nums, ds.valid.nums]),
         np.concatenate([ds.train.labels, ds.valid.labels]),
         np.concatenate([ds.train.users, ds.valid.users]),
+        None if ds.train.bias is None else np.concatenate([ds.train.bias, _bias(ds.valid, ds.train.bias)]),
     )
     empty = _take(pool, np.zeros(0, dtype=np.int64))
     out = []

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from pydantic import ValidationError
 
 from model.cli import register, setup_logging
 
@@ -13,3 +17,96 @@ register(app)
 @app.callback()
 def _main(log_level: str = typer.Option("WARNING", "--log-level", envvar="MTRANK_LOG_LEVEL")) -> None:
     setup_logging(log_level.upper())
+
+
+def _settings(**overrides: Any) -> Any:
+    """Settings from MTRANK_* env vars, with the command-line options that were given on top."""
+    from service.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        typer.echo(f"error: invalid settings: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help="bind address [MTRANK_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [MTRANK_PORT, default 8000]")] = None,
+    artifacts: Annotated[
+        Path | None, typer.Option("--artifacts", "-a", help="artifacts dir [MTRANK_ARTIFACTS]")
+    ] = None,
+    feature_store: Annotated[
+        str | None, typer.Option("--feature-store", help="embedded or redis [MTRANK_FEATURE_STORE]")
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL [MTRANK_REDIS_URL]")] = None,
+    redis_prefix: Annotated[str | None, typer.Option(help="Redis key prefix [MTRANK_REDIS_PREFIX]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="embedded store: tables directory [MTRANK_DATA_DIR]")
+    ] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="torch threads [MTRANK_TORCH_THREADS]")] = None,
+) -> None:
+    """Serve the ranking API (uvicorn, one worker). Every option also reads MTRANK_* env vars."""
+    from service.app import run_server
+
+    settings = _settings(
+        host=host,
+        port=port,
+        artifacts=artifacts,
+        feature_store=feature_store,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        data_dir=data_dir,
+        torch_threads=torch_threads,
+    )
+    run_server(settings)
+
+
+@app.command("materialize")
+def materialize_cmd(
+    artifacts: Annotated[
+        Path, typer.Option("--artifacts", "-a", envvar="MTRANK_ARTIFACTS", help="artifacts dir")
+    ] = Path("artifacts"),
+    version: Annotated[str | None, typer.Option(help="model version (default: LATEST)")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL [MTRANK_REDIS_URL]")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="key prefix [MTRANK_REDIS_PREFIX]")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="tables directory (default: the model's data config / MTRANK_DATA_DIR)"),
+    ] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="keys per MSET")] = 1000,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="rewrite a prefix that holds another column layout")
+    ] = False,
+) -> None:
+    """Write the user and video feature rows of a model's tables into Redis (one key per entity)."""
+    from redis.exceptions import RedisError
+
+    from model import CheckpointError
+    from service.store import StoreError
+    from service.store.redis_store import materialize, redact_url
+
+    settings = _settings(redis_url=redis_url, redis_prefix=prefix)
+    try:
+        report = materialize(
+            artifacts,
+            redis_url=settings.redis_url,
+            prefix=settings.redis_prefix,
+            version=version,
+            data_dir=data_dir,
+            chunk_size=chunk_size,
+            replace=replace,
+        )
+    except (CheckpointError, StoreError, RedisError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    counts = ", ".join(f"{n} {k}" for k, n in report.counts.items())
+    typer.echo(
+        f"materialized {counts} for model {report.version} into {redact_url(settings.redis_url)} "
+        f"(prefix {report.prefix!r}, layout {report.layout.layout_id}) in {report.seconds:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    app()

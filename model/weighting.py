@@ -1,0 +1,349 @@
+"""Task weighting: how the per-task losses L_i become one gradient step (``train.weighting``).
+
+Each scheme is a ``TaskWeighting`` whose ``backward(losses, z, model)`` fills ``.grad`` of the
+model's parameters (and of its own, if it learns any) and returns the scalar objective for logging;
+``after_step()`` runs after the optimiser step; ``weights()`` are the current effective per-task
+weights (logged per step and epoch). ``z`` is the network's shared representation (see
+``model.nets``). Static task weights (``tasks[].weight``) are used by ``static`` only; the other
+schemes set the weights themselves.
+
+- static       L = sum_i w_i L_i.
+- uncertainty  Kendall, Gal & Cipolla, CVPR 2018. Learned s_i = log sigma_i^2 (trained jointly by
+               the main optimiser, initialised at 0):
+                   regression (Gaussian likelihood): 0.5 * exp(-s_i) * L_i + 0.5 * s_i
+                   binary (Boltzmann likelihood):          exp(-s_i) * L_i + 0.5 * s_i
+               i.e. weight c_i exp(-s_i), c_i = 1/2 for regression and 1 for classification, plus
+               the log sigma_i = s_i / 2 penalty that keeps sigma from growing without bound.
+               At the optimum exp(-s_i) = 2 c_i L_i: each task ends up weighted ~ 1 / (2 L_i).
+- mgda         Sener & Koltun, NeurIPS 2018, MGDA-UB: the min-norm point of the convex hull of the
+               task gradients g_i = dL_i/dz w.r.t. the shared representation z (one backward to z
+               per task), then L = sum_i alpha_i L_i. Two tasks: the closed form
+               alpha = clip(((g2 - g1) . g2) / ||g1 - g2||^2, 0, 1); more: Frank-Wolfe on the Gram
+               matrix. A scheme-level rescaling is not applied: sum_i alpha_i = 1.
+- worst_case   Minimax over normalised losses r_i = L_i / L_i(0), L_i(0) the first training batch's
+               losses: L = tau * log sum_i exp(r_i / tau) (a smooth max, >= max_i r_i and at most
+               tau * log T above it; its gradient weights task i by softmax(r / tau)_i / L_i(0)),
+               or the hard max_i r_i when ``worst_case_temperature`` tau = 0.
+- gradnorm     Chen et al., ICML 2018. Learnable w_i (init 1, own Adam optimiser with
+               ``gradnorm_lr``); G_i = w_i ||dL_i/dW|| on the last shared layer's weight W (or on z when
+               nothing is shared); target G_bar * (r_i / mean r)^alpha with r_i = L_i / L_i(0) treated
+               as a constant; the w_i descend sum_i |G_i - target_i| while the network descends
+               sum_i w_i L_i; after each step w is clipped positive and rescaled to sum to T.
+- pcgrad       Yu et al., NeurIPS 2020. Per-task gradients on the shared parameters; each g_i is
+               projected off the normal plane of every g_j (random order) it conflicts with
+               (g_i . g_j < 0); the projected gradients are summed. Task-specific parameters get
+               their own task's gradient.
+
+``tower_l2_penalty`` (soft parameter sharing, Duong et al. 2015) is a regulariser on the towers,
+added by the trainer after the scheme's backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from model.config import TaskConfig, TrainConfig
+from model.nets import MultiTaskNet
+
+
+def _stack(losses: Mapping[str, Tensor], tasks: Sequence[TaskConfig]) -> Tensor:
+    return torch.stack([losses[t.name] for t in tasks])  # (T,)
+
+
+def _trainable(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p for p in params if p.requires_grad]
+
+
+def _flat_grads(loss: Tensor, params: Sequence[Tensor], retain: bool = True) -> Tensor:
+    """d loss / d params flattened into one vector (zeros for parameters the loss does not reach)."""
+    grads = torch.autograd.grad(loss, list(params), retain_graph=retain, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)]
+    )
+
+
+class TaskWeighting(nn.Module):
+    """Base class; subclasses override ``objective`` (and ``backward`` if they need gradients)."""
+
+    def __init__(self, tasks: Sequence[TaskConfig]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.last_weights: Tensor = torch.ones(len(self.tasks))
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def objective(self, losses: Tensor) -> Tensor:
+        """losses (T,) -> scalar; sets ``last_weights`` (the effective d objective / d L_i)."""
+        raise NotImplementedError
+
+    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+        total = self.objective(_stack(losses, self.tasks))
+        total.backward()  # type: ignore[no-untyped-call]
+        return total.detach()
+
+    def after_step(self) -> None:
+        """Runs after the optimiser step (GradNorm updates and renormalises its weights here)."""
+
+    def weights(self) -> dict[str, float]:
+        return {n: float(w) for n, w in zip(self.names, self.last_weights, strict=True)}
+
+    def stats(self) -> dict[str, float]:
+        """Scheme-specific diagnostics for the history (e.g. PCGrad's gradient cosine)."""
+        return {}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters the main optimiser should train with the model (uncertainty's s_i)."""
+        return []
+
+
+class StaticWeighting(TaskWeighting):
+    w: Tensor
+
+    def __init__(self, tasks: Sequence[TaskConfig]) -> None:
+        super().__init__(tasks)
+        self.register_buffer("w", torch.tensor([t.weight for t in self.tasks], dtype=torch.float32))
+        self.last_weights = self.w.clone()
+
+    def objective(self, losses: Tensor) -> Tensor:
+        return (self.w * losses).sum()
+
+
+def uncertainty_objective(losses: Tensor, log_vars: Tensor, kinds: Sequence[str]) -> Tensor:
+    """Kendall et al.: sum_i c_i exp(-s_i) L_i + 0.5 s_i, c_i = 0.5 (regression) or 1 (binary)."""
+    c = torch.tensor([0.5 if k == "regression" else 1.0 for k in kinds], dtype=losses.dtype)
+    return (c * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
+
+
+class UncertaintyWeighting(TaskWeighting):
+    def __init__(self, tasks: Sequence[TaskConfig]) -> None:
+        super().__init__(tasks)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))  # s_i = log sigma_i^2
+        self.kinds = [t.kind for t in self.tasks]
+
+    def objective(self, losses: Tensor) -> Tensor:
+        c = torch.tensor([0.5 if k == "regression" else 1.0 for k in self.kinds])
+        self.last_weights = (c * torch.exp(-self.log_vars)).detach()
+        return uncertainty_objective(losses, self.log_vars, self.kinds)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [self.log_vars]
+
+    def stats(self) -> dict[str, float]:
+        return {f"log_var/{n}": float(s) for n, s in zip(self.names, self.log_vars.detach(), strict=True)}
+
+
+def min_norm_2(v11: Tensor, v12: Tensor, v22: Tensor) -> Tensor:
+    """argmin_{a in [0,1]} ||a u + (1-a) v||^2 from u.u, u.v, v.v (i.e. ((v-u).v) / ||u-v||^2)."""
+    denom = v11 + v22 - 2 * v12
+    if float(denom) <= 1e-20:  # u == v: every point of the segment is the same
+        return torch.tensor(0.5, dtype=v11.dtype)
+    return ((v22 - v12) / denom).clamp(0.0, 1.0)
+
+
+def min_norm_coefficients(grads: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
+    """alpha on the simplex minimising ||sum_i alpha_i g_i||^2; grads (T, P) -> alpha (T,).
+
+    T = 2 exactly (closed form); T > 2 by Frank-Wolfe on the Gram matrix with exact line search,
+    started from the best two-task solution (approximate: FW converges sublinearly).
+    """
+    T = grads.shape[0]
+    gram = grads @ grads.T  # (T, T)
+    if T == 1:
+        return torch.ones(1, dtype=grads.dtype)
+    if T == 2:
+        a = min_norm_2(gram[0, 0], gram[0, 1], gram[1, 1])
+        return torch.stack([a, 1 - a])
+    # start from the best pairwise solution (as the reference MinNormSolver does), then Frank-Wolfe
+    best = math.inf
+    alpha = torch.full((T,), 1.0 / T, dtype=grads.dtype)
+    for i in range(T):
+        for j in range(i + 1, T):
+            a = min_norm_2(gram[i, i], gram[i, j], gram[j, j])
+            value = float(a * a * gram[i, i] + 2 * a * (1 - a) * gram[i, j] + (1 - a) ** 2 * gram[j, j])
+            if value < best:
+                best, alpha = value, torch.zeros(T, dtype=grads.dtype)
+                alpha[i], alpha[j] = a, 1 - a
+    for _ in range(iters):
+        m_alpha = gram @ alpha  # (T,) = g_i . (sum_j alpha_j g_j)
+        t = int(torch.argmin(m_alpha))  # the vertex the linearisation points to
+        # line search between the current point u = sum alpha g and the vertex v = g_t
+        gamma = min_norm_2(alpha @ m_alpha, m_alpha[t], gram[t, t])  # weight on u
+        new = gamma * alpha
+        new[t] += 1 - gamma
+        if float((new - alpha).abs().sum()) < tol:
+            return new
+        alpha = new
+    return alpha
+
+
+class MGDAWeighting(TaskWeighting):
+    def objective(self, losses: Tensor) -> Tensor:
+        self.last_weights = torch.full((len(self.tasks),), 1.0 / len(self.tasks))
+        return losses.mean()
+
+    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+        ls = _stack(losses, self.tasks)
+        # MGDA-UB: gradients of each task loss w.r.t. the shared representation (batch flattened);
+        # if z is constant (everything below it frozen), w.r.t. the trainable shared parameters
+        wrt: list[Tensor] = [z] if z.requires_grad else list(_trainable(model.shared_parameters()))
+        if not wrt:
+            return super().backward(losses, z, model)  # nothing shared to trade off: equal weights
+        grads = torch.stack([_flat_grads(ls[i], wrt) for i in range(len(self.tasks))])  # (T, P)
+        alpha = min_norm_coefficients(grads.double()).float()
+        self.last_weights = alpha
+        total = (alpha * ls).sum()
+        total.backward()  # type: ignore[no-untyped-call]
+        return total.detach()
+
+
+class WorstCaseWeighting(TaskWeighting):
+    def __init__(self, tasks: Sequence[TaskConfig], temperature: float) -> None:
+        super().__init__(tasks)
+        self.temperature = temperature
+        self.initial: Tensor | None = None  # L_i(0)
+
+    def objective(self, losses: Tensor) -> Tensor:
+        if self.initial is None:
+            self.initial = losses.detach().clamp_min(1e-8)
+        r = losses / self.initial  # (T,)
+        if self.temperature > 0:
+            p = torch.softmax(r.detach() / self.temperature, dim=0)
+            total = self.temperature * torch.logsumexp(r / self.temperature, dim=0)
+        else:
+            p = torch.nn.functional.one_hot(torch.argmax(r.detach()), len(self.tasks)).float()
+            total = r.max()
+        self.last_weights = p / self.initial
+        return total
+
+
+class GradNormWeighting(TaskWeighting):
+    def __init__(self, tasks: Sequence[TaskConfig], alpha: float, lr: float) -> None:
+        super().__init__(tasks)
+        self.alpha = alpha
+        self.w = nn.Parameter(torch.ones(len(self.tasks)))
+        self.opt = torch.optim.Adam([self.w], lr=lr)
+        self.initial: Tensor | None = None  # L_i(0)
+        self.last_weights = self.w.detach().clone()
+
+    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+        ls = _stack(losses, self.tasks)  # (T,)
+        if self.initial is None:
+            self.initial = ls.detach().clamp_min(1e-8)
+        # W: the last shared layer's weight; z if nothing is shared; the trainable shared parameters
+        # if W is frozen; nothing (then the weights just stay put) if all of those are frozen
+        W: list[Tensor] = _trainable(model.last_shared_parameters()) or [z]
+        if not W[0].requires_grad:
+            W = list(_trainable(model.shared_parameters()))
+        self.opt.zero_grad(set_to_none=True)
+        if W:
+            # ||dL_i/dW||; G_i = w_i * norm_i, so dG_i/dw_i = norm_i (no double backward needed)
+            norms = torch.stack([_flat_grads(ls[i], W).norm() for i in range(len(self.tasks))]).detach()
+            G = self.w * norms  # (T,)
+            r = ls.detach() / self.initial
+            target = (G.mean() * (r / r.mean()) ** self.alpha).detach()
+            gn_loss = (G - target).abs().sum()
+            gn_loss.backward(inputs=[self.w])  # type: ignore[no-untyped-call]
+        w = self.w.detach()
+        self.last_weights = w.clone()
+        total = (w * ls).sum()
+        total.backward()  # type: ignore[no-untyped-call]
+        return total.detach()
+
+    def after_step(self) -> None:
+        self.opt.step()
+        with torch.no_grad():
+            self.w.clamp_(min=1e-3)
+            self.w.mul_(len(self.tasks) / self.w.sum())
+
+
+def pcgrad_project(grads: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """PCGrad surgery on per-task gradients (T, P) -> projected (T, P); sum them for the update."""
+    T = grads.shape[0]
+    out = grads.clone()
+    for i in range(T):
+        for j in torch.randperm(T, generator=generator).tolist():
+            if j == i:
+                continue
+            dot = out[i] @ grads[j]
+            if dot < 0:
+                out[i] -= dot / (grads[j] @ grads[j]).clamp_min(1e-20) * grads[j]
+    return out
+
+
+class PCGradWeighting(TaskWeighting):
+    def __init__(self, tasks: Sequence[TaskConfig]) -> None:
+        super().__init__(tasks)
+        self.cosine = math.nan
+
+    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+        ls = _stack(losses, self.tasks)
+        params = _trainable(list(model.parameters()))
+        shared_ids = {id(p) for p in model.shared_parameters()}
+        shared = [p for p in params if id(p) in shared_ids]
+        own = [p for p in params if id(p) not in shared_ids]
+        T = len(self.tasks)
+        per_task = [
+            torch.autograd.grad(ls[i], params, retain_graph=i < T - 1, allow_unused=True) for i in range(T)
+        ]
+        index = {id(p): k for k, p in enumerate(params)}
+
+        def grad(i: int, p: Tensor) -> Tensor:
+            g = per_task[i][index[id(p)]]
+            return torch.zeros_like(p) if g is None else g
+
+        if shared:
+            flat = torch.stack(
+                [torch.cat([grad(i, p).flatten() for p in shared]) for i in range(T)]
+            )  # (T, P)
+            if T == 2:
+                self.cosine = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()).clamp_min(1e-20))
+            combined = pcgrad_project(flat).sum(dim=0)  # (P,)
+            offset = 0
+            for p in shared:
+                p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        for p in own:  # task-specific: the plain sum (no grad at all if no task reaches it)
+            if any(per_task[i][index[id(p)]] is not None for i in range(T)):
+                p.grad = sum((grad(i, p) for i in range(T)), start=torch.zeros_like(p))
+        return ls.sum().detach()
+
+    def stats(self) -> dict[str, float]:
+        return {} if math.isnan(self.cosine) else {"pcgrad/cosine": self.cosine}
+
+
+def make_weighting(tc: TrainConfig, tasks: Sequence[TaskConfig]) -> TaskWeighting:
+    if tc.weighting == "static":
+        return StaticWeighting(tasks)
+    if tc.weighting == "uncertainty":
+        return UncertaintyWeighting(tasks)
+    if tc.weighting == "mgda":
+        return MGDAWeighting(tasks)
+    if tc.weighting == "worst_case":
+        return WorstCaseWeighting(tasks, tc.worst_case_temperature)
+    if tc.weighting == "gradnorm":
+        return GradNormWeighting(tasks, tc.gradnorm_alpha, tc.gradnorm_lr)
+    if tc.weighting == "pcgrad":
+        return PCGradWeighting(tasks)
+    raise ValueError(f"unknown task weighting {tc.weighting!r}")
+
+
+def tower_l2_penalty(model: MultiTaskNet) -> Tensor:
+    """Soft parameter sharing: sum over task pairs and same-named, same-shaped tower parameters of
+    ||theta_a - theta_b||^2 (0 when the towers are identical)."""
+    towers = model.task_towers()
+    params = {t: dict(m.named_parameters()) for t, m in towers.items()}
+    names = list(params)
+    total = torch.zeros(())
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            pa, pb = params[names[a]], params[names[b]]
+            for k, v in pa.items():
+                if k in pb and pb[k].shape == v.shape:
+                    total = total + (v - pb[k]).pow(2).sum()
+    return total

@@ -1,0 +1,178 @@
+"""HTTP routes: /rank, health, model info, metrics; /admin/* (only with an admin token)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from model import CheckpointNotFoundError, check_version_id
+from service.deps import AdminDep, MetricsDep, RankerDep, SettingsDep, StoreDep
+from service.errors import (
+    Conflict,
+    NotFound,
+    NotReady,
+    ServiceError,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from service.ranking import (
+    apply_inline_features,
+    parse_rank_request,
+    plan_request,
+    render_response,
+    score_plan,
+)
+from service.reload import ReloadError
+from service.schemas import ERROR_RESPONSES, Health, ModelSwitch, RankResponse, RollbackRequest
+
+router = APIRouter()
+admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+RANK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RankRequest"}}},
+    }
+}
+
+
+def _json_response(body: bytes, status_code: int = 200) -> Response:
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def _check_json(request: Request) -> None:
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return  # lenient: a body without a content type is read as JSON
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise UnsupportedMediaType(f"content type {media!r} is not supported: send application/json")
+
+
+@router.post(
+    "/rank",
+    response_model=RankResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=RANK_BODY,
+    summary="Rank candidate videos for a user",
+    tags=["ranking"],
+)
+async def rank(
+    request: Request, holder: RankerDep, store: StoreDep, settings: SettingsDep, metrics: MetricsDep
+) -> Response:
+    """Score every candidate with the served model and return them best first.
+
+    Unknown users / videos get default features (counted in /metrics). When the feature store
+    fails, every row gets defaults and the response says ``"degraded": true``.
+    """
+    t0 = time.perf_counter()
+    outcome = "error"
+    try:
+        _check_json(request)
+        req = parse_rank_request(await request.body())
+        active = holder.current  # read once: a hot swap never changes the model mid-request
+        if active is None:
+            raise NotReady("no model loaded yet")
+        plan = plan_request(req, active, settings)
+
+        t1 = time.perf_counter()
+        fetched = await store.fetch(plan.user_id, plan.ids, active.columns)
+        metrics.feature_fetch_seconds.observe(time.perf_counter() - t1)
+        if fetched.unknown_users:
+            metrics.unknown_users.inc(fetched.unknown_users)
+        if fetched.unknown_videos:
+            metrics.unknown_videos.inc(fetched.unknown_videos)
+        if fetched.degraded:
+            metrics.degraded_requests.labels(fetched.degraded_reason or "error").inc()
+        apply_inline_features(fetched.videos, plan, active.ranker.schema)
+
+        scored = await holder.run_scoring(score_plan, active, fetched, plan, settings.combine)
+        metrics.model_forward_seconds.observe(scored.seconds)
+        metrics.candidates_scored.inc(len(plan.ids))
+        body = render_response(active, plan, scored, fetched.degraded)
+        outcome = "ok"
+        return _json_response(body)
+    except ServiceError as e:
+        outcome = "unavailable" if e.status_code == 503 else "invalid"
+        raise
+    finally:
+        metrics.request_seconds.observe(time.perf_counter() - t0)
+        metrics.rank_requests.labels(outcome).inc()
+
+
+@router.get(
+    "/healthz", response_model=Health, response_model_exclude_none=True, tags=["ops"], summary="Liveness"
+)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: ERROR_RESPONSES[503]}, tags=["ops"])
+async def readyz(holder: RankerDep) -> Health:
+    """Ready once a model is loaded, validated and warmed up."""
+    active = holder.current
+    if active is None:
+        err = holder.last_error
+        raise NotReady("no model loaded yet" + (f" (last error: {err['error']})" if err else ""))
+    return Health(status="ready", model_version=active.version)
+
+
+@router.get("/model", tags=["ops"], summary="The served model: version, config, metrics")
+async def model_info(holder: RankerDep) -> Response:
+    return _json_response(orjson.dumps(holder.describe(), default=str))
+
+
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+async def prometheus(metrics: MetricsDep) -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+# -- admin --------------------------------------------------------------------------------------
+
+
+def _reload_error(e: ReloadError) -> ServiceError:
+    if e.not_found:
+        return NotFound(e.message)
+    return Conflict(f"model {e.version} rejected, still serving the previous model: {e.message}")
+
+
+@admin_router.post("/reload", response_model=ModelSwitch, summary="Load the version LATEST names now")
+async def admin_reload(holder: RankerDep) -> ModelSwitch:
+    try:
+        active, previous = await holder.reload_latest()
+    except ReloadError as e:
+        raise _reload_error(e) from None
+    announced = await holder.announce(active.version)
+    prev = previous.version if previous else None
+    return ModelSwitch(
+        version=active.version, previous=prev, changed=prev != active.version, announced=announced
+    )
+
+
+@admin_router.post("/rollback", response_model=ModelSwitch, summary="Serve an existing version (by id)")
+async def admin_rollback(body: RollbackRequest, holder: RankerDep) -> ModelSwitch:
+    try:
+        version = check_version_id(body.version)
+    except CheckpointNotFoundError:
+        raise ValidationFailed(
+            f"version: {body.version!r} is not a model version id (a plain name of letters, digits, "
+            "'.', '_' and '-', as listed by `mtrank models`; never a path)"
+        ) from None
+    try:
+        active, previous, updated = await holder.rollback(version)
+    except ReloadError as e:
+        raise _reload_error(e) from None
+    announced = await holder.announce(active.version)
+    prev = previous.version if previous else None
+    return ModelSwitch(
+        version=active.version,
+        previous=prev,
+        changed=prev != active.version,
+        latest_updated=updated,
+        announced=announced,
+    )

@@ -1,0 +1,92 @@
+"""Prometheus metrics, one registry per app (``create_app`` can be called many times, e.g. in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# /rank takes a few milliseconds: resolve 0.5 ms .. 1 s
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+RANK_OUTCOMES = ("ok", "invalid", "unavailable", "error")
+DEGRADED_REASONS = ("timeout", "connection", "breaker_open", "error")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request_seconds = Histogram(
+            "mtrank_request_seconds",
+            "Total /rank handling time: body read, validation, feature fetch, forward, response",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.feature_fetch_seconds = Histogram(
+            "mtrank_feature_fetch_seconds",
+            "Feature store fetch of one /rank request (user + all candidates)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_forward_seconds = Histogram(
+            "mtrank_model_forward_seconds",
+            "Encode + model forward + score combination of one /rank request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rank_requests = Counter(
+            "mtrank_rank_requests", "/rank requests by outcome", ["outcome"], registry=r
+        )
+        self.candidates_scored = Counter("mtrank_candidates_scored", "Candidates scored", registry=r)
+        self.unknown_users = Counter(
+            "mtrank_unknown_users", "Requests whose user is not in the feature store", registry=r
+        )
+        self.unknown_videos = Counter(
+            "mtrank_unknown_videos",
+            "Candidates not in the feature store (served default features)",
+            registry=r,
+        )
+        self.degraded_requests = Counter(
+            "mtrank_degraded_requests",
+            "Requests answered with default features because the feature store failed",
+            ["reason"],
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "mtrank_model_reload", "Model (re)load attempts by result", ["result"], registry=r
+        )
+        self.model_info = Gauge(
+            "mtrank_model_info", "The model being served (value 1)", ["version", "arch"], registry=r
+        )
+        self.model_loaded_timestamp = Gauge(
+            "mtrank_model_loaded_timestamp_seconds", "When the served model was activated", registry=r
+        )
+        for outcome in RANK_OUTCOMES:
+            self.rank_requests.labels(outcome)
+        for reason in DEGRADED_REASONS:
+            self.degraded_requests.labels(reason)
+        for result in ("ok", "error"):
+            self.model_reloads.labels(result)
+
+    def set_model(self, version: str, arch: str, loaded_at: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version, arch).set(1)
+        self.model_loaded_timestamp.set(loaded_at)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,338 @@
+"""The served model and its hot reload.
+
+``ModelHolder.current`` is one immutable ``ActiveModel`` (ranker + store column map), replaced by
+a single reference assignment (atomic in CPython). A request reads it once at its start and keeps
+using that object, so a swap never affects a request in flight and never fails one.
+
+A new version is loaded off the request path: checkpoint load + validation in a worker thread,
+column mapping onto the feature store, warm-up and a test scoring. Only then is it swapped in.
+Anything that fails along the way rejects that version (logged, counted as
+``mtrank_model_reload_total{result="error"}``, shown by ``GET /model``) and the old model keeps
+serving.
+
+The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
+Redis store it also watches ``{prefix}model:current`` and wakes up on its pub/sub channel. A
+pointer change activates the version it names (the most recent change wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from model import (
+    CheckpointError,
+    Ranker,
+    combine_scores,
+    read_latest,
+    resolve_checkpoint,
+    write_latest,
+)
+from model.checkpoint import LATEST, models_dir
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# what made a version the served one
+ReloadSource = Literal["startup", "latest", "redis", "admin-reload", "rollback"]
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    ranker: Ranker
+    columns: ColumnMap
+    heads: tuple[str, ...]
+    loaded_at: float  # epoch seconds
+    source: ReloadSource
+
+    @property
+    def version(self) -> str:
+        return self.ranker.version
+
+
+class ReloadError(Exception):
+    """A model version that cannot be served; ``not_found`` when it does not exist at all."""
+
+    def __init__(self, version: str, message: str, *, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.version, self.message, self.not_found = version, message, not_found
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+class ModelHolder:
+    def __init__(self, settings: Settings, store: FeatureStore, metrics: Metrics) -> None:
+        self.settings, self.store, self.metrics = settings, store, metrics
+        self._current: ActiveModel | None = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._latest_sig: tuple[int, int, int] | None = None
+        self._pointer_seen: str | None = None
+        self.last_error: dict[str, Any] | None = None
+        self._no_model_reason: str | None = None
+
+    # -- the served model ---------------------------------------------------------------------
+    @property
+    def current(self) -> ActiveModel | None:
+        return self._current
+
+    async def run_scoring(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound scoring in the forward thread pool (or inline, per settings)."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.settings.forward_in_thread:
+            self._executor = ThreadPoolExecutor(
+                self.settings.forward_workers, thread_name_prefix="mtrank-forward"
+            )
+        if isinstance(self.store, RedisStore):
+            self._pointer_seen = await self.store.read_pointer()  # an existing pointer is not a change
+        try:
+            await self.check()
+        except Exception:  # never fail startup: stay unready, the watcher keeps trying
+            log.exception("initial model load failed")
+        self._tasks.append(asyncio.create_task(self._watch(), name="mtrank-model-watcher"))
+        if isinstance(self.store, RedisStore):
+            self._tasks.append(asyncio.create_task(self.store.listen(self._wake), name="mtrank-model-events"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- loading --------------------------------------------------------------------------------
+    async def activate(self, version: str, source: ReloadSource) -> ActiveModel:
+        """Load, validate and swap in ``version``; ReloadError (old model kept) on any problem."""
+        async with self._lock:
+            current = self._current
+            if current is not None and current.version == version:
+                return current
+            t0 = time.perf_counter()
+            try:
+                active = await self._load(version, source)
+            except ReloadError as e:
+                self.metrics.model_reloads.labels("error").inc()
+                repeated = self.last_error is not None and self.last_error["error"] == e.message
+                self.last_error = {"version": version, "error": e.message, "at": _iso(time.time())}
+                log.log(
+                    logging.DEBUG if repeated else logging.ERROR,
+                    "model %s rejected (%s); still serving %s",
+                    version,
+                    e.message,
+                    self.version_or_none,
+                )
+                raise
+            self._current = active  # the swap: one reference assignment
+            self.metrics.model_reloads.labels("ok").inc()
+            self.metrics.set_model(active.version, active.ranker.config.model.arch, active.loaded_at)
+            log.info(
+                "serving model %s (%s, from %s) after %.2fs; previous %s",
+                active.version,
+                active.ranker.config.model.arch,
+                source,
+                time.perf_counter() - t0,
+                current.version if current else None,
+            )
+            return active
+
+    @property
+    def version_or_none(self) -> str | None:
+        return self._current.version if self._current else None
+
+    async def _load(self, version: str, source: ReloadSource) -> ActiveModel:
+        try:
+            path = resolve_checkpoint(self.settings.artifacts, version)
+        except CheckpointError as e:  # no such version (or not a version id at all)
+            raise ReloadError(version, str(e), not_found=True) from e
+        try:
+            ranker = await asyncio.to_thread(Ranker.load, path)
+            if ranker.version != version:
+                raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
+            heads = tuple(ranker.task_names)
+            missing = sorted(set(self.settings.weights) - set(heads))
+            if missing:
+                raise ReloadError(
+                    version,
+                    f"the configured weights name heads {missing} this model lacks (heads: {list(heads)})",
+                )
+            columns = await self.store.prepare(ranker.schema, ranker.config.data)
+            await asyncio.to_thread(self._validate, ranker, columns)
+        except ReloadError:
+            raise
+        except (CheckpointError, StoreError) as e:  # incl. a version folder with files missing
+            raise ReloadError(version, str(e)) from e
+        except Exception as e:  # a bad checkpoint must never take the watcher down
+            log.exception("unexpected error loading model %s", version)
+            raise ReloadError(version, f"{type(e).__name__}: {e}") from e
+        return ActiveModel(ranker, columns, heads, time.time(), source)
+
+    def _validate(self, ranker: Ranker, columns: ColumnMap) -> None:
+        """Warm up, then score a few default rows shaped like the store's: every head finite."""
+        ranker.warmup(n=self.settings.warmup_batch, rounds=2)
+        n = 8
+        ids = [f"__mtrank_probe_{i}" for i in range(n)]
+        heads = ranker.score(
+            columns.user.defaults(ids[:1]),
+            columns.video.defaults(ids),
+            ranker.schema.default_rows("context", 1),
+        )
+        for task in ranker.tasks:
+            y = heads.get(task.name)
+            if y is None or y.shape != (n,) or not np.isfinite(y).all():
+                raise ReloadError(
+                    ranker.version, f"test scoring: head {task.name!r} is not {n} finite scores"
+                )
+            if task.kind == "binary" and ((y < 0) | (y > 1)).any():
+                raise ReloadError(ranker.version, f"test scoring: head {task.name!r} is not a probability")
+        score = combine_scores(heads, self.settings.weights, self.settings.combine)
+        if not np.isfinite(score).all():
+            raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
+
+    # -- pointers -------------------------------------------------------------------------------
+    def _latest_signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(models_dir(self.settings.artifacts) / LATEST)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    async def check(self) -> None:
+        """One watcher round: activate the version a changed pointer names."""
+        target: tuple[str, ReloadSource] | None = None
+        sig = self._latest_signature()
+        if sig != self._latest_sig or self._current is None:
+            self._latest_sig = sig
+            try:
+                version = read_latest(self.settings.artifacts)
+            except CheckpointError as e:
+                if self._current is None and str(e) != self._no_model_reason:
+                    log.warning("no model to serve yet: %s", e)
+                    self._no_model_reason = str(e)
+                version = None
+            if version is not None and version != self.version_or_none:
+                target = (version, "startup" if self._current is None else "latest")
+        if isinstance(self.store, RedisStore):
+            pointer = await self.store.read_pointer()
+            if pointer is not None and pointer != self._pointer_seen:
+                self._pointer_seen = pointer
+                if pointer != self.version_or_none:
+                    target = (pointer, "redis")
+        if target is not None:
+            with contextlib.suppress(ReloadError):  # logged and counted by activate
+                await self.activate(*target)
+
+    async def _watch(self) -> None:
+        interval = self.settings.reload_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("model watcher round failed")
+
+    # -- admin ------------------------------------------------------------------------------------
+    async def reload_latest(self) -> tuple[ActiveModel, ActiveModel | None]:
+        """Activate what LATEST names now. Returns (active, previous)."""
+        try:
+            version = read_latest(self.settings.artifacts)
+        except CheckpointError as e:
+            raise ReloadError("LATEST", str(e), not_found=True) from e
+        previous = self._current
+        active = await self.activate(version, "admin-reload")
+        self._latest_sig = self._latest_signature()
+        return active, previous
+
+    async def rollback(self, version: str) -> tuple[ActiveModel, ActiveModel | None, bool]:
+        """Activate an existing version and point LATEST at it (when the artifacts are writable).
+
+        Returns (active, previous, latest_updated).
+        """
+        previous = self._current
+        active = await self.activate(version, "rollback")
+        try:
+            await asyncio.to_thread(write_latest, self.settings.artifacts, version)
+            updated = True
+        except (OSError, CheckpointError) as e:
+            log.warning("rollback to %s: LATEST not updated (%s); a restart would serve LATEST", version, e)
+            updated = False
+        self._latest_sig = self._latest_signature()
+        return active, previous, updated
+
+    async def announce(self, version: str) -> bool | None:
+        """Tell other replicas (Redis mode): set model:current + publish. None without Redis."""
+        if not isinstance(self.store, RedisStore):
+            return None
+        ok = await self.store.announce(version)
+        if ok:
+            self._pointer_seen = version
+        return ok
+
+    # -- description ------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        active = self._current
+        out: dict[str, Any] = {"last_reload_error": self.last_error}
+        if active is None:
+            return {"version": None, **out}
+        r = active.ranker
+        manifest = r.manifest
+        return {
+            "version": r.version,
+            "arch": r.config.model.arch,
+            "tasks": [{"name": t.name, "kind": t.kind, "label": t.label} for t in r.tasks],
+            "heads": list(active.heads),
+            "created_at": manifest.get("created_at"),
+            "loaded_at": _iso(active.loaded_at),
+            "source": active.source,
+            "metrics": _finite(manifest.get("metrics", {})),
+            "config": r.config.to_dict(),
+            "scoring": {
+                "combine": self.settings.combine,
+                "weights": self.settings.weights,
+                "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
+            },
+            "feature_store": self.store.describe(),
+            **out,
+        }
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,104 @@
+"""Service settings: one pydantic-settings object, read from ``MTRANK_*`` environment variables.
+
+Every field can be set as ``MTRANK_<FIELD>`` (``MTRANK_FEATURE_STORE=redis``,
+``MTRANK_WEIGHTS='{"engagement": 1, "satisfaction": 2}'``); ``mtrank serve`` options override them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Combine = Literal["product", "sum"]
+StoreKind = Literal["embedded", "redis"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTRANK_", extra="ignore", validate_default=True)
+
+    # -- model -------------------------------------------------------------------------------
+    artifacts: Path = Field(default=Path("artifacts"), description="artifacts dir holding models/LATEST")
+    reload_interval_s: float = Field(default=2.0, gt=0, description="how often the watcher polls LATEST")
+    warmup_batch: int = Field(default=512, ge=1, le=100_000, description="batch size of the warm-up passes")
+    torch_threads: int = Field(
+        default=1, ge=1, le=256, description="torch intra-op threads (torch.set_num_threads)"
+    )
+    forward_in_thread: bool = Field(
+        default=True, description="run encode + forward in a worker thread (keeps the event loop responsive)"
+    )
+    forward_workers: int = Field(default=2, ge=1, le=64, description="threads for model forward passes")
+
+    # -- feature store -----------------------------------------------------------------------
+    feature_store: StoreKind = "embedded"
+    data_dir: Path | None = Field(
+        default=None,
+        description="embedded store: directory of the user/video tables (default: the checkpoint's)",
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="mtrank:", min_length=1, max_length=200)
+    redis_timeout_ms: float = Field(
+        default=30.0, gt=0, le=60_000, description="deadline of one feature fetch"
+    )
+    redis_breaker_failures: int = Field(
+        default=3, ge=1, description="consecutive Redis failures after which fetches skip Redis for a while"
+    )
+    redis_breaker_reset_s: float = Field(
+        default=1.0, gt=0, description="how long fetches skip Redis after that"
+    )
+
+    # -- request handling --------------------------------------------------------------------
+    max_candidates: int = Field(default=2000, ge=1, le=100_000)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    combine: Combine = "product"
+    weights: dict[str, float] = Field(default_factory=lambda: {"engagement": 1.0, "satisfaction": 1.0})
+    weight_min: float = 0.0
+    weight_max: float = 10.0
+
+    # -- admin / server ----------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token of /admin/*; unset = disabled"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, v: object) -> object:
+        if v is None or (isinstance(v, str) and v.strip() == ""):
+            return None
+        if isinstance(v, SecretStr) and v.get_secret_value().strip() == "":
+            return None
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}:
+            raise ValueError(f"log_level must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> Settings:
+        if not (math.isfinite(self.weight_min) and math.isfinite(self.weight_max)):
+            raise ValueError("weight_min and weight_max must be finite")
+        if not 0 <= self.weight_min <= self.weight_max:
+            raise ValueError("need 0 <= weight_min <= weight_max")
+        if not self.weights:
+            raise ValueError("weights must name at least one head")
+        for name, w in self.weights.items():
+            if not (math.isfinite(w) and self.weight_min <= w <= self.weight_max):
+                raise ValueError(f"weight {name!r}={w} outside [{self.weight_min}, {self.weight_max}]")
+        if not any(w > 0 for w in self.weights.values()):
+            raise ValueError("at least one weight must be > 0")
+        return self
+
+    @property
+    def redis_timeout_s(self) -> float:
+        return self.redis_timeout_ms / 1000.0

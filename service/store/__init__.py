@@ -1,0 +1,32 @@
+"""Feature stores: one interface (``FeatureStore``), two backends (embedded, Redis)."""
+
+from __future__ import annotations
+
+from service.settings import Settings
+from service.store.base import ColumnMap, FeatureStore, Fetched, StoreError, StoreLayout
+from service.store.embedded import EmbeddedStore
+from service.store.redis_store import RedisStore
+
+__all__ = [
+    "ColumnMap",
+    "EmbeddedStore",
+    "FeatureStore",
+    "Fetched",
+    "RedisStore",
+    "StoreError",
+    "StoreLayout",
+    "open_store",
+]
+
+
+def open_store(settings: Settings) -> EmbeddedStore | RedisStore:
+    """The store the settings ask for (nothing is read until a model is prepared)."""
+    if settings.feature_store == "redis":
+        return RedisStore(
+            settings.redis_url,
+            settings.redis_prefix,
+            timeout_s=settings.redis_timeout_s,
+            breaker_failures=settings.redis_breaker_failures,
+            breaker_reset_s=settings.redis_breaker_reset_s,
+        )
+    return EmbeddedStore(settings.data_dir)

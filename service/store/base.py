@@ -1,0 +1,195 @@
+"""The feature-store interface and what every backend shares.
+
+A store keeps canonical rows (``model.features``: categorical = stable int64 hash, numeric = raw
+float32) for users and videos, in *its own* column layout (the columns it was built or
+materialised with). When a model is loaded, ``prepare`` maps the model's columns onto the
+store's (``ColumnMap``); ``fetch`` then returns rows in the model's column order. A model that
+needs a column the store lacks is rejected at load time, never at request time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from model import CanonicalRows, FeatureSchema, stable_hash
+from model.config import DataConfig
+
+EntityGroup = Literal["user", "video"]
+ENTITY_GROUPS: tuple[EntityGroup, ...] = ("user", "video")
+
+
+class StoreError(Exception):
+    """The store cannot serve a model (missing columns, unreadable tables, no Redis meta)."""
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Columns a store holds for one group: categorical names, then numeric names."""
+
+    key: str
+    cats: tuple[str, ...]
+    nums: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "cats": list(self.cats), "nums": list(self.nums)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> GroupLayout:
+        if not isinstance(d, dict):
+            raise StoreError("malformed store layout: a group must be an object")
+        try:
+            key, cats, nums = d["key"], d["cats"], d["nums"]
+        except KeyError as e:
+            raise StoreError(f"malformed store layout: missing {e}") from None
+        if not (
+            isinstance(key, str)
+            and isinstance(cats, list)
+            and isinstance(nums, list)
+            and all(isinstance(c, str) for c in [*cats, *nums])
+        ):
+            raise StoreError("malformed store layout: key must be a string, cats/nums lists of strings")
+        return cls(key, tuple(cats), tuple(nums))
+
+    @property
+    def row_bytes(self) -> int:
+        """Size of one packed row: int64 categoricals then float32 numerics."""
+        return 8 * len(self.cats) + 4 * len(self.nums)
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    user: GroupLayout
+    video: GroupLayout
+
+    def group(self, g: EntityGroup) -> GroupLayout:
+        return self.user if g == "user" else self.video
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user": self.user.to_dict(), "video": self.video.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> StoreLayout:
+        if not isinstance(d, dict):
+            raise StoreError("malformed store layout: not an object")
+        return cls(GroupLayout.from_dict(d.get("user")), GroupLayout.from_dict(d.get("video")))
+
+    @property
+    def layout_id(self) -> str:
+        raw = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    @classmethod
+    def of_schema(cls, schema: FeatureSchema) -> StoreLayout:
+        """The columns a model needs from a store."""
+        parts = {}
+        for g in ENTITY_GROUPS:
+            cats, nums = schema.columns(g)
+            key = schema.key_of(g)
+            assert key is not None
+            parts[g] = GroupLayout(key, tuple(cats), tuple(nums))
+        return cls(parts["user"], parts["video"])
+
+
+@dataclass(frozen=True)
+class GroupMap:
+    """Where a model's columns of one group sit in the store's rows."""
+
+    cat_idx: np.ndarray | None  # store column of each model categorical; None = same order
+    num_idx: np.ndarray | None
+    key_col: int | None  # model categorical column holding the entity id (hashed), if it is a feature
+    n_cats: int
+    n_nums: int
+
+    def select(self, cats: np.ndarray, nums: np.ndarray) -> CanonicalRows:
+        """Store-layout rows -> model-layout rows (always fresh, writable arrays)."""
+        c = cats[:, self.cat_idx] if self.cat_idx is not None else np.array(cats, dtype=np.int64)
+        x = nums[:, self.num_idx] if self.num_idx is not None else np.array(nums, dtype=np.float32)
+        return CanonicalRows(c, x)
+
+    def defaults(self, ids: Sequence[str]) -> CanonicalRows:
+        """Rows for entities the store does not know: all features missing, the id column hashed."""
+        rows = CanonicalRows(
+            np.zeros((len(ids), self.n_cats), dtype=np.int64),
+            np.full((len(ids), self.n_nums), np.nan, dtype=np.float32),
+        )
+        self.hash_ids(rows, np.arange(len(ids)), ids)
+        return rows
+
+    def hash_ids(self, rows: CanonicalRows, positions: np.ndarray, ids: Sequence[str]) -> None:
+        """Set the id column of ``rows[positions]`` to the stable hash of ``ids[positions]``."""
+        if self.key_col is not None and positions.size:
+            rows.cats[positions, self.key_col] = [stable_hash(ids[i]) for i in positions.tolist()]
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    user: GroupMap
+    video: GroupMap
+    layout_id: str
+
+    def group(self, g: EntityGroup) -> GroupMap:
+        return self.user if g == "user" else self.video
+
+
+def build_column_map(schema: FeatureSchema, layout: StoreLayout, where: str) -> ColumnMap:
+    """Map a model's columns onto a store layout; StoreError naming every missing column."""
+    maps: dict[EntityGroup, GroupMap] = {}
+    missing: list[str] = []
+    for g in ENTITY_GROUPS:
+        have = layout.group(g)
+        cats, nums = schema.columns(g)
+        pos_c = {c: i for i, c in enumerate(have.cats)}
+        pos_n = {c: i for i, c in enumerate(have.nums)}
+        missing += [f"{g}.{c} (categorical)" for c in cats if c not in pos_c]
+        missing += [f"{g}.{c} (numeric)" for c in nums if c not in pos_n]
+        if missing:
+            continue
+        ci = np.array([pos_c[c] for c in cats], dtype=np.intp)
+        ni = np.array([pos_n[c] for c in nums], dtype=np.intp)
+        key = schema.key_of(g)
+        maps[g] = GroupMap(
+            cat_idx=None if list(ci) == list(range(len(have.cats))) else ci,
+            num_idx=None if list(ni) == list(range(len(have.nums))) else ni,
+            key_col=cats.index(key) if key in cats else None,
+            n_cats=len(cats),
+            n_nums=len(nums),
+        )
+    if missing:
+        raise StoreError(f"{where} lacks feature columns the model needs: {', '.join(missing)}")
+    return ColumnMap(maps["user"], maps["video"], layout.layout_id)
+
+
+@dataclass
+class Fetched:
+    """Feature rows of one request, in the model's column order."""
+
+    user: CanonicalRows  # 1 row
+    videos: CanonicalRows  # one row per candidate, in request order
+    unknown_users: int
+    unknown_videos: int
+    degraded: bool = False
+    degraded_reason: str | None = None
+
+
+class FeatureStore(Protocol):
+    """One interface, two backends (``EmbeddedStore``, ``RedisStore``)."""
+
+    kind: str
+
+    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
+        """Make the store ready for a model (off the request path); StoreError if it cannot."""
+        ...
+
+    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
+        """Rows of one user and B videos. Never raises for unknown ids or backend outages."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...

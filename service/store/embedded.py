@@ -1,0 +1,121 @@
+"""In-process feature store: the user / video tables as numpy matrices (no Redis needed).
+
+Built from the tables of the first model's data config (or ``Settings.data_dir``); a later model
+that needs more columns makes the store re-read the tables and append them, off the request path.
+Lookups are dict gets plus one numpy fancy-indexing per group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import CanonicalRows, FeatureSchema
+from model.config import DataConfig
+from service.store.base import (
+    ENTITY_GROUPS,
+    ColumnMap,
+    EntityGroup,
+    Fetched,
+    GroupLayout,
+    GroupMap,
+    StoreLayout,
+    build_column_map,
+)
+from service.store.tables import load_entity_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One group: id -> row, and the rows with one trailing all-missing default row."""
+
+    index: dict[str, int]
+    cats: np.ndarray  # (N + 1, C) int64
+    nums: np.ndarray  # (N + 1, F) float32
+    layout: GroupLayout
+    source: str
+
+    def lookup(self, ids: Sequence[str], gm: GroupMap) -> tuple[CanonicalRows, int]:
+        default = len(self.index)
+        rows = np.fromiter(map(self.index.get, ids, repeat(default, len(ids))), dtype=np.intp, count=len(ids))
+        cats = self.cats[rows] if gm.cat_idx is None else self.cats[np.ix_(rows, gm.cat_idx)]
+        nums = self.nums[rows] if gm.num_idx is None else self.nums[np.ix_(rows, gm.num_idx)]
+        out = CanonicalRows(cats, nums)
+        unknown = np.flatnonzero(rows == default)
+        gm.hash_ids(out, unknown, ids)
+        return out, int(unknown.size)
+
+
+def _build_table(layout: GroupLayout, ids: list[str], rows: CanonicalRows, source: str) -> _Table:
+    cats = np.zeros((len(ids) + 1, len(layout.cats)), dtype=np.int64)
+    nums = np.full((len(ids) + 1, len(layout.nums)), np.nan, dtype=np.float32)
+    cats[:-1], nums[:-1] = rows.cats, rows.nums
+    return _Table({k: i for i, k in enumerate(ids)}, cats, nums, layout, source)
+
+
+class EmbeddedStore:
+    kind = "embedded"
+
+    def __init__(self, data_dir: Path | None = None) -> None:
+        self._data_dir = data_dir
+        self._tables: dict[EntityGroup, _Table] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def layout(self) -> StoreLayout | None:
+        if len(self._tables) < len(ENTITY_GROUPS):
+            return None
+        return StoreLayout(self._tables["user"].layout, self._tables["video"].layout)
+
+    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
+        async with self._lock:
+            need = StoreLayout.of_schema(schema)
+            for g in ENTITY_GROUPS:
+                have = self._tables.get(g)
+                want = need.group(g)
+                if (
+                    have is not None
+                    and set(want.cats) <= set(have.layout.cats)
+                    and set(want.nums) <= set(have.layout.nums)
+                ):
+                    continue
+                # keep the columns (and their positions) the current model uses, append the new ones
+                base = have.layout if have is not None else GroupLayout(want.key, (), ())
+                grown = GroupLayout(
+                    want.key,
+                    base.cats + tuple(c for c in want.cats if c not in base.cats),
+                    base.nums + tuple(c for c in want.nums if c not in base.nums),
+                )
+                ent = await asyncio.to_thread(load_entity_rows, data, g, grown, self._data_dir)
+                self._tables[g] = await asyncio.to_thread(_build_table, grown, ent.ids, ent.rows, ent.source)
+                log.info("embedded store: %d %ss from %s", len(ent.ids), g, ent.source)
+            layout = self.layout
+            assert layout is not None
+            return build_column_map(schema, layout, "the embedded feature store")
+
+    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
+        users, videos = self._tables["user"], self._tables["video"]
+        user, unknown_users = users.lookup((user_id,), columns.user)
+        vids, unknown_videos = videos.lookup(video_ids, columns.video)
+        return Fetched(user, vids, unknown_users, unknown_videos)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "tables": {
+                g: {"rows": len(t.index), "source": t.source, "columns": t.layout.to_dict()}
+                for g, t in self._tables.items()
+            },
+        }
+
+    async def close(self) -> None:
+        self._tables = {}

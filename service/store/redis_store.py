@@ -1,0 +1,427 @@
+"""Redis feature store: one key per entity holding its canonical row as packed bytes.
+
+Keys (``P`` = the prefix, default ``mtrank:``)::
+
+    P u:<user id>       user row:  little-endian int64 categoricals, then float32 numerics
+    P v:<video id>      video row: same layout
+    P meta              JSON: format, column layout (names per group), model version, counts
+    P model:current     version id the fleet should serve (set by /admin/reload and /admin/rollback)
+    P model:events      pub/sub channel: a version id is published when model:current changes
+
+``materialize`` writes them (pipelined MSET in chunks; the layout comes from the model's feature
+schema). The request path reads the user and every candidate with ONE MGET, with explicit socket
+timeouts, redis-py retries disabled and an ``asyncio.wait_for`` deadline; on timeout or connection
+error every row falls back to defaults (``degraded``). A small circuit breaker skips Redis for a
+moment after repeated failures, so an outage costs no deadline per request; it closes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from model import CanonicalRows, FeatureSchema, load_checkpoint, resolve_checkpoint
+from model.config import DataConfig
+from service.store.base import (
+    ENTITY_GROUPS,
+    ColumnMap,
+    EntityGroup,
+    Fetched,
+    GroupLayout,
+    GroupMap,
+    StoreError,
+    StoreLayout,
+    build_column_map,
+)
+from service.store.tables import load_entity_rows
+
+log = logging.getLogger(__name__)
+
+META_FORMAT = 1
+PIPELINE_CHUNKS = 8  # MSETs per round trip when materializing
+CONTROL_TIMEOUT_S = 2.0  # meta / model pointer / pub-sub: off the request path
+_GROUP_TAG: dict[EntityGroup, str] = {"user": "u", "video": "v"}
+
+
+def entity_key(prefix: str, group: EntityGroup, entity_id: str) -> str:
+    return f"{prefix}{_GROUP_TAG[group]}:{entity_id}"
+
+
+def meta_key(prefix: str) -> str:
+    return f"{prefix}meta"
+
+
+def pointer_key(prefix: str) -> str:
+    return f"{prefix}model:current"
+
+
+def events_channel(prefix: str) -> str:
+    return f"{prefix}model:events"
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --------------------------------------------------------------------------------------------
+# packed rows
+
+
+def row_dtype(layout: GroupLayout) -> np.dtype[Any]:
+    """One packed row: int64 categoricals then float32 numerics, little-endian, no padding."""
+    fields: list[tuple[str, str, tuple[int]]] = []
+    if layout.cats:
+        fields.append(("c", "<i8", (len(layout.cats),)))
+    if layout.nums:
+        fields.append(("n", "<f4", (len(layout.nums),)))
+    dtype = np.dtype(fields)
+    assert dtype.itemsize == layout.row_bytes
+    return dtype
+
+
+def pack_rows(rows: CanonicalRows, layout: GroupLayout) -> list[bytes]:
+    dtype = row_dtype(layout)
+    rec = np.empty(len(rows), dtype=dtype)
+    if layout.cats:
+        rec["c"] = rows.cats
+    if layout.nums:
+        rec["n"] = rows.nums
+    buf, size = rec.tobytes(), dtype.itemsize
+    return [buf[i * size : (i + 1) * size] for i in range(len(rows))]
+
+
+def _fields(rec: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray]:
+    n = rec.shape[0]
+    cats = rec["c"] if layout.cats else np.zeros((n, 0), dtype=np.int64)
+    nums = rec["n"] if layout.nums else np.zeros((n, 0), dtype=np.float32)
+    return cats, nums
+
+
+def unpack_rows(
+    values: Sequence[bytes | None], ids: Sequence[str], layout: GroupLayout, gm: GroupMap
+) -> tuple[CanonicalRows, int]:
+    """MGET values -> model-layout rows; missing or malformed values get defaults. Returns (rows, unknown)."""
+    dtype, size = row_dtype(layout), layout.row_bytes
+    ok = [v is not None and len(v) == size for v in values]
+    n_ok = sum(ok)
+    if n_ok == len(values):  # the common case: one join, one frombuffer
+        rec = np.frombuffer(b"".join(values), dtype=dtype, count=len(values))  # type: ignore[arg-type]
+        return gm.select(*_fields(rec, layout)), 0
+    out = gm.defaults(ids)
+    if n_ok:
+        pos = np.flatnonzero(ok)
+        found = [values[i] for i in pos.tolist()]
+        rec = np.frombuffer(b"".join(found), dtype=dtype, count=n_ok)  # type: ignore[arg-type]
+        sel = gm.select(*_fields(rec, layout))
+        out.cats[pos], out.nums[pos] = sel.cats, sel.nums
+    malformed = sum(1 for v, good in zip(values, ok, strict=True) if v is not None and not good)
+    if malformed:
+        log.warning("%d feature rows with a wrong length (layout changed without a model reload?)", malformed)
+    return out, len(values) - n_ok
+
+
+def parse_meta(raw: bytes | str, where: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise StoreError(f"{where}: unsupported meta format (want format {META_FORMAT})")
+    meta["layout"] = StoreLayout.from_dict(meta.get("layout"))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+# Redis clients are typed Any: redis-py 8 ships its own annotations, while the stale types-redis
+# stubs (if installed) describe redis 4 and shadow them; neither should break type checking here.
+RedisClient = Any
+
+
+def _async_client(url: str, timeout_s: float) -> RedisClient:
+    """redis.asyncio client with explicit socket timeouts and redis-py's retries disabled."""
+    opts: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": AsyncRetry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "health_check_interval": 0,
+    }
+    return aioredis.Redis.from_url(url, **opts)
+
+
+class RedisStore:
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        timeout_s: float = 0.03,
+        breaker_failures: int = 3,
+        breaker_reset_s: float = 1.0,
+    ) -> None:
+        self.url, self.prefix = url, prefix
+        self._timeout = timeout_s
+        self._fast = _async_client(url, timeout_s)  # the request path: the deadline below is the contract
+        self._control = _async_client(url, CONTROL_TIMEOUT_S)  # meta, model pointer, pub/sub
+        self._user_prefix = f"{prefix}{_GROUP_TAG['user']}:"
+        self._video_prefix = f"{prefix}{_GROUP_TAG['video']}:"
+        self._layouts: dict[str, StoreLayout] = {}  # layout_id -> layout, for every mapped model
+        self._meta: dict[str, Any] | None = None
+        self._breaker_failures, self._breaker_reset = breaker_failures, breaker_reset_s
+        self._failures = 0
+        self._open_until = 0.0
+
+    # -- model preparation (off the request path) --------------------------------------------
+    async def read_meta(self) -> dict[str, Any] | None:
+        raw = await asyncio.wait_for(self._control.get(meta_key(self.prefix)), CONTROL_TIMEOUT_S)
+        return None if raw is None else parse_meta(raw, f"Redis key {meta_key(self.prefix)!r}")
+
+    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
+        try:
+            meta = await self.read_meta()
+        except (RedisError, OSError, TimeoutError) as e:
+            if self._meta is None:
+                raise StoreError(
+                    f"cannot read {meta_key(self.prefix)!r} from Redis: {e or type(e).__name__}"
+                ) from e
+            log.warning("Redis unreachable (%s): mapping the model onto the last known layout", e)
+            meta = self._meta
+        if meta is None:
+            raise StoreError(
+                f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize` (prefix {self.prefix!r})"
+            )
+        layout: StoreLayout = meta["layout"]
+        columns = build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
+        self._layouts[columns.layout_id] = layout
+        self._meta = meta
+        return columns
+
+    # -- request path -------------------------------------------------------------------------
+    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
+        if time.monotonic() < self._open_until:
+            return self._degraded(user_id, video_ids, columns, "breaker_open")
+        vp = self._video_prefix
+        keys = [self._user_prefix + user_id, *[vp + v for v in video_ids]]
+        try:
+            values: list[bytes | None] = await asyncio.wait_for(self._fast.mget(keys), self._timeout)
+        except (TimeoutError, RedisTimeoutError):
+            return self._failed(user_id, video_ids, columns, "timeout")
+        except (RedisConnectionError, OSError):
+            return self._failed(user_id, video_ids, columns, "connection")
+        except RedisError as e:
+            log.warning("feature fetch failed: %s", e)
+            return self._failed(user_id, video_ids, columns, "error")
+        self._failures = 0
+        layout = self._layouts[columns.layout_id]
+        user, unknown_user = unpack_rows(values[:1], (user_id,), layout.user, columns.user)
+        videos, unknown_videos = unpack_rows(values[1:], video_ids, layout.video, columns.video)
+        return Fetched(user, videos, unknown_user, unknown_videos)
+
+    def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
+        self._failures += 1
+        if self._failures >= self._breaker_failures:
+            if time.monotonic() >= self._open_until:
+                log.warning(
+                    "Redis feature store failing (%s, %d in a row): default features for %.1fs",
+                    reason,
+                    self._failures,
+                    self._breaker_reset,
+                )
+            self._open_until = time.monotonic() + self._breaker_reset
+        return self._degraded(user_id, video_ids, columns, reason)
+
+    def _degraded(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
+        return Fetched(
+            columns.user.defaults((user_id,)),
+            columns.video.defaults(video_ids),
+            unknown_users=0,  # not known to be unknown: the store did not answer
+            unknown_videos=0,
+            degraded=True,
+            degraded_reason=reason,
+        )
+
+    # -- model pointer ------------------------------------------------------------------------
+    async def read_pointer(self) -> str | None:
+        """``model:current``, or None when unset or Redis is unreachable."""
+        try:
+            raw = await asyncio.wait_for(self._control.get(pointer_key(self.prefix)), CONTROL_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as e:
+            log.debug("cannot read %s: %s", pointer_key(self.prefix), e)
+            return None
+        if raw is None:
+            return None
+        return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()
+
+    async def announce(self, version: str) -> bool:
+        """Set ``model:current`` and publish it; False when Redis is unreachable."""
+        try:
+            async with self._control.pipeline(transaction=False) as pipe:
+                pipe.set(pointer_key(self.prefix), version)
+                pipe.publish(events_channel(self.prefix), version)
+                await asyncio.wait_for(pipe.execute(), CONTROL_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as e:
+            log.warning("cannot announce model %s in Redis: %s", version, e)
+            return False
+        return True
+
+    async def listen(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` whenever a version is published; reconnects by itself (run as a task)."""
+        delay, warned = 0.5, False
+        while True:
+            pubsub = self._control.pubsub()
+            try:
+                await asyncio.wait_for(pubsub.subscribe(events_channel(self.prefix)), CONTROL_TIMEOUT_S)
+                if warned:
+                    log.info("model pub/sub reconnected")
+                delay, warned = 0.5, False
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        wake.set()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as e:
+                if not warned:
+                    log.warning("model pub/sub unavailable (%s): retrying", e or type(e).__name__)
+                    warned = True
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- misc ----------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        meta = dict(self._meta or {})
+        layout = meta.pop("layout", None)
+        return {
+            "kind": self.kind,
+            "url": redact_url(self.url),
+            "prefix": self.prefix,
+            "timeout_ms": self._timeout * 1000,
+            "meta": meta,
+            "columns": layout.to_dict() if isinstance(layout, StoreLayout) else None,
+            "breaker_open": time.monotonic() < self._open_until,
+        }
+
+    async def close(self) -> None:
+        for client in (self._fast, self._control):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# offline: materialize
+
+
+@dataclass
+class MaterializeReport:
+    version: str
+    prefix: str
+    counts: dict[str, int]
+    layout: StoreLayout
+    seconds: float
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in s)
+
+
+def delete_prefix(client: RedisClient, prefix: str, batch: int = 1000) -> int:
+    """Delete every key starting with ``prefix`` (SCAN + UNLINK); returns how many."""
+    n, keys = 0, []
+    for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            n += int(client.unlink(*keys))
+            keys = []
+    if keys:
+        n += int(client.unlink(*keys))
+    return n
+
+
+def materialize(
+    artifacts: str | Path,
+    *,
+    redis_url: str,
+    prefix: str = "mtrank:",
+    version: str | None = None,
+    data_dir: Path | None = None,
+    chunk_size: int = 1000,
+    replace: bool = False,
+) -> MaterializeReport:
+    """Write every user and video row of a model's tables into Redis, then the meta key.
+
+    The column layout is the model's (``schema.columns(group)``). A prefix that already holds a
+    different layout is refused unless ``replace`` (which first deletes the prefix's entity keys).
+    Raises CheckpointError, StoreError or redis errors.
+    """
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
+    layout = StoreLayout.of_schema(ckpt.schema)
+    client: RedisClient = redis.Redis.from_url(redis_url, socket_timeout=60, socket_connect_timeout=5)
+    try:
+        raw = client.get(meta_key(prefix))
+        if raw is not None and not replace:
+            old = parse_meta(raw, f"Redis key {meta_key(prefix)!r}")
+            if old["layout"] != layout:
+                raise StoreError(
+                    f"prefix {prefix!r} holds another column layout (model {old.get('model_version')}); "
+                    "materialize into a new prefix, or pass --replace (services re-read the layout "
+                    "when they load a model)"
+                )
+        if replace:
+            for tag in _GROUP_TAG.values():
+                delete_prefix(client, f"{prefix}{tag}:")
+        counts: dict[str, int] = {}
+        for g in ENTITY_GROUPS:
+            ent = load_entity_rows(ckpt.config.data, g, layout.group(g), data_dir)
+            values = pack_rows(ent.rows, layout.group(g))
+            pipe = client.pipeline(transaction=False)
+            for n, i in enumerate(range(0, len(values), chunk_size), start=1):
+                keys = [entity_key(prefix, g, k) for k in ent.ids[i : i + chunk_size]]
+                pipe.mset(dict(zip(keys, values[i : i + chunk_size], strict=True)))
+                if n % PIPELINE_CHUNKS == 0:
+                    pipe.execute()
+            pipe.execute()
+            counts[g + "s"] = len(values)
+            log.info("materialized %d %ss from %s", len(values), g, ent.source)
+        meta = {
+            "format": META_FORMAT,
+            "layout": layout.to_dict(),
+            "layout_id": layout.layout_id,
+            "model_version": ckpt.version,
+            "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "counts": counts,
+        }
+        client.set(meta_key(prefix), json.dumps(meta))
+    finally:
+        client.close()
+    return MaterializeReport(ckpt.version, prefix, counts, layout, time.perf_counter() - t0)

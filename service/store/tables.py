@@ -1,0 +1,76 @@
+"""Entity tables -> canonical rows keyed by id: used by the embedded store and by ``materialize``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from model import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec
+from model.config import DataConfig
+from model.data import DataError, read_table
+from model.features import canonical_str
+from service.store.base import EntityGroup, GroupLayout, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def entity_id(value: int | str) -> str:
+    """The one string form of an id, used for store keys: str(int) for ints, strings as they are."""
+    return str(value) if isinstance(value, int) else value
+
+
+def table_path(data: DataConfig, group: EntityGroup, data_dir: Path | None = None) -> Path | None:
+    """Where a group's table is: ``data_dir`` (when given) or the checkpoint's data config."""
+    name = data.users if group == "user" else data.videos
+    if name is None:
+        return None
+    if data_dir is not None and not Path(name).is_absolute():
+        return Path(data_dir) / name
+    return data.path(name)
+
+
+@dataclass(frozen=True)
+class EntityRows:
+    """Canonical rows of every entity of a table, in a given layout."""
+
+    ids: list[str]
+    rows: CanonicalRows
+    layout: GroupLayout
+    source: str
+
+
+def load_entity_rows(
+    data: DataConfig, group: EntityGroup, layout: GroupLayout, data_dir: Path | None = None
+) -> EntityRows:
+    """Read a user / video table and canonicalise the layout's columns (StoreError on any problem).
+
+    A config without a table for the group gives zero rows: every entity is then unknown.
+    """
+    path = table_path(data, group, data_dir)
+    if path is None:
+        log.warning("no %s table configured: every %s gets default features", group, group)
+        empty = CanonicalRows(
+            np.zeros((0, len(layout.cats)), dtype=np.int64), np.zeros((0, len(layout.nums)), dtype=np.float32)
+        )
+        return EntityRows([], empty, layout, "none")
+    try:
+        df = read_table(path)
+    except DataError as e:
+        raise StoreError(str(e)) from e
+    if layout.key not in df.columns:
+        raise StoreError(f"{group} table {path} has no key column {layout.key!r}")
+    keys = pd.Series(
+        [canonical_str(v) for v in df[layout.key].to_numpy(dtype=object)], index=df.index, dtype=object
+    )
+    df = df.assign(_key=keys).dropna(subset=["_key"]).drop_duplicates(subset=["_key"], keep="last")
+    specs = [FeatureSpec(c, group, "categorical") for c in layout.cats]
+    specs += [FeatureSpec(c, group, "numeric") for c in layout.nums]
+    try:
+        rows = FeatureSchema(specs).canonicalize_frame(group, df)
+    except FeatureError as e:
+        raise StoreError(f"{path}: {e}") from e
+    return EntityRows([str(k) for k in df["_key"]], rows, layout, str(path))

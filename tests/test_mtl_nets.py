@@ -1,0 +1,347 @@
+"""PLE, task conditioning, the multi-task hooks of every net, soft sharing, and the bias tower."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from modelkit import tiny_config
+
+from model import Ranker
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ConfigError, ModelConfig, TaskConfig, load_config
+from model.data import load_dataset
+from model.features import FeatureSchema, FeatureSpec, stable_hash
+from model.nets import PLE, Conditioned, build_model
+from model.synth import make_youtube_log
+from model.train import fit, param_groups, predict
+from model.weighting import tower_l2_penalty
+
+TASKS = [TaskConfig("engagement", "binary", "long_view"), TaskConfig("satisfaction", "binary", "is_like")]
+ARCHS = ["separate", "shared_bottom", "mmoe", "ple", "conditioned"]
+
+
+def _schema(bias: bool = False) -> FeatureSchema:
+    specs = [
+        FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
+        FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
+        FeatureSpec("dur", "video", "numeric"),
+        FeatureSpec("device", "context", "categorical", vocab=["a", "b"]),
+    ]
+    if bias:
+        specs += [
+            FeatureSpec("position", "bias", "categorical", vocab=[str(i) for i in range(1, 11)]),
+            FeatureSpec("device", "bias", "categorical", vocab=["a", "b"]),
+        ]
+    return FeatureSchema(specs)
+
+
+def _batch(b: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cats = torch.stack(
+        [
+            torch.randint(0, 11, (b,), generator=g),
+            torch.randint(0, 21, (b,), generator=g),
+            torch.randint(0, 3, (b,), generator=g),
+        ],
+        dim=1,
+    )
+    return cats, torch.randn(b, 1, generator=g)
+
+
+def _model_cfg(arch: str, **kw) -> ModelConfig:
+    base = dict(arch=arch, embed_dim=4, bottom_dims=[8, 6], expert_dims=[8], tower_dims=[4], n_experts=3)
+    return ModelConfig(**{**base, **kw})
+
+
+# -- PLE ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_ple_shapes_and_gates_are_distributions(levels):
+    cfg = _model_cfg("ple", ple_levels=levels, n_shared_experts=2, n_task_experts=3)
+    net = build_model(cfg, _schema(), TASKS)
+    assert isinstance(net, PLE) and len(net.levels) == levels
+    cats, nums = _batch(64)
+    out = net(cats, nums)
+    assert set(out) == {"engagement", "satisfaction"}
+    assert all(v.shape == (64,) and torch.isfinite(v).all() for v in out.values())
+    net.eval()
+    g = net.gate_weights(cats, nums)  # (B, T, E_all): 2 tasks x 3 own experts + 2 shared
+    assert g.shape == (64, 2, 8)
+    torch.testing.assert_close(g.sum(-1), torch.ones(64, 2))
+    assert (g[:, 0, 3:6] == 0).all() and (g[:, 1, 0:3] == 0).all()  # a task never sees the other's experts
+    by_level = net.gate_weights_by_level(cats, nums)
+    assert len(by_level) == levels
+    for k, gates in enumerate(by_level):
+        assert set(gates) == ({"engagement", "satisfaction"} | ({"shared"} if k < levels - 1 else set()))
+        for p in gates.values():
+            torch.testing.assert_close(p.sum(-1), torch.ones(64))
+
+
+def test_ple_gate_dropout_never_drops_every_expert():
+    net = build_model(
+        _model_cfg("ple", gate_dropout=0.9, n_task_experts=1, n_shared_experts=2), _schema(), TASKS
+    )
+    assert isinstance(net, PLE)
+    net.train()
+    cats, nums = _batch(256)
+    x = net.embed(cats, nums)
+    probs = net.level_list[0].gate_probs([x, x], x)
+    for p in probs.values():
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.sum(-1), torch.ones(256))
+        assert ((p == 0).sum(-1) >= 1).float().mean() > 0.5
+
+
+def test_expert_utilization_covers_ple_levels():
+    cfg = tiny_config("ple", epochs=1)
+    cfg.train.num_threads = 1
+    res = fit(cfg, load_dataset(cfg))
+    util = res.metrics["expert_utilization"]
+    assert set(util) == {
+        "engagement",
+        "satisfaction",
+        "level1/engagement",
+        "level1/satisfaction",
+        "level1/shared",
+    }
+    n = 2 * cfg.model.n_task_experts + cfg.model.n_shared_experts
+    for row in util.values():
+        assert len(row) == n and sum(row) == pytest.approx(1.0, abs=1e-3)
+
+
+# -- conditioning ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["concat", "add", "film"])
+def test_conditioned_runs_one_trunk_per_task(mode):
+    net = build_model(_model_cfg("conditioned", conditioning=mode, task_embed_dim=5), _schema(), TASKS)
+    assert isinstance(net, Conditioned)
+    net.eval()
+    cats, nums = _batch(16)
+    out = net(cats, nums)
+    assert all(v.shape == (16,) for v in out.values())
+    assert not any(n.startswith("towers") for n, _ in net.named_parameters())  # one shared head
+    if mode == "film":
+        # FiLM starts at the identity: the tasks only differ once gamma / beta are learned
+        torch.testing.assert_close(out["engagement"], out["satisfaction"])
+        with torch.no_grad():
+            for layer in net.film:
+                layer.weight.normal_()
+    out = net(cats, nums)
+    assert not torch.allclose(out["engagement"], out["satisfaction"])
+    # the task embedding is the only task-specific input: changing z_1 changes only task 1
+    with torch.no_grad():
+        net.task_emb[1] += 1.0
+    out2 = net(cats, nums)
+    torch.testing.assert_close(out2["engagement"], out["engagement"])
+    assert not torch.allclose(out2["satisfaction"], out["satisfaction"])
+
+
+def test_conditioned_and_ple_train():
+    for arch in ("conditioned", "ple"):
+        cfg = tiny_config(arch, epochs=2)
+        cfg.train.num_threads = 1
+        res = fit(cfg, load_dataset(cfg))
+        assert res.history[-1]["train/loss"] < res.history[0]["train/loss"], arch
+
+
+# -- hooks every arch implements ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_representation_and_shared_parameters(arch):
+    net = build_model(_model_cfg(arch), _schema(), TASKS)
+    net.eval()
+    cats, nums = _batch(32)
+    out, z = net.forward_with_shared(cats, nums)
+    torch.testing.assert_close(out["engagement"], net(cats, nums)["engagement"])
+    for t in ("engagement", "satisfaction"):  # every output is computed from z
+        (g,) = torch.autograd.grad(out[t].sum(), z, retain_graph=True)
+        assert g.abs().sum() > 0, t
+    shared = net.shared_parameters()
+    assert (len(shared) == 0) == (arch == "separate")
+    for t in ("engagement", "satisfaction") if shared else ():  # every task reaches every shared one
+        grads = torch.autograd.grad(out[t].sum(), shared, retain_graph=True, allow_unused=True)
+        for p, g in zip(shared, grads, strict=True):
+            assert g is not None and g.abs().sum() > 0, (t, p.shape)
+    last = net.last_shared_parameters()
+    assert (len(last) == 0) == (arch == "separate")
+    assert all(any(p is q for q in shared) for p in last)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_param_depths_and_layer_lr_decay(arch):
+    net = build_model(_model_cfg(arch), _schema(), TASKS)
+    depths = net.param_depths()
+    assert set(depths) == {n for n, _ in net.named_parameters()}
+    heads = [n for n in depths if n.startswith(("towers.", "head.", "task_emb"))]
+    assert heads and all(depths[n] == 0 for n in heads)
+    deepest = max(depths.values())
+    assert all(depths[n] == deepest for n in depths if n.startswith("embed."))
+    assert deepest >= 2
+    cfg = tiny_config(arch).train
+    cfg.lr, cfg.lr_scale, cfg.layer_lr_decay = 0.01, 0.5, 0.5
+    groups = param_groups(net, cfg)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in net.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(0.005 * 0.5 ** depths[name]), name
+
+
+# -- soft parameter sharing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe", "ple"])
+def test_tower_l2_is_zero_for_identical_towers(arch):
+    net = build_model(_model_cfg(arch), _schema(), TASKS)
+    towers = net.task_towers()
+    assert set(towers) == {"engagement", "satisfaction"}
+    assert tower_l2_penalty(net).item() > 0  # independently initialised
+    towers["satisfaction"].load_state_dict(copy.deepcopy(towers["engagement"].state_dict()))
+    assert tower_l2_penalty(net).item() == 0.0
+    sat = towers["satisfaction"]
+    with torch.no_grad():
+        (sat[2] if arch == "separate" else sat).out.weight[0, 0] += 0.5
+    assert tower_l2_penalty(net).item() == pytest.approx(0.25)
+
+
+def test_tower_l2_pulls_towers_together():
+    dist = {}
+    for lam in (0.0, 1.0):
+        cfg = tiny_config("shared_bottom", epochs=2)
+        cfg.train.num_threads, cfg.train.tower_l2, cfg.train.lr = 1, lam, 0.01
+        res = fit(cfg, load_dataset(cfg))
+        dist[lam] = tower_l2_penalty(res.model).item()
+    assert dist[1.0] < 0.5 * dist[0.0]
+
+
+# -- position / selection bias -----------------------------------------------------------------------
+
+
+def test_bias_tower_adds_to_bias_tasks_only_and_is_not_served(tmp_path):
+    cfg = tiny_config("mmoe")
+    cfg.model = _model_cfg("mmoe", bias_features=["position", "device"], bias_tasks=["engagement"])
+    schema = _schema(bias=True)
+    assert schema.columns("context") == (["device"], [])  # the bias features are not served
+    assert schema.n_cats == 3 and [f.name for f in schema.bias] == ["position", "device"]
+    net = build_model(cfg.model, schema, cfg.tasks)
+    net.eval()
+    cats, nums = _batch(20)
+    bias = torch.stack([torch.randint(0, 11, (20,)), torch.randint(0, 3, (20,))], 1)
+    plain, biased = net(cats, nums), net(cats, nums, bias)
+    assert net.bias_tower is not None
+    torch.testing.assert_close(biased["engagement"] - plain["engagement"], net.bias_tower(bias)[:, 0])
+    torch.testing.assert_close(biased["satisfaction"], plain["satisfaction"])
+    # checkpoint round trip; the Ranker scores user / video / context rows only, without the tower
+    path = save_checkpoint(tmp_path, net, cfg, schema)
+    ranker = Ranker.load(path)
+    assert ranker.schema.to_dict() == schema.to_dict()
+    heads = ranker.score(
+        schema.canonicalize_records("user", [{"user_id": 3}]),
+        schema.canonicalize_records("video", [{"video_id": i, "dur": 1.0} for i in range(5)]),
+        schema.canonicalize_records("context", [{"device": "a", "position": 1}]),
+    )
+    c, x = ranker.encode(
+        schema.canonicalize_records("user", [{"user_id": 3}]),
+        schema.canonicalize_records("video", [{"video_id": i, "dur": 1.0} for i in range(5)]),
+        schema.canonicalize_records("context", [{"device": "a"}]),
+    )
+    with torch.no_grad():
+        want = torch.sigmoid(net(torch.from_numpy(c), torch.from_numpy(x))["engagement"]).numpy()
+    assert heads["engagement"] == pytest.approx(want, rel=1e-6)
+
+
+def test_bias_feature_dropout_blanks_whole_rows():
+    net = build_model(
+        _model_cfg("mmoe", bias_features=["position", "device"], bias_dropout=0.5), _schema(True), TASKS
+    )
+    tower = net.bias_tower
+    assert tower is not None
+    bias = torch.stack([torch.randint(1, 11, (4000,)), torch.randint(1, 3, (4000,))], 1)
+    tower.eval()
+    unknown = tower(torch.zeros(1, 2, dtype=torch.long))[0, 0]
+    tower.train()
+    torch.manual_seed(0)
+    y = tower(bias)[:, 0]
+    frac = (y == unknown).float().mean().item()
+    assert 0.45 < frac < 0.55
+
+
+def test_bias_config_is_validated():
+    cfg = tiny_config()
+    cfg.model.bias_features = ["position"]
+    cfg.model.bias_tasks = ["watch_time"]
+    with pytest.raises(ConfigError, match="bias_tasks"):
+        cfg.__post_init__()
+
+
+def test_bias_tower_learns_position_bias_on_synthetic_log(tmp_path):
+    """The YouTube-like log's click logit falls with ln(position): the learned bias logit must too."""
+    make_youtube_log(tmp_path, n_users=300, n_videos=200, n_impressions=20000, seed=0)
+    cfg = load_config("configs/synth_youtube_mmoe.toml")
+    cfg.data.data_dir = str(tmp_path)
+    cfg.model.bias_features = ["position", "device"]
+    cfg.model.embed_dim, cfg.model.expert_dims, cfg.model.tower_dims = 8, [16], [8]
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.num_threads = 3, 512, 1
+    ds = load_dataset(cfg)
+    assert ds.train.bias is not None and ds.train.bias.shape == (len(ds.train), 2)
+    assert ds.schema.n_cats == ds.train.cats.shape[1]  # bias features are not model inputs
+    res = fit(cfg, ds)
+    tower = res.model.bias_tower
+    assert tower is not None
+    tower.eval()
+    pos, dev = ds.schema.bias
+    assert pos.vocab == [str(i) for i in range(1, 11)]
+    for device in dev.vocab or []:
+        rows = np.array(
+            [
+                [
+                    pos.encode_codes(np.array([stable_hash(p)]))[0],
+                    dev.encode_codes(np.array([stable_hash(device)]))[0],
+                ]
+                for p in (1, 2, 5, 10)
+            ]
+        )
+        with torch.no_grad():
+            logit = tower(torch.from_numpy(rows))[:, 0].numpy()
+        assert logit[0] > logit[1] > logit[3], (device, logit)
+        assert logit[0] - logit[3] > 0.2, (device, logit)
+    # evaluation scores rows as served (no bias inputs): predictions ignore the logged positions
+    heads = predict(res.model, ds.test, cfg.tasks)
+    assert all(np.isfinite(v).all() for v in heads.values())
+    assert math.isfinite(res.metrics["test/engagement/auc"])
+
+
+def test_bias_checkpoint_round_trip_and_fine_tune_reuses_bias_vocab(tmp_path):
+    make_youtube_log(tmp_path / "d", n_users=100, n_videos=50, n_impressions=3000, seed=1)
+    cfg = load_config("configs/synth_youtube_mmoe.toml")
+    cfg.data.data_dir = str(tmp_path / "d")
+    cfg.model.bias_features = ["position", "device"]
+    cfg.model.embed_dim, cfg.model.expert_dims, cfg.model.tower_dims = 4, [8], [4]
+    cfg.train.epochs, cfg.train.num_threads = 1, 1
+    ds = load_dataset(cfg)
+    res = fit(cfg, ds)
+    path = save_checkpoint(tmp_path / "art", res.model, cfg, ds.schema)
+    ckpt = load_checkpoint(path)
+    assert [f.name for f in ckpt.schema.bias] == ["position", "device"]
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, ckpt.model.state_dict()[k]), k
+    again = load_dataset(cfg, schema=ckpt.schema)
+    assert again.schema.to_dict() == ckpt.schema.to_dict()
+    assert np.array_equal(again.train.bias, ds.train.bias)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_round_trips_through_a_checkpoint(arch, tmp_path):
+    cfg = tiny_config(arch)
+    cfg.model = _model_cfg(arch, conditioning="film", ple_levels=2)
+    net = build_model(cfg.model, _schema(), cfg.tasks)
+    ckpt = load_checkpoint(save_checkpoint(tmp_path, net, cfg, _schema()))
+    net.eval()
+    cats, nums = _batch(8)
+    with torch.no_grad():
+        a, b = net(cats, nums), ckpt.model(cats, nums)
+    for t in a:
+        assert torch.equal(a[t], b[t])

@@ -1,0 +1,233 @@
+"""Task weighting schemes (model.weighting): the maths on hand-made inputs, then real training."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from modelkit import tiny_config
+
+from model.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
+from model.data import load_dataset
+from model.features import FeatureSchema, FeatureSpec
+from model.nets import build_model
+from model.train import fit, task_losses
+from model.weighting import (
+    GradNormWeighting,
+    PCGradWeighting,
+    UncertaintyWeighting,
+    WorstCaseWeighting,
+    min_norm_coefficients,
+    pcgrad_project,
+    uncertainty_objective,
+)
+
+TASKS = [TaskConfig("engagement", "binary", "long_view"), TaskConfig("satisfaction", "binary", "is_like")]
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset(tiny_config())
+
+
+def _cfg(arch: str = "mmoe", epochs: int = 3, **train):
+    cfg = tiny_config(arch, epochs=epochs)
+    cfg.train.num_threads = 1  # 2 shared cores: one thread is much faster than two fighting
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+# -- uncertainty ---------------------------------------------------------------------------------
+
+
+def test_uncertainty_objective_per_kind():
+    losses = torch.tensor([0.5, 2.0])
+    s = torch.tensor([0.3, -0.2])
+    got = uncertainty_objective(losses, s, ["binary", "regression"])
+    want = (math.exp(-0.3) * 0.5 + 0.5 * 0.3) + (0.5 * math.exp(0.2) * 2.0 + 0.5 * -0.2)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # for fixed L the optimal s solves exp(-s) = 2 c L: c = 1 (binary), 1/2 (regression)
+    for kind, c in (("binary", 1.0), ("regression", 0.5)):
+        L = torch.tensor([0.7])
+        s_opt = torch.tensor([math.log(2 * c * 0.7)], requires_grad=True)
+        (g,) = torch.autograd.grad(uncertainty_objective(L, s_opt, [kind]), s_opt)
+        assert abs(g.item()) < 1e-6, kind
+    w = UncertaintyWeighting(
+        [TaskConfig("a", "binary"), TaskConfig("b", "regression", label="x")]
+    )  # effective weights c_i exp(-s_i) at s = 0
+    w.objective(torch.tensor([1.0, 1.0]))
+    assert w.weights() == {"a": pytest.approx(1.0), "b": pytest.approx(0.5)}
+
+
+def test_uncertainty_log_variances_are_learned(ds):
+    res = fit(_cfg(weighting="uncertainty"), ds)
+    last = res.history[-1]
+    # both s_i moved away from their initial 0, and the reported weights are c_i * exp(-s_i)
+    for t in ("engagement", "satisfaction"):
+        s = last[f"log_var/{t}"]
+        assert abs(s) > 1e-3
+        assert res.metrics["task_weights"][t] == pytest.approx(math.exp(-s), rel=0.05)
+        assert "log_vars" not in " ".join(res.model.state_dict())  # not part of the served model
+
+
+# -- MGDA ---------------------------------------------------------------------------------------
+
+
+def _norm2(alpha: torch.Tensor, g: torch.Tensor) -> float:
+    return float((alpha @ g).pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mgda_two_task_closed_form_matches_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    if seed == 4:
+        g[1] = 3.0 * g[0]  # aligned, one longer: the min-norm point is the shorter one (clip)
+    if seed == 5:
+        g[1] = -0.5 * g[0]  # opposed: the min-norm point is the origin
+    alpha = min_norm_coefficients(g)
+    assert alpha.sum().item() == pytest.approx(1.0) and (alpha >= 0).all()
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    norms = torch.stack([((a * g[0] + (1 - a) * g[1]) ** 2).sum() for a in grid])
+    best = grid[int(torch.argmin(norms))]
+    assert alpha[0].item() == pytest.approx(best.item(), abs=1e-4)
+    assert _norm2(alpha, g) <= float(norms.min()) + 1e-12  # no point of the grid is lower
+    # the formula of the paper, clipped to [0, 1]
+    a = float(((g[1] - g[0]) @ g[1]) / ((g[0] - g[1]) ** 2).sum())
+    assert alpha[0].item() == pytest.approx(min(max(a, 0.0), 1.0), abs=1e-12)
+
+
+@pytest.mark.parametrize(("seed", "dim"), [(0, 5), (1, 5), (3, 5), (0, 2), (4, 2)])
+def test_mgda_frank_wolfe_three_tasks_matches_simplex_search(seed, dim):
+    g = torch.randn(3, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    alpha = min_norm_coefficients(g)
+    assert alpha.sum().item() == pytest.approx(1.0) and (alpha >= 0).all()
+    a, b = np.meshgrid(np.linspace(0, 1, 801), np.linspace(0, 1, 801))
+    inside = a + b <= 1
+    grid = np.stack([a[inside], b[inside], 1 - a[inside] - b[inside]], axis=1)  # points of the simplex
+    brute = float(((grid @ g.numpy()) ** 2).sum(axis=1).min())
+    assert _norm2(alpha, g) <= brute + 1e-9
+
+
+# -- PCGrad -------------------------------------------------------------------------------------
+
+
+def test_pcgrad_removes_the_conflicting_component():
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # g1 . g2 = -1 < 0
+    p = pcgrad_project(g)
+    assert p[0] @ g[1] >= -1e-7 and p[1] @ g[0] >= -1e-7
+    torch.testing.assert_close(p[0], torch.tensor([0.5, 0.5]))  # g1 minus its projection on g2
+    torch.testing.assert_close(p[1], torch.tensor([0.0, 1.0]))
+    agree = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # no conflict: untouched
+    torch.testing.assert_close(pcgrad_project(agree), agree)
+
+
+def test_pcgrad_writes_projected_sum_on_shared_and_plain_grads_elsewhere():
+    schema = FeatureSchema(
+        [
+            FeatureSpec("u", "user", "categorical", vocab=[str(i) for i in range(5)]),
+            FeatureSpec("x", "video", "numeric"),
+        ]
+    )
+    net = build_model(
+        ModelConfig("shared_bottom", embed_dim=3, bottom_dims=[6], tower_dims=[4]), schema, TASKS
+    )
+    net.eval()
+    gen = torch.Generator().manual_seed(0)
+    cats, nums = torch.randint(0, 6, (64, 1), generator=gen), torch.randn(64, 1, generator=gen)
+    labels = torch.stack(
+        [torch.rand(64, generator=gen) < 0.3, torch.rand(64, generator=gen) < 0.8], 1
+    ).float()
+    out, z = net.forward_with_shared(cats, nums)
+    losses = task_losses(out, labels, TASKS)
+    shared = net.shared_parameters()
+    per_task = [torch.autograd.grad(losses[t.name], shared, retain_graph=True) for t in TASKS]
+    flat = torch.stack([torch.cat([g.flatten() for g in gs]) for gs in per_task])
+    want = pcgrad_project(flat).sum(0)
+    PCGradWeighting(TASKS).backward(losses, z, net)
+    got = torch.cat([p.grad.flatten() for p in shared])
+    torch.testing.assert_close(got, want)
+    # a tower parameter only sees its own task
+    eng_out = net.towers["engagement"].out.weight
+    (want_tower,) = torch.autograd.grad(task_losses(net(cats, nums), labels, TASKS)["engagement"], eng_out)
+    torch.testing.assert_close(eng_out.grad, want_tower)
+
+
+# -- GradNorm / worst case ------------------------------------------------------------------------
+
+
+def test_gradnorm_weights_stay_positive_and_sum_to_t(ds):
+    seen = []
+
+    def progress(kind, info):
+        if kind == "step":
+            seen.append(info["weights"])
+
+    res = fit(_cfg(weighting="gradnorm", gradnorm_lr=0.05), ds, progress)
+    assert seen
+    for w in seen:
+        assert all(v > 0 for v in w.values())
+        assert sum(w.values()) == pytest.approx(2.0, abs=1e-5)
+    assert abs(seen[-1]["engagement"] - 1.0) > 0.05  # the weights really adapt
+    assert sum(res.metrics["task_weights"].values()) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_gradnorm_moves_weight_towards_the_task_with_smaller_gradients():
+    w = GradNormWeighting(TASKS, alpha=0.0, lr=0.1)
+    w.initial = torch.ones(2)
+    # a "model" whose last shared parameter gets gradient 10x larger from engagement than satisfaction
+    theta = torch.nn.Parameter(torch.ones(3))
+
+    class Toy(torch.nn.Module):
+        def last_shared_parameters(self):
+            return [theta]
+
+    for _ in range(30):
+        losses = {"engagement": (10 * theta).sum(), "satisfaction": theta.sum()}
+        w.backward(losses, theta, Toy())
+        w.after_step()
+    assert w.weights()["satisfaction"] > 1.5 > w.weights()["engagement"] > 0
+    assert sum(w.weights().values()) == pytest.approx(2.0)
+
+
+def test_worst_case_objective_hard_and_smooth():
+    hard = WorstCaseWeighting(TASKS, temperature=0.0)
+    hard.objective(torch.tensor([0.5, 2.0]))  # the first call fixes L_i(0)
+    assert hard.objective(torch.tensor([0.25, 1.5])).item() == pytest.approx(0.75)  # max(0.5, 0.75)
+    assert hard.weights() == {"engagement": 0.0, "satisfaction": pytest.approx(0.5)}  # 1 / L(0)
+    soft = WorstCaseWeighting(TASKS, temperature=0.1)
+    soft.objective(torch.tensor([0.5, 2.0]))
+    val = soft.objective(torch.tensor([0.25, 1.5])).item()
+    assert 0.75 <= val <= 0.75 + 0.1 * math.log(2)
+    w = soft.weights()
+    assert w["satisfaction"] * 2.0 > w["engagement"] * 0.5  # the worse task dominates
+
+
+# -- every scheme trains -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"])
+def test_every_weighting_reduces_the_task_losses(ds, weighting):
+    res = fit(_cfg(weighting=weighting), ds)
+    first, last = res.history[0], res.history[-1]
+    before = first["train/engagement/loss"] + first["train/satisfaction/loss"]
+    after = last["train/engagement/loss"] + last["train/satisfaction/loss"]
+    assert after < before
+    assert all(math.isfinite(v) for v in last.values())
+    assert {f"weight/{t}" for t in ("engagement", "satisfaction")} <= set(last)
+    assert res.metrics["weighting"] == weighting
+    assert math.isfinite(res.metrics["test/engagement/auc"])
+
+
+def test_mgda_weights_are_a_convex_combination(ds):
+    res = fit(_cfg(weighting="mgda", epochs=1), ds)
+    w = res.metrics["task_weights"]
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-5) and min(w.values()) >= 0
+
+
+def test_unknown_weighting_is_a_config_error():
+    cfg = tiny_config()
+    cfg.train = TrainConfig(weighting="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="weighting"):
+        cfg.__post_init__()

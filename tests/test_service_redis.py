@@ -1,0 +1,256 @@
+"""The Redis feature store against a real Redis: materialize, parity with the embedded store, pointers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from model import load_checkpoint, read_latest, resolve_checkpoint, write_latest
+from model.config import Config, FeatureDecl
+from service.app import create_app
+from service.cli import app as cli
+from service.settings import Settings
+from service.store.base import StoreLayout
+from service.store.redis_store import row_dtype
+from service.store.tables import load_entity_rows
+
+pytestmark = pytest.mark.redis
+
+REQUEST: dict[str, Any] = {
+    "user_id": 3,
+    "candidates": [
+        *range(10, 70),
+        99_999_999,  # unknown video
+        "unknown-video",
+        {"video_id": 71, "features": {"video_duration": 5000, "tag": 7}},
+    ],
+    "context": {"tab": 2, "hour": 9},
+}
+
+
+def materialize(artifacts: Path, url: str, prefix: str, *extra: str) -> Any:
+    args = ["materialize", "--artifacts", str(artifacts), "--redis-url", url, "--prefix", prefix, *extra]
+    return CliRunner().invoke(cli, args)
+
+
+def redis_settings(artifacts: Path, url: str, prefix: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "artifacts": artifacts,
+        "feature_store": "redis",
+        "redis_url": url,
+        "redis_prefix": prefix,
+        "redis_timeout_ms": 500.0,  # a loaded CI box must not turn parity tests into degraded ones
+        "reload_interval_s": 30.0,
+        "warmup_batch": 16,
+        "admin_token": None,
+    }
+    return Settings(**{**base, **overrides})
+
+
+@pytest.fixture
+def materialized(trained_artifacts: Path, redis_url: str, redis_prefix: str) -> str:
+    result = materialize(trained_artifacts, redis_url, redis_prefix)
+    assert result.exit_code == 0, result.output
+    return redis_prefix
+
+
+def test_materialize_writes_one_packed_key_per_entity(
+    trained_artifacts: Path, redis_url: str, materialized: str
+) -> None:
+    prefix = materialized
+    ckpt = load_checkpoint(resolve_checkpoint(trained_artifacts))
+    layout = StoreLayout.of_schema(ckpt.schema)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        meta = json.loads(r.get(prefix + "meta") or b"{}")
+        assert meta["format"] == 1 and meta["model_version"] == ckpt.version
+        assert StoreLayout.from_dict(meta["layout"]) == layout
+        assert meta["layout"]["user"]["cats"] == ckpt.schema.columns("user")[0]  # the model's columns
+        users = load_entity_rows(ckpt.config.data, "user", layout.user)
+        videos = load_entity_rows(ckpt.config.data, "video", layout.video)
+        assert meta["counts"] == {"users": len(users.ids), "videos": len(videos.ids)}
+        n_keys = sum(1 for _ in r.scan_iter(match=prefix + "*", count=5000))
+        assert n_keys == len(users.ids) + len(videos.ids) + 1  # one key per entity + meta
+        assert r.type(f"{prefix}u:{users.ids[0]}") == b"string"  # packed value, not a hash of fields
+        # a value is the canonical row: int64 categoricals then float32 numerics, little-endian
+        for ent, tag, gl in ((users, "u", layout.user), (videos, "v", layout.video)):
+            for i in (0, len(ent.ids) // 2, len(ent.ids) - 1):
+                raw = r.get(f"{prefix}{tag}:{ent.ids[i]}")
+                assert raw is not None and len(raw) == 8 * len(gl.cats) + 4 * len(gl.nums)
+                rec = np.frombuffer(raw, dtype=row_dtype(gl))
+                assert (rec["c"][0] == ent.rows.cats[i]).all()
+                np.testing.assert_array_equal(rec["n"][0], ent.rows.nums[i])
+    finally:
+        r.close()
+
+
+def test_embedded_and_redis_stores_score_identically(
+    trained_artifacts: Path, redis_url: str, materialized: str
+) -> None:
+    embedded = Settings(
+        artifacts=trained_artifacts,
+        feature_store="embedded",
+        warmup_batch=16,
+        reload_interval_s=30,
+        admin_token=None,
+    )
+    with (
+        TestClient(create_app(embedded)) as a,
+        TestClient(create_app(redis_settings(trained_artifacts, redis_url, materialized))) as b,
+    ):
+        ra, rb = a.post("/rank", json=REQUEST), b.post("/rank", json=REQUEST)
+        assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
+        ja, jb = ra.json(), rb.json()
+        assert ja["degraded"] is jb["degraded"] is False
+        assert [i["video_id"] for i in ja["items"]] == [i["video_id"] for i in jb["items"]]
+        for x, y in zip(ja["items"], jb["items"], strict=True):
+            assert x["score"] == pytest.approx(y["score"], rel=1e-12, abs=0)
+            assert x["heads"] == pytest.approx(y["heads"], rel=1e-12, abs=0)
+        # unknown entities are counted the same way by both stores
+        for c in (a, b):
+            text = c.get("/metrics").text
+            assert "mtrank_unknown_videos_total 2.0" in text
+        info = b.get("/model").json()["feature_store"]
+        assert info["kind"] == "redis" and info["prefix"] == materialized
+        assert info["meta"]["model_version"] == read_latest(trained_artifacts)
+
+
+def test_redis_store_needs_materialized_features(
+    trained_artifacts: Path, redis_url: str, redis_prefix: str
+) -> None:
+    s = redis_settings(trained_artifacts, redis_url, redis_prefix)
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert "run `mtrank materialize`" in r.json()["error"]["message"]
+
+
+def test_materialize_refuses_another_layout_unless_replace(
+    trained_artifacts: Path, redis_url: str, materialized: str
+) -> None:
+    r = redis.Redis.from_url(redis_url)
+    meta = json.loads(r.get(materialized + "meta") or b"{}")
+    meta["layout"]["video"]["nums"] = ["something_else"]
+    r.set(materialized + "meta", json.dumps(meta))
+    r.close()
+    result = materialize(trained_artifacts, redis_url, materialized)
+    assert result.exit_code == 2 and "another column layout" in result.output
+    result = materialize(trained_artifacts, redis_url, materialized, "--replace")
+    assert result.exit_code == 0, result.output
+
+
+def test_materialize_reports_errors_clearly(
+    tmp_path: Path, trained_artifacts: Path, redis_prefix: str
+) -> None:
+    result = materialize(tmp_path, "redis://127.0.0.1:6379/15", redis_prefix)
+    assert result.exit_code == 2 and "LATEST" in result.output
+    result = materialize(trained_artifacts, "redis://127.0.0.1:1/0", redis_prefix)
+    assert result.exit_code == 2 and "error" in result.output.lower()
+
+
+def _with_extra_video_feature(cfg: Config) -> None:
+    cfg.data.features.append(FeatureDecl(name="visible_status", group="video", kind="numeric"))
+
+
+def test_model_needing_a_column_redis_lacks_is_rejected(
+    artifacts_copy: Path, redis_url: str, redis_prefix: str, train_tiny: Any
+) -> None:
+    assert materialize(artifacts_copy, redis_url, redis_prefix).exit_code == 0
+    old = read_latest(artifacts_copy)
+    s = redis_settings(artifacts_copy, redis_url, redis_prefix, reload_interval_s=0.1)
+    with TestClient(create_app(s)) as c:
+        new = train_tiny(artifacts_copy, seed=3, configure=_with_extra_video_feature)
+        deadline = time.monotonic() + 20
+        while (err := c.get("/model").json()["last_reload_error"]) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert err["version"] == new
+        assert "lacks feature columns the model needs: video.visible_status (numeric)" in err["error"]
+        out = c.post("/rank", json=REQUEST)
+        assert out.status_code == 200 and out.json()["model_version"] == old
+
+
+def test_embedded_store_grows_for_a_model_with_a_new_column(artifacts_copy: Path, train_tiny: Any) -> None:
+    s = Settings(
+        artifacts=artifacts_copy,
+        feature_store="embedded",
+        warmup_batch=16,
+        reload_interval_s=0.1,
+        admin_token=None,
+    )
+    with TestClient(create_app(s)) as c:
+        old = c.get("/model").json()["version"]
+        new = train_tiny(artifacts_copy, seed=4, configure=_with_extra_video_feature)
+        deadline = time.monotonic() + 20
+        while c.get("/model").json()["version"] != new:
+            assert time.monotonic() < deadline, c.get("/model").json()["last_reload_error"]
+            time.sleep(0.05)
+        assert new != old
+        assert c.post("/rank", json=REQUEST).json()["model_version"] == new
+        cols = c.get("/model").json()["feature_store"]["tables"]["video"]["columns"]["nums"]
+        assert cols[-1] == "visible_status"
+
+
+@pytest.fixture
+def two_versions(artifacts_copy: Path, train_tiny: Any) -> Iterator[tuple[Path, str, str]]:
+    v0 = read_latest(artifacts_copy)
+    v1 = train_tiny(artifacts_copy, seed=1)
+    yield artifacts_copy, v0, v1
+
+
+def test_replicas_follow_model_current_via_pubsub(
+    two_versions: tuple[Path, str, str], tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    artifacts, v0, v1 = two_versions
+    assert materialize(artifacts, redis_url, redis_prefix).exit_code == 0
+    other = tmp_path / "replica-artifacts"  # the replica's LATEST never changes: only the pointer can move it
+    shutil.copytree(artifacts, other)
+    leader = redis_settings(artifacts, redis_url, redis_prefix, admin_token="s3cret")
+    # a long poll interval: only the pub/sub message can make the replica look again in time
+    follower = redis_settings(other, redis_url, redis_prefix, reload_interval_s=60.0)
+    auth = {"Authorization": "Bearer s3cret"}
+    with TestClient(create_app(leader)) as a, TestClient(create_app(follower)) as b:
+        assert a.get("/model").json()["version"] == b.get("/model").json()["version"] == v1
+        channel = redis_prefix + "model:events"
+        probe = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 10
+        while dict(probe.pubsub_numsub(channel)).get(channel.encode(), 0) < 2:  # both apps listen
+            assert time.monotonic() < deadline, "the apps did not subscribe to the model channel"
+            time.sleep(0.05)
+        probe.close()
+        r = a.post("/admin/rollback", json={"version": v0}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "version": v0,
+            "previous": v1,
+            "changed": True,
+            "latest_updated": True,
+            "announced": True,
+        }
+        assert read_latest(artifacts) == v0 and read_latest(other) == v1
+        deadline = time.monotonic() + 10
+        while b.get("/model").json()["version"] != v0:
+            assert time.monotonic() < deadline, "the replica did not follow model:current"
+            time.sleep(0.05)
+        assert b.get("/model").json()["source"] == "redis"
+        # and forward again with /admin/reload (LATEST -> v1)
+        write_latest(artifacts, v1)
+        r = a.post("/admin/reload", headers=auth)
+        assert r.status_code == 200 and r.json()["version"] == v1 and r.json()["announced"] is True
+        deadline = time.monotonic() + 10
+        while b.get("/model").json()["version"] != v1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    client = redis.Redis.from_url(redis_url)
+    assert client.get(redis_prefix + "model:current") == v1.encode()
+    client.close()
