@@ -151,16 +151,14 @@ def _fmt(x: Any) -> str:
 
 
 def compare_table(data: Any) -> str:
-    """scripts/compare_mtl.py results: ``{"rows": [{"arch", "weighting", metric: [per seed]...}]}``."""
-    rows = data.get("rows", []) if isinstance(data, dict) else []
-    out = []
-    keys: list[str] = []
-    for r in rows:
-        keys = keys or [k for k in r if k not in ("arch", "weighting") and isinstance(r[k], list)]
-        out.append(
-            [r.get("arch"), r.get("weighting")]
-            + [f"{np.mean(r[k]):.4f} ± {np.std(r[k]):.4f}" if r.get(k) else "-" for k in keys]
-        )
+    """scripts/compare_mtl.py results: ``summary`` rows of arch, weighting, ``<head>_auc`` mean/std/n."""
+    rows = data.get("summary", []) if isinstance(data, dict) else []
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and "mean" in v})
+    out = [
+        [r.get("arch"), r.get("weighting")]
+        + [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f} (n={r[k]['n']})" if k in r else "-" for k in keys]
+        for r in rows
+    ]
     return _table(out, ["arch", "weighting", *keys]) if out else ""
 
 

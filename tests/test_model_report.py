@@ -17,6 +17,19 @@ def test_report_writes_html_and_figures(tmp_path):
             }
         )
     )
+    (tmp_path / "reports" / "compare_mtl.json").write_text(
+        json.dumps(
+            {
+                "summary": [
+                    {
+                        "arch": "ple",
+                        "weighting": "uncertainty",
+                        "engagement_auc": {"mean": 0.7, "std": 0.01, "n": 3},
+                    }
+                ]
+            }
+        )
+    )
     page = write_report(tmp_path)
     text = page.read_text()
     v = res.checkpoint.name
@@ -24,3 +37,4 @@ def test_report_writes_html_and_figures(tmp_path):
         assert f'src="{png}"' in text
         assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert v in text and "mmoe" in text
+    assert "<td>ple</td><td>uncertainty</td><td>0.7000 ± 0.0100 (n=3)</td>" in text
