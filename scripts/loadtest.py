@@ -11,7 +11,6 @@ verdict (non-zero on any failed request or a p99 above the SLO).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -21,7 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.serverctl import MTRANK, cpu_seconds, ensure_model, rss_mb, start_server, stop_server  # noqa: E402
+from scripts.serverctl import (  # noqa: E402
+    MTRANK,
+    aggregated_stats,
+    cpu_seconds,
+    ensure_model,
+    rss_mb,
+    run_locust,
+    start_server,
+    stop_server,
+)
 
 
 def main() -> int:
@@ -54,37 +62,15 @@ def main() -> int:
     proc, url = start_server(a.artifacts, env)
     try:
         cpu0, t0, rss0 = cpu_seconds(proc.pid), time.perf_counter(), rss_mb(proc.pid)
-        locust = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("locust")),
-                "-f",
-                str(ROOT / "loadtest" / "locustfile.py"),
-                "--headless",
-                "-u",
-                str(a.users),
-                "-r",
-                str(a.users),
-                "-t",
-                f"{a.duration}s",
-                "--stop-timeout",
-                "5",
-                "--host",
-                url,
-                "--csv",
-                str(a.out / "run"),
-                "--html",
-                str(a.out / "report.html"),
-                "--slo-p99-ms",
-                str(a.slo_p99_ms),
-                "--only-summary",
-            ],
-            env={
-                **os.environ,
-                "MTRANK_LOADTEST_CANDIDATES": str(a.candidates),
-                "MTRANK_LOADTEST_USER_RPS": str(a.rps / a.users),
-            },
-            timeout=a.duration + 120,
-            check=False,
+        verdict = run_locust(
+            url,
+            a.out / "run",
+            duration=a.duration,
+            users=a.users,
+            rps=a.rps,
+            candidates=a.candidates,
+            slo_p99_ms=a.slo_p99_ms,
+            html=a.out / "report.html",
         )
         wall = time.perf_counter() - t0
         cpu = (cpu_seconds(proc.pid) - cpu0) / wall
@@ -92,16 +78,15 @@ def main() -> int:
     finally:
         stop_server(proc)
 
-    with (a.out / "run_stats.csv").open() as f:
-        total = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    total = aggregated_stats(a.out / "run")
     print(
         f"\n/rank at {float(total['Requests/s']):.1f} req/s, {a.candidates} candidates, {a.duration} s: "
         f"{total['Request Count']} requests, {total['Failure Count']} failures, "
         f"p50 {total['50%']} ms, p95 {total['95%']} ms, p99 {total['99%']} ms, max {float(total['Max Response Time']):.0f} ms; "
         f"server CPU {cpu * 100:.0f}% of one core, RSS {rss0:.0f} -> {rss1:.0f} MB"
     )
-    print(f"reports: {a.out}/run_stats.csv, {a.out}/report.html; verdict exit code {locust.returncode}")
-    return locust.returncode
+    print(f"reports: {a.out}/run_stats.csv, {a.out}/report.html; verdict exit code {verdict}")
+    return verdict
 
 
 if __name__ == "__main__":

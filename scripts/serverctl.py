@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -73,3 +74,37 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def run_locust(
+    url: str,
+    csv_prefix: Path,
+    *,
+    duration: int,
+    users: int,
+    rps: float,
+    candidates: int,
+    slo_p99_ms: float,
+    html: Path | None = None,
+) -> int:
+    """A headless, time-bounded locust run of loadtest/locustfile.py; returns its verdict exit code."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        str(Path(sys.executable).with_name("locust")),
+        *("-f", str(root / "loadtest" / "locustfile.py"), "--headless", "--only-summary"),
+        *("-u", str(users), "-r", str(users), "-t", f"{duration}s", "--stop-timeout", "5"),
+        *("--host", url, "--csv", str(csv_prefix), "--slo-p99-ms", str(slo_p99_ms)),
+        *(("--html", str(html)) if html else ()),
+    ]
+    env = {
+        **os.environ,
+        "MTRANK_LOADTEST_CANDIDATES": str(candidates),
+        "MTRANK_LOADTEST_USER_RPS": str(rps / users),
+    }
+    return subprocess.run(cmd, env=env, timeout=duration + 120, check=False).returncode
+
+
+def aggregated_stats(csv_prefix: Path) -> dict[str, str]:
+    """The "Aggregated" row of locust's <prefix>_stats.csv."""
+    with csv_prefix.with_name(csv_prefix.name + "_stats.csv").open() as f:
+        return next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")

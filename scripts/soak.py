@@ -10,10 +10,7 @@ more than --max-growth (default 10%) between the end of the warm-up and the end 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.serverctl import ensure_model, rss_mb, start_server, stop_server  # noqa: E402
+from scripts.serverctl import (  # noqa: E402
+    aggregated_stats,
+    ensure_model,
+    rss_mb,
+    run_locust,
+    start_server,
+    stop_server,
+)
 
 
 def main() -> int:
@@ -53,35 +57,14 @@ def main() -> int:
     sampler = threading.Thread(target=sample, daemon=True)
     try:
         sampler.start()
-        locust = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("locust")),
-                "-f",
-                str(ROOT / "loadtest" / "locustfile.py"),
-                "--headless",
-                "-u",
-                str(a.users),
-                "-r",
-                str(a.users),
-                "-t",
-                f"{a.duration}s",
-                "--stop-timeout",
-                "5",
-                "--host",
-                url,
-                "--only-summary",
-                "--csv",
-                str(a.out / "soak"),
-                "--slo-p99-ms",
-                str(a.slo_p99_ms),
-            ],
-            env={
-                **os.environ,
-                "MTRANK_LOADTEST_CANDIDATES": str(a.candidates),
-                "MTRANK_LOADTEST_USER_RPS": str(a.rps / a.users),
-            },
-            timeout=a.duration + 120,
-            check=False,
+        verdict = run_locust(
+            url,
+            a.out / "soak",
+            duration=a.duration,
+            users=a.users,
+            rps=a.rps,
+            candidates=a.candidates,
+            slo_p99_ms=a.slo_p99_ms,
         )
     finally:
         stop.set()
@@ -90,8 +73,7 @@ def main() -> int:
 
     base = [r for t, r in samples if t >= a.warmup]
     growth = (base[-1] - base[0]) / base[0] if len(base) >= 2 else float("nan")
-    with (a.out / "soak_stats.csv").open() as f:
-        total = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    total = aggregated_stats(a.out / "soak")
     (a.out / "rss.json").write_text(json.dumps(samples))
     ok_mem = growth <= a.max_growth
     print(
@@ -102,7 +84,7 @@ def main() -> int:
     )
     if not ok_mem:
         print("FAIL: memory grew more than the limit")
-    return 1 if locust.returncode != 0 or not ok_mem else 0
+    return 1 if verdict != 0 or not ok_mem else 0
 
 
 if __name__ == "__main__":
