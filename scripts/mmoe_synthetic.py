@@ -54,9 +54,11 @@ def run(
                     t0 = time.perf_counter()
                     res = fit(cfg, load_dataset(cfg))
                     loss = float(res.metrics["test/loss"]) / 2  # mean of the two heads' MSE
+                    tr = float(res.history[-1]["train/loss"]) / 2
                     results.setdefault(f"{p}", {}).setdefault(name, []).append(loss)
+                    train_mse.setdefault(f"{p}", {}).setdefault(name, []).append(tr)
                     print(
-                        f"p={p} seed={seed} {name:14s} test MSE {loss:.4f} "
+                        f"p={p} seed={seed} {name:14s} train MSE {tr:.4f} test MSE {loss:.4f} "
                         f"({res.best_epoch} epochs, {time.perf_counter() - t0:.0f}s)",
                         flush=True,
                     )
