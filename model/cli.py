@@ -67,8 +67,7 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Fit a model from a config and write a versioned checkpoint (and move LATEST to it)."""
-    from model.checkpoint import save_checkpoint
-    from model.train import fit, load_init_checkpoint
+    from model.train import fit, load_init_checkpoint, save_result
 
     try:
         cfg = load_config(config)
@@ -110,16 +109,7 @@ def train_cmd(
             result = fit(cfg, ds, progress, init_from=source)
         except ConfigError as e:  # e.g. train.freeze naming no module of the network
             raise _fail(str(e)) from None
-    path = save_checkpoint(
-        artifacts,
-        result.model,
-        cfg,
-        ds.schema,
-        metrics=result.metrics,
-        data_fingerprint=ds.fingerprint,
-        extra={"history": result.history},
-        set_latest=not no_latest,
-    )
+    path = save_result(artifacts, result, cfg, ds, set_latest=not no_latest)
     console.print(
         _metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics")
     )

@@ -16,13 +16,19 @@ Fine-tuning (``init_from``, ``mtrank train --init-from``): the network starts fr
 weights (every tensor whose name and shape match; the data is encoded with the checkpoint's own
 feature schema, so embedding rows keep their meaning), optionally with ``train.reset_heads``,
 ``train.freeze`` (modules by name), ``train.lr_scale`` and ``train.layer_lr_decay``.
+
+``python -m model.train --config X --artifacts A`` trains in one process (like ``mtrank train``);
+under ``torchrun --nproc_per_node=N -m model.train ...`` with DistributedDataParallel
+(``model.distributed``).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -35,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from model.config import Config, ConfigError, TaskConfig, TrainConfig
-from model.data import Dataset, Split, load_dataset
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
+from model.data import DataError, Dataset, Split, load_dataset
+from model.features import FeatureError
 from model.metrics import evaluate_predictions, higher_is_better
 from model.nets import PLE, MMoE, MultiTaskNet, build_model
 from model.scoring import combine_scores, head_outputs
@@ -365,14 +372,73 @@ def train(
     log.info("data loaded in %.1fs", time.perf_counter() - t0)
     result = fit(cfg, ds, progress, init_from=source)
     if artifacts is not None:
-        result.checkpoint = save_checkpoint(
-            artifacts,
-            result.model,
-            cfg,
-            ds.schema,
-            metrics=result.metrics,
-            data_fingerprint=ds.fingerprint,
-            extra={"history": result.history},
-        )
-        log.info("wrote %s", result.checkpoint)
+        save_result(artifacts, result, cfg, ds)
     return result
+
+
+def save_result(
+    artifacts: str | Path, result: TrainResult, cfg: Config, ds: Dataset, *, set_latest: bool = True
+) -> Path:
+    """Write a trained result as a checkpoint (with metrics, data fingerprint, history)."""
+    result.checkpoint = save_checkpoint(
+        artifacts,
+        result.model,
+        cfg,
+        ds.schema,
+        metrics=result.metrics,
+        data_fingerprint=ds.fingerprint,
+        extra={"history": result.history},
+        set_latest=set_latest,
+    )
+    log.info("wrote %s", result.checkpoint)
+    return result.checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m model.train``: one process, or one rank of ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m model.train",
+        description="Train a config and write a checkpoint; under torchrun (WORLD_SIZE > 1) with DDP.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="TOML config file")
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path(os.environ.get("MTRANK_ARTIFACTS") or "artifacts"),
+        help="artifacts dir (default $MTRANK_ARTIFACTS or artifacts)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--seed", type=int, default=None, help="override train.seed")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config)
+        if args.epochs is not None:
+            cfg.train.epochs = args.epochs
+        if args.seed is not None:
+            cfg.train.seed = args.seed
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from model.distributed import train_distributed
+
+            result = train_distributed(cfg, args.artifacts)
+        else:
+            result = train(cfg, args.artifacts)
+    except (ConfigError, DataError, FeatureError, CheckpointError) as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    if rank == 0:
+        log.info(
+            "done: best epoch %d, test/engagement/auc %s, %.0f train samples/s, checkpoint %s",
+            result.best_epoch,
+            result.metrics.get("test/engagement/auc"),
+            result.samples_per_sec,
+            result.checkpoint,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -116,7 +116,9 @@ class StaticWeighting(TaskWeighting):
 
 def uncertainty_objective(losses: Tensor, log_vars: Tensor, kinds: Sequence[str]) -> Tensor:
     """Kendall et al.: sum_i c_i exp(-s_i) L_i + 0.5 s_i, c_i = 0.5 (regression) or 1 (binary)."""
-    c = torch.tensor([0.5 if k == "regression" else 1.0 for k in kinds], dtype=losses.dtype)
+    c = torch.tensor(
+        [0.5 if k == "regression" else 1.0 for k in kinds], dtype=losses.dtype, device=losses.device
+    )
     return (c * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
 
 
@@ -127,7 +129,7 @@ class UncertaintyWeighting(TaskWeighting):
         self.kinds = [t.kind for t in self.tasks]
 
     def objective(self, losses: Tensor) -> Tensor:
-        c = torch.tensor([0.5 if k == "regression" else 1.0 for k in self.kinds])
+        c = torch.tensor([0.5 if k == "regression" else 1.0 for k in self.kinds], device=self.log_vars.device)
         self.last_weights = (c * torch.exp(-self.log_vars)).detach()
         return uncertainty_objective(losses, self.log_vars, self.kinds)
 
