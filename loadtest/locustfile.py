@@ -14,8 +14,9 @@ Environment:
     MTRANK_LOADTEST_ZIPF_S      Zipf exponent of video popularity (default 1.0)
     MTRANK_LOADTEST_SEED        seed of the popularity order and of per-user request streams (default 0)
     MTRANK_SLO_P99_MS           p99 latency SLO in ms (default 100; also --slo-p99-ms)
-    MTRANK_LOADTEST_USER_RPS    requests/s each simulated user sends (constant throughput); unset:
-                                a short random pause (10-100 ms) between requests
+    MTRANK_LOADTEST_USER_RPS    requests/s each simulated user sends, as Poisson arrivals (open-loop
+                                pacing: exponential gaps between scheduled starts, so users do not
+                                fire in lock-step bursts); unset: a random 10-100 ms pause after each
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from locust import FastHttpUser, between, constant_throughput, events, task
+from locust import FastHttpUser, between, events, task
 from locust.runners import WorkerRunner
 
 # The helpers live beside this file (locust itself puts this directory on sys.path while importing the
@@ -109,13 +111,26 @@ def _check_slo(environment: Any, **_kwargs: Any) -> None:
 
 class RankUser(FastHttpUser):
     # total rate = users x MTRANK_LOADTEST_USER_RPS, e.g. 10 users x 5/s = 50 requests/s
-    wait_time = constant_throughput(USER_RPS) if USER_RPS > 0 else between(0.01, 0.1)
+    _pause = between(0.01, 0.1)
+
+    def wait_time(self) -> float:
+        """Poisson pacing: the next request starts an Exp(1/rate) gap after the previous *start*.
+
+        (A fixed-interval pacing started at the same instant keeps all users in phase: the server
+        then sees bursts of `users` simultaneous requests instead of a steady stream.)
+        """
+        if USER_RPS <= 0:
+            return float(self._pause())
+        now = time.monotonic()
+        self._next_start = max(self._next_start, now - 1.0) + float(self.rng.exponential(1.0 / USER_RPS))
+        return max(0.0, self._next_start - now)
 
     def on_start(self) -> None:
         # One independent, reproducible request stream per simulated user (and per worker process when
         # running distributed, so workers do not replay each other's requests).
         worker = getattr(self.environment.runner, "worker_index", 0)
         self.rng = np.random.default_rng([SEED, worker, next(_user_seq)])
+        self._next_start = time.monotonic()
 
     @task
     def rank(self) -> None:

@@ -270,5 +270,5 @@ def resolve_checkpoint(artifacts: str | Path, version: str | None = None) -> Pat
     v = check_version_id(version) if version else read_latest(artifacts)
     path = models_dir(artifacts) / v
     if not path.is_dir():
-        raise CheckpointNotFoundError(f"model version {v} not found under {models_dir(artifacts)}")
+        raise CheckpointNotFoundError(f"model version {v} not found")
     return path

@@ -339,15 +339,28 @@ class FeatureSchema:
             raise FeatureError(f"malformed feature schema: {e}") from e
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _parse_number(group: str, name: str, value: Any) -> float:
+    """A finite number that fits float32, from a number or a numeric string; FeatureError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise FeatureError(f"{group} feature {name!r} must be a number, got {type(value).__name__}")
     try:
         x = float(value)
     except ValueError:
-        raise FeatureError(f"{group} feature {name!r} must be a number, got {value!r}") from None
+        raise FeatureError(f"{group} feature {name!r} must be a number, got {_short(value)}") from None
+    except OverflowError:  # an int beyond the float range
+        raise FeatureError(f"{group} feature {name!r} is out of range, got {_short(value)}") from None
     if not math.isfinite(x):
-        raise FeatureError(f"{group} feature {name!r} must be finite, got {value!r}")
+        raise FeatureError(f"{group} feature {name!r} must be finite, got {_short(value)}")
+    if abs(x) > FLOAT32_MAX:
+        raise FeatureError(f"{group} feature {name!r} is out of range (|x| > {FLOAT32_MAX:.3g}), got {x:g}")
     return x
 
 

@@ -26,10 +26,19 @@ from service.ranking import (
     score_plan,
 )
 from service.reload import ReloadError
-from service.schemas import ERROR_RESPONSES, Health, ModelSwitch, RankResponse, RollbackRequest
+from service.schemas import (
+    ADMIN_ERROR_RESPONSES,
+    ERROR_RESPONSES,
+    Health,
+    ModelSwitch,
+    RankResponse,
+    RollbackRequest,
+)
 
 router = APIRouter()
-admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+admin_router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=ADMIN_ERROR_RESPONSES
+)
 
 RANK_BODY = {
     "requestBody": {

@@ -182,8 +182,15 @@ def _is_tag(seg: object, model_tags: frozenset[str]) -> bool:
     return isinstance(seg, str) and (seg in _TAG_NAMES or seg in model_tags or seg.startswith(_TAG_PREFIXES))
 
 
+MAX_LOC_SEGMENT = 64
+
+
 def render_loc(loc: Sequence[Any]) -> str:
-    """("body", "candidates", 3, "video_id") -> "candidates[3].video_id"."""
+    """("body", "candidates", 3, "video_id") -> "candidates[3].video_id".
+
+    A segment can be a key the client sent (``context.<key>``): long ones are cut short, so an
+    error never echoes a huge key back.
+    """
     out = ""
     for seg in loc:
         if seg == "body" and out == "":
@@ -191,7 +198,10 @@ def render_loc(loc: Sequence[Any]) -> str:
         if isinstance(seg, int):
             out += f"[{seg}]"
         else:
-            out += ("." if out else "") + str(seg)
+            name = str(seg)
+            if len(name) > MAX_LOC_SEGMENT:
+                name = name[: MAX_LOC_SEGMENT - 3] + "..."
+            out += ("." if out else "") + name
     return out or "body"
 
 
@@ -269,6 +279,9 @@ def _entry(loc: tuple[Any, ...], e: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "json_invalid":
         ctx = e.get("ctx") or {}
         msg = f"request body is not valid JSON: {ctx.get('error', msg)}"
+        loc = loc[:1]  # FastAPI appends the character position, not a location in the body
     elif kind in ("model_type", "model_attributes_type", "dict_type") and all(s == "body" for s in loc):
         msg = "request body must be a JSON object"
+    elif kind == "missing" and all(s == "body" for s in loc):
+        msg = "request body is required: send a JSON object"
     return {"loc": render_loc(loc), "type": kind, "msg": msg}

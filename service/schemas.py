@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 # ids: KuaiRand's are ints; any non-empty string works too. Internally both are strings (str(int)).
 IntId = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
@@ -12,14 +22,27 @@ StrId = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 EntityId = IntId | StrId
 # a finite JSON number (ints accepted), never a numeric string
 Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+
+
+def _within_float_range(v: int) -> int:
+    """Integers a numeric feature can hold: float(v) must not overflow (|v| < ~1.8e308)."""
+    try:
+        float(v)
+    except OverflowError:
+        raise ValueError("integer beyond the float range") from None
+    return v
+
+
+# an integer feature value: kept exact (categoricals hash its digits), but convertible to a float
+RawInt = Annotated[StrictInt, AfterValidator(_within_float_range)]
 # a raw feature value: what a table cell could hold
-RawValue = StrictStr | StrictInt | Number | StrictBool | None
+RawValue = StrictStr | RawInt | Number | StrictBool | None
 
 ID_HINT = "must be an integer id or a non-empty string id (at most 256 characters)"
 CANDIDATE_HINT = (
     'must be a video id (integer or non-empty string) or an object {"video_id": <id>, "features": {...}}'
 )
-VALUE_HINT = "must be a string, a finite number, a boolean or null"
+VALUE_HINT = "must be a string, a finite number (within the float range), a boolean or null"
 
 
 class Candidate(BaseModel):
@@ -60,7 +83,7 @@ class RankRequest(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="return the best k (1..number of candidates); default: all"
     )
-    weights: dict[str, Number] | None = Field(
+    weights: dict[Annotated[str, Field(max_length=128)], Number] | None = Field(
         default=None,
         max_length=64,
         description="per-head weights overriding the service's, within its bounds",
@@ -135,5 +158,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "Body is not JSON",
         422: "Invalid request",
         503: "No model loaded yet",
+    }.items()
+}
+
+ADMIN_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in {
+        400: "Body could not be parsed",
+        401: "Missing or invalid bearer token",
+        404: "No such model version (or LATEST missing)",
+        409: "Model version rejected; the previous model keeps serving",
+        413: "Body larger than max_body_bytes",
+        422: "Invalid request",
+        503: "Service starting",
     }.items()
 }

@@ -141,8 +141,7 @@ def test_zipf_rejects_bad_input() -> None:
 
 def test_load_catalog_from_real_data() -> None:
     data_dir = wl.resolve_data_dir()
-    if not (data_dir / wl.VIDEO_TABLE).exists():
-        pytest.skip(f"KuaiRand-Pure tables not found under {data_dir}")
+    assert (data_dir / wl.VIDEO_TABLE).exists(), f"KuaiRand-Pure tables not found under {data_dir}"
     cat = wl.load_catalog(data_dir)
     assert len(cat.users) == wl.FALLBACK_NUM_USERS and len(set(cat.users.tolist())) == len(cat.users)
     assert len(cat.videos) == wl.FALLBACK_NUM_VIDEOS and len(set(cat.videos.tolist())) == len(cat.videos)

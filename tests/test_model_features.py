@@ -99,6 +99,13 @@ def test_records_validation_and_defaults():
         schema.canonicalize_records("user", [{"fans": float("inf")}])
     with pytest.raises(FeatureError, match="must be a number"):
         schema.canonicalize_records("user", [{"fans": [1, 2]}])
+    with pytest.raises(FeatureError, match="out of range"):
+        schema.canonicalize_records("user", [{"fans": 10**400}])
+    with pytest.raises(FeatureError, match="out of range"):
+        schema.canonicalize_records("user", [{"fans": 1e300}])
+    with pytest.raises(FeatureError) as e:
+        schema.canonicalize_records("user", [{"fans": "x" * 100_000}])
+    assert len(str(e.value)) < 120  # the value is not echoed whole
     d = schema.default_rows("video", 3)
     assert isinstance(d, CanonicalRows) and len(d) == 3 and (d.cats == NULL_CODE).all()
 
