@@ -56,14 +56,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.config import Config, ConfigError
 from model.data import Dataset, load_dataset
-from model.metrics import higher_is_better
 from model.nets import MultiTaskNet, build_model
 from model.train import (
     TrainResult,
     evaluate_split,
     expert_utilization,
     freeze,
-    param_groups,
+    make_optimizer,
+    resolve_monitor,
     save_result,
     task_losses,
 )
@@ -195,18 +195,9 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     ddp = DistributedDataParallel(
         _WithShared(net), device_ids=[env.local_rank] if device.type == "cuda" else None
     )
-    groups = param_groups(net, tc)
+    opt = make_optimizer(net, weighting, cfg)
     extra = weighting.extra_parameters()
-    if extra:
-        groups.append({"params": extra, "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0})
-    opt = torch.optim.Adam(groups, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay)
-    if tc.weighting != "static" and any(t.weight != 1.0 for t in cfg.tasks):
-        log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting)
-
-    monitor = tc.monitor
-    if len(ds.valid) == 0 and monitor.startswith("valid/"):
-        monitor = "train/" + monitor.split("/", 1)[1]
-    higher = higher_is_better(monitor)
+    monitor, higher = resolve_monitor(cfg, ds)
     best, best_state, best_epoch, bad = -math.inf if higher else math.inf, None, 0, 0
     history: list[dict[str, float]] = []
     n = len(ds.train)

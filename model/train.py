@@ -29,6 +29,7 @@ import copy
 import logging
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -237,6 +238,27 @@ def train_step(
     return loss, {k: float(v.detach()) for k, v in losses.items()}
 
 
+def make_optimizer(model: MultiTaskNet, weighting: TaskWeighting, cfg: Config) -> torch.optim.Optimizer:
+    """Adam over the network's parameter groups (layer-wise LR) plus the weighting's own parameters."""
+    tc = cfg.train
+    groups = param_groups(model, tc)
+    if weighting.extra_parameters():
+        groups.append(
+            {"params": weighting.extra_parameters(), "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0}
+        )
+    if tc.weighting != "static" and any(t.weight != 1.0 for t in cfg.tasks):
+        log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting)
+    return torch.optim.Adam(groups, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay)
+
+
+def resolve_monitor(cfg: Config, ds: Dataset) -> tuple[str, bool]:
+    """The early-stopping metric (on train when there is no validation split) and its direction."""
+    monitor = cfg.train.monitor
+    if len(ds.valid) == 0 and monitor.startswith("valid/"):
+        monitor = "train/" + monitor.split("/", 1)[1]
+    return monitor, higher_is_better(monitor)
+
+
 def fit(
     cfg: Config, ds: Dataset, progress: ProgressFn | None = None, *, init_from: Checkpoint | None = None
 ) -> TrainResult:
@@ -264,18 +286,8 @@ def fit(
     if tc.freeze:
         info["frozen_parameters"] = freeze(model, tc.freeze)
     weighting = make_weighting(tc, cfg.tasks)
-    groups = param_groups(model, tc)
-    if weighting.extra_parameters():
-        groups.append(
-            {"params": weighting.extra_parameters(), "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0}
-        )
-    opt = torch.optim.Adam(groups, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay)
-    if tc.weighting != "static" and any(t.weight != 1.0 for t in cfg.tasks):
-        log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting)
-    monitor = tc.monitor
-    if len(ds.valid) == 0 and monitor.startswith("valid/"):
-        monitor = "train/" + monitor.split("/", 1)[1]
-    higher = higher_is_better(monitor)
+    opt = make_optimizer(model, weighting, cfg)
+    monitor, higher = resolve_monitor(cfg, ds)
     best, best_state, best_epoch, bad = -math.inf if higher else math.inf, None, 0, 0
     history: list[dict[str, float]] = []
     n = len(ds.train)
@@ -438,6 +450,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             result.samples_per_sec,
             result.checkpoint,
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The process group is destroyed and the checkpoint is on disk (fsynced). Leave without
+        # running C++ static destructors: gloo's threads can abort the interpreter's teardown
+        # ("terminate called without an active exception"), failing a finished job.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
