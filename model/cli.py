@@ -129,18 +129,11 @@ def evaluate_cmd(
     try:
         ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
         cfg = load_config(config) if config else ckpt.config
-        ds = load_dataset(cfg)
+        # encoded with the checkpoint's own fitted schema (vocabularies, statistics)
+        ds = load_dataset(cfg, schema=ckpt.schema)
     except (CheckpointError, ConfigError, DataError, FeatureError) as e:
         raise _fail(str(e)) from None
-    # re-encode the test rows with the checkpoint's own fitted schema (vocabularies, statistics)
-    from model.data import canonical_groups, encode_groups, load_raw, split_masks
-
-    raw = load_raw(cfg.data)
-    _, _, test_m = split_masks(raw.log, cfg.data)
-    cats, nums = encode_groups(ckpt.schema, canonical_groups(ckpt.schema, raw.log.loc[test_m]))
-    test = ds.test
-    test.cats, test.nums = cats, nums
-    metrics = evaluate_split(ckpt.model, test, ckpt.config.tasks, "test/")
+    metrics = evaluate_split(ckpt.model, ds.test, ckpt.config.tasks, "test/")
     if as_json:
         typer.echo(json.dumps({"version": ckpt.version, "metrics": metrics}, indent=1))
     else:
