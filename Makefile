@@ -1,5 +1,5 @@
 # mtrank — one command to run, one to test. Everything goes through the project venv.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ART    ?= artifacts
@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup run train serve test lint bench loadtest soak clean report
 
 $(BIN)/python:
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || \
+		{ echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned, so no dependency can drag in a multi-GB CUDA build.
