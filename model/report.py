@@ -140,6 +140,27 @@ def plot_mmoe_synthetic(res: Mapping[str, Mapping[str, Sequence[float]]], path: 
     return True
 
 
+def plot_compare(data: Mapping[str, Any], path: Path) -> bool:
+    """scripts/compare_mtl.py summary: test AUC per head, mean ± std, one bar group per arch+weighting."""
+    rows = [r for r in data.get("summary", []) if isinstance(r, dict)]
+    heads = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and "mean" in v})
+    if not rows or not heads:
+        return False
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.6), squeeze=False)
+    labels = [f"{r.get('arch')}\n{r.get('weighting')}" for r in rows]
+    for ax, h in zip(axes[0], heads, strict=True):
+        mean = np.array([r[h]["mean"] if h in r else np.nan for r in rows])
+        std = np.array([r[h]["std"] if h in r else 0.0 for r in rows])
+        ax.bar(range(len(rows)), mean, yerr=std, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(max(0.0, np.nanmin(mean - std) - 0.01), np.nanmax(mean + std) + 0.005)
+        ax.set_title(f"test {h.replace('_', ' ')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -213,6 +234,8 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if plot is None:
             parts.append(compare_table(data))
+            if plot_compare(data, out / "compare_mtl.png"):
+                parts.append('<img src="compare_mtl.png">')
         elif plot(data, out / (p.stem + ".png")):
             parts.append(f'<img src="{p.stem}.png">')
 

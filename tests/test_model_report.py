@@ -33,7 +33,13 @@ def test_report_writes_html_and_figures(tmp_path):
     page = write_report(tmp_path)
     text = page.read_text()
     v = res.checkpoint.name
-    for png in (f"history_{v}.png", f"gates_{v}.png", "test_auc.png", "mmoe_synthetic.png"):
+    for png in (
+        f"history_{v}.png",
+        f"gates_{v}.png",
+        "test_auc.png",
+        "mmoe_synthetic.png",
+        "compare_mtl.png",
+    ):
         assert f'src="{png}"' in text
         assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert v in text and "mmoe" in text
