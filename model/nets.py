@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -57,6 +58,26 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> tuple[nn.Sequential
         layers += [nn.Linear(in_dim, d), nn.ReLU(), nn.Dropout(dropout)]
         in_dim = d
     return nn.Sequential(*layers), in_dim
+
+
+@dataclass
+class RequestBatch:
+    """One ranking request, encoded per group: the user and context rows (1 row each) are the same
+    for all B candidates, so the networks can compute their share of the first layer once."""
+
+    user_cats: Tensor  # (1, Cu)
+    video_cats: Tensor  # (B, Cv)
+    context_cats: Tensor  # (1, Cc)
+    user_nums: Tensor  # (1, Fu)
+    video_nums: Tensor  # (B, Fv)
+    context_nums: Tensor  # (1, Fc)
+
+    def full(self) -> tuple[Tensor, Tensor]:
+        """Broadcast to the model's (B, C) / (B, F) inputs, group-major like the schema."""
+        b = self.video_cats.shape[0]
+        cats = [self.user_cats.expand(b, -1), self.video_cats, self.context_cats.expand(b, -1)]
+        nums = [self.user_nums.expand(b, -1), self.video_nums, self.context_nums.expand(b, -1)]
+        return torch.cat(cats, dim=1), torch.cat(nums, dim=1)
 
 
 class FeatureEmbedding(nn.Module):
@@ -77,6 +98,38 @@ class FeatureEmbedding(nn.Module):
     def forward(self, cats: Tensor, nums: Tensor) -> Tensor:
         e = self.emb(cats + self.offsets)  # (B, C, D)
         return torch.cat([e.flatten(1), nums], dim=1)  # (B, C*D + F)
+
+    def split(self, r: RequestBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x_var (B, Dv), x_const (1, Dc), their column indices in forward()'s x (Dv,), (Dc,)).
+
+        forward()'s x is [e_user | e_video | e_context | n_user | n_video | n_context]; the video
+        columns vary per candidate, the rest is one row per request.
+        """
+        cu, cv = r.user_cats.shape[1], r.video_cats.shape[1]
+        fu, fv = r.user_nums.shape[1], r.video_nums.shape[1]
+        off = self.offsets
+        e_u = self.emb(r.user_cats + off[:cu]).flatten(1)  # (1, Cu*D)
+        e_v = self.emb(r.video_cats + off[cu : cu + cv]).flatten(1)  # (B, Cv*D)
+        e_c = self.emb(r.context_cats + off[cu + cv :]).flatten(1)  # (1, Cc*D)
+        x_var = torch.cat([e_v, r.video_nums], dim=1)
+        x_const = torch.cat([e_u, e_c, r.user_nums, r.context_nums], dim=1)
+        d_u, d_v, d_cat = e_u.shape[1], e_v.shape[1], e_u.shape[1] + e_v.shape[1] + e_c.shape[1]
+        idx = torch.arange(self.out_dim)
+        var_idx = torch.cat([idx[d_u : d_u + d_v], idx[d_cat + fu : d_cat + fu + fv]])
+        const_idx = torch.cat(
+            [idx[:d_u], idx[d_u + d_v : d_cat], idx[d_cat : d_cat + fu], idx[d_cat + fu + fv :]]
+        )
+        return x_var, x_const, var_idx, const_idx
+
+
+def split_linear(
+    x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor, layer: nn.Linear
+) -> Tensor:
+    """layer(x) for x = x_var and x_const interleaved: the constant part is computed once."""
+    w = layer.weight  # (H, D)
+    const = x_const @ w[:, const_idx].T + layer.bias  # (1, H)
+    out: Tensor = x_var @ w[:, var_idx].T + const  # (B, H)
+    return out
 
 
 class Tower(nn.Module):
@@ -154,6 +207,11 @@ class MultiTaskNet(nn.Module):
 
     def forward(self, cats: Tensor, nums: Tensor, bias: Tensor | None = None) -> dict[str, Tensor]:
         return self.forward_with_shared(cats, nums, bias)[0]
+
+    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+        """Serving: the same outputs as ``forward`` on the broadcast request (no bias tower).
+        Architectures override it to compute the request-constant part of their first layer once."""
+        return self.forward(*r.full())
 
     # -- parameter views for the multi-task machinery -------------------------------------------
     def shared_parameters(self) -> list[Tensor]:
@@ -236,6 +294,14 @@ class SharedBottom(MultiTaskNet):
         h = self.bottom(self.embed(cats, nums))  # (B, H)
         return {t: self.towers[t](h) for t in self.tasks}, h
 
+    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not len(self.bottom):
+            return super().forward_request(r)
+        first = self.bottom[0]
+        assert isinstance(first, nn.Linear)
+        h = self.bottom[1:](split_linear(*self.embed.split(r), first))  # (B, H)
+        return {t: self.towers[t](h) for t in self.tasks}
+
     def shared_parameters(self) -> list[Tensor]:
         return [*self.embed.parameters(), *self.bottom.parameters()]
 
@@ -268,9 +334,20 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h: Tensor = torch.einsum("bd,edh->beh", x, self.weights[0]) + self.biases[0]  # (B, E, H1)
+        return self.above_first(h)
+
+    def above_first(self, h: Tensor) -> Tensor:
+        """Everything after the first layer's pre-activation h (B, E, H1)."""
         h = self.dropout(F.relu(h))
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
             h = self.dropout(F.relu(torch.einsum("beh,ehk->bek", h, w) + b))  # (B, E, Hk)
+        return h
+
+    def first_split(self, x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor) -> Tensor:
+        """The first layer's pre-activation (B, E, H1), the request-constant part computed once."""
+        w = self.weights[0]  # (E, D, H1)
+        const = torch.einsum("bd,edh->beh", x_const, w[:, const_idx]) + self.biases[0]  # (1, E, H1)
+        h: Tensor = torch.einsum("bd,edh->beh", x_var, w[:, var_idx]) + const  # (B, E, H1)
         return h
 
 
@@ -312,6 +389,19 @@ class MMoE(MultiTaskNet):
         h = self.experts(x)  # (B, E, H)
         gates = self.gate_probs(x)
         return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}, h
+
+    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not self.n_layers:
+            return super().forward_request(r)
+        parts = self.embed.split(r)
+        h = self.experts.above_first(self.experts.first_split(*parts))  # (B, E, H)
+        out = {}
+        for t in self.tasks:
+            gate = self.gates[t]
+            assert isinstance(gate, nn.Linear)
+            g = torch.softmax(split_linear(*parts, gate), dim=-1)  # (B, E)
+            out[t] = self.towers[t](torch.einsum("be,beh->bh", g, h))
+        return out
 
     @torch.no_grad()
     def gate_weights(self, cats: Tensor, nums: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.config import Config, TaskConfig
 from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
+from model.nets import RequestBatch
 
 Combine = Literal["product", "sum"]
 
@@ -127,7 +128,17 @@ class Ranker:
     def score(
         self, user: CanonicalRows, videos: CanonicalRows, context: CanonicalRows
     ) -> dict[str, np.ndarray]:
-        return self.score_encoded(*self.encode(user, videos, context))
+        """Per-head scores (B,) for B candidates of one request (user and context: 1 row each)."""
+        if len(user) != 1 or len(context) != 1:
+            return self.score_encoded(*self.encode(user, videos, context))
+        t = torch.from_numpy
+        (uc, un), (vc, vn), (cc, cn) = (
+            self.schema.encode(g, r) for g, r in zip(GROUPS, (user, videos, context), strict=True)
+        )
+        batch = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn))
+        with torch.inference_mode():
+            raw = self.model.forward_request(batch)
+        return head_outputs(raw, self.tasks)
 
     def warmup(self, n: int = 512, rounds: int = 3) -> None:
         """Run a few forward passes at serving batch sizes (allocator, kernels, lazy init)."""

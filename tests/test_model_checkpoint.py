@@ -135,3 +135,22 @@ def test_crash_mid_write_leaves_latest_and_versions_intact(trained, tmp_path, mo
     load_checkpoint(resolve_checkpoint(tmp_path))
     with pytest.raises(CheckpointNotFoundError):
         write_latest(tmp_path, "20990101-000000-abcdef")
+
+
+def test_ranker_request_path_matches_the_broadcast_path(trained):
+    import pandas as pd
+
+    from model.data import load_entity_table
+
+    art, path, res, ds, cfg = trained
+    ranker = Ranker.load(path)
+    s = ranker.schema
+    videos = load_entity_table(cfg.data, "video").iloc[:300]
+    users = load_entity_table(cfg.data, "user").iloc[[5]]
+    u, v = s.canonicalize_frame("user", users), s.canonicalize_frame("video", videos)
+    c = s.canonicalize_records("context", [{"tab": 1, "hour": 18}])
+    fast = ranker.score(u, v, c)
+    slow = ranker.score_encoded(*ranker.encode(u, v, c))
+    for t in ranker.task_names:
+        assert fast[t] == pytest.approx(slow[t], rel=1e-5, abs=1e-7)
+    assert isinstance(videos, pd.DataFrame)

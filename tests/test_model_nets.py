@@ -89,3 +89,39 @@ def test_masked_losses_are_count_normalised():
     weighted = [TaskConfig("engagement", weight=2.0), TaskConfig("satisfaction", label="is_like", weight=0.5)]
     total = weighted_total(losses, weighted)
     assert total.item() == pytest.approx(2.5 * math.log(2))
+
+
+@pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe", "ple", "conditioned"])
+def test_forward_request_equals_forward_on_the_broadcast_request(arch):
+    """Serving computes the user/context share of the first layer once; outputs must not change."""
+    from model.nets import RequestBatch
+
+    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4])
+    schema = FeatureSchema(
+        [
+            FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
+            FeatureSpec("fans", "user", "numeric"),
+            FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
+            FeatureSpec("author", "video", "categorical", vocab=[str(i) for i in range(5)]),
+            FeatureSpec("dur", "video", "numeric"),
+            FeatureSpec("tab", "context", "categorical", vocab=["0", "1"]),
+            FeatureSpec("age", "context", "numeric"),
+        ]
+    )
+    net = build_model(cfg, schema, TASKS).eval()
+    g = torch.Generator().manual_seed(1)
+    b = 37
+    r = RequestBatch(
+        user_cats=torch.tensor([[3]]),
+        video_cats=torch.stack(
+            [torch.randint(0, 21, (b,), generator=g), torch.randint(0, 6, (b,), generator=g)], 1
+        ),
+        context_cats=torch.tensor([[1]]),
+        user_nums=torch.randn(1, 1, generator=g),
+        video_nums=torch.randn(b, 1, generator=g),
+        context_nums=torch.randn(1, 1, generator=g),
+    )
+    with torch.no_grad():
+        fast, full = net.forward_request(r), net(*r.full())
+    for t in full:
+        torch.testing.assert_close(fast[t], full[t], rtol=1e-5, atol=1e-6)
