@@ -6,8 +6,7 @@
 - ``train_tiny(artifacts, seed)``: train another tiny checkpoint into an artifacts dir (moves LATEST).
 - ``redis_url`` / ``redis_prefix``: the shared test Redis ($MTRANK_TEST_REDIS_URL, default db 15 on
   127.0.0.1:6379) and a unique key prefix whose keys are deleted afterwards. When Redis is unreachable
-  the test FAILS with a clear message; only an explicit MTRANK_ALLOW_NO_REDIS=1 (never set in CI, and
-  ignored there) turns that into a skip for a laptop without redis-server.
+  the test FAILS with a clear message: the Redis tests always run against a real server.
 - ``redis_server``: a private redis-server on a free port, for tests that pause or kill it.
 - ``serve_process``: start ``mtrank serve`` in a subprocess and wait until /readyz answers 200.
 """
@@ -25,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -87,18 +87,9 @@ def artifacts_copy(trained_artifacts: Path, tmp_path: Path) -> Path:
 # Redis
 
 
-def redis_required() -> bool:
-    """Redis tests must run, unless a developer explicitly opts out (never in CI)."""
-    if os.environ.get("CI") or os.environ.get("MTRANK_REQUIRE_REDIS"):
-        return True
-    return os.environ.get("MTRANK_ALLOW_NO_REDIS") != "1"
-
-
-def redis_unavailable(reason: str) -> None:
+def redis_unavailable(reason: str) -> NoReturn:
     """Fail with a clear message: the Redis tests need a real redis-server (see README)."""
-    if redis_required():
-        pytest.fail(f"{reason} -- the Redis tests need a real redis-server (set MTRANK_TEST_REDIS_URL)")
-    pytest.skip(f"{reason} (MTRANK_ALLOW_NO_REDIS=1)")
+    pytest.fail(f"{reason} -- the Redis tests need a real redis-server (set MTRANK_TEST_REDIS_URL)")
 
 
 @pytest.fixture(scope="session")
