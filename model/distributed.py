@@ -58,6 +58,7 @@ from model.config import Config, ConfigError
 from model.data import Dataset, load_dataset
 from model.nets import MultiTaskNet, build_model
 from model.train import (
+    EarlyStopping,
     TrainResult,
     evaluate_split,
     expert_utilization,
@@ -197,8 +198,7 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     )
     opt = make_optimizer(net, weighting, cfg)
     extra = weighting.extra_parameters()
-    monitor, higher = resolve_monitor(cfg, ds)
-    best, best_state, best_epoch, bad = -math.inf if higher else math.inf, None, 0, 0
+    stopper = EarlyStopping(*resolve_monitor(cfg, ds), tc.patience)
     history: list[dict[str, float]] = []
     n = len(ds.train)
     B, b = tc.batch_size, tc.batch_size // W  # global and per-rank batch
@@ -256,22 +256,8 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
             split = ds.valid if len(ds.valid) else ds.train
             prefix = "valid/" if len(ds.valid) else "train/"
             row.update(evaluate_split(_eval_net(net, device), split, cfg.tasks, prefix, tc.eval_batch_size))
-            value = row.get(monitor, float("nan"))
-            improved = not math.isnan(value) and (value > best if higher else value < best)
-            if improved:
-                best, best_state, best_epoch, bad = value, copy.deepcopy(net.state_dict()), epoch, 0
-            else:
-                bad += 1
+            decision = [stopper.update(epoch, row.get(stopper.monitor, float("nan")), net)]
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
-            decision = [bad > tc.patience]
-            if decision[0]:
-                log.info(
-                    "early stopping after epoch %d (best %s=%.4f at epoch %d)",
-                    epoch,
-                    monitor,
-                    best,
-                    best_epoch,
-                )
         history.append(row)
         dist.broadcast_object_list(decision, src=0)  # every rank stops at the same epoch
         if decision[0]:
@@ -280,11 +266,10 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     sps = seen / train_time if train_time > 0 else 0.0
     metrics: dict[str, Any] = {}
     if rank == 0:
-        if best_state is not None:
-            net.load_state_dict(best_state)
+        stopper.restore(net)
         net.eval()
         final = _eval_net(net, device)
-        metrics = {"best_epoch": best_epoch, "monitor": monitor, "best_monitor": best}
+        metrics = stopper.metrics()
         metrics.update(evaluate_split(final, ds.test, cfg.tasks, "test/", tc.eval_batch_size))
         metrics["weighting"] = tc.weighting
         metrics["task_weights"] = {k: round(v, 6) for k, v in weighting.weights().items()}
@@ -294,7 +279,7 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
             metrics["expert_utilization"] = util
         metrics["train_samples_per_sec"] = round(sps, 1)  # global: all ranks' rows per second
         metrics["distributed"] = {"world_size": W, "backend": env.backend, "per_rank_batch_size": b}
-    return TrainResult(net.cpu() if rank == 0 else net, metrics, history, best_epoch, sps)
+    return TrainResult(net.cpu() if rank == 0 else net, metrics, history, stopper.best_epoch, sps)
 
 
 def train_distributed(cfg: Config, artifacts: str | Path | None = None) -> TrainResult:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
@@ -238,6 +238,51 @@ def train_step(
     return loss, {k: float(v.detach()) for k, v in losses.items()}
 
 
+@dataclass
+class EarlyStopping:
+    """Watches ``monitor`` in its direction and keeps the best epoch's weights."""
+
+    monitor: str
+    higher: bool
+    patience: int
+    best: float = field(init=False)
+    best_epoch: int = 0
+    best_state: dict[str, Tensor] | None = None
+    bad: int = 0
+
+    def __post_init__(self) -> None:
+        self.best = -math.inf if self.higher else math.inf
+
+    def update(self, epoch: int, value: float, model: nn.Module) -> bool:
+        """Record an epoch's value; True when training should stop."""
+        if not math.isnan(value) and (value > self.best if self.higher else value < self.best):
+            self.best, self.best_state, self.best_epoch, self.bad = (
+                value,
+                copy.deepcopy(model.state_dict()),
+                epoch,
+                0,
+            )
+        else:
+            self.bad += 1
+        if self.bad <= self.patience:
+            return False
+        log.info(
+            "early stopping after epoch %d (best %s=%.4f at epoch %d)",
+            epoch,
+            self.monitor,
+            self.best,
+            self.best_epoch,
+        )
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "monitor": self.monitor, "best_monitor": self.best}
+
+
 def make_optimizer(model: MultiTaskNet, weighting: TaskWeighting, cfg: Config) -> torch.optim.Optimizer:
     """Adam over the network's parameter groups (layer-wise LR) plus the weighting's own parameters."""
     tc = cfg.train
@@ -287,8 +332,7 @@ def fit(
         info["frozen_parameters"] = freeze(model, tc.freeze)
     weighting = make_weighting(tc, cfg.tasks)
     opt = make_optimizer(model, weighting, cfg)
-    monitor, higher = resolve_monitor(cfg, ds)
-    best, best_state, best_epoch, bad = -math.inf if higher else math.inf, None, 0, 0
+    stopper = EarlyStopping(*resolve_monitor(cfg, ds), tc.patience)
     history: list[dict[str, float]] = []
     n = len(ds.train)
     steps_per_epoch = math.ceil(n / tc.batch_size)
@@ -336,24 +380,15 @@ def fit(
             )
         )
         history.append(row)
-        value = row.get(monitor, float("nan"))
-        improved = not math.isnan(value) and (value > best if higher else value < best)
-        if improved:
-            best, best_state, best_epoch, bad = value, copy.deepcopy(model.state_dict()), epoch, 0
-        else:
-            bad += 1
+        stop = stopper.update(epoch, row.get(stopper.monitor, float("nan")), model)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
         if progress is not None:
             progress("epoch", row)
-        if bad > tc.patience:
-            log.info(
-                "early stopping after epoch %d (best %s=%.4f at epoch %d)", epoch, monitor, best, best_epoch
-            )
+        if stop:
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore(model)
     model.eval()
-    metrics: dict[str, Any] = {"best_epoch": best_epoch, "monitor": monitor, "best_monitor": best}
+    metrics: dict[str, Any] = stopper.metrics()
     metrics.update(evaluate_split(model, ds.test, cfg.tasks, "test/", tc.eval_batch_size))
     metrics["weighting"] = tc.weighting
     metrics["task_weights"] = {k: round(v, 6) for k, v in weighting.weights().items()}  # final, effective
@@ -363,7 +398,7 @@ def fit(
         metrics["expert_utilization"] = util
     sps = seen / train_time if train_time > 0 else 0.0
     metrics["train_samples_per_sec"] = round(sps, 1)
-    return TrainResult(model, metrics, history, best_epoch, sps)
+    return TrainResult(model, metrics, history, stopper.best_epoch, sps)
 
 
 def train(
