@@ -124,6 +124,7 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 0  # 0 = torch default
     eval_batch_size: int = 8192
+    log_every: int = 10  # steps between step-log records (loss, task losses, task weights); 0 = off
     # task weighting (model.weighting); tasks[].weight is used by "static" only
     weighting: Weighting = "static"
     worst_case_temperature: float = 0.1  # smooth max (log-sum-exp) of L_i / L_i(0); 0 = hard max
@@ -176,6 +177,8 @@ class Config:
             raise ConfigError("model.bias_dropout must be in [0, 1)")
         if tr.weighting not in WEIGHTINGS:
             raise ConfigError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}, got {tr.weighting!r}")
+        if tr.log_every < 0:
+            raise ConfigError(f"train.log_every must be >= 0 (0 = no step log), got {tr.log_every}")
         if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:
             raise ConfigError("train: worst_case_temperature and tower_l2 must be >= 0, gradnorm_lr > 0")
         if tr.lr_scale <= 0 or not 0.0 < tr.layer_lr_decay <= 1.0:

@@ -205,7 +205,8 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     steps_per_epoch = math.ceil(math.ceil(n / W) / b)  # == ceil(n / B): the single-process count
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
-    train_time, seen = 0.0, 0
+    train_time, seen, global_step = 0.0, 0, 0
+    step_log: list[dict[str, float]] = []  # task weights only: they are global, the losses per rank
     for epoch in range(1, tc.epochs + 1):
         ddp.train()  # type: ignore[no-untyped-call]
         perm = rng.permutation(n)
@@ -243,6 +244,12 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
                 sums[f"weight/{k}"] += w
             for k, x in weighting.stats().items():
                 sums[k] += x
+            global_step += 1
+            if tc.log_every and global_step % tc.log_every == 0:
+                weights = weighting.weights()
+                step_log.append(
+                    {"step": global_step, "epoch": epoch, **{f"weight/{k}": w for k, w in weights.items()}}
+                )
         # per-rank sums of scaled losses average to the global-batch values
         keys = sorted(sums)
         total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
@@ -279,7 +286,9 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
             metrics["expert_utilization"] = util
         metrics["train_samples_per_sec"] = round(sps, 1)  # global: all ranks' rows per second
         metrics["distributed"] = {"world_size": W, "backend": env.backend, "per_rank_batch_size": b}
-    return TrainResult(net.cpu() if rank == 0 else net, metrics, history, stopper.best_epoch, sps)
+    return TrainResult(
+        net.cpu() if rank == 0 else net, metrics, history, stopper.best_epoch, sps, steps=step_log
+    )
 
 
 def train_distributed(cfg: Config, artifacts: str | Path | None = None) -> TrainResult:

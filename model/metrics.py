@@ -1,4 +1,4 @@
-"""Offline ranking metrics: AUC, GAUC, logloss, RMSE/MAE and per-user NDCG@k.
+"""Offline ranking metrics: AUC, GAUC, logloss, RMSE/MAE and per-user NDCG@k; paired run ratios.
 
 Global metrics come from scikit-learn. The per-user ones (GAUC, NDCG) are computed for tens of
 thousands of users at once with grouped, vectorised numpy/pandas instead of a Python loop over
@@ -8,9 +8,11 @@ thousands of users at once with grouped, vectorised numpy/pandas instead of a Py
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import bootstrap
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
 from model.config import TaskConfig
@@ -129,3 +131,44 @@ def evaluate_predictions(
     if any(t.kind == "binary" for t in tasks):
         out[f"{prefix}ndcg@10"] = ndcg_at_k(relevance_gain(labels, tasks), combined, groups, k=10)
     return out
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """How much larger ``after`` is than ``before`` over paired runs (same seed, one factor changed).
+
+    ``ratio`` is the geometric mean of after/before, ``low``..``high`` its bootstrap confidence
+    interval, ``frac_higher`` the share of pairs with after > before.
+    """
+
+    ratio: float
+    low: float
+    high: float
+    frac_higher: float
+    n: int
+
+
+def paired_ratio(
+    before: np.ndarray, after: np.ndarray, *, confidence: float = 0.95, seed: int = 0
+) -> PairedRatio:
+    """Geometric-mean ratio of paired positive values (e.g. losses) with a BCa bootstrap interval.
+
+    A log-ratio per pair removes what the two runs of a pair share (here the seed's target
+    function, which sets how hard both are), so a small effect shows under large run-to-run spread.
+    """
+    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if b.shape != a.shape or b.ndim != 1 or len(b) < 2:
+        raise ValueError(f"need two 1-D arrays of the same length >= 2, got {b.shape} and {a.shape}")
+    if (b <= 0).any() or (a <= 0).any() or not np.isfinite(np.r_[a, b]).all():
+        raise ValueError("paired_ratio needs finite positive values")
+    logr = np.log(a / b)
+    if np.ptp(logr) < 1e-12:  # no spread: the bootstrap interval degenerates to the point
+        lo = hi = float(logr[0])
+    else:
+        ci = bootstrap(
+            (logr,), np.mean, confidence_level=confidence, method="BCa", random_state=seed
+        ).confidence_interval
+        lo, hi = float(ci.low), float(ci.high)
+    return PairedRatio(
+        float(np.exp(logr.mean())), float(np.exp(lo)), float(np.exp(hi)), float((logr > 0).mean()), len(logr)
+    )

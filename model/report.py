@@ -1,7 +1,7 @@
 """``mtrank report``: PNG plots and one HTML page about the trained models.
 
-Reads every checkpoint manifest under ``artifacts/models`` (training history, test metrics, expert
-utilisation) and, when present, the experiment results under ``artifacts/reports``
+Reads every checkpoint manifest under ``artifacts/models`` (training history, step log, test
+metrics, expert utilisation) and, when present, the experiment results under ``artifacts/reports``
 (``compare_mtl.json`` from scripts/compare_mtl.py, ``mmoe_synthetic.json`` from
 scripts/mmoe_synthetic.py), and writes ``artifacts/reports/report.html`` with its PNG figures.
 """
@@ -73,6 +73,26 @@ def plot_history(m: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_steps(m: Mapping[str, Any], path: Path) -> bool:
+    """The step log: task losses and task weights every ``train.log_every`` steps."""
+    log_: Sequence[Mapping[str, float]] = m.get("step_log") or []
+    if not log_:
+        return False
+    steps = [r["step"] for r in log_]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for kind, ax in (("loss", axes[0]), ("weight", axes[1])):
+        keys = [k for k in log_[0] if (k.endswith("/loss") if kind == "loss" else k.startswith("weight/"))]
+        for k in keys:
+            ax.plot(steps, [r.get(k, np.nan) for r in log_], lw=1, label=k)
+        ax.set(title=f"task {kind} per step", xlabel="step")
+        if keys:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def plot_gates(m: Mapping[str, Any], path: Path) -> bool:
     """Heatmap of the mean gate probability per task (rows) and expert (columns)."""
     util: Mapping[str, Sequence[float]] | None = m.get("metrics", {}).get("expert_utilization")
@@ -121,19 +141,34 @@ def plot_test_metrics(manifests: Sequence[Mapping[str, Any]], path: Path) -> boo
     return True
 
 
-def plot_mmoe_synthetic(res: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> bool:
-    """Test MSE against task correlation, mean ± std over seeds, one line per architecture."""
-    if not res:
+def plot_mmoe_synthetic(data: Mapping[str, Any], path: Path) -> bool:
+    """scripts/mmoe_synthetic.py results: final training MSE against task correlation (mean ±
+    standard error over seeds) and, per seed, the loss ratio against the highest correlation
+    (geometric mean with its bootstrap interval): the paper's trend is the right-hand panel."""
+    summary = data.get("summary", {}).get("train_mse") if isinstance(data, Mapping) else None
+    if not isinstance(summary, Mapping) or not summary.get("archs"):
         return False
-    ps = sorted(res, key=float, reverse=True)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for arch in sorted({a for by in res.values() for a in by}):
-        mean = [np.mean(res[p][arch]) for p in ps]
-        std = [np.std(res[p][arch]) for p in ps]
-        ax.errorbar([float(p) for p in ps], mean, yerr=std, marker="o", capsize=3, label=arch)
-    ax.invert_xaxis()
-    ax.set(title="synthetic benchmark (Ma et al. 2018)", xlabel="task correlation", ylabel="test MSE")
-    ax.legend()
+    ps = [float(p) for p in summary["correlations"]]
+    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, (arch, rows) in enumerate(summary["archs"].items()):
+        cells = [rows[str(p)] for p in ps]
+        ax.errorbar(
+            ps, [c["mean"] for c in cells], yerr=[c["sem"] for c in cells], marker="o", capsize=3, label=arch
+        )
+        ratios = [c["ratio_vs_top"] or {"ratio": 1.0, "low": 1.0, "high": 1.0} for c in cells]
+        mid = np.array([r["ratio"] for r in ratios])
+        err = np.array([mid - [r["low"] for r in ratios], [r["high"] for r in ratios] - mid])
+        ax_r.errorbar(np.array(ps) + 0.02 * (i - 0.5), mid, yerr=err, marker="o", capsize=3, label=arch)
+    ax_r.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for a in (ax, ax_r):
+        a.invert_xaxis()
+        a.legend()
+    ax.set(
+        title=f"synthetic benchmark, {summary['n_seeds']} seeds",
+        xlabel="task correlation",
+        ylabel="train MSE",
+    )
+    ax_r.set(title=f"per-seed loss / loss at p={ps[0]:g} (95% CI)", xlabel="task correlation", ylabel="ratio")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -244,6 +279,8 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
         v = m["version"]
         if plot_history(m, out / f"history_{v}.png"):
             parts.append(f'<h3>{html.escape(_label(m))}</h3><img src="history_{v}.png">')
+        if plot_steps(m, out / f"steps_{v}.png"):
+            parts.append(f'<img src="steps_{v}.png">')
         if plot_gates(m, out / f"gates_{v}.png"):
             parts.append(f'<img src="gates_{v}.png">')
     style = (

@@ -34,6 +34,10 @@ noise_std=0.1, train_fraction=0.8) -> {"log", "meta"}``
     dropped by the log join, which keeps the log's per-impression ``device``.)
     Config: ``configs/synth_youtube_mmoe.toml``.
 
+``summarize_mmoe_benchmark(runs, key="train_mse")`` reads the MMoE benchmark's runs (one per
+correlation, seed and architecture) as the paper does: per-seed paired loss ratios against the
+highest correlation, since a seed's target function sets the loss level far more than p does.
+
 ``SYNTH_KINDS`` maps a kind name ("mmoe", "youtube") to its generator for the CLI.
 """
 
@@ -42,13 +46,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from itertools import product
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+
+from model.metrics import paired_ratio
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +192,54 @@ def make_mmoe_benchmark(
         out,
     )
     return paths
+
+
+MIN_SEEDS_FOR_VERDICT = 10
+MMOE_BENCHMARK_ARCHS = ("shared_bottom", "mmoe")
+
+
+def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "train_mse") -> dict[str, Any]:
+    """Summarise runs of scripts/mmoe_synthetic.py (dicts with p, seed, arch and ``key``).
+
+    Per arch and p: mean, standard error and median of ``key``, and the paired ratio
+    (model.metrics.paired_ratio) of each p against the highest p over seeds. Per p: the ratio of
+    shared-bottom's ratio to MMoE's (> 1: shared-bottom degrades more). ``trend_reproduced``, the
+    paper's finding at the lowest p: shared-bottom's ratio and its excess over MMoE's both above 1
+    at 95%; None below MIN_SEEDS_FOR_VERDICT seeds.
+    """
+    ps = sorted({float(r["p"]) for r in runs}, reverse=True)
+    seeds = sorted({int(r["seed"]) for r in runs})
+    val = {(r["arch"], float(r["p"]), int(r["seed"])): float(r[key]) for r in runs}
+    _check(len(ps) >= 2, f"need runs at two or more correlations, got {ps}")
+    missing = [k for k in product(MMOE_BENCHMARK_ARCHS, ps, seeds) if k not in val]
+    _check(not missing, f"incomplete grid of runs, missing (arch, p, seed) {missing[:3]}")
+    table: dict[str, Any] = {"key": key, "correlations": ps, "n_seeds": len(seeds), "archs": {}}
+    for arch in MMOE_BENCHMARK_ARCHS:
+        rows = {}
+        for p in ps:
+            v = np.array([val[(arch, p, s)] for s in seeds])
+            pr = paired_ratio(np.array([val[(arch, ps[0], s)] for s in seeds]), v) if p != ps[0] else None
+            rows[str(p)] = {
+                "mean": float(v.mean()),
+                "sem": float(v.std(ddof=1) / np.sqrt(len(v))),
+                "median": float(np.median(v)),
+                "ratio_vs_top": None if pr is None else asdict(pr),
+            }
+        table["archs"][arch] = rows
+    gap = {}
+    for p in ps[1:]:
+        sb = np.array([val[("shared_bottom", p, s)] / val[("shared_bottom", ps[0], s)] for s in seeds])
+        mm = np.array([val[("mmoe", p, s)] / val[("mmoe", ps[0], s)] for s in seeds])
+        gap[str(p)] = asdict(paired_ratio(mm, sb))  # > 1: shared-bottom degrades more than MMoE
+    table["sb_over_mmoe_degradation"] = gap
+    low = str(ps[-1])
+    sb_low = table["archs"]["shared_bottom"][low]["ratio_vs_top"]["low"]
+    table["trend_reproduced"] = (
+        None  # a bootstrap over a handful of seeds says nothing
+        if len(seeds) < MIN_SEEDS_FOR_VERDICT
+        else bool(sb_low > 1.0 and gap[low]["low"] > 1.0)
+    )
+    return table
 
 
 # --------------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ class TrainResult:
     best_epoch: int = 0
     samples_per_sec: float = 0.0
     checkpoint: Path | None = None
+    steps: list[dict[str, float]] = field(default_factory=list)  # every train.log_every steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +337,8 @@ def fit(
     history: list[dict[str, float]] = []
     n = len(ds.train)
     steps_per_epoch = math.ceil(n / tc.batch_size)
-    train_time, seen = 0.0, 0
+    train_time, seen, global_step = 0.0, 0, 0
+    step_log: list[dict[str, float]] = []
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
     for epoch in range(1, tc.epochs + 1):
@@ -356,8 +358,18 @@ def fit(
                 sums[f"weight/{k}"] += v
             for k, v in weighting.stats().items():
                 sums[k] += v
-            if step % 100 == 0:
-                log.debug("epoch %d step %d: loss %.4f weights %s", epoch, step + 1, loss_value, weights)
+            global_step += 1
+            if tc.log_every and global_step % tc.log_every == 0:
+                step_log.append(
+                    {
+                        "step": global_step,
+                        "epoch": epoch,
+                        "loss": loss_value,
+                        **{f"{k}/loss": v for k, v in losses.items()},
+                        **{f"weight/{k}": v for k, v in weights.items()},
+                    }
+                )
+                log.debug("step %d: loss %.4f weights %s", global_step, loss_value, weights)
             if progress is not None:
                 progress(
                     "step",
@@ -398,7 +410,7 @@ def fit(
         metrics["expert_utilization"] = util
     sps = seen / train_time if train_time > 0 else 0.0
     metrics["train_samples_per_sec"] = round(sps, 1)
-    return TrainResult(model, metrics, history, stopper.best_epoch, sps)
+    return TrainResult(model, metrics, history, stopper.best_epoch, sps, steps=step_log)
 
 
 def train(
@@ -426,7 +438,8 @@ def train(
 def save_result(
     artifacts: str | Path, result: TrainResult, cfg: Config, ds: Dataset, *, set_latest: bool = True
 ) -> Path:
-    """Write a trained result as a checkpoint (with metrics, data fingerprint, history)."""
+    """Write a trained result as a checkpoint (with metrics, data fingerprint, per-epoch history
+    and the step log)."""
     result.checkpoint = save_checkpoint(
         artifacts,
         result.model,
@@ -434,7 +447,7 @@ def save_result(
         ds.schema,
         metrics=result.metrics,
         data_fingerprint=ds.fingerprint,
-        extra={"history": result.history},
+        extra={"history": result.history, "step_log": result.steps},
         set_latest=set_latest,
     )
     log.info("wrote %s", result.checkpoint)

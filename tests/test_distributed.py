@@ -128,7 +128,7 @@ def ddp_toml(tmp_path: Path) -> Path:
         ("tower_dims = [32]", "tower_dims = [8]"),
         ("dropout = 0.1\ngate_dropout = 0.1", "dropout = 0.0\ngate_dropout = 0.0"),
         ("epochs = 1", "epochs = 2"),
-        ("batch_size = 1024", "batch_size = 256"),
+        ("batch_size = 1024", "batch_size = 256\nlog_every = 1"),
         ("patience = 1", "patience = 10"),
     ]:
         assert src.count(old) == 1, f"the shipped config changed: {old!r}"
@@ -203,6 +203,12 @@ def test_two_process_ddp_training_matches_single_process(tmp_path):
             assert y[k] == pytest.approx(x[k], abs=1e-5), k
     for k in ("test/engagement/auc", "test/satisfaction/auc", "test/loss"):
         assert b.manifest["metrics"][k] == pytest.approx(a.manifest["metrics"][k], abs=1e-4), k
+    # the step log: same steps; DDP keeps the (global) task weights, not the per-rank losses
+    sa, sb = a.manifest["step_log"], b.manifest["step_log"]
+    assert sa and [r["step"] for r in sa] == [r["step"] for r in sb]
+    for x, y in zip(sa, sb, strict=True):
+        assert set(y) == {"step", "epoch", "weight/engagement", "weight/satisfaction"}
+        assert y["weight/engagement"] == pytest.approx(x["weight/engagement"])
 
     # the check has teeth: another seed's single-process model is far outside the tolerance
     cfg = load_config(config)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from model.metrics import gauc, higher_is_better, ndcg_at_k
+from model.metrics import gauc, higher_is_better, ndcg_at_k, paired_ratio
 
 
 def _data(seed: int = 0, users: int = 40):
@@ -52,3 +52,37 @@ def test_metric_directions():
     assert not higher_is_better("valid/loss") and not higher_is_better("valid/watch/rmse")
     with pytest.raises(ValueError):
         higher_is_better("valid/unknown")
+
+
+def test_paired_ratio_recovers_a_constant_factor_exactly():
+    before = np.array([0.01, 0.2, 0.05, 0.7])
+    r = paired_ratio(before, before * 1.5)
+    assert r.ratio == pytest.approx(1.5) and r.low == pytest.approx(1.5) and r.high == pytest.approx(1.5)
+    assert r.frac_higher == 1.0 and r.n == 4
+
+
+def test_paired_ratio_sees_a_small_effect_under_large_spread():
+    rng = np.random.default_rng(3)
+    before = rng.lognormal(-3.5, 1.0, 40)  # runs differ by factors of ~10 ...
+    after = before * np.exp(rng.normal(np.log(1.3), 0.15, 40))  # ... the effect is +30%
+    r = paired_ratio(before, after)
+    assert 1.0 < r.low < 1.3 < r.high < 1.5
+    assert r.frac_higher > 0.9
+    # unpaired, the same numbers show nothing: the means' difference is within their spread
+    assert abs(after.mean() - before.mean()) < before.std() / np.sqrt(40) * 2
+
+
+def test_paired_ratio_interval_covers_one_without_an_effect():
+    rng = np.random.default_rng(4)
+    before = rng.lognormal(-3.5, 1.0, 40)
+    r = paired_ratio(before, before * np.exp(rng.normal(0.0, 0.2, 40)))
+    assert r.low < 1.0 < r.high
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [([0.1, 0.2], [0.1]), ([0.1], [0.2]), ([0.1, 0.0], [0.1, 0.2]), ([0.1, np.nan], [0.1, 0.2])],
+)
+def test_paired_ratio_rejects_bad_input(before, after):
+    with pytest.raises(ValueError):
+        paired_ratio(np.array(before), np.array(after))

@@ -3,19 +3,28 @@ import json
 from modelkit import tiny_config
 
 from model.report import write_report
+from model.synth import summarize_mmoe_benchmark as summarize
 from model.train import train
 
 
 def test_report_writes_html_and_figures(tmp_path):
     res = train(tiny_config(epochs=2), tmp_path)
     (tmp_path / "reports").mkdir(exist_ok=True)
+    runs = [
+        {
+            "p": p,
+            "seed": s,
+            "arch": a,
+            "train_mse": 0.01 * (s + 1) * (1.5 if p == 0 and a == "shared_bottom" else 1),
+        }
+        for s in range(3)
+        for p in (1.0, 0.0)
+        for a in ("shared_bottom", "mmoe")
+    ]
+    for r in runs:
+        r["test_mse"] = r["train_mse"]
     (tmp_path / "reports" / "mmoe_synthetic.json").write_text(
-        json.dumps(
-            {
-                "1.0": {"mmoe": [0.1, 0.12], "shared_bottom": [0.1, 0.11]},
-                "0.5": {"mmoe": [0.1], "shared_bottom": [0.3]},
-            }
-        )
+        json.dumps({"runs": runs, "summary": {"train_mse": summarize(runs)}})
     )
     (tmp_path / "reports" / "compare_mtl.json").write_text(
         json.dumps(
@@ -36,6 +45,7 @@ def test_report_writes_html_and_figures(tmp_path):
     for png in (
         f"history_{v}.png",
         f"gates_{v}.png",
+        f"steps_{v}.png",
         "test_auc.png",
         "mmoe_synthetic.png",
         "compare_mtl.png",

@@ -231,3 +231,44 @@ def test_unknown_weighting_is_a_config_error():
     cfg.train = TrainConfig(weighting="bogus")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="weighting"):
         cfg.__post_init__()
+
+
+# -- the step log --------------------------------------------------------------------------------
+
+
+def test_step_log_records_losses_and_weights_every_n_steps(ds, tmp_path):
+    from model.checkpoint import load_checkpoint
+    from model.train import save_result
+
+    cfg = _cfg(weighting="gradnorm", epochs=2, log_every=3)
+    res = fit(cfg, ds)
+    steps_per_epoch = math.ceil(len(ds.train) / cfg.train.batch_size)
+    assert [r["step"] for r in res.steps] == list(range(3, 2 * steps_per_epoch + 1, 3))
+    assert {r["epoch"] for r in res.steps} == {1, 2}
+    for r in res.steps:
+        assert set(r) == {
+            "step",
+            "epoch",
+            "loss",
+            "engagement/loss",
+            "satisfaction/loss",
+            "weight/engagement",
+            "weight/satisfaction",
+        }
+        assert sum(r[f"weight/{t}"] for t in ("engagement", "satisfaction")) == pytest.approx(2.0, rel=1e-4)
+    # GradNorm moves the weights during training: the log sees them change step by step
+    assert len({round(r["weight/engagement"], 6) for r in res.steps}) > 1
+    # the epoch mean of the logged per-step weights agrees with the history's epoch mean
+    ep1 = [r["weight/engagement"] for r in res.steps if r["epoch"] == 1]
+    assert np.mean(ep1) == pytest.approx(res.history[0]["weight/engagement"], abs=0.05)
+    # and the step log is kept in the checkpoint manifest
+    ckpt = load_checkpoint(save_result(tmp_path, res, cfg, ds))
+    assert ckpt.manifest["step_log"] == res.steps
+
+
+def test_step_log_off_and_invalid(ds):
+    assert fit(_cfg(epochs=1, log_every=0), ds).steps == []
+    cfg = tiny_config()
+    cfg.train.log_every = -1
+    with pytest.raises(ConfigError, match="log_every"):
+        cfg.__post_init__()
