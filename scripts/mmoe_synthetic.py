@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.synth import MIN_SEEDS_FOR_VERDICT, summarize_mmoe_benchmark  # noqa: E402
+from model.synth import FAILED_RUN_FACTOR, MIN_SEEDS_FOR_VERDICT, summarize_mmoe_benchmark  # noqa: E402
 
 ARCHS = {
     # the paper's sizes: one shared bottom of 113 units vs 8 experts x 16 units, towers of 8
@@ -38,7 +38,7 @@ ARCHS = {
 }
 
 
-def run_one(p: float, seed: int, arch: str, rows: int, epochs: int) -> dict[str, Any]:
+def run_one(p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: float) -> dict[str, Any]:
     """One training run in a fresh process (one torch thread): data for (p, seed), then fit."""
     from model.config import load_config
     from model.data import load_dataset
@@ -46,7 +46,7 @@ def run_one(p: float, seed: int, arch: str, rows: int, epochs: int) -> dict[str,
     from model.train import fit
 
     with tempfile.TemporaryDirectory() as d:
-        make_mmoe_benchmark(Path(d), correlation=p, n_rows=rows, seed=seed)
+        make_mmoe_benchmark(Path(d), correlation=p, n_rows=rows, seed=seed, alpha_std=alpha_std)
         cfg = load_config(ROOT / "configs" / "synth_mmoe_benchmark.toml")
         cfg.data.data_dir = d
         cfg.train.seed, cfg.train.epochs = seed, epochs
@@ -62,12 +62,15 @@ def run_one(p: float, seed: int, arch: str, rows: int, epochs: int) -> dict[str,
         "train_mse": float(res.history[-1]["train/loss"]) / 2,  # mean of the two heads' MSE
         "test_mse": float(res.metrics["test/loss"]) / 2,
         "train_curve": [float(h["train/loss"]) / 2 for h in res.history],
+        "alpha_std": alpha_std,
         "seconds": time.perf_counter() - t0,
     }
 
 
-def run(correlations: list[float], seeds: int, rows: int, epochs: int, jobs: int) -> list[dict[str, Any]]:
-    todo = [(p, s, a, rows, epochs) for s in range(seeds) for p in correlations for a in ARCHS]
+def run(
+    correlations: list[float], seeds: int, rows: int, epochs: int, jobs: int, alpha_std: float
+) -> list[dict[str, Any]]:
+    todo = [(p, s, a, rows, epochs, alpha_std) for s in range(seeds) for p in correlations for a in ARCHS]
     out = []
     spawn = multiprocessing.get_context("spawn")  # no torch state forked into the workers
     with ProcessPoolExecutor(jobs, mp_context=spawn) if jobs > 1 else nullcontext() as pool:
@@ -106,6 +109,8 @@ def print_summary(t: dict[str, Any]) -> None:
         g = t["sb_over_mmoe_degradation"].get(str(p))
         cells.append("" if g is None else f"{g['ratio']:.2f} [{g['low']:.2f}, {g['high']:.2f}]")
         print(f"| {p} | " + " | ".join(cells) + " |")
+    stalled = ", ".join(f"{a} {v:.0%}" for a, v in t["stalled_share"].items())
+    print(f"\nstalled runs (loss > {FAILED_RUN_FACTOR:g}x the best run on the same seed): {stalled}")
     verdict = t["trend_reproduced"]
     print(
         "\ntrend reproduced (shared-bottom's ratio and its excess over MMoE's both > 1 at 95%): "
@@ -119,6 +124,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=30)
     ap.add_argument("--rows", type=int, default=70_000)
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument(
+        "--alpha-std", type=float, default=1.0, help="std of the sines' frequencies (target difficulty)"
+    )
     ap.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "reports" / "mmoe_synthetic.json")
     ap.add_argument("--from-runs", type=Path, help="summarise an earlier --out's runs instead of training")
@@ -128,7 +136,7 @@ def main() -> None:
     runs = (
         json.loads(a.from_runs.read_text())["runs"]
         if a.from_runs
-        else run(sorted(set(a.correlations), reverse=True), a.seeds, a.rows, a.epochs, a.jobs)
+        else run(sorted(set(a.correlations), reverse=True), a.seeds, a.rows, a.epochs, a.jobs, a.alpha_std)
     )
     summary = {k: summarize_mmoe_benchmark(runs, k) for k in ("train_mse", "test_mse")}
     for s in summary.values():

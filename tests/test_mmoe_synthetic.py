@@ -50,6 +50,15 @@ def test_summary_finds_the_papers_trend():
     assert mm["low"] < 1.0 < mm["high"]
     assert t["sb_over_mmoe_degradation"]["0.0"]["low"] > 1.0
     assert t["trend_reproduced"] is True
+    assert t["stalled_share"] == {"shared_bottom": 0.0, "mmoe": 0.0}  # 1.4x is not a stall
+
+
+def test_summary_counts_stalled_runs():
+    runs = _runs(1.0, 1.0)
+    for r in runs:
+        if r["arch"] == "shared_bottom" and r["seed"] < 5 and r["p"] == 1.0:
+            r["train_mse"] *= 3  # 5 of the 40 shared-bottom runs stall
+    assert summarize_mmoe_benchmark(runs)["stalled_share"] == {"shared_bottom": 5 / 40, "mmoe": 0.0}
 
 
 @pytest.mark.parametrize(("sb", "mmoe"), [(1.0, 1.0), (1.4, 1.4), (1.0, 1.4)])

@@ -109,9 +109,29 @@ def test_mmoe_identical_tasks_at_p1(tmp_path: Path) -> None:
     assert _corr(df["y1"].to_numpy(), df["y2"].to_numpy()) > 0.99
 
 
+def test_mmoe_alpha_std_sets_how_wiggly_the_target_is(tmp_path: Path) -> None:
+    """alpha_std = 0 leaves y = w.x + const + noise; a larger spread of the sines' frequencies moves
+    the target away from its linear part (same seed: same directions, same x)."""
+    r2 = {}
+    for a in (0.0, 1.0, 3.0):
+        paths = make_mmoe_benchmark(tmp_path / str(a), 0.0, n_rows=4000, dim=10, seed=3, alpha_std=a)
+        df = pd.read_parquet(paths["log"])
+        x = df[[f"x{i}" for i in range(10)]].to_numpy(np.float64)
+        y = df["y1"].to_numpy()
+        fit = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]
+        r2[a] = 1 - np.var(y - np.c_[x, np.ones(len(x))] @ fit) / np.var(y)
+        assert json.loads(paths["meta"].read_text())["params"]["alpha_std"] == a
+    assert r2[0.0] > 0.98 and r2[0.0] > r2[1.0] > r2[3.0]
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{"correlation": 1.5}, {"correlation": 0.5, "dim": 1}, {"correlation": 0.5, "n_rows": 1}],
+    [
+        {"correlation": 1.5},
+        {"correlation": 0.5, "dim": 1},
+        {"correlation": 0.5, "n_rows": 1},
+        {"correlation": 0.5, "alpha_std": -1.0},
+    ],
 )
 def test_mmoe_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
