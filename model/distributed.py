@@ -28,7 +28,9 @@ calls ``train_distributed``, which reproduces single-process training of the sam
 Weightings: ``static`` and ``uncertainty`` (its s_i are outside the DDP module; their gradients are
 all-reduced). ``mgda``, ``pcgrad``, ``gradnorm`` (per-task gradients / their norms are nonlinear in the
 batch, so per-rank values averaged are not the global ones) and ``worst_case`` (a nonlinear function of
-the per-rank losses, with per-rank L_i(0)) are rejected with a ``ConfigError``. Fine-tuning from a
+the per-rank losses) are rejected with a ``ConfigError``. The step log (``train.log_every``) holds the
+same records as in ``fit``: the ranks' loss shares are summed once per epoch (one all-reduce of the
+epoch's logged steps), which gives the global batch's losses exactly. Fine-tuning from a
 checkpoint (``--init-from``) is not offered here; ``train.freeze`` / ``reset_heads`` / ``lr_scale`` /
 ``layer_lr_decay`` / ``tower_l2`` work as in ``fit``.
 """
@@ -206,13 +208,17 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
     train_time, seen, global_step = 0.0, 0, 0
-    step_log: list[dict[str, float]] = []  # task weights only: they are global, the losses per rank
+    step_log: list[dict[str, float]] = []
     for epoch in range(1, tc.epochs + 1):
         ddp.train()  # type: ignore[no-untyped-call]
         perm = rng.permutation(n)
         shard = rank_shard(perm, rank, W)
         t0 = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
+        # the epoch's step-log records: weights are global; the losses are this rank's share of the
+        # global batch's (scaled), summed over ranks once per epoch rather than all-reduced per step
+        logged: list[tuple[int, dict[str, float]]] = []
+        logged_losses: list[list[float]] = []
         for step in range(steps_per_epoch):
             local = shard[step * b : (step + 1) * b]
             real = local >= 0
@@ -246,10 +252,14 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
                 sums[k] += x
             global_step += 1
             if tc.log_every and global_step % tc.log_every == 0:
-                weights = weighting.weights()
-                step_log.append(
-                    {"step": global_step, "epoch": epoch, **{f"weight/{k}": w for k, w in weights.items()}}
-                )
+                logged.append((global_step, {f"weight/{k}": w for k, w in weighting.weights().items()}))
+                logged_losses.append([loss_value, *(float(losses[t.name].detach()) for t in cfg.tasks)])
+        if logged:
+            local_losses = torch.tensor(logged_losses, dtype=torch.float64, device=device)  # (S, 1 + T)
+            dist.all_reduce(local_losses)
+            for (s, weights), (loss, *task) in zip(logged, (local_losses / W).tolist(), strict=True):
+                per_task = {f"{t.name}/loss": v for t, v in zip(cfg.tasks, task, strict=True)}
+                step_log.append({"step": s, "epoch": epoch, "loss": loss, **per_task, **weights})
         # per-rank sums of scaled losses average to the global-batch values
         keys = sorted(sums)
         total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)

@@ -144,12 +144,16 @@ def plot_test_metrics(manifests: Sequence[Mapping[str, Any]], path: Path) -> boo
 def plot_mmoe_synthetic(data: Mapping[str, Any], path: Path) -> bool:
     """scripts/mmoe_synthetic.py results: final training MSE against task correlation (mean ±
     standard error over seeds) and, per seed, the loss ratio against the highest correlation
-    (geometric mean with its bootstrap interval): the paper's trend is the right-hand panel."""
+    (geometric mean with its bootstrap interval): the paper's trend is the right-hand panel. When
+    the runs carry per-step curves, a second row plots the training loss against steps averaged
+    over seeds, one line per correlation, as the paper's figures do."""
     summary = data.get("summary", {}).get("train_mse") if isinstance(data, Mapping) else None
     if not isinstance(summary, Mapping) or not summary.get("archs"):
         return False
     ps = [float(p) for p in summary["correlations"]]
-    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(9, 3.4))
+    runs = [r for r in data.get("runs", []) if isinstance(r, Mapping) and r.get("step_curve")]
+    fig, axes = plt.subplots(2 if runs else 1, 2, figsize=(9, 6.8 if runs else 3.4), squeeze=False)
+    ax, ax_r = axes[0]
     for i, (arch, rows) in enumerate(summary["archs"].items()):
         cells = [rows[str(p)] for p in ps]
         ax.errorbar(
@@ -159,6 +163,8 @@ def plot_mmoe_synthetic(data: Mapping[str, Any], path: Path) -> bool:
         mid = np.array([r["ratio"] for r in ratios])
         err = np.array([mid - [r["low"] for r in ratios], [r["high"] for r in ratios] - mid])
         ax_r.errorbar(np.array(ps) + 0.02 * (i - 0.5), mid, yerr=err, marker="o", capsize=3, label=arch)
+        if runs:
+            _plot_step_curves(axes[1][i], arch, [r for r in runs if r.get("arch") == arch], ps)
     ax_r.axhline(1.0, color="grey", lw=0.8, ls="--")
     for a in (ax, ax_r):
         a.invert_xaxis()
@@ -173,6 +179,20 @@ def plot_mmoe_synthetic(data: Mapping[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def _plot_step_curves(ax: Any, arch: str, runs: Sequence[Mapping[str, Any]], ps: Sequence[float]) -> None:
+    """Training loss against steps for one arch, averaged over seeds, one line per correlation."""
+    for p in ps:
+        curves = [np.asarray(r["step_curve"], dtype=float) for r in runs if float(r["p"]) == p]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        window = int(runs[0].get("step_window", 1))
+        ax.plot(np.arange(1, n + 1) * window, np.mean([c[:n] for c in curves], axis=0), label=f"p={p:g}")
+    ax.set_yscale("log")
+    ax.set(title=f"{arch}: mean over {len(runs) // max(1, len(ps))} seeds", xlabel="step", ylabel="train MSE")
+    ax.legend()
 
 
 def plot_compare(data: Mapping[str, Any], path: Path) -> bool:

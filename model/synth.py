@@ -56,7 +56,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from model.metrics import paired_ratio
+from model.metrics import paired_mean_ratio, paired_ratio
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,48 @@ def make_mmoe_benchmark(
 MIN_SEEDS_FOR_VERDICT = 10
 FAILED_RUN_FACTOR = 2.0
 MMOE_BENCHMARK_ARCHS = ("shared_bottom", "mmoe")
+STEP_WINDOW = 50  # training steps averaged into one point of a loss-vs-steps curve
+
+
+def window_means(values: Sequence[float], window: int) -> list[float]:
+    """Means of consecutive ``window``-long stretches of ``values`` (the last may be shorter)."""
+    _check(window >= 1, f"window must be >= 1, got {window}")
+    v = np.asarray(values, dtype=np.float64)
+    return [float(v[i : i + window].mean()) for i in range(0, len(v), window)]
+
+
+def add_budget_losses(
+    runs: Sequence[Mapping[str, Any]], epochs: Sequence[int] = (1, 2, 5)
+) -> list[dict[str, Any]]:
+    """Copies of ``runs`` with the training loss at shorter budgets, read off each run's per-epoch
+    ``train_curve``: ``train_mse@ep{k}`` for each k in ``epochs`` (the mean loss over epoch k) and
+    ``train_mse_curve_mean`` (the mean over all epochs: the area under the training curve, where the
+    paper's loss-vs-steps figures show their gaps). Each is summarised like ``train_mse``."""
+    need, out = max(epochs, default=1), []
+    for r in runs:
+        curve = [float(v) for v in r["train_curve"]]
+        _check(len(curve) >= need, f"a run has {len(curve)} epochs, budgets ask for {need}")
+        out.append(
+            {
+                **r,
+                **{f"train_mse@ep{k}": curve[k - 1] for k in epochs},
+                "train_mse_curve_mean": float(np.mean(curve)),
+            }
+        )
+    return out
+
+
+def budget_keys(epochs: Sequence[int] = (1, 2, 5)) -> list[str]:
+    """The keys add_budget_losses adds, shortest budget first, then the final loss."""
+    return [f"train_mse@ep{k}" for k in epochs] + ["train_mse_curve_mean", "train_mse"]
 
 
 def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "train_mse") -> dict[str, Any]:
     """Summarise runs of scripts/mmoe_synthetic.py (dicts with p, seed, arch and ``key``).
 
     Per arch and p: mean, standard error and median of ``key``, and the paired ratio
-    (model.metrics.paired_ratio) of each p against the highest p over seeds. Per p: the ratio of
+    (model.metrics.paired_ratio) of each p against the highest p over seeds, also as a ratio of
+    the means (model.metrics.paired_mean_ratio: the paper's averaged curves). Per p: the ratio of
     shared-bottom's ratio to MMoE's (> 1: shared-bottom degrades more). Per arch: the share of
     stalled runs (loss over FAILED_RUN_FACTOR x the seed's best). ``trend_reproduced``, the
     paper's finding at the lowest p: shared-bottom's ratio and its excess over MMoE's both above 1
@@ -224,12 +259,14 @@ def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "trai
         rows = {}
         for p in ps:
             v = np.array([val[(arch, p, s)] for s in seeds])
-            pr = paired_ratio(np.array([val[(arch, ps[0], s)] for s in seeds]), v) if p != ps[0] else None
+            top = np.array([val[(arch, ps[0], s)] for s in seeds])
+            first = p == ps[0]
             rows[str(p)] = {
                 "mean": float(v.mean()),
                 "sem": float(v.std(ddof=1) / np.sqrt(len(v))),
                 "median": float(np.median(v)),
-                "ratio_vs_top": None if pr is None else asdict(pr),
+                "ratio_vs_top": None if first else asdict(paired_ratio(top, v)),
+                "mean_ratio_vs_top": None if first else asdict(paired_mean_ratio(top, v)),
             }
         table["archs"][arch] = rows
     # trainability (the paper's 3.5): a run "stalls" when its loss is over FAILED_RUN_FACTOR x the

@@ -331,7 +331,7 @@ def fit(
         model.reset_heads()
     if tc.freeze:
         info["frozen_parameters"] = freeze(model, tc.freeze)
-    weighting = make_weighting(tc, cfg.tasks)
+    weighting = make_weighting(tc, cfg.tasks, ds.train.labels)
     opt = make_optimizer(model, weighting, cfg)
     stopper = EarlyStopping(*resolve_monitor(cfg, ds), tc.patience)
     history: list[dict[str, float]] = []

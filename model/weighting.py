@@ -20,10 +20,17 @@ schemes set the weights themselves.
                per task), then L = sum_i alpha_i L_i. Two tasks: the closed form
                alpha = clip(((g2 - g1) . g2) / ||g1 - g2||^2, 0, 1); more: Frank-Wolfe on the Gram
                matrix. A scheme-level rescaling is not applied: sum_i alpha_i = 1.
-- worst_case   Minimax over normalised losses r_i = L_i / L_i(0), L_i(0) the first training batch's
-               losses: L = tau * log sum_i exp(r_i / tau) (a smooth max, >= max_i r_i and at most
-               tau * log T above it; its gradient weights task i by softmax(r / tau)_i / L_i(0)),
-               or the hard max_i r_i when ``worst_case_temperature`` tau = 0.
+- worst_case   Minimax over normalised losses r_i = L_i / R_i: L = tau * log sum_i exp(r_i / tau)
+               (a smooth max, >= max_i r_i and at most tau * log T above it; its gradient weights
+               task i by softmax(r / tau)_i / R_i), or the hard max_i r_i when
+               ``worst_case_temperature`` tau = 0. The reference R_i (``worst_case_reference``):
+               "constant" (default), the loss of the best constant predictor on the training
+               labels, i.e. the label entropy H(mean y) for a binary head (r_i is then the
+               normalised entropy of He et al., ADKDD 2014) and the label variance for a
+               regression head (r_i = 1 - R^2), so r_i ~ 1 means "learned nothing yet" for a rare
+               and a common label alike; or "initial", L_i(0), the first training batch's losses,
+               which at a zero-logit start makes a rare binary label look nearly solved (its loss
+               drops from log 2 to its small entropy at once) and starves it.
 - gradnorm     Chen et al., ICML 2018. Learnable w_i (init 1, own Adam optimiser with
                ``gradnorm_lr``); G_i = w_i ||dL_i/dW|| on the last shared layer's weight W (or on z when
                nothing is shared); target G_bar * (r_i / mean r)^alpha with r_i = L_i / L_i(0) treated
@@ -40,14 +47,20 @@ added by the trainer after the scheme's backward.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
 from model.config import TaskConfig, TrainConfig
 from model.nets import MultiTaskNet
+
+log = logging.getLogger(__name__)
 
 
 def _stack(losses: Mapping[str, Tensor], tasks: Sequence[TaskConfig]) -> Tensor:
@@ -204,11 +217,42 @@ class MGDAWeighting(TaskWeighting):
         return total.detach()
 
 
+def constant_predictor_losses(
+    labels: npt.NDArray[np.floating[Any]], tasks: Sequence[TaskConfig]
+) -> list[float]:
+    """Per task, the loss of the best constant prediction on ``labels`` (N, T) (NaN = unobserved):
+    the label entropy -(q log q + (1-q) log(1-q)), q = mean label, for binary heads (the log loss of
+    predicting q), the label variance for regression heads (the MSE of predicting the mean)."""
+    out = []
+    for t, task in enumerate(tasks):
+        y = labels[:, t].astype(np.float64)
+        y = y[~np.isnan(y)]
+        if len(y) == 0:
+            raise ValueError(f"task {task.name!r} has no observed training labels")
+        if task.kind == "binary":
+            q = float(np.clip(y.mean(), 1e-12, 1 - 1e-12))
+            out.append(-(q * math.log(q) + (1 - q) * math.log(1 - q)))
+        else:
+            out.append(float(y.var()))
+    return out
+
+
 class WorstCaseWeighting(TaskWeighting):
-    def __init__(self, tasks: Sequence[TaskConfig], temperature: float) -> None:
+    def __init__(
+        self, tasks: Sequence[TaskConfig], temperature: float, reference: Sequence[float] | None = None
+    ) -> None:
         super().__init__(tasks)
         self.temperature = temperature
-        self.initial: Tensor | None = None  # L_i(0)
+        # R_i: given (e.g. constant_predictor_losses), or L_i(0) from the first batch when None
+        self.initial: Tensor | None = None
+        if reference is not None:
+            if len(reference) != len(self.tasks):
+                raise ValueError(f"need one reference loss per task, got {len(reference)}")
+            if min(reference) < 1e-6:
+                log.warning(
+                    "worst case: a task's constant-predictor loss is ~0 (constant label?): %s", reference
+                )
+            self.initial = torch.tensor(reference, dtype=torch.float32).clamp_min(1e-6)
 
     def objective(self, losses: Tensor) -> Tensor:
         if self.initial is None:
@@ -319,7 +363,10 @@ class PCGradWeighting(TaskWeighting):
         return {} if math.isnan(self.cosine) else {"pcgrad/cosine": self.cosine}
 
 
-def make_weighting(tc: TrainConfig, tasks: Sequence[TaskConfig]) -> TaskWeighting:
+def make_weighting(
+    tc: TrainConfig, tasks: Sequence[TaskConfig], train_labels: npt.NDArray[np.floating[Any]] | None = None
+) -> TaskWeighting:
+    """The scheme ``tc.weighting``; ``train_labels`` (N, T) give worst_case its "constant" reference."""
     if tc.weighting == "static":
         return StaticWeighting(tasks)
     if tc.weighting == "uncertainty":
@@ -327,7 +374,13 @@ def make_weighting(tc: TrainConfig, tasks: Sequence[TaskConfig]) -> TaskWeightin
     if tc.weighting == "mgda":
         return MGDAWeighting(tasks)
     if tc.weighting == "worst_case":
-        return WorstCaseWeighting(tasks, tc.worst_case_temperature)
+        if tc.worst_case_reference == "initial":
+            return WorstCaseWeighting(tasks, tc.worst_case_temperature)
+        if train_labels is None:
+            raise ValueError('worst_case_reference = "constant" needs the training labels')
+        return WorstCaseWeighting(
+            tasks, tc.worst_case_temperature, constant_predictor_losses(train_labels, tasks)
+        )
     if tc.weighting == "gradnorm":
         return GradNormWeighting(tasks, tc.gradnorm_alpha, tc.gradnorm_lr)
     if tc.weighting == "pcgrad":

@@ -29,7 +29,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.synth import FAILED_RUN_FACTOR, MIN_SEEDS_FOR_VERDICT, summarize_mmoe_benchmark  # noqa: E402
+from model.synth import (  # noqa: E402
+    FAILED_RUN_FACTOR,
+    MIN_SEEDS_FOR_VERDICT,
+    STEP_WINDOW,
+    add_budget_losses,
+    budget_keys,
+    summarize_mmoe_benchmark,
+    window_means,
+)
 
 ARCHS = {
     # the paper's sizes: one shared bottom of 113 units vs 8 experts x 16 units, towers of 8
@@ -51,17 +59,21 @@ def run_one(p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: f
         cfg.data.data_dir = d
         cfg.train.seed, cfg.train.epochs = seed, epochs
         cfg.train.patience, cfg.train.num_threads = epochs, 1
+        cfg.train.log_every = 1  # every step's task losses, for the loss-vs-steps curves
         for k, v in ARCHS[arch].items():
             setattr(cfg.model, k, v)
         t0 = time.perf_counter()
         res = fit(cfg, load_dataset(cfg))
+    per_step = [(s["y1/loss"] + s["y2/loss"]) / 2 for s in res.steps]  # mean of the two heads' MSE
     return {
         "p": p,
         "seed": seed,
         "arch": arch,
         "train_mse": float(res.history[-1]["train/loss"]) / 2,  # mean of the two heads' MSE
         "test_mse": float(res.metrics["test/loss"]) / 2,
-        "train_curve": [float(h["train/loss"]) / 2 for h in res.history],
+        "train_curve": [float(h["train/loss"]) / 2 for h in res.history],  # per epoch
+        "step_window": STEP_WINDOW,
+        "step_curve": window_means(per_step, STEP_WINDOW),  # per STEP_WINDOW steps, as the paper plots
         "alpha_std": alpha_std,
         "seconds": time.perf_counter() - t0,
     }
@@ -118,6 +130,32 @@ def print_summary(t: dict[str, Any]) -> None:
     )
 
 
+def _ci(r: dict[str, float]) -> str:
+    return f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def print_budgets(tables: list[dict[str, Any]]) -> None:
+    """The trend at the lowest p for each training budget (and the test loss), in one table."""
+    top, low = tables[0]["correlations"][0], tables[0]["correlations"][-1]
+    print(
+        f"\nloss(p={low}) / loss(p={top}) by budget: geometric mean of per-seed ratios, and ratio of"
+        " the means (the paper's averaged curves), 95% CI"
+    )
+    print("\n| loss | shared-bottom | MMoE | SB / MMoE | SB, ratio of means | MMoE, ratio of means | trend |")
+    print("|---|---|---|---|---|---|---|")
+    for t in tables:
+        sb, mm = (t["archs"][a][str(low)] for a in ARCHS)
+        cells = [
+            _ci(sb["ratio_vs_top"]),
+            _ci(mm["ratio_vs_top"]),
+            _ci(t["sb_over_mmoe_degradation"][str(low)]),
+            _ci(sb["mean_ratio_vs_top"]),
+            _ci(mm["mean_ratio_vs_top"]),
+            str(t["trend_reproduced"]),
+        ]
+        print(f"| {t['key']} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--correlations", type=float, nargs="+", default=[1.0, 0.5, 0.0])
@@ -138,9 +176,13 @@ def main() -> None:
         if a.from_runs
         else run(sorted(set(a.correlations), reverse=True), a.seeds, a.rows, a.epochs, a.jobs, a.alpha_std)
     )
-    summary = {k: summarize_mmoe_benchmark(runs, k) for k in ("train_mse", "test_mse")}
-    for s in summary.values():
-        print_summary(s)
+    budgets = [k for k in (1, 2, 5) if k < min(len(r["train_curve"]) for r in runs)]
+    keys = [*budget_keys(budgets), "test_mse"]
+    with_budgets = add_budget_losses(runs, budgets)
+    summary = {k: summarize_mmoe_benchmark(with_budgets, k) for k in keys}
+    for k in ("train_mse", "test_mse"):
+        print_summary(summary[k])
+    print_budgets([summary[k] for k in keys])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))  # mtrank report plots it
     print(f"\nwrote {a.out}")

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from model.report import plot_mmoe_synthetic
-from model.synth import MIN_SEEDS_FOR_VERDICT, summarize_mmoe_benchmark
+from model.synth import (
+    MIN_SEEDS_FOR_VERDICT,
+    add_budget_losses,
+    budget_keys,
+    summarize_mmoe_benchmark,
+    window_means,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +57,41 @@ def test_summary_finds_the_papers_trend():
     assert t["sb_over_mmoe_degradation"]["0.0"]["low"] > 1.0
     assert t["trend_reproduced"] is True
     assert t["stalled_share"] == {"shared_bottom": 0.0, "mmoe": 0.0}  # 1.4x is not a stall
+
+
+def test_summary_reports_the_ratio_of_means_beside_the_geometric_one():
+    runs = _runs(1.0, 1.0)
+    t = summarize_mmoe_benchmark(runs)
+    sb = t["archs"]["shared_bottom"]
+    assert sb["1.0"]["mean_ratio_vs_top"] is None
+    m = sb["0.0"]["mean_ratio_vs_top"]
+    assert m["ratio"] == pytest.approx(sb["0.0"]["mean"] / sb["1.0"]["mean"])
+    assert m["low"] <= m["ratio"] <= m["high"]
+
+
+def test_window_means():
+    assert window_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5, 5.0]
+    assert window_means([], 3) == []
+    with pytest.raises(ValueError, match="window"):
+        window_means([1.0], 0)
+
+
+def test_budget_losses_read_the_curve_and_summarise_like_the_final_loss():
+    runs = _runs(1.4, 1.0)
+    for r in runs:  # an early epoch where the shared-bottom's p = 0 runs are 2x worse, not 1.4x
+        worse = r["arch"] == "shared_bottom" and r["p"] == 0.0
+        r["train_curve"] = [r["train_mse"] * (4 if not worse else 5.7), r["train_mse"] * 2, r["train_mse"]]
+    out = add_budget_losses(runs, [1, 2])
+    assert budget_keys([1, 2]) == ["train_mse@ep1", "train_mse@ep2", "train_mse_curve_mean", "train_mse"]
+    r = out[0]
+    assert r["train_mse@ep1"] == r["train_curve"][0] and r["train_mse@ep2"] == r["train_curve"][1]
+    assert r["train_mse_curve_mean"] == pytest.approx(np.mean(r["train_curve"]))
+    assert "train_mse@ep1" not in runs[0]  # copies, the input is untouched
+    early = summarize_mmoe_benchmark(out, "train_mse@ep1")["archs"]["shared_bottom"]["0.0"]["ratio_vs_top"]
+    final = summarize_mmoe_benchmark(out, "train_mse")["archs"]["shared_bottom"]["0.0"]["ratio_vs_top"]
+    assert early["ratio"] == pytest.approx(final["ratio"] * 5.7 / 4)
+    with pytest.raises(ValueError, match="budgets ask for 5"):
+        add_budget_losses(runs, [5])
 
 
 def test_summary_counts_stalled_runs():
@@ -94,6 +135,9 @@ def test_tiny_real_run_writes_runs_summary_and_a_plot(bench, tmp_path, monkeypat
     }
     for r in data["runs"]:
         assert len(r["train_curve"]) == 1 and r["train_mse"] == r["train_curve"][-1] > 0
+        # one epoch of 6 steps is one window of the per-step curve: the mean over the same steps
+        assert r["step_window"] == 50 and r["step_curve"] == [pytest.approx(r["train_curve"][0], rel=1e-5)]
+    assert set(data["summary"]) == {"train_mse", "train_mse_curve_mean", "test_mse"}
     # in-process (--jobs 1) training is the same computation: same seeds, same losses
     one = tmp_path / "one.json"
     monkeypatch.setattr(sys, "argv", ["x", *args[:-1], str(one), "--jobs", "1"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from model.metrics import gauc, higher_is_better, ndcg_at_k, paired_ratio
+from model.metrics import gauc, higher_is_better, ndcg_at_k, paired_mean_ratio, paired_ratio
 
 
 def _data(seed: int = 0, users: int = 40):
@@ -86,3 +86,35 @@ def test_paired_ratio_interval_covers_one_without_an_effect():
 def test_paired_ratio_rejects_bad_input(before, after):
     with pytest.raises(ValueError):
         paired_ratio(np.array(before), np.array(after))
+
+
+def test_paired_mean_ratio_recovers_a_constant_factor_exactly():
+    before = np.array([0.01, 0.2, 0.05, 0.7])
+    r = paired_mean_ratio(before, before * 1.5)
+    assert (r.ratio, r.low, r.high) == pytest.approx((1.5, 1.5, 1.5))
+    assert r.frac_higher == 1.0 and r.n == 4
+
+
+def test_paired_mean_ratio_is_the_ratio_of_averaged_curves_and_feels_one_failed_run():
+    rng = np.random.default_rng(5)
+    before = rng.lognormal(-3.5, 0.3, 40)
+    after = before * np.exp(rng.normal(0.0, 0.05, 40))
+    after[0] = 20 * before.mean()  # one run of 40 fails: +50% on the mean of the others
+    m, g = paired_mean_ratio(before, after), paired_ratio(before, after)
+    assert m.ratio == pytest.approx(after.mean() / before.mean())
+    assert m.ratio > 1.4 and m.low <= m.ratio <= m.high
+    assert g.ratio < 1.15  # the geometric mean of per-seed ratios barely moves
+
+
+def test_paired_mean_ratio_interval_covers_one_without_an_effect():
+    rng = np.random.default_rng(6)
+    before = rng.lognormal(-3.5, 1.0, 40)
+    r = paired_mean_ratio(before, before * np.exp(rng.normal(0.0, 0.2, 40)))
+    assert r.low < 1.0 < r.high
+
+
+def test_paired_mean_ratio_rejects_bad_input():
+    with pytest.raises(ValueError, match="positive"):
+        paired_mean_ratio(np.array([1.0, 0.0]), np.array([1.0, 1.0]))
+    with pytest.raises(ValueError, match="same length"):
+        paired_mean_ratio(np.array([1.0, 2.0]), np.array([1.0, 2.0, 3.0]))

@@ -17,6 +17,8 @@ from model.weighting import (
     PCGradWeighting,
     UncertaintyWeighting,
     WorstCaseWeighting,
+    constant_predictor_losses,
+    make_weighting,
     min_norm_coefficients,
     pcgrad_project,
     uncertainty_objective,
@@ -202,6 +204,59 @@ def test_worst_case_objective_hard_and_smooth():
     assert 0.75 <= val <= 0.75 + 0.1 * math.log(2)
     w = soft.weights()
     assert w["satisfaction"] * 2.0 > w["engagement"] * 0.5  # the worse task dominates
+
+
+def test_constant_predictor_losses_are_label_entropy_and_variance():
+    tasks = [TaskConfig("click", "binary", "c"), TaskConfig("watch", "regression", label="w")]
+    labels = np.array([[1, 2.0], [0, 4.0], [0, np.nan], [0, 6.0], [np.nan, 8.0]], dtype=np.float32)
+    h, var = constant_predictor_losses(labels, tasks)
+    assert h == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))  # q = 1/4, NaN ignored
+    assert var == pytest.approx(np.var([2.0, 4.0, 6.0, 8.0]))
+    # it is the loss of the best constant prediction: predicting q (binary) or the mean (regression)
+    y = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert torch.nn.functional.binary_cross_entropy(torch.full((4,), 0.25), y).item() == pytest.approx(h)
+    with pytest.raises(ValueError, match="no observed"):
+        constant_predictor_losses(np.full((3, 2), np.nan, dtype=np.float32), tasks)
+
+
+def test_worst_case_constant_reference_does_not_starve_a_rare_label():
+    """A 2% label: at zero logits its loss is log 2, its constant-predictor loss ~0.098. Halfway to
+    learning something, both heads sit ~10% under their constant predictor; against L_i(0) the rare
+    head looks 87% solved and gets almost no weight, against the constant predictor it gets its share."""
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.random(5000) < 0.4, rng.random(5000) < 0.02], axis=1).astype(np.float32)
+    ref = constant_predictor_losses(labels, TASKS)
+    first = torch.tensor([math.log(2), math.log(2)])  # the first batch, zero logits
+    later = torch.tensor(ref) * 0.9
+    initial = WorstCaseWeighting(TASKS, temperature=0.1)
+    initial.objective(first)
+    initial.objective(later)
+    constant = WorstCaseWeighting(TASKS, temperature=0.1, reference=ref)
+    constant.objective(first)
+    constant.objective(later)
+    # weight x R_i = the task's share of the softmax over normalised losses
+    share_initial = initial.weights()["satisfaction"] * math.log(2)
+    share_constant = constant.weights()["satisfaction"] * ref[1]
+    assert share_initial < 1e-3 and share_constant == pytest.approx(0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="one reference loss per task"):
+        WorstCaseWeighting(TASKS, temperature=0.1, reference=[1.0])
+
+
+def test_worst_case_reference_from_the_config(ds):
+    ref = constant_predictor_losses(ds.train.labels, TASKS)
+    w = make_weighting(TrainConfig(weighting="worst_case"), TASKS, ds.train.labels)
+    assert isinstance(w, WorstCaseWeighting) and w.initial is not None
+    assert w.initial.tolist() == pytest.approx(ref)
+    lazy = make_weighting(TrainConfig(weighting="worst_case", worst_case_reference="initial"), TASKS)
+    assert isinstance(lazy, WorstCaseWeighting) and lazy.initial is None
+    with pytest.raises(ValueError, match="training labels"):
+        make_weighting(TrainConfig(weighting="worst_case"), TASKS)
+    cfg = tiny_config()
+    cfg.train = TrainConfig(weighting="worst_case", worst_case_reference="first")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="worst_case_reference"):
+        cfg.__post_init__()
+    res = fit(_cfg(weighting="worst_case", worst_case_reference="initial", epochs=1), ds)
+    assert math.isfinite(res.metrics["test/satisfaction/auc"])
 
 
 # -- every scheme trains -------------------------------------------------------------------------
