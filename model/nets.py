@@ -39,7 +39,7 @@ inputs (training). Serving never has them, so the tower is dropped there.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -272,6 +272,19 @@ class SeparateTowers(MultiTaskNet):
         out = {t: self.towers[t](self.bottom[t](z[:, i])) for i, t in enumerate(self.tasks)}
         return out, z
 
+    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not self.n_bottom:
+            return super().forward_request(r)
+        out = {}
+        for t in self.tasks:
+            embed, bottom = self.embed[t], self.bottom[t]
+            assert isinstance(embed, FeatureEmbedding) and isinstance(bottom, nn.Sequential)
+            first = bottom[0]
+            assert isinstance(first, nn.Linear)
+            h = bottom[1:](split_linear(*embed.split(r), first))  # (B, H)
+            out[t] = self.towers[t](h)
+        return out
+
     def task_towers(self) -> dict[str, nn.Module]:
         # nothing is shared, so the whole per-task network is the "tower" soft sharing ties together
         return {t: nn.ModuleList([self.embed[t], self.bottom[t], self.towers[t]]) for t in self.tasks}
@@ -482,7 +495,32 @@ class PLELevel(nn.Module):
     def forward(self, xs: Sequence[Tensor], x_shared: Tensor) -> tuple[list[Tensor], Tensor | None]:
         hs = self.shared_experts(x_shared)  # (B, Es, H)
         ht = [self.task_experts[t](xs[i]) for i, t in enumerate(self.tasks)]  # T x (B, Et, H)
-        g = self.gate_probs(xs, x_shared)
+        return self._mix(ht, hs, self.gate_probs(xs, x_shared))
+
+    def forward_split(
+        self, parts: tuple[Tensor, Tensor, Tensor, Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Serving (eval): ``forward([x] * T, x)`` for a request's split input x (FeatureEmbedding.split),
+        the request-constant share of every expert's and gate's first layer computed once."""
+        hs = self.shared_experts.above_first(self.shared_experts.first_split(*parts))  # (B, Es, H)
+        ht = []  # T x (B, Et, H)
+        for t in self.tasks:
+            experts = self.task_experts[t]
+            assert isinstance(experts, Experts)
+            ht.append(experts.above_first(experts.first_split(*parts)))
+        gates = {t: self.gates[t] for t in self.tasks}
+        if self.shared_gate is not None:
+            gates["shared"] = self.shared_gate
+        g = {}
+        for name, gate in gates.items():
+            assert isinstance(gate, nn.Linear)
+            g[name] = torch.softmax(split_linear(*parts, gate), dim=-1)  # (B, n)
+        return self._mix(ht, hs, g)
+
+    def _mix(
+        self, ht: Sequence[Tensor], hs: Tensor, g: Mapping[str, Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Each task gate's mixture of [its experts, shared experts]; the shared gate's of all."""
         outs = [
             torch.einsum("be,beh->bh", g[t], torch.cat([ht[i], hs], dim=1))  # (B, H)
             for i, t in enumerate(self.tasks)
@@ -524,6 +562,16 @@ class PLE(MultiTaskNet):
             assert x_shared is not None
             xs, x_shared = level(xs, x_shared)  # T x (B, H), (B, H) or None after the last level
         return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}, x
+
+    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not self.n_layers:
+            return super().forward_request(r)
+        levels = self.level_list
+        xs, x_shared = levels[0].forward_split(self.embed.split(r))  # the first level sees x itself
+        for level in levels[1:]:
+            assert x_shared is not None
+            xs, x_shared = level(xs, x_shared)
+        return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}
 
     @property
     def level_list(self) -> list[PLELevel]:
@@ -608,14 +656,40 @@ class Conditioned(MultiTaskNet):
             h = torch.cat([h, z[:, None, :].expand(T, B, z.shape[1])], dim=-1)  # (T, B, D+Dz)
         elif self.conditioning == "add":
             h = h + z[:, None, :]  # (T, B, D)
+        if not len(self.trunk):
+            return self._above_first(h), x
+        return self._above_first(self.trunk[0](h)), x  # (T, B, H1)
+
+    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+        """The first trunk layer is affine in [x, z_t] (concat) or x + z_t (add): its x share, with
+        the request-constant columns computed once, plus a per-task z_t share (T, H1)."""
+        if not len(self.trunk):
+            return super().forward_request(r)
+        first = self.trunk[0]
+        assert isinstance(first, nn.Linear)
+        d_x, z = self.embed.out_dim, self.task_emb  # z: (T, Dz)
+        h = split_linear(*self.embed.split(r), first)  # (B, H1); concat ignores the z columns here
+        if self.conditioning == "concat":
+            h = h[None] + (z @ first.weight[:, d_x:].T)[:, None, :]  # (T, B, H1)
+        elif self.conditioning == "add":
+            h = h[None] + (z @ first.weight.T)[:, None, :]  # W (x + z_t) + b = (W x + b) + W z_t
+        else:
+            h = h[None].expand(len(self.tasks), *h.shape)  # FiLM conditions after the layer
+        return self._above_first(h)
+
+    def _above_first(self, h: Tensor) -> dict[str, Tensor]:
+        """Everything after the first trunk layer's pre-activation h (T, B, H1); with no trunk, h
+        is the trunk input."""
+        z = self.task_emb
         for i, layer in enumerate(self.trunk):
-            h = layer(h)  # (T, B, H)
+            if i > 0:
+                h = layer(h)  # (T, B, H)
             if self.conditioning == "film":
                 gamma, beta = self.film[i](z).chunk(2, dim=-1)  # (T, H) each
                 h = (1 + gamma[:, None, :]) * h + beta[:, None, :]
             h = self.dropout(F.relu(h))
         y = self.head(h)  # (T, B)
-        return {t: y[i] for i, t in enumerate(self.tasks)}, x
+        return {t: y[i] for i, t in enumerate(self.tasks)}
 
     def shared_parameters(self) -> list[Tensor]:
         return [

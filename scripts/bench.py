@@ -19,8 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import numpy as np
@@ -63,45 +65,85 @@ def bench_training(config: Path) -> dict[str, float]:
     return out
 
 
-def bench_forward(ckpt: Path, reps: int) -> dict[int, dict[str, Any]]:
+def _request(ranker: Ranker, n: int) -> tuple[Any, Any, Any, RequestBatch, Any, Any]:
+    """One request of n KuaiRand-Pure videos for the first user: (u, v, c frames, RequestBatch,
+    broadcast cats, nums)."""
     import torch
 
-    ranker = Ranker.load(ckpt)
-    torch.set_num_threads(1)
     data = ranker.config.data
     videos = load_entity_table(data, "video")
     users = load_entity_table(data, "user")
     assert videos is not None and users is not None
     s = ranker.schema
+    v = s.canonicalize_frame("video", videos.sample(n, random_state=0))
+    u = s.canonicalize_frame("user", users.iloc[:1])
+    c = s.canonicalize_records("context", [{"tab": 1, "hour": 18}])
+    cats, nums = ranker.encode(u, v, c)
+    ct, nt = torch.from_numpy(np.ascontiguousarray(cats)), torch.from_numpy(np.ascontiguousarray(nums))
+    t = torch.from_numpy
+    (uc, un), (vc, vn), (cc, cn) = (s.encode(g, r) for g, r in zip(GROUPS, (u, v, c), strict=True))
+    return u, v, c, RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn)), ct, nt
+
+
+def _time_ms(fn: Any, reps: int) -> list[float]:
+    import torch
+
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out[5:]  # warm-up
+
+
+def bench_forward(ckpt: Path, reps: int) -> dict[int, dict[str, Any]]:
+    import torch
+
+    ranker = Ranker.load(ckpt)
+    torch.set_num_threads(1)
     out: dict[int, dict[str, Any]] = {}
     for n in SIZES:
-        v = s.canonicalize_frame("video", videos.sample(n, random_state=0))
-        u = s.canonicalize_frame("user", users.iloc[:1])
-        c = s.canonicalize_records("context", [{"tab": 1, "hour": 18}])
-        cats, nums = ranker.encode(u, v, c)
-        ct, nt = torch.from_numpy(np.ascontiguousarray(cats)), torch.from_numpy(np.ascontiguousarray(nums))
-        t = torch.from_numpy
-        (uc, un), (vc, vn), (cc, cn) = (s.encode(g, r) for g, r in zip(GROUPS, (u, v, c), strict=True))
-        req = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn))
-        fwd, bcast, full = [], [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                ranker.model.forward_request(req)  # what the service runs
-            fwd.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                ranker.model(ct, nt)  # the plain forward on the broadcast batch
-            bcast.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            ranker.score(u, v, c)
-            full.append((time.perf_counter() - t0) * 1e3)
+        u, v, c, req, ct, nt = _request(ranker, n)
+        # the service's request forward, the plain forward on the broadcast batch, and encode + forward
         out[n] = {
-            "forward_ms": summary(fwd[5:]),
-            "broadcast_forward_ms": summary(bcast[5:]),
-            "encode_forward_ms": summary(full[5:]),
+            "forward_ms": summary(_time_ms(partial(ranker.model.forward_request, req), reps)),
+            "broadcast_forward_ms": summary(_time_ms(partial(ranker.model, ct, nt), reps)),
+            "encode_forward_ms": summary(_time_ms(partial(ranker.score, u, v, c), reps)),
         }
     return out
+
+
+def bench_archs(ckpt: Path, reps: int, n: int = 500) -> dict[str, dict[str, Any]]:
+    """Every architecture (untrained, the checkpoint's schema and sizes): the service's request
+    forward (first layer's user/context share computed once) against the broadcast forward."""
+    import torch
+
+    from model.config import Arch
+    from model.nets import build_model
+
+    ranker = Ranker.load(ckpt)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    *_, req, ct, nt = _request(ranker, n)
+    out = {}
+    for arch in get_args(Arch):
+        net = build_model(replace(ranker.config.model, arch=arch), ranker.schema, ranker.config.tasks).eval()
+        out[arch] = {
+            "request_forward_ms": summary(_time_ms(partial(net.forward_request, req), reps)),
+            "broadcast_forward_ms": summary(_time_ms(partial(net, ct, nt), reps)),
+            "params": sum(p.numel() for p in net.parameters()),
+        }
+    return out
+
+
+def print_archs(res: dict[str, dict[str, Any]], n: int = 500) -> None:
+    print(f"\n{n} candidates, one thread, untrained nets of the checkpoint's sizes")
+    print("| arch | parameters | broadcast forward p50 ms | request forward p50 ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for arch, r in res.items():
+        b, f = r["broadcast_forward_ms"]["p50"], r["request_forward_ms"]["p50"]
+        print(f"| {arch} | {r['params']:,} | {b:.2f} | {f:.2f} | {b / f:.1f}x |")
 
 
 def bench_http(url: str, ckpt: Path, sizes: tuple[int, ...], reps: int) -> dict[int, dict[str, Any]]:
@@ -146,11 +188,16 @@ def main() -> None:
     )
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-redis", action="store_true")
+    ap.add_argument("--archs-only", action="store_true", help="only the per-architecture forward table")
     a = ap.parse_args()
 
     ensure_model(a.artifacts, a.config)
     ckpt = resolve_checkpoint(a.artifacts)
     report: dict[str, Any] = {"model": ckpt.name, "cpus": os.cpu_count()}
+    report["archs"] = archs = bench_archs(ckpt, a.reps)
+    print_archs(archs)
+    if a.archs_only:
+        return
     if not a.skip_training:
         report["training"] = bench_training(a.config)
     report["forward"] = fwd = bench_forward(ckpt, a.reps)

@@ -91,12 +91,24 @@ def test_masked_losses_are_count_normalised():
     assert total.item() == pytest.approx(2.5 * math.log(2))
 
 
-@pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe", "ple", "conditioned"])
-def test_forward_request_equals_forward_on_the_broadcast_request(arch):
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("separate", {}),
+        ("shared_bottom", {}),
+        ("mmoe", {}),
+        ("ple", {"ple_levels": 1}),
+        ("ple", {"ple_levels": 2}),
+        ("conditioned", {"conditioning": "concat"}),
+        ("conditioned", {"conditioning": "add"}),
+        ("conditioned", {"conditioning": "film"}),
+    ],
+)
+def test_forward_request_equals_forward_on_the_broadcast_request(arch, extra, monkeypatch):
     """Serving computes the user/context share of the first layer once; outputs must not change."""
     from model.nets import RequestBatch
 
-    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4])
+    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4], **extra)
     schema = FeatureSchema(
         [
             FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
@@ -122,6 +134,11 @@ def test_forward_request_equals_forward_on_the_broadcast_request(arch):
         context_nums=torch.randn(1, 1, generator=g),
     )
     with torch.no_grad():
-        fast, full = net.forward_request(r), net(*r.full())
+        for p in net.parameters():  # away from the init (FiLM starts at the identity, biases at 0)
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        full = net(*r.full())
+        # every arch takes the split path: the (B, D) broadcast of the request is never built
+        monkeypatch.setattr(RequestBatch, "full", lambda self: pytest.fail("broadcast the request"))
+        fast = net.forward_request(r)
     for t in full:
         torch.testing.assert_close(fast[t], full[t], rtol=1e-5, atol=1e-6)
