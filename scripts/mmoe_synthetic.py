@@ -39,14 +39,25 @@ from model.synth import (  # noqa: E402
     window_means,
 )
 
-ARCHS = {
-    # the paper's sizes: one shared bottom of 113 units vs 8 experts x 16 units, towers of 8
-    "shared_bottom": {"arch": "shared_bottom", "bottom_dims": [113]},
-    "mmoe": {"arch": "mmoe", "n_experts": 8, "expert_dims": [16]},
-}
+ARCHS = ("shared_bottom", "mmoe")
+N_EXPERTS, TOWER_UNITS, DIM, TASKS = 8, 8, 100, 2
 
 
-def run_one(p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: float) -> dict[str, Any]:
+def arch_sizes(expert_units: int = 16) -> dict[str, dict[str, Any]]:
+    """The paper's sizes, matched in parameters: 8 single-layer experts of ``expert_units`` units
+    against one shared bottom of h units, towers of 8 on both, with h solving
+    DIM*h + h*8*TASKS = DIM*units*8 + units*8*TASKS (units = 16 gives the paper's h = 113)."""
+    per_expert_layer = DIM * expert_units * N_EXPERTS + expert_units * TOWER_UNITS * TASKS
+    bottom = round(per_expert_layer / (DIM + TOWER_UNITS * TASKS))
+    return {
+        "shared_bottom": {"arch": "shared_bottom", "bottom_dims": [bottom]},
+        "mmoe": {"arch": "mmoe", "n_experts": N_EXPERTS, "expert_dims": [expert_units]},
+    }
+
+
+def run_one(
+    p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: float, expert_units: int = 16
+) -> dict[str, Any]:
     """One training run in a fresh process (one torch thread): data for (p, seed), then fit."""
     from model.config import load_config
     from model.data import load_dataset
@@ -60,7 +71,7 @@ def run_one(p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: f
         cfg.train.seed, cfg.train.epochs = seed, epochs
         cfg.train.patience, cfg.train.num_threads = epochs, 1
         cfg.train.log_every = 1  # every step's task losses, for the loss-vs-steps curves
-        for k, v in ARCHS[arch].items():
+        for k, v in arch_sizes(expert_units)[arch].items():
             setattr(cfg.model, k, v)
         t0 = time.perf_counter()
         res = fit(cfg, load_dataset(cfg))
@@ -75,14 +86,26 @@ def run_one(p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: f
         "step_window": STEP_WINDOW,
         "step_curve": window_means(per_step, STEP_WINDOW),  # per STEP_WINDOW steps, as the paper plots
         "alpha_std": alpha_std,
+        "expert_units": expert_units,
         "seconds": time.perf_counter() - t0,
     }
 
 
 def run(
-    correlations: list[float], seeds: int, rows: int, epochs: int, jobs: int, alpha_std: float
+    correlations: list[float],
+    seeds: int,
+    rows: int,
+    epochs: int,
+    jobs: int,
+    alpha_std: float,
+    expert_units: int = 16,
 ) -> list[dict[str, Any]]:
-    todo = [(p, s, a, rows, epochs, alpha_std) for s in range(seeds) for p in correlations for a in ARCHS]
+    todo = [
+        (p, s, a, rows, epochs, alpha_std, expert_units)
+        for s in range(seeds)
+        for p in correlations
+        for a in ARCHS
+    ]
     out = []
     spawn = multiprocessing.get_context("spawn")  # no torch state forked into the workers
     with ProcessPoolExecutor(jobs, mp_context=spawn) if jobs > 1 else nullcontext() as pool:
@@ -165,16 +188,32 @@ def main() -> None:
     ap.add_argument(
         "--alpha-std", type=float, default=1.0, help="std of the sines' frequencies (target difficulty)"
     )
+    ap.add_argument(
+        "--expert-units",
+        type=int,
+        default=16,
+        help="expert width (paper: 16); the shared bottom is matched in parameters (16 -> 113 units)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "reports" / "mmoe_synthetic.json")
     ap.add_argument("--from-runs", type=Path, help="summarise an earlier --out's runs instead of training")
     a = ap.parse_args()
     if a.seeds < 2:
         ap.error("--seeds must be >= 2 (the trend is a paired statistic over seeds)")
+    if a.expert_units < 1:
+        ap.error("--expert-units must be >= 1")
     runs = (
         json.loads(a.from_runs.read_text())["runs"]
         if a.from_runs
-        else run(sorted(set(a.correlations), reverse=True), a.seeds, a.rows, a.epochs, a.jobs, a.alpha_std)
+        else run(
+            sorted(set(a.correlations), reverse=True),
+            a.seeds,
+            a.rows,
+            a.epochs,
+            a.jobs,
+            a.alpha_std,
+            a.expert_units,
+        )
     )
     budgets = [k for k in (1, 2, 5) if k < min(len(r["train_curve"]) for r in runs)]
     keys = [*budget_keys(budgets), "test_mse"]

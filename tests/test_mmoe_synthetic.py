@@ -121,6 +121,18 @@ def test_summary_refuses_an_incomplete_grid():
         summarize_mmoe_benchmark([r for r in runs if r["p"] == 1.0])
 
 
+def test_arch_sizes_match_parameters_as_the_paper_does(bench):
+    assert bench.arch_sizes() == {
+        "shared_bottom": {"arch": "shared_bottom", "bottom_dims": [113]},  # the paper's 113
+        "mmoe": {"arch": "mmoe", "n_experts": 8, "expert_dims": [16]},
+    }
+    # narrower experts: the bottom shrinks with them, parameters still matched to within one unit
+    small = bench.arch_sizes(4)
+    h = small["shared_bottom"]["bottom_dims"][0]
+    experts_and_towers = 100 * 4 * 8 + 4 * 8 * 2
+    assert h == 28 and abs((100 * h + h * 8 * 2) - experts_and_towers) <= 116 / 2
+
+
 def test_tiny_real_run_writes_runs_summary_and_a_plot(bench, tmp_path, monkeypatch):
     out = tmp_path / "syn.json"
     args = ["--seeds", "2", "--rows", "2000", "--epochs", "1", "--correlations", "1", "0", "--out", str(out)]
@@ -135,6 +147,7 @@ def test_tiny_real_run_writes_runs_summary_and_a_plot(bench, tmp_path, monkeypat
     }
     for r in data["runs"]:
         assert len(r["train_curve"]) == 1 and r["train_mse"] == r["train_curve"][-1] > 0
+        assert r["expert_units"] == 16
         # one epoch of 6 steps is one window of the per-step curve: the mean over the same steps
         assert r["step_window"] == 50 and r["step_curve"] == [pytest.approx(r["train_curve"][0], rel=1e-5)]
     assert set(data["summary"]) == {"train_mse", "train_mse_curve_mean", "test_mse"}
