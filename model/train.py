@@ -202,14 +202,20 @@ def freeze(model: MultiTaskNet, names: Sequence[str]) -> list[str]:
 
 
 def param_groups(model: MultiTaskNet, tc: TrainConfig) -> list[dict[str, Any]]:
-    """Adam parameter groups: lr * lr_scale, times layer_lr_decay ** depth below the heads."""
+    """Adam parameter groups: lr * lr_scale, times layer_lr_decay ** depth below the heads; the
+    embedding tables get ``embed_weight_decay`` (when set), everything else ``weight_decay``."""
     lr = tc.lr * tc.lr_scale
     depths = model.param_depths() if tc.layer_lr_decay < 1.0 else {}
-    by_depth: dict[int, list[torch.nn.Parameter]] = defaultdict(list)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = defaultdict(list)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            by_depth[depths.get(name, 0)].append(p)
-    return [{"params": ps, "lr": lr * tc.layer_lr_decay**d, "depth": d} for d, ps in sorted(by_depth.items())]
+            groups[(depths.get(name, 0), id(p) in tables)].append(p)
+    out = []
+    for (d, table), ps in sorted(groups.items()):
+        decay = tc.embed_weight_decay if table and tc.embed_weight_decay is not None else tc.weight_decay
+        out.append({"params": ps, "lr": lr * tc.layer_lr_decay**d, "depth": d, "weight_decay": decay})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def suggest(trial: optuna.Trial, cfg: Config) -> Config:
     c = copy.deepcopy(cfg)
     c.train.lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
     c.train.weight_decay = trial.suggest_float("weight_decay", 1e-8, 1e-4, log=True)
+    c.train.embed_weight_decay = trial.suggest_float("embed_weight_decay", 1e-5, 1e-2, log=True)
     c.model.embed_dim = trial.suggest_categorical("embed_dim", [8, 16, 32])
     c.model.dropout = trial.suggest_float("dropout", 0.0, 0.4)
     if c.model.arch == "mmoe":

@@ -190,6 +190,37 @@ def test_param_depths_and_layer_lr_decay(arch):
         assert lr_of[id(p)] == pytest.approx(0.005 * 0.5 ** depths[name]), name
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embed_weight_decay_applies_to_the_embedding_tables_only(arch):
+    net = build_model(_model_cfg(arch), _schema(), TASKS)
+    tables = [m.weight for m in net.modules() if isinstance(m, torch.nn.Embedding)]
+    assert tables
+    cfg = tiny_config(arch).train
+    cfg.weight_decay, cfg.embed_weight_decay, cfg.layer_lr_decay = 1e-5, 3e-3, 0.5
+    groups = param_groups(net, cfg)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(decay_of) == sum(1 for p in net.parameters() if p.requires_grad)  # each once
+    table_ids = {id(t) for t in tables}
+    for p in net.parameters():
+        assert decay_of[id(p)] == (3e-3 if id(p) in table_ids else 1e-5)
+    cfg.embed_weight_decay = None  # unset: the tables follow weight_decay
+    assert {g["weight_decay"] for g in param_groups(net, cfg)} == {1e-5}
+
+
+def test_embed_weight_decay_shrinks_the_embeddings_in_training():
+    norms = {}
+    for decay in (0.0, 0.05):
+        cfg = tiny_config("mmoe", epochs=2)
+        cfg.train.num_threads, cfg.train.embed_weight_decay = 1, decay
+        res = fit(cfg, load_dataset(cfg))
+        norms[decay] = float(res.model.embed.emb.weight.detach().norm())
+    assert norms[0.05] < 0.8 * norms[0.0]
+    cfg = tiny_config()
+    cfg.train.embed_weight_decay = -1.0
+    with pytest.raises(ConfigError, match="embed_weight_decay"):
+        cfg.__post_init__()
+
+
 # -- soft parameter sharing -----------------------------------------------------------------------
 
 
