@@ -120,10 +120,11 @@ def test_cli_train_evaluate_models_rollback(tmp_path):
     assert missing.exit_code == 2 and "not found" in missing.output
 
 
-def test_full_kuairand_one_epoch_learns():
-    """One epoch on the real 14-day KuaiRand-Pure split: both heads clearly beat chance."""
+def test_full_kuairand_two_epochs_learn():
+    """Two epochs of the shipped config on the real 14-day KuaiRand-Pure split: both heads clearly
+    beat chance (its embedding decay slows the first epoch: valid AUC ~0.63 after one, ~0.70 after two)."""
     cfg = load_config(ROOT / "configs" / "kuairand_mmoe.toml")
-    cfg.train.epochs = 1
+    cfg.train.epochs = 2
     res = fit(cfg, load_dataset(cfg))
     assert res.metrics["test/engagement/auc"] > 0.66
     assert res.metrics["test/satisfaction/auc"] > 0.6
