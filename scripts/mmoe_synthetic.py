@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from model.synth import (  # noqa: E402
     FAILED_RUN_FACTOR,
     MIN_SEEDS_FOR_VERDICT,
+    MMOE_BENCHMARK_ARCHS,
     STEP_WINDOW,
     add_budget_losses,
     budget_keys,
@@ -39,7 +40,7 @@ from model.synth import (  # noqa: E402
     window_means,
 )
 
-ARCHS = ("shared_bottom", "mmoe")
+ARCHS = MMOE_BENCHMARK_ARCHS  # ("shared_bottom", "mmoe"), the summary's order
 N_EXPERTS, TOWER_UNITS, DIM, TASKS = 8, 8, 100, 2
 
 
