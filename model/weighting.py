@@ -257,6 +257,8 @@ class WorstCaseWeighting(TaskWeighting):
     def objective(self, losses: Tensor) -> Tensor:
         if self.initial is None:
             self.initial = losses.detach().clamp_min(1e-8)
+        elif self.initial.device != losses.device:  # a given reference starts on the CPU
+            self.initial = self.initial.to(losses.device)
         r = losses / self.initial  # (T,)
         if self.temperature > 0:
             p = torch.softmax(r.detach() / self.temperature, dim=0)
