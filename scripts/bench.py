@@ -65,15 +65,18 @@ def bench_training(config: Path) -> dict[str, float]:
     return out
 
 
-def _request(ranker: Ranker, n: int) -> tuple[Any, Any, Any, RequestBatch, Any, Any]:
-    """One request of n KuaiRand-Pure videos for the first user: (u, v, c frames, RequestBatch,
-    broadcast cats, nums)."""
+def _tables(ranker: Ranker) -> tuple[Any, Any]:
+    """The KuaiRand-Pure user and video tables the benchmark requests draw from (read once)."""
+    users = load_entity_table(ranker.config.data, "user")
+    videos = load_entity_table(ranker.config.data, "video")
+    assert users is not None and videos is not None
+    return users, videos
+
+
+def _request(ranker: Ranker, users: Any, videos: Any, n: int) -> tuple[Any, Any, Any, RequestBatch, Any, Any]:
+    """One request of n videos for the first user: (u, v, c frames, RequestBatch, broadcast cats, nums)."""
     import torch
 
-    data = ranker.config.data
-    videos = load_entity_table(data, "video")
-    users = load_entity_table(data, "user")
-    assert videos is not None and users is not None
     s = ranker.schema
     v = s.canonicalize_frame("video", videos.sample(n, random_state=0))
     u = s.canonicalize_frame("user", users.iloc[:1])
@@ -102,9 +105,10 @@ def bench_forward(ckpt: Path, reps: int) -> dict[int, dict[str, Any]]:
 
     ranker = Ranker.load(ckpt)
     torch.set_num_threads(1)
+    users, videos = _tables(ranker)
     out: dict[int, dict[str, Any]] = {}
     for n in SIZES:
-        u, v, c, req, ct, nt = _request(ranker, n)
+        u, v, c, req, ct, nt = _request(ranker, users, videos, n)
         # the service's request forward, the plain forward on the broadcast batch, and encode + forward
         out[n] = {
             "forward_ms": summary(_time_ms(partial(ranker.model.forward_request, req), reps)),
@@ -125,7 +129,7 @@ def bench_archs(ckpt: Path, reps: int, n: int = 500) -> dict[str, dict[str, Any]
     ranker = Ranker.load(ckpt)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    *_, req, ct, nt = _request(ranker, n)
+    *_, req, ct, nt = _request(ranker, *_tables(ranker), n)
     out = {}
     for arch in get_args(Arch):
         net = build_model(replace(ranker.config.model, arch=arch), ranker.schema, ranker.config.tasks).eval()
