@@ -22,7 +22,7 @@ Weighting = Literal["static", "uncertainty", "mgda", "worst_case", "gradnorm", "
 ARCHS: tuple[str, ...] = ("separate", "shared_bottom", "mmoe", "ple", "conditioned")
 CONDITIONINGS: tuple[str, ...] = ("concat", "add", "film")
 WEIGHTINGS: tuple[str, ...] = ("static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad")
-WorstCaseReference = Literal["constant", "initial"]
+LossReference = Literal["constant", "initial"]
 
 DATA_DIR_ENV = "MTRANK_DATA_DIR"
 
@@ -131,9 +131,11 @@ class TrainConfig:
     weighting: Weighting = "static"
     worst_case_temperature: float = 0.1  # smooth max (log-sum-exp) of L_i / R_i; 0 = hard max
     # R_i: "constant" = the best constant predictor's loss on the training labels; "initial" = L_i(0)
-    worst_case_reference: WorstCaseReference = "constant"
+    worst_case_reference: LossReference = "constant"
     gradnorm_alpha: float = 1.5  # GradNorm asymmetry
     gradnorm_lr: float = 0.01  # Adam learning rate of the GradNorm task weights
+    # GradNorm's r_i = L_i / R_i, the same two choices ("initial" = the paper's L_i(0))
+    gradnorm_reference: LossReference = "constant"
     # soft parameter sharing: tower_l2 * sum over task pairs of ||theta_a - theta_b||^2 (towers)
     tower_l2: float = 0.0
     # fine-tuning (mostly with `mtrank train --init-from`)
@@ -181,10 +183,9 @@ class Config:
             raise ConfigError("model.bias_dropout must be in [0, 1)")
         if tr.weighting not in WEIGHTINGS:
             raise ConfigError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}, got {tr.weighting!r}")
-        if tr.worst_case_reference not in ("constant", "initial"):
-            raise ConfigError(
-                f'train.worst_case_reference must be "constant" or "initial", got {tr.worst_case_reference!r}'
-            )
+        for key in ("worst_case_reference", "gradnorm_reference"):
+            if getattr(tr, key) not in ("constant", "initial"):
+                raise ConfigError(f'train.{key} must be "constant" or "initial", got {getattr(tr, key)!r}')
         if tr.log_every < 0:
             raise ConfigError(f"train.log_every must be >= 0 (0 = no step log), got {tr.log_every}")
         if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:

@@ -33,9 +33,13 @@ schemes set the weights themselves.
                drops from log 2 to its small entropy at once) and starves it.
 - gradnorm     Chen et al., ICML 2018. Learnable w_i (init 1, own Adam optimiser with
                ``gradnorm_lr``); G_i = w_i ||dL_i/dW|| on the last shared layer's weight W (or on z when
-               nothing is shared); target G_bar * (r_i / mean r)^alpha with r_i = L_i / L_i(0) treated
+               nothing is shared); target G_bar * (r_i / mean r)^alpha with r_i = L_i / R_i treated
                as a constant; the w_i descend sum_i |G_i - target_i| while the network descends
                sum_i w_i L_i; after each step w is clipped positive and rescaled to sum to T.
+               R_i (``gradnorm_reference``): "constant" (default, as for worst_case: r_i is then
+               how far a task is from a constant predictor) or "initial", the paper's L_i(0) (r_i
+               the inverse training rate), under which a rare binary label looks trained at once
+               (see worst_case) and its weight is driven down (is_like to ~0.13 of 2 on KuaiRand).
 - pcgrad       Yu et al., NeurIPS 2020. Per-task gradients on the shared parameters; each g_i is
                projected off the normal plane of every g_j (random order) it conflicts with
                (g_i . g_j < 0); the projected gradients are summed. Task-specific parameters get
@@ -237,52 +241,63 @@ def constant_predictor_losses(
     return out
 
 
+class _LossReference:
+    """R_i, what a task loss is normalised by: given (e.g. ``constant_predictor_losses``), or L_i(0),
+    the first batch's losses, when None."""
+
+    def __init__(self, scheme: str, n_tasks: int, reference: Sequence[float] | None) -> None:
+        self.value: Tensor | None = None
+        if (ref := reference) is not None:
+            if len(ref) != n_tasks:
+                raise ValueError(f"need one reference loss per task, got {len(ref)}")
+            if min(ref) < 1e-6:
+                log.warning("%s: a task's constant-predictor loss is ~0 (constant label?): %s", scheme, ref)
+            self.value = torch.tensor(ref, dtype=torch.float32).clamp_min(1e-6)
+
+    def __call__(self, losses: Tensor) -> Tensor:
+        """R (T,) on the losses' device (taken from ``losses`` on the first call if not given)."""
+        if self.value is None:
+            self.value = losses.detach().clamp_min(1e-8)
+        elif self.value.device != losses.device:  # a given reference starts on the CPU
+            self.value = self.value.to(losses.device)
+        return self.value
+
+
 class WorstCaseWeighting(TaskWeighting):
     def __init__(
         self, tasks: Sequence[TaskConfig], temperature: float, reference: Sequence[float] | None = None
     ) -> None:
         super().__init__(tasks)
         self.temperature = temperature
-        # R_i: given (e.g. constant_predictor_losses), or L_i(0) from the first batch when None
-        self.initial: Tensor | None = None
-        if reference is not None:
-            if len(reference) != len(self.tasks):
-                raise ValueError(f"need one reference loss per task, got {len(reference)}")
-            if min(reference) < 1e-6:
-                log.warning(
-                    "worst case: a task's constant-predictor loss is ~0 (constant label?): %s", reference
-                )
-            self.initial = torch.tensor(reference, dtype=torch.float32).clamp_min(1e-6)
+        self.reference = _LossReference("worst case", len(self.tasks), reference)
 
     def objective(self, losses: Tensor) -> Tensor:
-        if self.initial is None:
-            self.initial = losses.detach().clamp_min(1e-8)
-        elif self.initial.device != losses.device:  # a given reference starts on the CPU
-            self.initial = self.initial.to(losses.device)
-        r = losses / self.initial  # (T,)
+        ref = self.reference(losses)
+        r = losses / ref  # (T,)
         if self.temperature > 0:
             p = torch.softmax(r.detach() / self.temperature, dim=0)
             total = self.temperature * torch.logsumexp(r / self.temperature, dim=0)
         else:
             p = torch.nn.functional.one_hot(torch.argmax(r.detach()), len(self.tasks)).float()
             total = r.max()
-        self.last_weights = p / self.initial
+        self.last_weights = p / ref
         return total
 
 
 class GradNormWeighting(TaskWeighting):
-    def __init__(self, tasks: Sequence[TaskConfig], alpha: float, lr: float) -> None:
+    def __init__(
+        self, tasks: Sequence[TaskConfig], alpha: float, lr: float, reference: Sequence[float] | None = None
+    ) -> None:
         super().__init__(tasks)
         self.alpha = alpha
         self.w = nn.Parameter(torch.ones(len(self.tasks)))
         self.opt = torch.optim.Adam([self.w], lr=lr)
-        self.initial: Tensor | None = None  # L_i(0)
+        self.reference = _LossReference("gradnorm", len(self.tasks), reference)
         self.last_weights = self.w.detach().clone()
 
     def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
         ls = _stack(losses, self.tasks)  # (T,)
-        if self.initial is None:
-            self.initial = ls.detach().clamp_min(1e-8)
+        ref = self.reference(ls)
         # W: the last shared layer's weight; z if nothing is shared; the trainable shared parameters
         # if W is frozen; nothing (then the weights just stay put) if all of those are frozen
         W: list[Tensor] = _trainable(model.last_shared_parameters()) or [z]
@@ -293,7 +308,7 @@ class GradNormWeighting(TaskWeighting):
             # ||dL_i/dW||; G_i = w_i * norm_i, so dG_i/dw_i = norm_i (no double backward needed)
             norms = torch.stack([_flat_grads(ls[i], W).norm() for i in range(len(self.tasks))]).detach()
             G = self.w * norms  # (T,)
-            r = ls.detach() / self.initial
+            r = ls.detach() / ref
             target = (G.mean() * (r / r.mean()) ** self.alpha).detach()
             gn_loss = (G - target).abs().sum()
             gn_loss.backward(inputs=[self.w])  # type: ignore[no-untyped-call]
@@ -368,23 +383,24 @@ class PCGradWeighting(TaskWeighting):
 def make_weighting(
     tc: TrainConfig, tasks: Sequence[TaskConfig], train_labels: npt.NDArray[np.floating[Any]] | None = None
 ) -> TaskWeighting:
-    """The scheme ``tc.weighting``; ``train_labels`` (N, T) give worst_case its "constant" reference."""
+    """The scheme ``tc.weighting``; ``train_labels`` (N, T) give worst_case and gradnorm their
+    "constant" reference."""
     if tc.weighting == "static":
         return StaticWeighting(tasks)
     if tc.weighting == "uncertainty":
         return UncertaintyWeighting(tasks)
     if tc.weighting == "mgda":
         return MGDAWeighting(tasks)
-    if tc.weighting == "worst_case":
-        if tc.worst_case_reference == "initial":
-            return WorstCaseWeighting(tasks, tc.worst_case_temperature)
-        if train_labels is None:
-            raise ValueError('worst_case_reference = "constant" needs the training labels')
-        return WorstCaseWeighting(
-            tasks, tc.worst_case_temperature, constant_predictor_losses(train_labels, tasks)
-        )
-    if tc.weighting == "gradnorm":
-        return GradNormWeighting(tasks, tc.gradnorm_alpha, tc.gradnorm_lr)
+    if tc.weighting in ("worst_case", "gradnorm"):
+        which = tc.worst_case_reference if tc.weighting == "worst_case" else tc.gradnorm_reference
+        reference = None
+        if which == "constant":
+            if train_labels is None:
+                raise ValueError(f'{tc.weighting}: reference "constant" needs the training labels')
+            reference = constant_predictor_losses(train_labels, tasks)
+        if tc.weighting == "worst_case":
+            return WorstCaseWeighting(tasks, tc.worst_case_temperature, reference)
+        return GradNormWeighting(tasks, tc.gradnorm_alpha, tc.gradnorm_lr, reference)
     if tc.weighting == "pcgrad":
         return PCGradWeighting(tasks)
     raise ValueError(f"unknown task weighting {tc.weighting!r}")

@@ -176,8 +176,7 @@ def test_gradnorm_weights_stay_positive_and_sum_to_t(ds):
 
 
 def test_gradnorm_moves_weight_towards_the_task_with_smaller_gradients():
-    w = GradNormWeighting(TASKS, alpha=0.0, lr=0.1)
-    w.initial = torch.ones(2)
+    w = GradNormWeighting(TASKS, alpha=0.0, lr=0.1, reference=[1.0, 1.0])
     # a "model" whose last shared parameter gets gradient 10x larger from engagement than satisfaction
     theta = torch.nn.Parameter(torch.ones(3))
 
@@ -245,10 +244,10 @@ def test_worst_case_constant_reference_does_not_starve_a_rare_label():
 def test_worst_case_reference_from_the_config(ds):
     ref = constant_predictor_losses(ds.train.labels, TASKS)
     w = make_weighting(TrainConfig(weighting="worst_case"), TASKS, ds.train.labels)
-    assert isinstance(w, WorstCaseWeighting) and w.initial is not None
-    assert w.initial.tolist() == pytest.approx(ref)
+    assert isinstance(w, WorstCaseWeighting) and w.reference.value is not None
+    assert w.reference.value.tolist() == pytest.approx(ref)
     lazy = make_weighting(TrainConfig(weighting="worst_case", worst_case_reference="initial"), TASKS)
-    assert isinstance(lazy, WorstCaseWeighting) and lazy.initial is None
+    assert isinstance(lazy, WorstCaseWeighting) and lazy.reference.value is None
     with pytest.raises(ValueError, match="training labels"):
         make_weighting(TrainConfig(weighting="worst_case"), TASKS)
     cfg = tiny_config()
@@ -257,6 +256,61 @@ def test_worst_case_reference_from_the_config(ds):
         cfg.__post_init__()
     res = fit(_cfg(weighting="worst_case", worst_case_reference="initial", epochs=1), ds)
     assert math.isfinite(res.metrics["test/satisfaction/auc"])
+
+
+def _gradnorm_on_fixed_losses(reference, first, later, steps=40):
+    """GradNorm (alpha 1.5) on a toy whose two task gradients have equal norms: the first step sees
+    the losses ``first``, every later step ``later``; returns the final weights."""
+    w = GradNormWeighting(TASKS, alpha=1.5, lr=0.05, reference=reference)
+    theta = torch.nn.Parameter(torch.ones(3))
+
+    class Toy(torch.nn.Module):
+        def last_shared_parameters(self):
+            return [theta]
+
+    for step in range(steps):
+        values = first if step == 0 else later
+        # loss value v, gradient (1, 1, 1) for both tasks
+        losses = {
+            t.name: float(v) + (theta - theta.detach()).sum() for t, v in zip(TASKS, values, strict=True)
+        }
+        w.backward(losses, theta, Toy())
+        w.after_step()
+    return w.weights()
+
+
+def test_gradnorm_constant_reference_does_not_starve_a_rare_label():
+    """GradNorm's r_i = L_i / L_i(0) (the paper's "initial"): a 2% label's loss falls from log 2 to
+    near its entropy at once, so it looks trained fast and its weight is driven down even when both
+    heads are 10% below their constant predictor. Against the constant predictor both r_i are equal
+    and, with equal gradient norms, the weights stay equal."""
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.random(5000) < 0.4, rng.random(5000) < 0.02], axis=1).astype(np.float32)
+    ref = constant_predictor_losses(labels, TASKS)
+    first, later = [math.log(2), math.log(2)], [0.9 * r for r in ref]
+    initial = _gradnorm_on_fixed_losses(None, first, later)
+    constant = _gradnorm_on_fixed_losses(ref, first, later)
+    assert initial["satisfaction"] < 0.5 < 1.5 < initial["engagement"]
+    assert constant["satisfaction"] == pytest.approx(1.0, abs=0.02)
+    assert sum(constant.values()) == pytest.approx(2.0)
+
+
+def test_gradnorm_reference_from_the_config(ds):
+    ref = constant_predictor_losses(ds.train.labels, TASKS)
+    paper = make_weighting(TrainConfig(weighting="gradnorm", gradnorm_reference="initial"), TASKS)
+    assert isinstance(paper, GradNormWeighting) and paper.reference.value is None  # L_i(0), lazily
+    w = make_weighting(TrainConfig(weighting="gradnorm"), TASKS, ds.train.labels)  # "constant" default
+    assert isinstance(w, GradNormWeighting) and w.reference.value is not None
+    assert w.reference.value.tolist() == pytest.approx(ref)
+    with pytest.raises(ValueError, match="training labels"):
+        make_weighting(TrainConfig(weighting="gradnorm"), TASKS)
+    cfg = tiny_config()
+    cfg.train = TrainConfig(weighting="gradnorm", gradnorm_reference="mean")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="gradnorm_reference"):
+        cfg.__post_init__()
+    res = fit(_cfg(weighting="gradnorm", gradnorm_reference="initial", epochs=1), ds)
+    assert math.isfinite(res.metrics["test/satisfaction/auc"])
+    assert sum(res.metrics["task_weights"].values()) == pytest.approx(2.0, abs=1e-5)
 
 
 # -- every scheme trains -------------------------------------------------------------------------
