@@ -216,13 +216,27 @@ def report_cmd(
 def tune_cmd(
     config: ConfigOpt,
     trials: Annotated[int, typer.Option(help="Optuna trials")] = 10,
-    folds: Annotated[int, typer.Option(help="cross-validation folds (grouped by user)")] = 3,
+    folds: Annotated[int, typer.Option(help="cross-validation folds")] = 3,
+    cv: Annotated[
+        str, typer.Option(help="time: forward chaining over the log's time; user: folds grouped by user")
+    ] = "time",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="search only this one (repeatable); default: the whole space"),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs per fit")] = None,
     out: Annotated[Path, typer.Option(help="results JSON")] = Path("artifacts/reports/tune.json"),
 ) -> None:
     """k-fold cross-validated hyperparameter search (Optuna TPE) on the train split."""
     from model import tune
 
+    if cv not in tune.CVS:
+        raise _fail(f"--cv must be one of {', '.join(tune.CVS)}, got {cv!r}")
+    if folds < 2:
+        raise _fail(f"--folds must be >= 2, got {folds}")
+    bad = sorted(set(param or ()) - set(tune.SPACE))
+    if bad:
+        raise _fail(f"--param {', '.join(bad)}: not searchable; choose from {', '.join(tune.SPACE)}")
     try:
         cfg = load_config(config)
         if epochs is not None:
@@ -237,7 +251,16 @@ def tune_cmd(
             + json.dumps({k: v for k, v in t.items() if k not in ("trial", "value", "folds")})
         )
 
-    res = tune.tune(cfg, ds, n_trials=trials, k=folds, seed=cfg.train.seed, on_trial=show)
+    res = tune.tune(
+        cfg,
+        ds,
+        n_trials=trials,
+        k=folds,
+        seed=cfg.train.seed,
+        on_trial=show,
+        cv=cv,  # type: ignore[arg-type]  # checked against tune.CVS above
+        params=param,
+    )
     tune.save(res, out)
     console.print(f"best {res.monitor}={res.best_value:.4f} with {res.best_params}; wrote {out}")
 

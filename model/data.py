@@ -152,6 +152,7 @@ class Split:
     labels: np.ndarray
     users: np.ndarray  # (N,) group ids for per-user metrics (GAUC, NDCG)
     bias: np.ndarray | None = None  # (N, Cb) int64 logged bias-feature indices (training only)
+    times: np.ndarray | None = None  # (N,) the log's time column (orders rows for time-based CV)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -242,9 +243,10 @@ def load_dataset(cfg: Config, schema: FeatureSchema | None = None) -> Dataset:
     cats, nums = encode_groups(schema, canon)
     bias = schema.encode(BIAS, bias_rows)[0] if bias_rows is not None else None
     users = pd.factorize(df[cfg.data.user_key])[0].astype(np.int64)
+    times = df[cfg.data.time_column].to_numpy()
 
     def split(m: np.ndarray) -> Split:
-        return Split(cats[m], nums[m], labels[m], users[m], None if bias is None else bias[m])
+        return Split(cats[m], nums[m], labels[m], users[m], None if bias is None else bias[m], times[m])
 
     ds = Dataset(schema, split(train_m), split(valid_m), split(test_m), dict(raw.fingerprint))
     ds.fingerprint.update(

@@ -1,9 +1,17 @@
 """``mtrank tune``: k-fold cross-validated hyperparameter search with Optuna.
 
-The train split is cut into k folds *by user* (scikit-learn ``GroupKFold``), so a user's impressions
-never sit on both sides of a fold; each trial fits k models (early stopping on the held-out fold)
-and scores the mean of ``train.monitor`` over the folds. The test split is never touched. Feature
-vocabularies and statistics are those fitted on the whole train split (they use no labels).
+The train split (with its validation tail) is cut into k folds in one of two ways:
+
+- ``cv="time"``: forward chaining in time (scikit-learn ``TimeSeriesSplit`` over the rows sorted by
+  the log's time column): fold i trains on the first i+1 of k+1 time blocks and validates on the
+  next one. This is the question the test split asks (the same users, later days).
+- ``cv="user"``: k folds *by user* (``GroupKFold``), so a user's impressions never sit on both
+  sides of a fold: how well a setting generalises to users it has not seen.
+
+Each trial fits k models (early stopping on the held-out fold) and scores the mean of
+``train.monitor`` over the folds. The test split is never touched. Feature vocabularies and
+statistics are those fitted on the whole train split (they use no labels). ``params`` restricts the
+search to some of the ``SPACE`` names; the others keep the config's values.
 """
 
 from __future__ import annotations
@@ -11,14 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import optuna
-from sklearn.model_selection import GroupKFold
+from sklearn.model_selection import GroupKFold, TimeSeriesSplit
 
 from model.config import Config
 from model.data import Dataset, Split
@@ -28,9 +36,28 @@ from model.train import fit
 log = logging.getLogger(__name__)
 
 
+CV = Literal["time", "user"]
+CVS: tuple[str, ...] = ("time", "user")
+# every searchable name; n_experts and gate_dropout only for MMoE
+SPACE: tuple[str, ...] = (
+    "lr",
+    "weight_decay",
+    "embed_weight_decay",
+    "embed_dim",
+    "dropout",
+    "n_experts",
+    "gate_dropout",
+)
+
+
 def _take(s: Split, idx: np.ndarray) -> Split:
     return Split(
-        s.cats[idx], s.nums[idx], s.labels[idx], s.users[idx], None if s.bias is None else s.bias[idx]
+        s.cats[idx],
+        s.nums[idx],
+        s.labels[idx],
+        s.users[idx],
+        None if s.bias is None else s.bias[idx],
+        None if s.times is None else s.times[idx],
     )
 
 
@@ -38,33 +65,52 @@ def _bias(s: Split, like: np.ndarray) -> np.ndarray:
     return s.bias if s.bias is not None else np.zeros((len(s), like.shape[1]), dtype=like.dtype)
 
 
-def folds(ds: Dataset, k: int) -> list[Dataset]:
-    """k (train, valid) datasets from the train + valid rows, grouped by user."""
+def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
+    """k (train, valid) datasets from the train + valid rows: by user, or forward in time."""
+    if cv not in CVS:
+        raise ValueError(f"cv must be one of {CVS}, got {cv!r}")
+    if k < 2:
+        raise ValueError(f"need at least 2 folds, got {k}")
     pool = Split(
         np.concatenate([ds.train.cats, ds.valid.cats]),
         np.concatenate([ds.train.nums, ds.valid.nums]),
         np.concatenate([ds.train.labels, ds.valid.labels]),
         np.concatenate([ds.train.users, ds.valid.users]),
         None if ds.train.bias is None else np.concatenate([ds.train.bias, _bias(ds.valid, ds.train.bias)]),
+        None
+        if ds.train.times is None or ds.valid.times is None
+        else np.concatenate([ds.train.times, ds.valid.times]),
     )
     empty = _take(pool, np.zeros(0, dtype=np.int64))
-    out = []
-    for tr, va in GroupKFold(n_splits=k).split(pool.labels, groups=pool.users):
-        out.append(Dataset(ds.schema, _take(pool, tr), _take(pool, va), empty, ds.fingerprint))
-    return out
+    if cv == "user":
+        splits = list(GroupKFold(n_splits=k).split(pool.labels, groups=pool.users))
+    else:
+        if pool.times is None:
+            raise ValueError('cv="time" needs the rows\' times (Split.times)')
+        order = np.argsort(pool.times, kind="stable")
+        splits = [(order[tr], order[va]) for tr, va in TimeSeriesSplit(n_splits=k).split(order)]
+    return [Dataset(ds.schema, _take(pool, tr), _take(pool, va), empty, ds.fingerprint) for tr, va in splits]
 
 
-def suggest(trial: optuna.Trial, cfg: Config) -> Config:
-    """The search space; returns a modified copy of ``cfg``."""
+def suggest(trial: optuna.Trial, cfg: Config, params: Collection[str] | None = None) -> Config:
+    """The search space (``params``, default all of ``SPACE``); returns a modified copy of ``cfg``."""
+    names = set(SPACE if params is None else params)
     c = copy.deepcopy(cfg)
-    c.train.lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
-    c.train.weight_decay = trial.suggest_float("weight_decay", 1e-8, 1e-4, log=True)
-    c.train.embed_weight_decay = trial.suggest_float("embed_weight_decay", 1e-5, 1e-2, log=True)
-    c.model.embed_dim = trial.suggest_categorical("embed_dim", [8, 16, 32])
-    c.model.dropout = trial.suggest_float("dropout", 0.0, 0.4)
+    if "lr" in names:
+        c.train.lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
+    if "weight_decay" in names:
+        c.train.weight_decay = trial.suggest_float("weight_decay", 1e-8, 1e-4, log=True)
+    if "embed_weight_decay" in names:
+        c.train.embed_weight_decay = trial.suggest_float("embed_weight_decay", 1e-5, 1e-2, log=True)
+    if "embed_dim" in names:
+        c.model.embed_dim = trial.suggest_categorical("embed_dim", [8, 16, 32])
+    if "dropout" in names:
+        c.model.dropout = trial.suggest_float("dropout", 0.0, 0.4)
     if c.model.arch == "mmoe":
-        c.model.n_experts = trial.suggest_categorical("n_experts", [2, 4, 8])
-        c.model.gate_dropout = trial.suggest_float("gate_dropout", 0.0, 0.3)
+        if "n_experts" in names:
+            c.model.n_experts = trial.suggest_categorical("n_experts", [2, 4, 8])
+        if "gate_dropout" in names:
+            c.model.gate_dropout = trial.suggest_float("gate_dropout", 0.0, 0.3)
     return c
 
 
@@ -74,6 +120,8 @@ class TuneResult:
     best_value: float
     monitor: str
     trials: list[dict[str, Any]]
+    cv: str = "time"
+    folds: int = 3
 
 
 def tune(
@@ -83,15 +131,20 @@ def tune(
     k: int = 3,
     seed: int = 0,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    cv: CV = "time",
+    params: Collection[str] | None = None,
 ) -> TuneResult:
+    unknown = sorted(set(params or ()) - set(SPACE))
+    if unknown or (params is not None and not params):
+        raise ValueError(f"params must be a non-empty subset of {', '.join(SPACE)}; got {unknown or params}")
     monitor = cfg.train.monitor
     higher = higher_is_better(monitor)
-    cv = folds(ds, k)
+    cv_sets = folds(ds, k, cv)
 
     def objective(trial: optuna.Trial) -> float:
-        c = suggest(trial, cfg)
+        c = suggest(trial, cfg, params)
         scores = []
-        for i, fold in enumerate(cv):
+        for i, fold in enumerate(cv_sets):
             res = fit(c, fold)
             scores.append(float(res.metrics["best_monitor"]))
             trial.report(float(np.mean(scores)), i)
@@ -106,13 +159,15 @@ def tune(
     )
     study.optimize(objective, n_trials=n_trials)
     trials = [{"trial": t.number, "value": t.value, **t.params} for t in study.trials]
-    return TuneResult(dict(study.best_params), float(study.best_value), monitor, trials)
+    return TuneResult(dict(study.best_params), float(study.best_value), monitor, trials, cv, k)
 
 
 def save(result: TuneResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "monitor": result.monitor,
+        "cv": result.cv,
+        "folds": result.folds,
         "best_value": result.best_value,
         "best_params": result.best_params,
         "trials": result.trials,
