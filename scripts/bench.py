@@ -57,7 +57,7 @@ def bench_training(config: Path) -> dict[str, float]:
     out["data_load_s"] = time.perf_counter() - t0
     for arch in ("mmoe", "shared_bottom"):
         cfg = load_config(config)
-        cfg.model.arch = arch  # type: ignore[assignment]
+        cfg.model.arch = arch
         cfg.train.epochs = 1
         res = fit(cfg, ds)
         out[f"{arch}_samples_per_s"] = res.samples_per_sec
