@@ -288,6 +288,9 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
         data = json.loads(p.read_text())
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if plot is None:
+            if isinstance(data, dict) and data.get("overrides"):
+                given = ", ".join(f"<code>{html.escape(str(o))}</code>" for o in data["overrides"])
+                parts.append(f"<p>settings over the config: {given}</p>")
             parts.append(compare_table(data))
             if plot_compare(data, out / "compare_mtl.png"):
                 parts.append('<img src="compare_mtl.png">')

@@ -29,13 +29,14 @@ def test_report_writes_html_and_figures(tmp_path):
     (tmp_path / "reports" / "compare_mtl.json").write_text(
         json.dumps(
             {
+                "overrides": ['train.gradnorm_reference="initial"'],
                 "summary": [
                     {
                         "arch": "ple",
                         "weighting": "uncertainty",
                         "engagement_auc": {"mean": 0.7, "std": 0.01, "n": 3},
                     }
-                ]
+                ],
             }
         )
     )
@@ -54,3 +55,4 @@ def test_report_writes_html_and_figures(tmp_path):
         assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert v in text and "mmoe" in text
     assert "<td>ple</td><td>uncertainty</td><td>0.7000 ± 0.0100 (n=3)</td>" in text
+    assert "<code>train.gradnorm_reference=&quot;initial&quot;</code>" in text  # what the runs changed
