@@ -241,20 +241,26 @@ def test_worst_case_constant_reference_does_not_starve_a_rare_label():
         WorstCaseWeighting(TASKS, temperature=0.1, reference=[1.0])
 
 
-def test_worst_case_reference_from_the_config(ds):
+@pytest.mark.parametrize(
+    ("scheme", "cls"), [("worst_case", WorstCaseWeighting), ("gradnorm", GradNormWeighting)]
+)
+def test_loss_reference_from_the_config(ds, scheme, cls):
+    """``<scheme>_reference``: "constant" (the default) is the constant predictor's loss on the
+    training labels, given up front; "initial" is taken from the first batch."""
+    key = f"{scheme}_reference"
     ref = constant_predictor_losses(ds.train.labels, TASKS)
-    w = make_weighting(TrainConfig(weighting="worst_case"), TASKS, ds.train.labels)
-    assert isinstance(w, WorstCaseWeighting) and w.reference.value is not None
+    w = make_weighting(TrainConfig(weighting=scheme), TASKS, ds.train.labels)
+    assert isinstance(w, cls) and w.reference.value is not None
     assert w.reference.value.tolist() == pytest.approx(ref)
-    lazy = make_weighting(TrainConfig(weighting="worst_case", worst_case_reference="initial"), TASKS)
-    assert isinstance(lazy, WorstCaseWeighting) and lazy.reference.value is None
+    lazy = make_weighting(TrainConfig(weighting=scheme, **{key: "initial"}), TASKS)
+    assert isinstance(lazy, cls) and lazy.reference.value is None
     with pytest.raises(ValueError, match="training labels"):
-        make_weighting(TrainConfig(weighting="worst_case"), TASKS)
+        make_weighting(TrainConfig(weighting=scheme), TASKS)
     cfg = tiny_config()
-    cfg.train = TrainConfig(weighting="worst_case", worst_case_reference="first")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="worst_case_reference"):
+    cfg.train = TrainConfig(weighting=scheme, **{key: "first"})
+    with pytest.raises(ConfigError, match=key):
         cfg.__post_init__()
-    res = fit(_cfg(weighting="worst_case", worst_case_reference="initial", epochs=1), ds)
+    res = fit(_cfg(weighting=scheme, epochs=1, **{key: "initial"}), ds)
     assert math.isfinite(res.metrics["test/satisfaction/auc"])
 
 
@@ -293,24 +299,6 @@ def test_gradnorm_constant_reference_does_not_starve_a_rare_label():
     assert initial["satisfaction"] < 0.5 < 1.5 < initial["engagement"]
     assert constant["satisfaction"] == pytest.approx(1.0, abs=0.02)
     assert sum(constant.values()) == pytest.approx(2.0)
-
-
-def test_gradnorm_reference_from_the_config(ds):
-    ref = constant_predictor_losses(ds.train.labels, TASKS)
-    paper = make_weighting(TrainConfig(weighting="gradnorm", gradnorm_reference="initial"), TASKS)
-    assert isinstance(paper, GradNormWeighting) and paper.reference.value is None  # L_i(0), lazily
-    w = make_weighting(TrainConfig(weighting="gradnorm"), TASKS, ds.train.labels)  # "constant" default
-    assert isinstance(w, GradNormWeighting) and w.reference.value is not None
-    assert w.reference.value.tolist() == pytest.approx(ref)
-    with pytest.raises(ValueError, match="training labels"):
-        make_weighting(TrainConfig(weighting="gradnorm"), TASKS)
-    cfg = tiny_config()
-    cfg.train = TrainConfig(weighting="gradnorm", gradnorm_reference="mean")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="gradnorm_reference"):
-        cfg.__post_init__()
-    res = fit(_cfg(weighting="gradnorm", gradnorm_reference="initial", epochs=1), ds)
-    assert math.isfinite(res.metrics["test/satisfaction/auc"])
-    assert sum(res.metrics["task_weights"].values()) == pytest.approx(2.0, abs=1e-5)
 
 
 # -- every scheme trains -------------------------------------------------------------------------
