@@ -201,6 +201,7 @@ def make_mmoe_benchmark(
 MIN_SEEDS_FOR_VERDICT = 10
 FAILED_RUN_FACTOR = 2.0
 MMOE_BENCHMARK_ARCHS = ("shared_bottom", "mmoe")
+SINGLE_TASK = "single_task"  # the shared-bottom network trained on each task alone (a baseline)
 STEP_WINDOW = 50  # training steps averaged into one point of a loss-vs-steps curve
 
 
@@ -290,6 +291,32 @@ def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "trai
         else bool(sb_low > 1.0 and gap[low]["low"] > 1.0)
     )
     return table
+
+
+def sharing_cost(runs: Sequence[Mapping[str, Any]], key: str = "train_mse") -> dict[str, Any]:
+    """What training two tasks together costs, per p: for each of MMOE_BENCHMARK_ARCHS the paired
+    ratio (model.metrics.paired_ratio over seeds) of its two-task loss to the ``SINGLE_TASK`` runs'
+    (the shared-bottom network trained on each task alone, the mean of the two). Negative transfer,
+    the paper's premise, is shared-bottom's ratio rising as p falls; below 1 sharing helps."""
+    ps = sorted({float(r["p"]) for r in runs if r["arch"] == SINGLE_TASK}, reverse=True)
+    _check(bool(ps), f"no {SINGLE_TASK} runs to compare with")
+    val = {(r["arch"], float(r["p"]), int(r["seed"])): float(r[key]) for r in runs}
+    seeds = sorted({int(r["seed"]) for r in runs if r["arch"] == SINGLE_TASK})
+    _check(len(seeds) >= 2, f"need two or more seeds, got {seeds}")
+    missing = [k for k in product((*MMOE_BENCHMARK_ARCHS, SINGLE_TASK), ps, seeds) if k not in val]
+    _check(not missing, f"incomplete grid of runs, missing (arch, p, seed) {missing[:3]}")
+    out: dict[str, Any] = {"key": key, "correlations": ps, "n_seeds": len(seeds), "vs_single_task": {}}
+    for arch in MMOE_BENCHMARK_ARCHS:
+        out["vs_single_task"][arch] = {
+            str(p): asdict(
+                paired_ratio(
+                    np.array([val[(SINGLE_TASK, p, s)] for s in seeds]),
+                    np.array([val[(arch, p, s)] for s in seeds]),
+                )
+            )
+            for p in ps
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------------

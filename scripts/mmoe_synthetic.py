@@ -10,12 +10,19 @@ seed's sinusoidal target is varies far more between seeds than the effect of p, 
 measured per seed, as a paired ratio against p = max(p) (model.synth.summarize_mmoe_benchmark:
 geometric mean over seeds with a bootstrap interval), and the two architectures are compared on those ratios.
 
+The paper's explanation is negative transfer in the shared bottom, growing as the tasks
+decorrelate. ``--single-task`` measures it directly: it also fits the shared-bottom network on each
+task alone (same seed, data and budget) and reports each architecture's two-task loss over that
+baseline per p (model.synth.sharing_cost).
+
     python scripts/mmoe_synthetic.py --seeds 30 --jobs 2      # about 25 min on 2 cores
+    python scripts/mmoe_synthetic.py --seeds 30 --single-task # twice that
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import sys
@@ -26,6 +33,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -33,9 +42,11 @@ from model.synth import (  # noqa: E402
     FAILED_RUN_FACTOR,
     MIN_SEEDS_FOR_VERDICT,
     MMOE_BENCHMARK_ARCHS,
+    SINGLE_TASK,
     STEP_WINDOW,
     add_budget_losses,
     budget_keys,
+    sharing_cost,
     summarize_mmoe_benchmark,
     window_means,
 )
@@ -59,7 +70,10 @@ def arch_sizes(expert_units: int = 16) -> dict[str, dict[str, Any]]:
 def run_one(
     p: float, seed: int, arch: str, rows: int, epochs: int, alpha_std: float, expert_units: int = 16
 ) -> dict[str, Any]:
-    """One training run in a fresh process (one torch thread): data for (p, seed), then fit."""
+    """One training run in a fresh process (one torch thread): data for (p, seed), then fit.
+
+    Losses are the mean of the two heads' MSE. ``arch = SINGLE_TASK`` fits the shared-bottom
+    network on y1 alone and on y2 alone (same seed and budget) and averages the two the same way."""
     from model.config import load_config
     from model.data import load_dataset
     from model.synth import make_mmoe_benchmark
@@ -72,20 +86,31 @@ def run_one(
         cfg.train.seed, cfg.train.epochs = seed, epochs
         cfg.train.patience, cfg.train.num_threads = epochs, 1
         cfg.train.log_every = 1  # every step's task losses, for the loss-vs-steps curves
-        for k, v in arch_sizes(expert_units)[arch].items():
+        for k, v in arch_sizes(expert_units)["shared_bottom" if arch == SINGLE_TASK else arch].items():
             setattr(cfg.model, k, v)
         t0 = time.perf_counter()
-        res = fit(cfg, load_dataset(cfg))
-    per_step = [(s["y1/loss"] + s["y2/loss"]) / 2 for s in res.steps]  # mean of the two heads' MSE
+        fits = []
+        for tasks in [[t] for t in cfg.tasks] if arch == SINGLE_TASK else [cfg.tasks]:
+            one = copy.deepcopy(cfg)
+            one.tasks = tasks
+            fits.append((fit(one, load_dataset(one)), [t.name for t in tasks]))
+    # per fit: sums over its heads, per step / per epoch; then the mean over the two heads
+    per_step = (
+        np.sum([[sum(s[f"{n}/loss"] for n in names) for s in r.steps] for r, names in fits], axis=0) / 2
+    )
+    per_epoch = np.sum([[h["train/loss"] for h in r.history] for r, _ in fits], axis=0) / 2
     return {
         "p": p,
         "seed": seed,
         "arch": arch,
-        "train_mse": float(res.history[-1]["train/loss"]) / 2,  # mean of the two heads' MSE
-        "test_mse": float(res.metrics["test/loss"]) / 2,
-        "train_curve": [float(h["train/loss"]) / 2 for h in res.history],  # per epoch
+        "train_mse": float(per_epoch[-1]),
+        "train_mse_by_task": {n: float(r.history[-1][f"train/{n}/loss"]) for r, names in fits for n in names},
+        "test_mse": sum(float(r.metrics["test/loss"]) for r, _ in fits) / 2,
+        "train_curve": [float(v) for v in per_epoch],  # per epoch
         "step_window": STEP_WINDOW,
-        "step_curve": window_means(per_step, STEP_WINDOW),  # per STEP_WINDOW steps, as the paper plots
+        "step_curve": window_means(
+            per_step.tolist(), STEP_WINDOW
+        ),  # per STEP_WINDOW steps, as the paper plots
         "alpha_std": alpha_std,
         "expert_units": expert_units,
         "seconds": time.perf_counter() - t0,
@@ -100,12 +125,14 @@ def run(
     jobs: int,
     alpha_std: float,
     expert_units: int = 16,
+    single_task: bool = False,
 ) -> list[dict[str, Any]]:
+    archs = (*ARCHS, SINGLE_TASK) if single_task else ARCHS
     todo = [
         (p, s, a, rows, epochs, alpha_std, expert_units)
         for s in range(seeds)
         for p in correlations
-        for a in ARCHS
+        for a in archs
     ]
     out = []
     spawn = multiprocessing.get_context("spawn")  # no torch state forked into the workers
@@ -158,6 +185,17 @@ def _ci(r: dict[str, float]) -> str:
     return f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
+def print_sharing_cost(t: dict[str, Any]) -> None:
+    print(
+        f"\ncost of sharing ({t['key']}, {t['n_seeds']} seeds): two-task loss / the shared-bottom net"
+        " trained on each task alone, geometric mean over seeds, 95% CI"
+    )
+    print("\n| task correlation p | shared-bottom | MMoE |")
+    print("|---|---|---|")
+    for p in t["correlations"]:
+        print(f"| {p} | " + " | ".join(_ci(t["vs_single_task"][a][str(p)]) for a in ARCHS) + " |")
+
+
 def print_budgets(tables: list[dict[str, Any]]) -> None:
     """The trend at the lowest p for each training budget (and the test loss), in one table."""
     top, low = tables[0]["correlations"][0], tables[0]["correlations"][-1]
@@ -195,6 +233,11 @@ def main() -> None:
         default=16,
         help="expert width (paper: 16); the shared bottom is matched in parameters (16 -> 113 units)",
     )
+    ap.add_argument(
+        "--single-task",
+        action="store_true",
+        help="also fit the shared-bottom net on each task alone, to measure what sharing costs",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "reports" / "mmoe_synthetic.json")
     ap.add_argument("--from-runs", type=Path, help="summarise an earlier --out's runs instead of training")
@@ -214,6 +257,7 @@ def main() -> None:
             a.jobs,
             a.alpha_std,
             a.expert_units,
+            a.single_task,
         )
     )
     budgets = [k for k in (1, 2, 5) if k < min(len(r["train_curve"]) for r in runs)]
@@ -223,8 +267,13 @@ def main() -> None:
     for k in ("train_mse", "test_mse"):
         print_summary(summary[k])
     print_budgets([summary[k] for k in keys])
+    payload: dict[str, Any] = {"runs": runs, "summary": summary}
+    if any(r["arch"] == SINGLE_TASK for r in runs):
+        payload["sharing_cost"] = {k: sharing_cost(runs, k) for k in ("train_mse", "test_mse")}
+        for k in ("train_mse", "test_mse"):
+            print_sharing_cost(payload["sharing_cost"][k])
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))  # mtrank report plots it
+    a.out.write_text(json.dumps(payload, indent=1))  # mtrank report plots it
     print(f"\nwrote {a.out}")
 
 

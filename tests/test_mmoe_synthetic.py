@@ -12,8 +12,10 @@ import pytest
 from model.report import plot_mmoe_synthetic
 from model.synth import (
     MIN_SEEDS_FOR_VERDICT,
+    SINGLE_TASK,
     add_budget_losses,
     budget_keys,
+    sharing_cost,
     summarize_mmoe_benchmark,
     window_means,
 )
@@ -121,6 +123,32 @@ def test_summary_refuses_an_incomplete_grid():
         summarize_mmoe_benchmark([r for r in runs if r["p"] == 1.0])
 
 
+def test_sharing_cost_against_single_task_fits():
+    """Negative transfer as the paper means it: shared-bottom's two-task loss over the single-task
+    fits rises as p falls (here 1.05 -> 1.5); MMoE's does not (0.9 at both)."""
+    rng = np.random.default_rng(1)
+    runs = []
+    for s in range(20):
+        level = rng.lognormal(-3.5, 1.0)
+        for p, sb, mm in [(1.0, 1.05, 0.9), (0.0, 1.5, 0.9)]:
+            for arch, f in [(SINGLE_TASK, 1.0), ("shared_bottom", sb), ("mmoe", mm)]:
+                loss = level * f * np.exp(rng.normal(0, 0.02))
+                runs.append({"p": p, "seed": s, "arch": arch, "train_mse": loss})
+    t = sharing_cost(runs)
+    assert t["correlations"] == [1.0, 0.0] and t["n_seeds"] == 20
+    sb, mm = t["vs_single_task"]["shared_bottom"], t["vs_single_task"]["mmoe"]
+    assert sb["1.0"]["ratio"] == pytest.approx(1.05, rel=0.03)
+    assert sb["0.0"]["ratio"] == pytest.approx(1.5, rel=0.03)
+    assert sb["0.0"]["low"] > sb["1.0"]["high"]  # the cost grows as the tasks decorrelate
+    assert mm["0.0"]["high"] < 1.0 and mm["1.0"]["high"] < 1.0
+    # the two-task summary ignores the baseline runs
+    assert set(summarize_mmoe_benchmark(runs)["archs"]) == {"shared_bottom", "mmoe"}
+    with pytest.raises(ValueError, match="incomplete grid"):
+        sharing_cost(runs[1:])
+    with pytest.raises(ValueError, match="no single_task runs"):
+        sharing_cost([r for r in runs if r["arch"] != SINGLE_TASK])
+
+
 def test_arch_sizes_match_parameters_as_the_paper_does(bench):
     assert bench.arch_sizes() == {
         "shared_bottom": {"arch": "shared_bottom", "bottom_dims": [113]},  # the paper's 113
@@ -165,3 +193,26 @@ def test_tiny_real_run_writes_runs_summary_and_a_plot(bench, tmp_path, monkeypat
     assert json.loads(again.read_text())["summary"] == data["summary"]
     assert plot_mmoe_synthetic(data, tmp_path / "syn.png")
     assert (tmp_path / "syn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_task_baseline_fits_each_task_alone(bench, tmp_path, monkeypatch):
+    """--single-task adds the shared-bottom net fitted on y1 alone and y2 alone. y1 does not depend
+    on p for a fixed seed (w1 = c u1), so its single-task fit is the same at p = 1 and p = 0; in
+    the two-task fits it is not (y2 differs), which shows the baseline saw no second task."""
+    out = tmp_path / "single.json"
+    argv = ["x", "--seeds", "2", "--rows", "2000", "--epochs", "2", "--correlations", "1", "0"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--single-task", "--jobs", "1", "--out", str(out)])
+    bench.main()
+    data = json.loads(out.read_text())
+    runs = {(r["p"], r["seed"], r["arch"]): r for r in data["runs"]}
+    assert len(runs) == 2 * 2 * 3
+    for s in (0, 1):
+        one, zero = runs[(1.0, s, SINGLE_TASK)], runs[(0.0, s, SINGLE_TASK)]
+        assert one["train_mse_by_task"]["y1"] == pytest.approx(zero["train_mse_by_task"]["y1"], rel=1e-6)
+        assert one["train_mse_by_task"]["y2"] != pytest.approx(zero["train_mse_by_task"]["y2"], rel=1e-3)
+        assert one["train_mse"] == pytest.approx(sum(one["train_mse_by_task"].values()) / 2, rel=1e-6)
+        assert len(one["train_curve"]) == 2 and one["step_curve"]
+        sb1, sb0 = runs[(1.0, s, "shared_bottom")], runs[(0.0, s, "shared_bottom")]
+        assert sb1["train_mse_by_task"]["y1"] != pytest.approx(sb0["train_mse_by_task"]["y1"], rel=1e-5)
+    assert set(data["sharing_cost"]) == {"train_mse", "test_mse"}
+    assert set(data["sharing_cost"]["train_mse"]["vs_single_task"]) == {"shared_bottom", "mmoe"}
