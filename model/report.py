@@ -238,6 +238,24 @@ def compare_table(data: Any) -> str:
     return _table(out, ["arch", "weighting", *keys]) if out else ""
 
 
+def sharing_cost_table(data: Any) -> str:
+    """scripts/mmoe_synthetic.py --single-task: two-task loss / single-task loss per arch and p."""
+    t = data.get("sharing_cost", {}).get("train_mse") if isinstance(data, dict) else None
+    if not isinstance(t, dict) or not t.get("vs_single_task"):
+        return ""
+    by_arch: dict[str, Any] = t["vs_single_task"]
+
+    def cell(c: Mapping[str, float]) -> str:
+        return f"{c['ratio']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+
+    rows = [[p, *(cell(by_arch[a][str(p)]) for a in by_arch)] for p in t["correlations"]]
+    note = (
+        f"<p>Cost of sharing, final training MSE over {t['n_seeds']} seeds: each architecture's two-task"
+        " loss over the shared-bottom network fitted on each task alone (geometric mean, 95% CI)</p>"
+    )
+    return note + _table(rows, ["task correlation p", *by_arch])
+
+
 def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write all figures and ``report.html``; returns the HTML path."""
     artifacts = Path(artifacts)
@@ -294,8 +312,10 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
             parts.append(compare_table(data))
             if plot_compare(data, out / "compare_mtl.png"):
                 parts.append('<img src="compare_mtl.png">')
-        elif plot(data, out / (p.stem + ".png")):
-            parts.append(f'<img src="{p.stem}.png">')
+        else:
+            if plot(data, out / (p.stem + ".png")):
+                parts.append(f'<img src="{p.stem}.png">')
+            parts.append(sharing_cost_table(data))
 
     parts.append("<h2>Training curves and gate utilisation</h2>")
     for m in manifests:

@@ -3,6 +3,7 @@ import json
 from modelkit import tiny_config
 
 from model.report import write_report
+from model.synth import SINGLE_TASK, sharing_cost
 from model.synth import summarize_mmoe_benchmark as summarize
 from model.train import train
 
@@ -21,10 +22,16 @@ def test_report_writes_html_and_figures(tmp_path):
         for p in (1.0, 0.0)
         for a in ("shared_bottom", "mmoe")
     ]
+    runs += [
+        {"p": p, "seed": s, "arch": SINGLE_TASK, "train_mse": 0.01 * (s + 1)}
+        for s in range(3)
+        for p in (1.0, 0.0)
+    ]
     for r in runs:
         r["test_mse"] = r["train_mse"]
+    cost = {"train_mse": sharing_cost(runs)}
     (tmp_path / "reports" / "mmoe_synthetic.json").write_text(
-        json.dumps({"runs": runs, "summary": {"train_mse": summarize(runs)}})
+        json.dumps({"runs": runs, "summary": {"train_mse": summarize(runs)}, "sharing_cost": cost})
     )
     (tmp_path / "reports" / "compare_mtl.json").write_text(
         json.dumps(
@@ -55,4 +62,9 @@ def test_report_writes_html_and_figures(tmp_path):
         assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert v in text and "mmoe" in text
     assert "<td>ple</td><td>uncertainty</td><td>0.7000 ± 0.0100 (n=3)</td>" in text
+    # shared-bottom is 1.5x the single-task fits at p = 0 on every seed, 1x at p = 1
+    assert (
+        "Cost of sharing" in text
+        and "<td>0.0</td><td>1.50 [1.50, 1.50]</td><td>1.00 [1.00, 1.00]</td>" in text
+    )
     assert "<code>train.gradnorm_reference=&quot;initial&quot;</code>" in text  # what the runs changed
