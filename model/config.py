@@ -121,6 +121,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0  # Adam's L2 on every parameter ...
     embed_weight_decay: float | None = None  # ... but this on the embedding tables (None = the same)
+    # mini-batch aware L2 (DIN): sum over the batch's embedding rows of ||w_j||^2 / count_j; 0 = off
+    embed_batch_l2: float = 0.0
     patience: int = 2
     monitor: str = "valid/engagement/auc"  # or valid/loss, valid/<task>/logloss, ...
     seed: int = 0
@@ -192,6 +194,8 @@ class Config:
             raise ConfigError("train: worst_case_temperature and tower_l2 must be >= 0, gradnorm_lr > 0")
         if tr.weight_decay < 0 or (tr.embed_weight_decay is not None and tr.embed_weight_decay < 0):
             raise ConfigError("train: weight_decay and embed_weight_decay must be >= 0")
+        if tr.embed_batch_l2 < 0:
+            raise ConfigError(f"train.embed_batch_l2 must be >= 0, got {tr.embed_batch_l2}")
         if tr.lr_scale <= 0 or not 0.0 < tr.layer_lr_decay <= 1.0:
             raise ConfigError("train: lr_scale must be > 0 and layer_lr_decay in (0, 1]")
         if not 0.0 <= self.data.valid_fraction < 1.0:

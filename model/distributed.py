@@ -101,6 +101,12 @@ def check_supported(cfg: Config, world_size: int) -> None:
             f"(supported: {', '.join(DDP_WEIGHTINGS)}): it needs per-task gradients or losses of the "
             "global batch, which per-rank averaging does not give. Train it in one process."
         )
+    if tc.embed_batch_l2 > 0:
+        raise ConfigError(
+            "train.embed_batch_l2 is not supported with distributed training: it penalises the "
+            "embedding rows of the global batch once each, which per-rank penalties would count once "
+            "per rank. Use train.embed_weight_decay, or train in one process."
+        )
     if tc.batch_size % world_size != 0:
         raise ConfigError(
             f"train.batch_size={tc.batch_size} must be divisible by the world size {world_size} "

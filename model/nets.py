@@ -214,6 +214,12 @@ class MultiTaskNet(nn.Module):
         return self.forward(*r.full())
 
     # -- parameter views for the multi-task machinery -------------------------------------------
+    def feature_embeddings(self) -> list[FeatureEmbedding]:
+        """The embedding modules the serving features (``cats``) go through (not the bias tower's)."""
+        embed = getattr(self, "embed", None)
+        mods = embed.values() if isinstance(embed, nn.ModuleDict) else [embed]
+        return [m for m in mods if isinstance(m, FeatureEmbedding)]
+
     def shared_parameters(self) -> list[Tensor]:
         """Parameters that more than one task's loss depends on."""
         return []

@@ -7,7 +7,8 @@
 Early stopping watches one validation metric in its right direction and keeps the best weights.
 The result is written as a versioned checkpoint (``model.checkpoint``).
 
-Around the weighting scheme: ``train.tower_l2`` adds the soft-sharing penalty; the bias tower
+Around the weighting scheme: ``train.tower_l2`` adds the soft-sharing penalty and
+``train.embed_batch_l2`` the mini-batch aware embedding L2 (``batch_embedding_l2``); the bias tower
 (``model.bias_features``) sees the logged bias features in training only -- evaluation scores rows
 exactly as the service does, without them. Validation / test ``loss`` is always the static
 sum_i w_i L_i, comparable across weighting schemes.
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -222,6 +224,29 @@ def param_groups(model: MultiTaskNet, tc: TrainConfig) -> list[dict[str, Any]]:
 # the loop
 
 
+def embedding_row_counts(model: MultiTaskNet, cats: npt.NDArray[np.int64]) -> Tensor:
+    """How often each row of the (shared-layout) embedding tables is used by the rows ``cats``."""
+    embeds = model.feature_embeddings()
+    if not embeds:
+        return torch.zeros(0)
+    e = embeds[0]
+    rows = (torch.from_numpy(cats) + e.offsets).flatten()
+    return torch.bincount(rows, minlength=e.emb.num_embeddings).float()
+
+
+def batch_embedding_l2(model: MultiTaskNet, cats: Tensor, row_counts: Tensor) -> Tensor:
+    """Mini-batch aware regularisation (Zhou et al., KDD 2018, DIN section 4.1): the L2 norm of the
+    embedding rows the batch uses, each divided by its row's count n_j in the training split, i.e.
+    sum_{j in batch} ||w_j||^2 / n_j, so over an epoch each row is penalised about once, however
+    often it appears, and rows a batch does not touch are left alone."""
+    total = torch.zeros(())
+    for e in model.feature_embeddings():
+        rows = torch.unique(cats + e.offsets)  # (R,)
+        w = e.emb.weight[rows]  # (R, D)
+        total = total + (w.pow(2).sum(dim=1) / row_counts[rows].clamp_min(1.0)).sum()
+    return total
+
+
 def train_step(
     model: MultiTaskNet,
     weighting: TaskWeighting,
@@ -229,15 +254,21 @@ def train_step(
     batch: tuple[Tensor, Tensor, Tensor, Tensor | None],
     tasks: list[TaskConfig],
     tower_l2: float = 0.0,
+    batch_l2: tuple[float, Tensor] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """One optimiser step; returns the objective and the per-task losses."""
+    """One optimiser step; returns the objective and the per-task losses. ``batch_l2`` is
+    (strength, embedding row counts) for ``batch_embedding_l2``."""
     cats, nums, labels, bias = batch
     out, z = model.forward_with_shared(cats, nums, bias)
     losses = task_losses(out, labels, tasks)
     opt.zero_grad(set_to_none=True)
     loss = float(weighting.backward(losses, z, model))
+    penalty = torch.zeros(())
     if tower_l2 > 0:
-        penalty = tower_l2 * tower_l2_penalty(model)
+        penalty = penalty + tower_l2 * tower_l2_penalty(model)
+    if batch_l2 is not None and batch_l2[0] > 0:
+        penalty = penalty + batch_l2[0] * batch_embedding_l2(model, cats, batch_l2[1])
+    if penalty.requires_grad:
         penalty.backward()  # type: ignore[no-untyped-call]
         loss += float(penalty.detach())
     opt.step()
@@ -345,6 +376,9 @@ def fit(
     steps_per_epoch = math.ceil(n / tc.batch_size)
     train_time, seen, global_step = 0.0, 0, 0
     step_log: list[dict[str, float]] = []
+    batch_l2 = (
+        (tc.embed_batch_l2, embedding_row_counts(model, ds.train.cats)) if tc.embed_batch_l2 > 0 else None
+    )
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
     for epoch in range(1, tc.epochs + 1):
@@ -355,7 +389,7 @@ def fit(
         for step in range(steps_per_epoch):
             idx = perm[step * tc.batch_size : (step + 1) * tc.batch_size]
             batch = (cats[idx], nums[idx], labels[idx], None if bias is None else bias[idx])
-            loss_value, losses = train_step(model, weighting, opt, batch, cfg.tasks, tc.tower_l2)
+            loss_value, losses = train_step(model, weighting, opt, batch, cfg.tasks, tc.tower_l2, batch_l2)
             weights = weighting.weights()
             sums["train/loss"] += loss_value
             for k, v in losses.items():

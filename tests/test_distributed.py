@@ -108,6 +108,10 @@ def test_weightings_that_need_global_per_task_gradients_are_rejected(tmp_path):
         with pytest.raises(ConfigError, match="not supported with distributed training"):
             check_supported(cfg, 2)
     cfg.train.weighting = "static"
+    cfg.train.embed_batch_l2 = 0.01
+    with pytest.raises(ConfigError, match="embed_batch_l2"):
+        check_supported(cfg, 2)
+    cfg.train.embed_batch_l2 = 0.0
     cfg.train.batch_size = 255
     with pytest.raises(ConfigError, match="divisible"):
         check_supported(cfg, 2)

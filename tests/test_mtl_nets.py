@@ -15,7 +15,7 @@ from model.data import load_dataset
 from model.features import FeatureSchema, FeatureSpec, stable_hash
 from model.nets import PLE, Conditioned, build_model
 from model.synth import make_youtube_log
-from model.train import fit, param_groups, predict
+from model.train import batch_embedding_l2, embedding_row_counts, fit, param_groups, predict
 from model.weighting import tower_l2_penalty
 
 TASKS = [TaskConfig("engagement", "binary", "long_view"), TaskConfig("satisfaction", "binary", "is_like")]
@@ -218,6 +218,50 @@ def test_embed_weight_decay_shrinks_the_embeddings_in_training():
     cfg = tiny_config()
     cfg.train.embed_weight_decay = -1.0
     with pytest.raises(ConfigError, match="embed_weight_decay"):
+        cfg.__post_init__()
+
+
+@pytest.mark.parametrize("arch", ["separate", "mmoe"])
+def test_batch_embedding_l2_penalises_the_batch_rows_by_inverse_count(arch):
+    """DIN's mini-batch aware L2: sum over the rows the batch uses of ||w_j||^2 / n_j (every
+    serving embedding table: one per task for separate towers); other rows get no gradient."""
+    net = build_model(_model_cfg(arch), _schema(), TASKS)
+    train_cats, _ = _batch(200, seed=1)
+    counts = embedding_row_counts(net, train_cats.numpy())
+    embeds = net.feature_embeddings()
+    assert len(embeds) == (2 if arch == "separate" else 1)
+    e = embeds[0]
+    assert counts.sum().item() == train_cats.numel() and len(counts) == e.emb.num_embeddings
+    col = 1  # field 1's value v lives in row offsets[1] + v
+    assert counts[e.offsets[col] + 7].item() == (train_cats[:, col] == 7).sum().item()
+    cats, _ = _batch(8, seed=2)
+    rows = torch.unique(cats + e.offsets)
+    want = sum(
+        float((m.emb.weight[rows].detach().pow(2).sum(1) / counts[rows].clamp_min(1)).sum()) for m in embeds
+    )
+    penalty = batch_embedding_l2(net, cats, counts)
+    assert penalty.item() == pytest.approx(want, rel=1e-5)
+    penalty.backward()
+    grad = e.emb.weight.grad
+    used = torch.zeros(e.emb.num_embeddings, dtype=torch.bool)
+    used[rows] = True
+    assert grad[~used].abs().sum().item() == 0.0 and grad[used].abs().sum().item() > 0
+    # d/dw_j of ||w_j||^2 / n_j is 2 w_j / n_j
+    j = int(rows[0])
+    torch.testing.assert_close(grad[j], 2 * e.emb.weight[j].detach() / counts[j].clamp_min(1))
+
+
+def test_batch_embedding_l2_shrinks_the_embeddings_in_training():
+    norms = {}
+    for strength in (0.0, 1.0):
+        cfg = tiny_config("mmoe", epochs=2)
+        cfg.train.num_threads, cfg.train.embed_weight_decay, cfg.train.embed_batch_l2 = 1, 0.0, strength
+        res = fit(cfg, load_dataset(cfg))
+        norms[strength] = float(res.model.embed.emb.weight.detach().norm())
+    assert norms[1.0] < 0.9 * norms[0.0]
+    cfg = tiny_config()
+    cfg.train.embed_batch_l2 = -0.1
+    with pytest.raises(ConfigError, match="embed_batch_l2"):
         cfg.__post_init__()
 
 
