@@ -207,17 +207,22 @@ def test_embed_weight_decay_applies_to_the_embedding_tables_only(arch):
     assert {g["weight_decay"] for g in param_groups(net, cfg)} == {1e-5}
 
 
-def test_embed_weight_decay_shrinks_the_embeddings_in_training():
+@pytest.mark.parametrize(
+    ("key", "strength", "factor"), [("embed_weight_decay", 0.05, 0.8), ("embed_batch_l2", 1.0, 0.9)]
+)
+def test_embedding_regularisers_shrink_the_embeddings_in_training(key, strength, factor):
+    """Either regulariser alone (the other off) against none; a negative strength is refused."""
     norms = {}
-    for decay in (0.0, 0.05):
+    for value in (0.0, strength):
         cfg = tiny_config("mmoe", epochs=2)
-        cfg.train.num_threads, cfg.train.embed_weight_decay = 1, decay
+        cfg.train.num_threads, cfg.train.embed_weight_decay = 1, 0.0
+        setattr(cfg.train, key, value)
         res = fit(cfg, load_dataset(cfg))
-        norms[decay] = float(res.model.embed.emb.weight.detach().norm())
-    assert norms[0.05] < 0.8 * norms[0.0]
+        norms[value] = float(res.model.embed.emb.weight.detach().norm())
+    assert norms[strength] < factor * norms[0.0]
     cfg = tiny_config()
-    cfg.train.embed_weight_decay = -1.0
-    with pytest.raises(ConfigError, match="embed_weight_decay"):
+    setattr(cfg.train, key, -0.1)
+    with pytest.raises(ConfigError, match=key):
         cfg.__post_init__()
 
 
@@ -249,20 +254,6 @@ def test_batch_embedding_l2_penalises_the_batch_rows_by_inverse_count(arch):
     # d/dw_j of ||w_j||^2 / n_j is 2 w_j / n_j
     j = int(rows[0])
     torch.testing.assert_close(grad[j], 2 * e.emb.weight[j].detach() / counts[j].clamp_min(1))
-
-
-def test_batch_embedding_l2_shrinks_the_embeddings_in_training():
-    norms = {}
-    for strength in (0.0, 1.0):
-        cfg = tiny_config("mmoe", epochs=2)
-        cfg.train.num_threads, cfg.train.embed_weight_decay, cfg.train.embed_batch_l2 = 1, 0.0, strength
-        res = fit(cfg, load_dataset(cfg))
-        norms[strength] = float(res.model.embed.emb.weight.detach().norm())
-    assert norms[1.0] < 0.9 * norms[0.0]
-    cfg = tiny_config()
-    cfg.train.embed_batch_l2 = -0.1
-    with pytest.raises(ConfigError, match="embed_batch_l2"):
-        cfg.__post_init__()
 
 
 # -- soft parameter sharing -----------------------------------------------------------------------
