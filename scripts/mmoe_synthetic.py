@@ -108,9 +108,8 @@ def run_one(
         "test_mse": sum(float(r.metrics["test/loss"]) for r, _ in fits) / 2,
         "train_curve": [float(v) for v in per_epoch],  # per epoch
         "step_window": STEP_WINDOW,
-        "step_curve": window_means(
-            per_step.tolist(), STEP_WINDOW
-        ),  # per STEP_WINDOW steps, as the paper plots
+        # per STEP_WINDOW steps, as the paper plots
+        "step_curve": window_means(per_step.tolist(), STEP_WINDOW),
         "alpha_std": alpha_std,
         "expert_units": expert_units,
         "seconds": time.perf_counter() - t0,
