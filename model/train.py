@@ -263,12 +263,13 @@ def train_step(
     losses = task_losses(out, labels, tasks)
     opt.zero_grad(set_to_none=True)
     loss = float(weighting.backward(losses, z, model))
-    penalty = torch.zeros(())
+    penalties = []  # regularisers outside the weighting scheme
     if tower_l2 > 0:
-        penalty = penalty + tower_l2 * tower_l2_penalty(model)
+        penalties.append(tower_l2 * tower_l2_penalty(model))
     if batch_l2 is not None and batch_l2[0] > 0:
-        penalty = penalty + batch_l2[0] * batch_embedding_l2(model, cats, batch_l2[1])
-    if penalty.requires_grad:
+        penalties.append(batch_l2[0] * batch_embedding_l2(model, cats, batch_l2[1]))
+    if penalties:
+        penalty = torch.stack(penalties).sum()
         penalty.backward()  # type: ignore[no-untyped-call]
         loss += float(penalty.detach())
     opt.step()
