@@ -1,12 +1,13 @@
 import json
 
 import numpy as np
+import optuna
 import pytest
 from modelkit import tiny_config, tiny_toml
 from typer.testing import CliRunner
 
 from model.data import load_dataset
-from model.tune import folds, tune
+from model.tune import DEFAULT_SPACE, SPACE, folds, suggest, tune
 from service.cli import app
 
 
@@ -50,6 +51,19 @@ def test_tune_can_search_a_subset_keeping_the_rest():
     assert set(res.best_params) == {"embed_weight_decay"} and (res.cv, res.folds) == ("user", 2)
     with pytest.raises(ValueError, match="subset"):
         tune(cfg, ds, n_trials=1, k=2, params=["batch_size"])
+
+
+def test_batch_l2_is_searched_only_when_named():
+    cfg = tiny_config(epochs=1)
+    assert "embed_batch_l2" in SPACE and "embed_batch_l2" not in DEFAULT_SPACE
+    named = suggest(optuna.trial.FixedTrial({"embed_batch_l2": 0.02}), cfg, ["embed_batch_l2"])
+    assert named.train.embed_batch_l2 == 0.02 and named.train.lr == cfg.train.lr
+    everything = {"lr": 1e-3, "weight_decay": 1e-6, "embed_weight_decay": 1e-4, "embed_dim": 8}
+    fixed = {**everything, "dropout": 0.1, "n_experts": 2, "gate_dropout": 0.0}
+    default = suggest(optuna.trial.FixedTrial(fixed), cfg)
+    assert default.train.embed_batch_l2 == cfg.train.embed_batch_l2 == 0.0
+    res = tune(cfg, load_dataset(cfg), n_trials=2, k=2, params=["embed_batch_l2"])
+    assert all(1e-3 <= t["embed_batch_l2"] <= 0.3 and np.isfinite(t["value"]) for t in res.trials)
 
 
 def test_tune_searches_and_reports_the_best_trial():
