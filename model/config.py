@@ -192,6 +192,8 @@ class Config:
             raise ConfigError(f"train.log_every must be >= 0 (0 = no step log), got {tr.log_every}")
         if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:
             raise ConfigError("train: worst_case_temperature and tower_l2 must be >= 0, gradnorm_lr > 0")
+        if tr.tower_l2 > 0 and m.arch == "conditioned":
+            raise ConfigError("train.tower_l2: the conditioned arch has no per-task towers to tie together")
         if tr.weight_decay < 0 or (tr.embed_weight_decay is not None and tr.embed_weight_decay < 0):
             raise ConfigError("train: weight_decay and embed_weight_decay must be >= 0")
         if tr.embed_batch_l2 < 0:

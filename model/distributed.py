@@ -66,6 +66,7 @@ from model.train import (
     expert_utilization,
     freeze,
     make_optimizer,
+    observed_tasks,
     resolve_monitor,
     save_result,
     task_losses,
@@ -232,19 +233,23 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
             y = labels[idx]
             if not real.all():
                 y[torch.from_numpy(~real)] = float("nan")  # padding: forward pass, no loss
-            scale = global_loss_scale(y, labels[torch.from_numpy(perm[step * B : (step + 1) * B])], W)
+            global_y = labels[torch.from_numpy(perm[step * B : (step + 1) * B])]
+            scale = global_loss_scale(y, global_y, W)
             batch_bias = None if bias is None else bias[idx].to(device)
             out, z = ddp(cats[idx].to(device), nums[idx].to(device), batch_bias)
             raw = task_losses(out, y.to(device), cfg.tasks)
             losses = {t.name: raw[t.name] * scale[i].item() for i, t in enumerate(cfg.tasks)}
             opt.zero_grad(set_to_none=True)
-            loss_value = float(weighting.backward(losses, z, net))  # DDP all-reduces net's gradients
+            labelled = observed_tasks(global_y)  # the global batch's tasks with labels
+            # DDP all-reduces net's gradients
+            loss_value = float(weighting.backward(losses, z, net, labelled))
             for p in extra:  # uncertainty's s_i live outside the DDP module
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(W)
-            if tc.tower_l2 > 0:  # identical on every rank: its local gradient is already the mean
-                penalty = tc.tower_l2 * tower_l2_penalty(net)
+            # identical on every rank: its local gradient is already the mean (none if all frozen)
+            if tc.tower_l2 > 0 and (tie := tower_l2_penalty(net)).requires_grad:
+                penalty = tc.tower_l2 * tie
                 penalty.backward()  # type: ignore[no-untyped-call]
                 loss_value += float(penalty.detach())
             opt.step()

@@ -23,17 +23,21 @@ space. Losses and task weighting live outside ``forward()`` (see ``model.train``
 Hooks the multi-task machinery outside ``forward()`` uses (every arch implements them):
 
 - ``forward_with_shared`` also returns the *shared representation* z: the tensor every task's
-  output is computed from (shared-bottom output; MMoE expert outputs; the embedding output for
-  PLE and Conditioned; the per-task embedding outputs stacked (B, T, D) for SeparateTowers).
-  MGDA-UB differentiates the task losses w.r.t. z.
+  output is computed from (shared-bottom output; for MMoE the embedding output the gates read
+  and the expert outputs, side by side; the embedding output for PLE and Conditioned; the
+  per-task embedding outputs stacked (B, T, D) for SeparateTowers). MGDA-UB differentiates the
+  task losses w.r.t. z, which bounds the shared parameters' gradient only when all of them lie
+  below z (``z_bounds_shared``); PLE's and Conditioned's shared experts / trunk lie above it.
 - ``shared_parameters()``: parameters more than one task's loss depends on (PCGrad);
   ``last_shared_parameters()``: the last shared layer's weight (GradNorm's W).
 - ``task_towers()``: per-task modules with corresponding parameters (soft parameter sharing).
 - ``param_depths()``: layers below the heads (layer-wise LR decay); ``reset_heads()``.
 
 Selection bias (YouTube, Zhao et al. 2019): ``bias_tower`` is a shallow tower on logged position x
-device whose logit is added to the ``bias_tasks``' logits, only when the batch carries the bias
-inputs (training). Serving never has them, so the tower is dropped there.
+device whose logit is added to the ``bias_tasks``' logits. Training rows carry the logged bias
+features (with feature dropout to "unknown"); evaluation and serving have none, and get the tower's
+output for all-unknown features, the value the paper's "treat position as missing" means -- so the
+tower's and the main network's shares of the intercept do not matter at serving.
 """
 
 from __future__ import annotations
@@ -162,13 +166,14 @@ class BiasTower(nn.Module):
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
+        self.n_features = len(cardinalities)
         self.feature_dropout = p
         self.embed = FeatureEmbedding(cardinalities, 0, embed_dim)
         self.body, d = mlp(self.embed.out_dim, dims, 0.0)
         self.out = nn.Linear(d, len(self.tasks))
 
-    def forward(self, bias: Tensor) -> Tensor:
-        if self.training and self.feature_dropout > 0:
+    def forward(self, bias: Tensor, dropout: bool = True) -> Tensor:
+        if dropout and self.training and self.feature_dropout > 0:
             drop = torch.rand(bias.shape[0], device=bias.device) < self.feature_dropout  # (B,)
             bias = bias.masked_fill(drop[:, None], 0)
         x = self.embed(bias, torch.zeros(bias.shape[0], 0, device=bias.device))  # (B, Cb*D)
@@ -184,6 +189,7 @@ class MultiTaskNet(nn.Module):
     """
 
     bias_tower: BiasTower | None
+    z_bounds_shared = True  # every shared parameter lies below z (MGDA-UB's requirement)
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -198,20 +204,36 @@ class MultiTaskNet(nn.Module):
         self, cats: Tensor, nums: Tensor, bias: Tensor | None = None
     ) -> tuple[dict[str, Tensor], Tensor]:
         out, z = self.forward_tasks(cats, nums)
-        if bias is not None and bias.shape[-1] > 0 and self.bias_tower is not None:
+        return self.add_bias(out, bias), z
+
+    def add_bias(self, out: dict[str, Tensor], bias: Tensor | None) -> dict[str, Tensor]:
+        """Adds the bias tower's logit: on the logged bias features (B, Cb) when given (training),
+        else its all-unknown output (evaluation and serving)."""
+        if self.bias_tower is None:
+            return out
+        some = next(iter(out.values()))
+        if bias is None or bias.shape[-1] == 0:
+            unknown = torch.zeros(1, self.bias_tower.n_features, dtype=torch.long, device=some.device)
+            b = self.bias_tower(unknown, dropout=False).expand(some.shape[0], -1)  # (B, Tb)
+        else:
             b = self.bias_tower(bias)  # (B, Tb)
-            out = dict(out)
-            for i, t in enumerate(self.bias_tower.tasks):
-                out[t] = out[t] + b[:, i]
-        return out, z
+        out = dict(out)
+        for i, t in enumerate(self.bias_tower.tasks):
+            out[t] = out[t] + b[:, i]
+        return out
 
     def forward(self, cats: Tensor, nums: Tensor, bias: Tensor | None = None) -> dict[str, Tensor]:
         return self.forward_with_shared(cats, nums, bias)[0]
 
     def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
-        """Serving: the same outputs as ``forward`` on the broadcast request (no bias tower).
-        Architectures override it to compute the request-constant part of their first layer once."""
-        return self.forward(*r.full())
+        """Serving: the same outputs as ``forward`` on the broadcast request (the bias tower at
+        unknown features)."""
+        return self.add_bias(self.request_tasks(r), None)
+
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
+        """``forward_tasks``'s outputs for one request; architectures override it to compute the
+        request-constant part of their first layer once."""
+        return self.forward_tasks(*r.full())[0]
 
     # -- parameter views for the multi-task machinery -------------------------------------------
     def feature_embeddings(self) -> list[FeatureEmbedding]:
@@ -278,9 +300,9 @@ class SeparateTowers(MultiTaskNet):
         out = {t: self.towers[t](self.bottom[t](z[:, i])) for i, t in enumerate(self.tasks)}
         return out, z
 
-    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
         if not self.n_bottom:
-            return super().forward_request(r)
+            return super().request_tasks(r)
         out = {}
         for t in self.tasks:
             embed, bottom = self.embed[t], self.bottom[t]
@@ -313,9 +335,9 @@ class SharedBottom(MultiTaskNet):
         h = self.bottom(self.embed(cats, nums))  # (B, H)
         return {t: self.towers[t](h) for t in self.tasks}, h
 
-    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
         if not len(self.bottom):
-            return super().forward_request(r)
+            return super().request_tasks(r)
         first = self.bottom[0]
         assert isinstance(first, nn.Linear)
         h = self.bottom[1:](split_linear(*self.embed.split(r), first))  # (B, H)
@@ -406,12 +428,15 @@ class MMoE(MultiTaskNet):
     def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         x = self.embed(cats, nums)  # (B, D)
         h = self.experts(x)  # (B, E, H)
+        # z: everything the task-specific part reads, the gates' input x and the experts' h
+        z = torch.cat([x, h.flatten(1)], dim=1)  # (B, D + E*H)
+        x, h = z[:, : x.shape[1]], z[:, x.shape[1] :].view_as(h)
         gates = self.gate_probs(x)
-        return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}, h
+        return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}, z
 
-    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
         if not self.n_layers:
-            return super().forward_request(r)
+            return super().request_tasks(r)
         parts = self.embed.split(r)
         h = self.experts.above_first(self.experts.first_split(*parts))  # (B, E, H)
         out = {}
@@ -548,6 +573,8 @@ class PLELevel(nn.Module):
 
 
 class PLE(MultiTaskNet):
+    z_bounds_shared = False  # z is the embedding output; the shared experts lie above it
+
     def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
         self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
@@ -569,9 +596,9 @@ class PLE(MultiTaskNet):
             xs, x_shared = level(xs, x_shared)  # T x (B, H), (B, H) or None after the last level
         return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}, x
 
-    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
         if not self.n_layers:
-            return super().forward_request(r)
+            return super().request_tasks(r)
         levels = self.level_list
         xs, x_shared = levels[0].forward_split(self.embed.split(r))  # the first level sees x itself
         for level in levels[1:]:
@@ -603,12 +630,15 @@ class PLE(MultiTaskNet):
         return torch.stack([g[t] for t in self.tasks], dim=1)
 
     def shared_parameters(self) -> list[Tensor]:
-        # below the last level everything reaches every task (through the shared gate)
+        # below the last level every expert reaches every task (through the next shared gate), and
+        # so does a task gate whose output feeds a level that has a shared gate (all but the last two)
+        levels = self.level_list
         params = [*self.embed.parameters()]
-        for level in self.level_list[:-1]:
+        for k, level in enumerate(levels[:-1]):
             params += [*level.task_experts.parameters(), *level.shared_experts.parameters()]
             params += [*level.shared_gate.parameters()] if level.shared_gate is not None else []
-        return [*params, *self.level_list[-1].shared_experts.parameters()]
+            params += [*level.gates.parameters()] if k < len(levels) - 2 else []
+        return [*params, *levels[-1].shared_experts.parameters()]
 
     def last_shared_parameters(self) -> list[Tensor]:
         last = self.level_list[-1].shared_experts
@@ -633,6 +663,8 @@ class Conditioned(MultiTaskNet):
     (Perez et al. 2018; gamma, beta start at 0, i.e. at the unconditioned network). The trunk and the
     head run once per task on a (T, B, .) batch; only z_t differs between tasks.
     """
+
+    z_bounds_shared = False  # z is the embedding output; the shared trunk lies above it
 
     def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
@@ -666,11 +698,11 @@ class Conditioned(MultiTaskNet):
             return self._above_first(h), x
         return self._above_first(self.trunk[0](h)), x  # (T, B, H1)
 
-    def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
         """The first trunk layer is affine in [x, z_t] (concat) or x + z_t (add): its x share, with
         the request-constant columns computed once, plus a per-task z_t share (T, H1)."""
         if not len(self.trunk):
-            return super().forward_request(r)
+            return super().request_tasks(r)
         first = self.trunk[0]
         assert isinstance(first, nn.Linear)
         d_x, z = self.embed.out_dim, self.task_emb  # z: (T, Dz)

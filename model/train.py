@@ -58,22 +58,29 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, Mapping[str, Any]], None]
 
 
+def _loss(pred: Tensor, target: Tensor, kind: str, reduction: str = "mean") -> Tensor:
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(pred, target, reduction=reduction)
+    return F.mse_loss(pred, target, reduction=reduction)
+
+
 def task_losses(out: Mapping[str, Tensor], labels: Tensor, tasks: list[TaskConfig]) -> dict[str, Tensor]:
-    """Per-task mean loss over observed labels. ``labels`` (B, T) with NaN = not observed."""
+    """Per-task mean loss over observed labels. ``labels`` (B, T) with NaN = not observed; a task
+    with no observed label in the batch gets a graph-keeping 0 (``observed_tasks`` tells which)."""
     losses: dict[str, Tensor] = {}
     for t, task in enumerate(tasks):
         y = labels[:, t]
         seen = ~torch.isnan(y)  # (B,)
-        n = seen.sum()
-        if n == 0:
+        if not bool(seen.any()):
             losses[task.name] = out[task.name].sum() * 0.0  # keeps the graph, contributes nothing
             continue
-        pred, target = out[task.name][seen], y[seen]
-        if task.kind == "binary":
-            losses[task.name] = F.binary_cross_entropy_with_logits(pred, target)
-        else:
-            losses[task.name] = F.mse_loss(pred, target)
+        losses[task.name] = _loss(out[task.name][seen], y[seen], task.kind)
     return losses
+
+
+def observed_tasks(labels: Tensor) -> Tensor:
+    """(T,) bool: the tasks with at least one observed label in ``labels`` (B, T)."""
+    return (~torch.isnan(labels)).any(dim=0).cpu()
 
 
 def weighted_total(losses: Mapping[str, Tensor], tasks: list[TaskConfig]) -> Tensor:
@@ -106,15 +113,20 @@ def evaluate_split(
     weights = {t.name: 1.0 for t in tasks if t.kind == "binary"} or {t.name: 1.0 for t in tasks}
     combined = combine_scores(heads, weights, "product")
     metrics = evaluate_predictions(tasks, split.labels, heads, split.users, combined, prefix=prefix)
-    with torch.inference_mode():  # the training objective on this split, for curves and early stopping
-        total, n = 0.0, 0
+    # the static training objective on this split, for curves and early stopping: each task's loss
+    # is its mean over the split's observed labels (whatever the batch size)
+    sums, counts = np.zeros(len(tasks)), np.zeros(len(tasks))
+    with torch.inference_mode():
         for i in range(0, len(split), batch_size):
             sl = slice(i, i + batch_size)
             out = model(torch.from_numpy(split.cats[sl]), torch.from_numpy(split.nums[sl]))
-            loss = weighted_total(task_losses(out, torch.from_numpy(split.labels[sl]), tasks), tasks)
-            b = split.labels[sl].shape[0]
-            total, n = total + float(loss) * b, n + b
-        metrics[f"{prefix}loss"] = total / max(n, 1)
+            y = torch.from_numpy(split.labels[sl])
+            for t, task in enumerate(tasks):
+                seen = ~torch.isnan(y[:, t])
+                sums[t] += float(_loss(out[task.name][seen], y[seen, t], task.kind, "sum"))
+                counts[t] += int(seen.sum())
+    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    metrics[f"{prefix}loss"] = float(sum(t.weight * m for t, m in zip(tasks, means, strict=True)))
     return metrics
 
 
@@ -262,10 +274,10 @@ def train_step(
     out, z = model.forward_with_shared(cats, nums, bias)
     losses = task_losses(out, labels, tasks)
     opt.zero_grad(set_to_none=True)
-    loss = float(weighting.backward(losses, z, model))
+    loss = float(weighting.backward(losses, z, model, observed_tasks(labels)))
     penalties = []  # regularisers outside the weighting scheme
-    if tower_l2 > 0:
-        penalties.append(tower_l2 * tower_l2_penalty(model))
+    if tower_l2 > 0 and (tie := tower_l2_penalty(model)).requires_grad:  # not when all towers are frozen
+        penalties.append(tower_l2 * tie)
     if batch_l2 is not None and batch_l2[0] > 0:
         penalties.append(batch_l2[0] * batch_embedding_l2(model, cats, batch_l2[1]))
     if penalties:

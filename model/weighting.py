@@ -1,11 +1,16 @@
 """Task weighting: how the per-task losses L_i become one gradient step (``train.weighting``).
 
-Each scheme is a ``TaskWeighting`` whose ``backward(losses, z, model)`` fills ``.grad`` of the
+Each scheme is a ``TaskWeighting`` whose ``backward(losses, z, model, seen)`` fills ``.grad`` of the
 model's parameters (and of its own, if it learns any) and returns the scalar objective for logging;
 ``after_step()`` runs after the optimiser step; ``weights()`` are the current effective per-task
 weights (logged per step and epoch). ``z`` is the network's shared representation (see
 ``model.nets``). Static task weights (``tasks[].weight``) are used by ``static`` only; the other
 schemes set the weights themselves.
+
+``seen`` (T,) bool marks the tasks with at least one observed label in the batch (labels may be
+missing, e.g. satisfaction only after a click). A task without labels has no loss to weigh: it is
+left out of the scheme for that step (its loss, a graph-keeping zero, is not a real 0), so it does
+not pull uncertainty's s_i down, take MGDA's whole weight, or drag GradNorm's means.
 
 - static       L = sum_i w_i L_i.
 - uncertainty  Kendall, Gal & Cipolla, CVPR 2018. Learned s_i = log sigma_i^2 (trained jointly by
@@ -14,12 +19,17 @@ schemes set the weights themselves.
                    binary (Boltzmann likelihood):          exp(-s_i) * L_i + 0.5 * s_i
                i.e. weight c_i exp(-s_i), c_i = 1/2 for regression and 1 for classification, plus
                the log sigma_i = s_i / 2 penalty that keeps sigma from growing without bound.
-               At the optimum exp(-s_i) = 2 c_i L_i: each task ends up weighted ~ 1 / (2 L_i).
+               At the optimum exp(-s_i) = 1 / (2 c_i L_i): each task ends up weighted
+               c_i exp(-s_i) = 1 / (2 L_i).
 - mgda         Sener & Koltun, NeurIPS 2018, MGDA-UB: the min-norm point of the convex hull of the
                task gradients g_i = dL_i/dz w.r.t. the shared representation z (one backward to z
                per task), then L = sum_i alpha_i L_i. Two tasks: the closed form
                alpha = clip(((g2 - g1) . g2) / ||g1 - g2||^2, 0, 1); more: Frank-Wolfe on the Gram
-               matrix. A scheme-level rescaling is not applied: sum_i alpha_i = 1.
+               matrix. A scheme-level rescaling is not applied: sum_i alpha_i = 1. The bound
+               needs every shared parameter below z; where the arch has no such z
+               (``MultiTaskNet.z_bounds_shared`` False: PLE, Conditioned) the gradients are taken
+               w.r.t. the shared parameters themselves (exact MGDA, one backward per task); with
+               nothing shared (separate towers) the weights are equal.
 - worst_case   Minimax over normalised losses r_i = L_i / R_i: L = tau * log sum_i exp(r_i / tau)
                (a smooth max, >= max_i r_i and at most tau * log T above it; its gradient weights
                task i by softmax(r / tau)_i / R_i), or the hard max_i r_i when
@@ -71,6 +81,16 @@ def _stack(losses: Mapping[str, Tensor], tasks: Sequence[TaskConfig]) -> Tensor:
     return torch.stack([losses[t.name] for t in tasks])  # (T,)
 
 
+def _seen(seen: Tensor | Sequence[bool] | None, n_tasks: int) -> Tensor:
+    """(T,) bool: the tasks with observed labels in the batch (all of them when not given)."""
+    if seen is None:
+        return torch.ones(n_tasks, dtype=torch.bool)
+    out = torch.as_tensor(seen, dtype=torch.bool).cpu()
+    if out.shape != (n_tasks,):
+        raise ValueError(f"seen must have one flag per task ({n_tasks}), got shape {tuple(out.shape)}")
+    return out
+
+
 def _trainable(params: Sequence[Tensor]) -> list[Tensor]:
     return [p for p in params if p.requires_grad]
 
@@ -95,12 +115,15 @@ class TaskWeighting(nn.Module):
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def objective(self, losses: Tensor) -> Tensor:
-        """losses (T,) -> scalar; sets ``last_weights`` (the effective d objective / d L_i)."""
+    def objective(self, losses: Tensor, seen: Tensor | None = None) -> Tensor:
+        """losses (T,) -> scalar over the ``seen`` tasks; sets ``last_weights`` (the effective
+        d objective / d L_i)."""
         raise NotImplementedError
 
-    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
-        total = self.objective(_stack(losses, self.tasks))
+    def backward(
+        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+    ) -> Tensor:
+        total = self.objective(_stack(losses, self.tasks), _seen(seen, len(self.tasks)))
         total.backward()  # type: ignore[no-untyped-call]
         return total.detach()
 
@@ -127,16 +150,20 @@ class StaticWeighting(TaskWeighting):
         self.register_buffer("w", torch.tensor([t.weight for t in self.tasks], dtype=torch.float32))
         self.last_weights = self.w.clone()
 
-    def objective(self, losses: Tensor) -> Tensor:
-        return (self.w * losses).sum()
+    def objective(self, losses: Tensor, seen: Tensor | None = None) -> Tensor:
+        return (self.w * losses).sum()  # an unseen task's loss is a graph-keeping 0 already
 
 
-def uncertainty_objective(losses: Tensor, log_vars: Tensor, kinds: Sequence[str]) -> Tensor:
-    """Kendall et al.: sum_i c_i exp(-s_i) L_i + 0.5 s_i, c_i = 0.5 (regression) or 1 (binary)."""
+def uncertainty_objective(
+    losses: Tensor, log_vars: Tensor, kinds: Sequence[str], seen: Tensor | None = None
+) -> Tensor:
+    """Kendall et al.: sum_i c_i exp(-s_i) L_i + 0.5 s_i, c_i = 0.5 (regression) or 1 (binary),
+    over the ``seen`` tasks (an unseen task's s_i gets no gradient)."""
     c = torch.tensor(
         [0.5 if k == "regression" else 1.0 for k in kinds], dtype=losses.dtype, device=losses.device
     )
-    return (c * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
+    terms = c * torch.exp(-log_vars) * losses + 0.5 * log_vars  # (T,)
+    return terms.sum() if seen is None else terms[seen.to(terms.device)].sum()
 
 
 class UncertaintyWeighting(TaskWeighting):
@@ -145,10 +172,10 @@ class UncertaintyWeighting(TaskWeighting):
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))  # s_i = log sigma_i^2
         self.kinds = [t.kind for t in self.tasks]
 
-    def objective(self, losses: Tensor) -> Tensor:
+    def objective(self, losses: Tensor, seen: Tensor | None = None) -> Tensor:
         c = torch.tensor([0.5 if k == "regression" else 1.0 for k in self.kinds], device=self.log_vars.device)
         self.last_weights = (c * torch.exp(-self.log_vars)).detach()
-        return uncertainty_objective(losses, self.log_vars, self.kinds)
+        return uncertainty_objective(losses, self.log_vars, self.kinds, seen)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.log_vars]
@@ -202,21 +229,30 @@ def min_norm_coefficients(grads: Tensor, iters: int = 100, tol: float = 1e-7) ->
 
 
 class MGDAWeighting(TaskWeighting):
-    def objective(self, losses: Tensor) -> Tensor:
-        self.last_weights = torch.full((len(self.tasks),), 1.0 / len(self.tasks))
-        return losses.mean()
+    def objective(self, losses: Tensor, seen: Tensor | None = None) -> Tensor:
+        """Equal weights 1/T' over the T' seen tasks (used when nothing shared is trainable)."""
+        m = _seen(seen, len(self.tasks)).float()
+        self.last_weights = m / m.sum().clamp_min(1.0)
+        return (self.last_weights.to(losses.device) * losses).sum()
 
-    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+    def backward(
+        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+    ) -> Tensor:
         ls = _stack(losses, self.tasks)
-        # MGDA-UB: gradients of each task loss w.r.t. the shared representation (batch flattened);
-        # if z is constant (everything below it frozen), w.r.t. the trainable shared parameters
-        wrt: list[Tensor] = [z] if z.requires_grad else list(_trainable(model.shared_parameters()))
-        if not wrt:
-            return super().backward(losses, z, model)  # nothing shared to trade off: equal weights
-        grads = torch.stack([_flat_grads(ls[i], wrt) for i in range(len(self.tasks))])  # (T, P)
-        alpha = min_norm_coefficients(grads.double()).float()
+        m = _seen(seen, len(self.tasks))
+        shared = _trainable(model.shared_parameters())
+        # MGDA-UB: gradients of each task loss w.r.t. the shared representation z (batch flattened)
+        # when every shared parameter lies below z; otherwise (or if z is constant because
+        # everything below it is frozen) w.r.t. the trainable shared parameters themselves
+        wrt: list[Tensor] = [z] if z.requires_grad and model.z_bounds_shared else shared
+        if not shared or not wrt or int(m.sum()) < 2:
+            return super().backward(losses, z, model, m)  # nothing to trade off: equal weights
+        idx = m.nonzero().flatten().tolist()
+        grads = torch.stack([_flat_grads(ls[i], wrt) for i in idx])  # (T', P)
+        alpha = torch.zeros(len(self.tasks))
+        alpha[idx] = min_norm_coefficients(grads.double()).float()
         self.last_weights = alpha
-        total = (alpha * ls).sum()
+        total = (alpha.to(ls.device) * ls).sum()
         total.backward()  # type: ignore[no-untyped-call]
         return total.detach()
 
@@ -243,7 +279,7 @@ def constant_predictor_losses(
 
 class _LossReference:
     """R_i, what a task loss is normalised by: given (e.g. ``constant_predictor_losses``), or L_i(0),
-    the first batch's losses, when None."""
+    each task's loss on the first batch that has labels for it, when None."""
 
     def __init__(self, scheme: str, n_tasks: int, reference: Sequence[float] | None) -> None:
         self.value: Tensor | None = None
@@ -254,12 +290,16 @@ class _LossReference:
                 log.warning("%s: a task's constant-predictor loss is ~0 (constant label?): %s", scheme, ref)
             self.value = torch.tensor(ref, dtype=torch.float32).clamp_min(1e-6)
 
-    def __call__(self, losses: Tensor) -> Tensor:
-        """R (T,) on the losses' device (taken from ``losses`` on the first call if not given)."""
+    def __call__(self, losses: Tensor, seen: Tensor) -> Tensor:
+        """R (T,) on the losses' device; L_i(0) is taken from ``losses`` the first time task i is
+        ``seen`` (a task not seen yet has R_i = NaN: callers use the seen tasks' entries only)."""
         if self.value is None:
-            self.value = losses.detach().clamp_min(1e-8)
+            self.value = torch.full_like(losses.detach(), math.nan)
         elif self.value.device != losses.device:  # a given reference starts on the CPU
             self.value = self.value.to(losses.device)
+        fill = seen.to(losses.device) & torch.isnan(self.value)
+        if bool(fill.any()):
+            self.value = torch.where(fill, losses.detach().clamp_min(1e-8), self.value)
         return self.value
 
 
@@ -271,16 +311,22 @@ class WorstCaseWeighting(TaskWeighting):
         self.temperature = temperature
         self.reference = _LossReference("worst case", len(self.tasks), reference)
 
-    def objective(self, losses: Tensor) -> Tensor:
-        ref = self.reference(losses)
-        r = losses / ref  # (T,)
+    def objective(self, losses: Tensor, seen: Tensor | None = None) -> Tensor:
+        m = _seen(seen, len(self.tasks)).to(losses.device)
+        ref = self.reference(losses, m)
+        weights = torch.zeros_like(losses)
+        if not bool(m.any()):
+            self.last_weights = weights.detach().cpu()
+            return losses.sum() * 0.0  # no task has labels in this batch
+        r = losses[m] / ref[m]  # (T',)
         if self.temperature > 0:
             p = torch.softmax(r.detach() / self.temperature, dim=0)
             total = self.temperature * torch.logsumexp(r / self.temperature, dim=0)
         else:
-            p = torch.nn.functional.one_hot(torch.argmax(r.detach()), len(self.tasks)).float()
+            p = torch.nn.functional.one_hot(torch.argmax(r.detach()), len(r)).to(r.dtype)
             total = r.max()
-        self.last_weights = p / ref
+        weights[m] = p / ref[m]
+        self.last_weights = weights.detach().cpu()
         return total
 
 
@@ -295,20 +341,24 @@ class GradNormWeighting(TaskWeighting):
         self.reference = _LossReference("gradnorm", len(self.tasks), reference)
         self.last_weights = self.w.detach().clone()
 
-    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+    def backward(
+        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+    ) -> Tensor:
         ls = _stack(losses, self.tasks)  # (T,)
-        ref = self.reference(ls)
+        m = _seen(seen, len(self.tasks))
+        ref = self.reference(ls, m)
         # W: the last shared layer's weight; z if nothing is shared; the trainable shared parameters
         # if W is frozen; nothing (then the weights just stay put) if all of those are frozen
         W: list[Tensor] = _trainable(model.last_shared_parameters()) or [z]
         if not W[0].requires_grad:
             W = list(_trainable(model.shared_parameters()))
         self.opt.zero_grad(set_to_none=True)
-        if W:
+        idx = m.nonzero().flatten().tolist()  # the balance is struck among the tasks with labels
+        if W and idx:
             # ||dL_i/dW||; G_i = w_i * norm_i, so dG_i/dw_i = norm_i (no double backward needed)
-            norms = torch.stack([_flat_grads(ls[i], W).norm() for i in range(len(self.tasks))]).detach()
-            G = self.w * norms  # (T,)
-            r = ls.detach() / ref
+            norms = torch.stack([_flat_grads(ls[i], W).norm() for i in idx]).detach()
+            G = self.w[idx] * norms  # (T',)
+            r = ls.detach()[idx] / ref[idx]
             target = (G.mean() * (r / r.mean()) ** self.alpha).detach()
             gn_loss = (G - target).abs().sum()
             gn_loss.backward(inputs=[self.w])  # type: ignore[no-untyped-call]
@@ -344,27 +394,28 @@ class PCGradWeighting(TaskWeighting):
         super().__init__(tasks)
         self.cosine = math.nan
 
-    def backward(self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet) -> Tensor:
+    def backward(
+        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+    ) -> Tensor:
         ls = _stack(losses, self.tasks)
+        active = _seen(seen, len(self.tasks)).nonzero().flatten().tolist()  # tasks with labels
         params = _trainable(list(model.parameters()))
         shared_ids = {id(p) for p in model.shared_parameters()}
         shared = [p for p in params if id(p) in shared_ids]
         own = [p for p in params if id(p) not in shared_ids]
-        T = len(self.tasks)
-        per_task = [
-            torch.autograd.grad(ls[i], params, retain_graph=i < T - 1, allow_unused=True) for i in range(T)
-        ]
+        per_task = {
+            i: torch.autograd.grad(ls[i], params, retain_graph=i != active[-1], allow_unused=True)
+            for i in active
+        }
         index = {id(p): k for k, p in enumerate(params)}
 
         def grad(i: int, p: Tensor) -> Tensor:
             g = per_task[i][index[id(p)]]
             return torch.zeros_like(p) if g is None else g
 
-        if shared:
-            flat = torch.stack(
-                [torch.cat([grad(i, p).flatten() for p in shared]) for i in range(T)]
-            )  # (T, P)
-            if T == 2:
+        if shared and active:
+            flat = torch.stack([torch.cat([grad(i, p).flatten() for p in shared]) for i in active])  # (T', P)
+            if len(active) == 2:
                 self.cosine = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()).clamp_min(1e-20))
             combined = pcgrad_project(flat).sum(dim=0)  # (P,)
             offset = 0
@@ -372,8 +423,8 @@ class PCGradWeighting(TaskWeighting):
                 p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
         for p in own:  # task-specific: the plain sum (no grad at all if no task reaches it)
-            if any(per_task[i][index[id(p)]] is not None for i in range(T)):
-                p.grad = sum((grad(i, p) for i in range(T)), start=torch.zeros_like(p))
+            if any(per_task[i][index[id(p)]] is not None for i in active):
+                p.grad = sum((grad(i, p) for i in active), start=torch.zeros_like(p))
         return ls.sum().detach()
 
     def stats(self) -> dict[str, float]:

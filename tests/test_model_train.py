@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from model.checkpoint import list_versions, load_checkpoint, read_latest, resolve_checkpoint
 from model.config import ConfigError, load_config
 from model.data import DataError, build_labels, load_dataset
-from model.train import fit, train
+from model.train import evaluate_split, fit, train
 from service.cli import app
 
 
@@ -44,6 +44,38 @@ def test_labels_any_of_mask_and_transform():
     assert y[:, 2] == pytest.approx(np.log1p([0, 9, 99]))
     with pytest.raises(DataError, match="not in the log"):
         build_labels(df, [TaskConfig("x", "binary", "nope")])
+
+
+def test_split_loss_is_the_masked_mean_whatever_the_batch_size():
+    """valid/test ``loss`` = sum_i w_i * (mean of task i's loss over the split's observed labels):
+    the same at any evaluation batch size, even when small batches have no label for a task."""
+    import torch
+
+    from model.config import TaskConfig
+    from model.nets import build_model
+
+    cfg = tiny_config(epochs=1)
+    ds = load_dataset(cfg)
+    split = ds.test
+    split.labels[::3, 1] = np.nan  # satisfaction observed on 2 rows of 3
+    split.labels[:40, 1] = np.nan  # and on none of the first 40
+    tasks = [
+        TaskConfig(t.name, t.kind, t.label, weight=w) for t, w in zip(cfg.tasks, (1.0, 0.5), strict=True)
+    ]
+    torch.manual_seed(0)
+    net = build_model(cfg.model, ds.schema, tasks).eval()
+    with torch.no_grad():
+        out = net(torch.from_numpy(split.cats), torch.from_numpy(split.nums))
+    want = 0.0
+    for t, task in enumerate(tasks):
+        y = torch.from_numpy(split.labels[:, t])
+        seen = ~torch.isnan(y)
+        p = torch.sigmoid(out[task.name][seen]).double()
+        yy = y[seen].double()
+        want += task.weight * float(-(yy * p.log() + (1 - yy) * (1 - p).log()).mean())
+    for bs in (len(split), 64, 7):
+        got = evaluate_split(net, split, tasks, "test/", batch_size=bs)["test/loss"]
+        assert got == pytest.approx(want, rel=1e-5), bs
 
 
 @pytest.mark.parametrize("arch", ["shared_bottom", "mmoe", "separate"])

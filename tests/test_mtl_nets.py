@@ -151,9 +151,12 @@ def test_conditioned_and_ple_train():
 # -- hooks every arch implements ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_shared_representation_and_shared_parameters(arch):
-    net = build_model(_model_cfg(arch), _schema(), TASKS)
+VARIANTS = [(a, {}) for a in ARCHS] + [("ple", {"ple_levels": 3})]
+
+
+@pytest.mark.parametrize(("arch", "kw"), VARIANTS, ids=[f"{a}{kw or ''}" for a, kw in VARIANTS])
+def test_shared_representation_and_shared_parameters(arch, kw):
+    net = build_model(_model_cfg(arch, **kw), _schema(), TASKS)
     net.eval()
     cats, nums = _batch(32)
     out, z = net.forward_with_shared(cats, nums)
@@ -161,15 +164,39 @@ def test_shared_representation_and_shared_parameters(arch):
     for t in ("engagement", "satisfaction"):  # every output is computed from z
         (g,) = torch.autograd.grad(out[t].sum(), z, retain_graph=True)
         assert g.abs().sum() > 0, t
-    shared = net.shared_parameters()
-    assert (len(shared) == 0) == (arch == "separate")
-    for t in ("engagement", "satisfaction") if shared else ():  # every task reaches every shared one
-        grads = torch.autograd.grad(out[t].sum(), shared, retain_graph=True, allow_unused=True)
-        for p, g in zip(shared, grads, strict=True):
-            assert g is not None and g.abs().sum() > 0, (t, p.shape)
+    # shared_parameters() is exactly the parameters with an entry both tasks' outputs reach
+    # (Conditioned's task embedding is not: each task reaches its own row)
+    params = dict(net.named_parameters())
+    reach = [
+        [
+            torch.zeros_like(p, dtype=torch.bool) if g is None else g != 0
+            for p, g in zip(
+                params.values(),
+                torch.autograd.grad(
+                    out[t].sum(), list(params.values()), retain_graph=True, allow_unused=True
+                ),
+                strict=True,
+            )
+        ]
+        for t in ("engagement", "satisfaction")
+    ]
+    both = {n for n, a, b in zip(params, *reach, strict=True) if bool((a & b).any())}
+    shared_ids = {id(p) for p in net.shared_parameters()}
+    assert {n for n, p in params.items() if id(p) in shared_ids} == both
+    assert (not shared_ids) == (arch == "separate")
     last = net.last_shared_parameters()
     assert (len(last) == 0) == (arch == "separate")
-    assert all(any(p is q for q in shared) for p in last)
+    assert all(id(p) in shared_ids for p in last)
+    # MGDA-UB's premise where claimed: a shared parameter's gradient flows through z alone
+    if net.z_bounds_shared and shared_ids:
+        shared = net.shared_parameters()
+        for t in ("engagement", "satisfaction"):
+            direct = torch.autograd.grad(out[t].sum(), shared, retain_graph=True)
+            (dz,) = torch.autograd.grad(out[t].sum(), z, retain_graph=True)
+            via_z = torch.autograd.grad(z, shared, grad_outputs=dz, retain_graph=True)
+            for a, b in zip(direct, via_z, strict=True):
+                torch.testing.assert_close(a, b)
+    assert net.z_bounds_shared == (arch not in ("ple", "conditioned"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -273,6 +300,17 @@ def test_tower_l2_is_zero_for_identical_towers(arch):
     assert tower_l2_penalty(net).item() == pytest.approx(0.25)
 
 
+def test_tower_l2_needs_towers_and_skips_frozen_ones():
+    cfg = tiny_config("conditioned")
+    cfg.train.tower_l2 = 0.1
+    with pytest.raises(ConfigError, match="no per-task towers"):
+        cfg.__post_init__()
+    cfg = tiny_config("shared_bottom", epochs=1)  # every tower frozen: nothing to tie, no crash
+    cfg.train.num_threads, cfg.train.tower_l2, cfg.train.freeze = 1, 0.1, ["towers"]
+    res = fit(cfg, load_dataset(cfg))
+    assert math.isfinite(res.metrics["test/engagement/auc"])
+
+
 def test_tower_l2_pulls_towers_together():
     dist = {}
     for lam in (0.0, 1.0):
@@ -286,7 +324,10 @@ def test_tower_l2_pulls_towers_together():
 # -- position / selection bias -----------------------------------------------------------------------
 
 
-def test_bias_tower_adds_to_bias_tasks_only_and_is_not_served(tmp_path):
+def test_bias_tower_adds_to_bias_tasks_only_and_is_served_at_unknown(tmp_path):
+    """Training adds the tower on the logged bias features; evaluation and serving add its output
+    for all-unknown features (YouTube: position treated as missing), the value feature dropout
+    trains, so the intercept's split between the tower and the main network does not matter."""
     cfg = tiny_config("mmoe")
     cfg.model = _model_cfg("mmoe", bias_features=["position", "device"], bias_tasks=["engagement"])
     schema = _schema(bias=True)
@@ -298,8 +339,15 @@ def test_bias_tower_adds_to_bias_tasks_only_and_is_not_served(tmp_path):
     bias = torch.stack([torch.randint(0, 11, (20,)), torch.randint(0, 3, (20,))], 1)
     plain, biased = net(cats, nums), net(cats, nums, bias)
     assert net.bias_tower is not None
-    torch.testing.assert_close(biased["engagement"] - plain["engagement"], net.bias_tower(bias)[:, 0])
+    unknown = net.bias_tower(torch.zeros(1, 2, dtype=torch.long))[0, 0]
+    assert abs(float(unknown.detach())) > 1e-4  # a real shift, not a zero by construction
+    main = net.forward_tasks(cats, nums)[0]
+    torch.testing.assert_close(plain["engagement"], main["engagement"] + unknown)
+    torch.testing.assert_close(
+        biased["engagement"] - plain["engagement"], net.bias_tower(bias)[:, 0] - unknown
+    )
     torch.testing.assert_close(biased["satisfaction"], plain["satisfaction"])
+    torch.testing.assert_close(plain["satisfaction"], main["satisfaction"])
     # checkpoint round trip; the Ranker scores user / video / context rows only, without the tower
     path = save_checkpoint(tmp_path, net, cfg, schema)
     ranker = Ranker.load(path)

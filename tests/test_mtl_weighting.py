@@ -11,7 +11,7 @@ from model.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
 from model.data import load_dataset
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import build_model
-from model.train import fit, task_losses
+from model.train import fit, observed_tasks, task_losses
 from model.weighting import (
     GradNormWeighting,
     PCGradWeighting,
@@ -301,10 +301,86 @@ def test_gradnorm_constant_reference_does_not_starve_a_rare_label():
     assert sum(constant.values()) == pytest.approx(2.0)
 
 
+# -- a batch without labels for a task -------------------------------------------------------------
+
+SCHEMES = ["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"]
+
+
+def _tiny_sb_batch(b: int = 64):
+    schema = FeatureSchema(
+        [
+            FeatureSpec("u", "user", "categorical", vocab=[str(i) for i in range(5)]),
+            FeatureSpec("x", "video", "numeric"),
+        ]
+    )
+    net = build_model(
+        ModelConfig("shared_bottom", embed_dim=3, bottom_dims=[6], tower_dims=[4]), schema, TASKS
+    )
+    gen = torch.Generator().manual_seed(0)
+    cats, nums = torch.randint(0, 6, (b, 1), generator=gen), torch.randn(b, 1, generator=gen)
+    labels = torch.stack([torch.rand(b, generator=gen) < 0.3, torch.rand(b, generator=gen) < 0.8], 1).float()
+    return net, cats, nums, labels
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_task_without_labels_in_the_batch_is_left_out(scheme):
+    """satisfaction has no observed label in the batch: every scheme's step is then a positive
+    multiple of engagement's own gradient (an unseen task's graph-keeping zero is not a real 0 loss:
+    it must not take MGDA's whole weight, pull uncertainty's s_i down or drag GradNorm's means)."""
+    net, cats, nums, labels = _tiny_sb_batch()
+    labels[:, 1] = float("nan")
+    seen = observed_tasks(labels)
+    assert seen.tolist() == [True, False]
+    w = make_weighting(TrainConfig(weighting=scheme), TASKS, np.array([[0.0, 1.0], [1.0, 0.0]]))
+    params = [p for p in net.parameters()]
+    out, z = net.forward_with_shared(cats, nums)
+    losses = task_losses(out, labels, TASKS)
+    grads = torch.autograd.grad(losses["engagement"], params, retain_graph=True, allow_unused=True)
+    want = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)]
+    )
+    w.backward(losses, z, net, seen)
+    got = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params])
+    k = float(got @ want / (want @ want))
+    assert k > 0.1
+    torch.testing.assert_close(got, k * want, rtol=1e-4, atol=1e-7)
+    if scheme in ("mgda", "worst_case"):  # normalised schemes: all the weight on the seen task
+        assert w.weights()["satisfaction"] == 0.0 and w.weights()["engagement"] > 0
+    if scheme == "uncertainty":
+        assert isinstance(w, UncertaintyWeighting) and w.log_vars.grad is not None
+        assert w.log_vars.grad[1] == 0.0 and w.log_vars.grad[0] != 0.0
+
+
+def test_initial_reference_waits_for_a_task_s_first_labels():
+    """Under "initial", L_i(0) is a task's loss on the first batch that has labels for it, not a
+    1e-8 stand-in from a batch that had none (which would blow its normalised loss up)."""
+    w = WorstCaseWeighting(TASKS, temperature=0.0)
+    w.objective(torch.tensor([0.5, 0.0]), torch.tensor([True, False]))
+    assert w.objective(torch.tensor([0.25, 0.6]), torch.tensor([True, True])).item() == pytest.approx(1.0)
+    assert w.reference.value is not None and w.reference.value.tolist() == pytest.approx([0.5, 0.6])
+
+
+def test_mgda_with_nothing_shared_weighs_tasks_equally():
+    """Separate towers share no parameter: there is nothing to trade off, so MGDA gives 1/T each
+    (their per-task gradients are orthogonal, which the min-norm rule would turn into arbitrary
+    weights that merely rescale each task's own network)."""
+    schema = FeatureSchema([FeatureSpec("u", "user", "categorical", vocab=[str(i) for i in range(5)])])
+    net = build_model(ModelConfig("separate", embed_dim=3, bottom_dims=[6], tower_dims=[4]), schema, TASKS)
+    gen = torch.Generator().manual_seed(0)
+    cats, labels = (
+        torch.randint(0, 6, (64, 1), generator=gen),
+        (torch.rand(64, 2, generator=gen) < 0.4).float(),
+    )
+    out, z = net.forward_with_shared(cats, torch.zeros(64, 0))
+    w = make_weighting(TrainConfig(weighting="mgda"), TASKS)
+    w.backward(task_losses(out, labels, TASKS), z, net)
+    assert w.weights() == {"engagement": 0.5, "satisfaction": 0.5}
+
+
 # -- every scheme trains -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("weighting", ["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"])
+@pytest.mark.parametrize("weighting", SCHEMES)
 def test_every_weighting_reduces_the_task_losses(ds, weighting):
     res = fit(_cfg(weighting=weighting), ds)
     first, last = res.history[0], res.history[-1]
