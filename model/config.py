@@ -123,7 +123,7 @@ class TrainConfig:
     embed_weight_decay: float | None = None  # ... but this on the embedding tables (None = the same)
     # mini-batch aware L2 (DIN): sum over the batch's embedding rows of ||w_j||^2 / count_j; 0 = off
     embed_batch_l2: float = 0.0
-    patience: int = 2
+    patience: int = 2  # non-improving epochs tolerated: training stops at the (patience + 1)-th in a row
     monitor: str = "valid/engagement/auc"  # or valid/loss, valid/<task>/logloss, ...
     seed: int = 0
     num_threads: int = 0  # 0 = torch default

@@ -23,7 +23,8 @@ not pull uncertainty's s_i down, take MGDA's whole weight, or drag GradNorm's me
                c_i exp(-s_i) = 1 / (2 L_i).
 - mgda         Sener & Koltun, NeurIPS 2018, MGDA-UB: the min-norm point of the convex hull of the
                task gradients g_i = dL_i/dz w.r.t. the shared representation z (one backward to z
-               per task), then L = sum_i alpha_i L_i. Two tasks: the closed form
+               per task); the shared parameters then descend L = sum_i alpha_i L_i and the task-specific ones
+               their own task's L_t (the paper's Algorithm 2). Two tasks: the closed form
                alpha = clip(((g2 - g1) . g2) / ||g1 - g2||^2, 0, 1); more: Frank-Wolfe on the Gram
                matrix. A scheme-level rescaling is not applied: sum_i alpha_i = 1. The bound
                needs every shared parameter below z; where the arch has no such z
@@ -253,7 +254,13 @@ class MGDAWeighting(TaskWeighting):
         alpha[idx] = min_norm_coefficients(grads.double()).float()
         self.last_weights = alpha
         total = (alpha.to(ls.device) * ls).sum()
-        total.backward()  # type: ignore[no-untyped-call]
+        # Algorithm 2: the shared parameters descend sum_i alpha_i L_i, the task-specific ones their
+        # own task's plain gradient (a task's tower is reached by its own loss only)
+        shared_ids = {id(p) for p in shared}
+        own = [p for p in _trainable(list(model.parameters())) if id(p) not in shared_ids]
+        total.backward(inputs=shared, retain_graph=bool(own))  # type: ignore[no-untyped-call]
+        if own:
+            ls.sum().backward(inputs=own)  # type: ignore[no-untyped-call]
         return total.detach()
 
 

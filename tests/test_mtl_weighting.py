@@ -306,16 +306,15 @@ def test_gradnorm_constant_reference_does_not_starve_a_rare_label():
 SCHEMES = ["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"]
 
 
-def _tiny_sb_batch(b: int = 64):
+def _tiny_sb_batch(b: int = 64, model: ModelConfig | None = None):
     schema = FeatureSchema(
         [
             FeatureSpec("u", "user", "categorical", vocab=[str(i) for i in range(5)]),
             FeatureSpec("x", "video", "numeric"),
         ]
     )
-    net = build_model(
-        ModelConfig("shared_bottom", embed_dim=3, bottom_dims=[6], tower_dims=[4]), schema, TASKS
-    )
+    model = model or ModelConfig("shared_bottom", embed_dim=3, bottom_dims=[6], tower_dims=[4])
+    net = build_model(model, schema, TASKS)
     gen = torch.Generator().manual_seed(0)
     cats, nums = torch.randint(0, 6, (b, 1), generator=gen), torch.randn(b, 1, generator=gen)
     labels = torch.stack([torch.rand(b, generator=gen) < 0.3, torch.rand(b, generator=gen) < 0.8], 1).float()
@@ -358,6 +357,27 @@ def test_initial_reference_waits_for_a_task_s_first_labels():
     w.objective(torch.tensor([0.5, 0.0]), torch.tensor([True, False]))
     assert w.objective(torch.tensor([0.25, 0.6]), torch.tensor([True, True])).item() == pytest.approx(1.0)
     assert w.reference.value is not None and w.reference.value.tolist() == pytest.approx([0.5, 0.6])
+
+
+@pytest.mark.parametrize("arch", ["shared_bottom", "mmoe"])
+def test_mgda_updates_shared_by_alpha_and_towers_by_their_own_loss(arch):
+    """Sener & Koltun's Algorithm 2: the shared parameters get sum_i alpha_i dL_i, a task's own
+    parameters dL_t unscaled (alpha only arbitrates what the tasks share)."""
+    mmoe = ModelConfig("mmoe", embed_dim=3, expert_dims=[6], tower_dims=[4], n_experts=3)
+    net, cats, nums, labels = _tiny_sb_batch(model=mmoe if arch == "mmoe" else None)
+    out, z = net.forward_with_shared(cats, nums)
+    losses = task_losses(out, labels, TASKS)
+    shared = net.shared_parameters()
+    per_task = [torch.autograd.grad(losses[t.name], shared, retain_graph=True) for t in TASKS]
+    tower = net.towers["satisfaction"].out.weight
+    (own,) = torch.autograd.grad(losses["satisfaction"], tower, retain_graph=True)
+    w = make_weighting(TrainConfig(weighting="mgda"), TASKS)
+    w.backward(losses, z, net)
+    alpha = [w.weights()[t.name] for t in TASKS]
+    assert 0 < alpha[1] < 1 and sum(alpha) == pytest.approx(1.0)
+    for k, p in enumerate(shared):
+        torch.testing.assert_close(p.grad, alpha[0] * per_task[0][k] + alpha[1] * per_task[1][k])
+    torch.testing.assert_close(tower.grad, own)
 
 
 def test_mgda_with_nothing_shared_weighs_tasks_equally():
