@@ -65,7 +65,7 @@ def plan_request(req: RankRequest, active: ActiveModel, settings: Settings) -> R
         raise ValidationFailed(f"candidates: duplicate video ids {shown}")
     top_k = n if req.top_k is None else req.top_k
     if not 1 <= top_k <= n:
-        raise ValidationFailed(f"top_k: must be between 1 and the number of candidates ({n}), got {top_k}")
+        raise ValidationFailed(f"top_k: must be between 1 and the number of candidates ({n})")  # no echo
     weights = check_weights(req.weights, active.heads, settings)
     schema = active.ranker.schema
     try:

@@ -214,6 +214,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
         "top_k: must be between 1 and",
     ),
     ("top_k string", {"user_id": 1, "candidates": [1, 2], "top_k": "1"}, 422, "top_k"),
+    ("top_k huge, not echoed", {"user_id": 1, "candidates": [1, 2], "top_k": 10**300}, 422, "candidates (2)"),
     (
         "unknown weight",
         {"user_id": 1, "candidates": [1], "weights": {"clicks": 1}},
@@ -268,6 +269,7 @@ def test_invalid_requests_get_a_clear_4xx(
     err = r.json()["error"]
     assert err["code"] == "validation_error"
     assert message in err["message"], err["message"]
+    assert "0" * 50 not in r.text  # a client's huge number is never echoed back
 
 
 RAW_BAD: list[tuple[str, bytes, dict[str, str], int, str]] = [
