@@ -22,6 +22,7 @@ from model.checkpoint import (
     list_versions,
     load_checkpoint,
     read_latest,
+    read_manifest,
     resolve_checkpoint,
     write_latest,
 )
@@ -146,19 +147,23 @@ def models_cmd(artifacts: ArtifactsOpt = Path("artifacts")) -> None:
         latest = read_latest(artifacts)
     except CheckpointError:
         latest = None
+    versions = list_versions(artifacts)
     table = Table(title=str(artifacts))
-    for col in ("version", "arch", "engagement AUC", "satisfaction AUC", ""):
+    # version ids are what rollback takes: never shortened, however narrow the terminal
+    table.add_column("version", no_wrap=True, min_width=max((len(v) for v in versions), default=7))
+    for col in ("arch", "engagement AUC", "satisfaction AUC", ""):
         table.add_column(col)
-    for v in list_versions(artifacts):
-        m = json.loads((resolve_checkpoint(artifacts, v) / "manifest.json").read_text())
-        mt = m.get("metrics", {})
-        table.add_row(
-            v,
-            m["config"]["model"]["arch"],
-            _fmt(mt.get("test/engagement/auc")),
-            _fmt(mt.get("test/satisfaction/auc")),
-            "LATEST" if v == latest else "",
-        )
+    for v in versions:
+        mark = "LATEST" if v == latest else ""
+        try:
+            m = read_manifest(resolve_checkpoint(artifacts, v))
+        except CheckpointError as e:  # one bad folder does not hide the others
+            table.add_row(v, f"[red]unreadable: {e}[/]", "-", "-", mark)
+            continue
+        mt = m.get("metrics", {})  # read_manifest checked the JSON types
+        arch = str(m["config"].get("model", {}).get("arch", "?"))
+        aucs = [_fmt(mt.get(f"test/{t}/auc")) for t in ("engagement", "satisfaction")]
+        table.add_row(v, arch, *aucs, mark)
     console.print(table)
 
 

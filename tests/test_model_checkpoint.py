@@ -154,3 +154,350 @@ def test_ranker_request_path_matches_the_broadcast_path(trained):
     for t in ranker.task_names:
         assert fast[t] == pytest.approx(slow[t], rel=1e-5, abs=1e-7)
     assert isinstance(videos, pd.DataFrame)
+
+
+# -- malformed manifests: always a CheckpointError naming the field --------------------------------
+
+
+def _first_tensor(m):
+    return next(iter(m["weights"]["tensors"].values()))
+
+
+def _first(m, kind):
+    return next(f for f in m["feature_schema"]["features"] if f["kind"] == kind)
+
+
+def _set(keys, value):
+    """A manifest mutation: set m[k1][k2]... = value."""
+
+    def mutate(m):
+        for k in keys[:-1]:
+            m = m[k]
+        m[keys[-1]] = value
+
+    return mutate
+
+
+def _delete(keys):
+    def mutate(m):
+        for k in keys[:-1]:
+            m = m[k]
+        del m[keys[-1]]
+
+    return mutate
+
+
+MALFORMED = {
+    # JSON types, checked before anything is built from them
+    "weights is a list": (_set(["weights"], []), CorruptCheckpointError, r"weights: expected object"),
+    "tensors is a list": (
+        _set(["weights", "tensors"], []),
+        CorruptCheckpointError,
+        r"weights\.tensors: expected object",
+    ),
+    "tensor entry is a string": (
+        lambda m: m["weights"]["tensors"].update({"embed.offsets": "x"}),
+        CorruptCheckpointError,
+        r"weights\.tensors\['embed\.offsets'\]: expected object",
+    ),
+    "tensor shape is a string": (
+        lambda m: _first_tensor(m).update(shape="abc"),
+        CorruptCheckpointError,
+        r"\.shape: expected list",
+    ),
+    "tensor dtype missing": (
+        lambda m: _first_tensor(m).pop("dtype"),
+        CorruptCheckpointError,
+        r"missing key 'dtype'",
+    ),
+    "sha256 is a number": (
+        _set(["weights", "sha256"], 5),
+        CorruptCheckpointError,
+        r"sha256: expected string",
+    ),
+    "config is a list": (_set(["config"], []), CorruptCheckpointError, r"config: expected object"),
+    "model is a string": (
+        _set(["config", "model"], "mmoe"),
+        CorruptCheckpointError,
+        r"config\.model: expected",
+    ),
+    "tasks is an object": (
+        _set(["config", "tasks"], {}),
+        CorruptCheckpointError,
+        r"config\.tasks: expected list",
+    ),
+    "task without a name": (
+        _delete(["config", "tasks", 0, "name"]),
+        CorruptCheckpointError,
+        r"config\.tasks\[0\]: missing key 'name'",
+    ),
+    "features is a string": (
+        _set(["feature_schema", "features"], "abc"),
+        CorruptCheckpointError,
+        r"feature_schema\.features: expected list",
+    ),
+    "feature is a number": (
+        _set(["feature_schema", "features", 0], 5),
+        CorruptCheckpointError,
+        r"feature_schema\.features\[0\]: expected object",
+    ),
+    "vocab is a number": (
+        lambda m: _first(m, "categorical").update(vocab=5),
+        CorruptCheckpointError,
+        r"\.vocab: expected list or null, got integer 5",
+    ),
+    "vocab item is a number": (
+        lambda m: _first(m, "categorical").update(vocab=[1, 2]),
+        CorruptCheckpointError,
+        r"\.vocab\[0\]: expected string",
+    ),
+    "dropout is a string": (
+        _set(["config", "model", "dropout"], "a"),
+        CorruptCheckpointError,
+        r"config\.model\.dropout: expected number, got string 'a'",
+    ),
+    "width is a string": (
+        _set(["config", "model", "expert_dims"], ["16"]),
+        CorruptCheckpointError,
+        r"config\.model\.expert_dims\[0\]: expected integer",
+    ),
+    "embed_dim is a boolean": (
+        _set(["config", "model", "embed_dim"], True),
+        CorruptCheckpointError,
+        r"config\.model\.embed_dim: expected integer, got boolean",
+    ),
+    "train_range has 3 items": (
+        _set(["config", "data", "train_range"], [1, 2, 3]),
+        CorruptCheckpointError,
+        r"config\.data\.train_range: expected a list of 2 items",
+    ),
+    "metrics is a list": (_set(["metrics"], []), CorruptCheckpointError, r"metrics: expected object"),
+    "version is a number": (_set(["version"], 7), CorruptCheckpointError, r"version: expected string"),
+    "version is a path": (_set(["version"], "../x"), CorruptCheckpointError, r"not a model version id"),
+    # values the constructors or the network refuse
+    "numeric std is zero": (
+        lambda m: _first(m, "numeric").update(std=0.0),
+        CorruptCheckpointError,
+        r"numeric feature .* std 0\.0",
+    ),
+    "numeric mean is NaN": (
+        lambda m: _first(m, "numeric").update(mean=float("nan")),
+        CorruptCheckpointError,
+        r"numeric feature .* mean nan",
+    ),
+    "dropout out of range": (
+        _set(["config", "model", "dropout"], 2.0),
+        CorruptCheckpointError,
+        r"builds no network: ValueError: dropout probability",
+    ),
+    "negative width": (
+        _set(["config", "model", "expert_dims"], [-3]),
+        CorruptCheckpointError,
+        r"builds no network: RuntimeError",
+    ),
+    "bias features the schema lacks": (
+        _set(["config", "model", "bias_features"], ["position"]),
+        CorruptCheckpointError,
+        r"builds no network: ValueError: model\.bias_features",
+    ),
+    # a newer (or older) build's manifest: incompatible rather than corrupt
+    "unknown arch": (_set(["config", "model", "arch"], "nope"), IncompatibleCheckpointError, r"model\.arch"),
+    "unknown feature kind": (
+        _set(["feature_schema", "features", 0, "kind"], "weird"),
+        IncompatibleCheckpointError,
+        r"kind must be",
+    ),
+    "unknown config key": (
+        _set(["config", "model", "new_knob"], 1),
+        IncompatibleCheckpointError,
+        r"unknown keys: \['new_knob'\]",
+    ),
+    "format_version is a boolean": (
+        _set(["format_version"], True),
+        IncompatibleCheckpointError,
+        r"format_version True",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_manifest_is_a_checkpoint_error(trained, tmp_path, case):
+    mutate, error, match = MALFORMED[case]
+    p = _copy(trained[1], tmp_path)
+    m = json.loads((p / "manifest.json").read_text())
+    mutate(m)
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(error, match=match) as info:
+        load_checkpoint(p)
+    assert type(info.value) is error
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"{not json",
+        b"\xff\xfe{}",  # not UTF-8
+        b"[" * 100_000,  # deeper than the parser's recursion limit
+        b'{"format_version": 1, "x": 1' + b"0" * 5000 + b"}",  # an int beyond int_max_str_digits
+    ],
+    ids=["not json", "not utf-8", "deeply nested", "huge int literal"],
+)
+def test_garbled_manifest_is_corrupt(trained, tmp_path, text):
+    p = _copy(trained[1], tmp_path)
+    (p / "manifest.json").write_bytes(text)
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+        load_checkpoint(p)
+
+
+# -- a manifest claiming huge layers is rejected before anything is allocated ----------------------
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+HUGE = {  # each would need ~10^12 parameters (4 TB) if the network were materialised
+    "expert widths": (_set(["config", "model", "expert_dims"], [10**6, 10**6]), r"do not fit"),
+    "embed_dim": (_set(["config", "model", "embed_dim"], 10**9), r"do not fit"),
+    "vocabulary": (
+        lambda m: (
+            _first(m, "categorical").update(vocab=[str(i) for i in range(100_000)]),
+            m["config"]["model"].update(embed_dim=10**7),
+        ),
+        r"do not fit",
+    ),
+    "tower widths": (_set(["config", "model", "tower_dims"], [10**6, 10**6]), r"do not fit"),
+    "n_experts": (_set(["config", "model", "n_experts"], 10**9), r"n_experts needs at least"),
+    "ple levels": (
+        lambda m: m["config"]["model"].update(arch="ple", ple_levels=10**9),
+        r"ple_levels x experts per gate needs at least",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HUGE))
+def test_huge_dims_are_rejected_without_allocating(trained, tmp_path, monkeypatch, case):
+    import time
+
+    mutate, match = HUGE[case]
+    p = _copy(trained[1], tmp_path)
+    m = json.loads((p / "manifest.json").read_text())
+    mutate(m)
+    (p / "manifest.json").write_text(json.dumps(m))
+    devices = []
+    real_build = ck.build_model
+
+    def spy(*a, **k):
+        devices.append(torch.empty(0).device.type)  # the default device inside the call
+        return real_build(*a, **k)
+
+    def no_read(*a, **k):
+        raise AssertionError("the weights must not be read before the network is checked")
+
+    monkeypatch.setattr(ck, "build_model", spy)
+    monkeypatch.setattr(ck, "load_file", no_read)
+    rss0, t0 = _peak_rss_mb(), time.perf_counter()
+    with pytest.raises(IncompatibleCheckpointError, match=match):
+        load_checkpoint(p)
+    assert time.perf_counter() - t0 < 10
+    assert _peak_rss_mb() - rss0 < 500
+    assert set(devices) <= {"meta"}
+
+
+def test_overflowing_dims_are_corrupt(trained, tmp_path):
+    p = _copy(trained[1], tmp_path)
+    m = json.loads((p / "manifest.json").read_text())
+    m["config"]["model"]["embed_dim"] = 10**30
+    (p / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorruptCheckpointError, match="builds no network") as info:
+        load_checkpoint(p)
+    assert "\n" not in str(info.value)  # torch's C++ stack trace is left out of the message
+
+
+def _small_schema(bias: bool):
+    from model.features import FeatureSchema, FeatureSpec
+
+    specs = [
+        FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
+        FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
+        FeatureSpec("dur", "video", "numeric", mean=1.0, std=2.0),
+        FeatureSpec("tab", "context", "categorical", vocab=["a", "b"]),
+    ]
+    if bias:
+        specs.append(FeatureSpec("position", "bias", "categorical", vocab=[str(i) for i in range(8)]))
+    return FeatureSchema(specs)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias tower"])
+@pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe", "ple", "conditioned"])
+def test_every_arch_is_checked_on_the_meta_device(tmp_path, arch, bias):
+    from model.config import ModelConfig
+    from model.nets import build_model
+
+    cfg = tiny_config(arch)
+    cfg.model = ModelConfig(
+        arch=arch,  # type: ignore[arg-type]
+        embed_dim=4,
+        bottom_dims=[8, 6],
+        expert_dims=[8],
+        tower_dims=[4],
+        n_experts=3,
+        conditioning="film",
+        bias_features=["position"] if bias else [],
+    )
+    schema = _small_schema(bias)
+    net = build_model(cfg.model, schema, cfg.tasks)
+    path = save_checkpoint(tmp_path, net, cfg, schema)
+    loaded = load_checkpoint(path).model.state_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, loaded[k]) and not loaded[k].is_meta, k
+    m = json.loads((path / "manifest.json").read_text())
+    key = "expert_dims" if arch in ("mmoe", "ple") else "bottom_dims"
+    m["config"]["model"][key] = [10**6, 10**6]
+    if bias:
+        m["config"]["model"]["bias_dims"] = [10**6, 10**6]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IncompatibleCheckpointError, match="do not fit"):
+        load_checkpoint(path)
+
+
+# -- LATEST ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"\xff\xfe", "not UTF-8"),
+        (b"../etc\n", "not a model version id"),
+        (b"", "not a model version id"),
+        (b".tmp-20990101-000000-abcdef", "not a model version id"),
+        (b"two words\n", "not a model version id"),
+        (b"x" * 10_000, "longer than 256 bytes"),
+        (None, "cannot read"),  # LATEST is a directory
+    ],
+    ids=["not utf-8", "a path", "empty", "a temp folder", "two words", "huge", "a directory"],
+)
+def test_unusable_latest_is_corrupt(tmp_path, content, match):
+    latest = tmp_path / "models" / "LATEST"
+    latest.parent.mkdir()
+    if content is None:
+        latest.mkdir()
+    else:
+        latest.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match=match):
+        read_latest(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match=match):
+        resolve_checkpoint(tmp_path)
+
+
+def test_latest_tolerates_whitespace_and_a_models_file_is_corrupt(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "LATEST").write_bytes(b"  20990101-000000-abcdef \r\n")
+    assert read_latest(tmp_path) == "20990101-000000-abcdef"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "models").write_bytes(b"not a folder")
+    with pytest.raises(CorruptCheckpointError, match="cannot read"):
+        read_latest(other)

@@ -143,7 +143,14 @@ def test_cli_train_evaluate_models_rollback(tmp_path):
     assert body["version"] == versions[-1]
     stored = load_checkpoint(resolve_checkpoint(art)).manifest["metrics"]
     assert body["metrics"]["test/engagement/auc"] == pytest.approx(stored["test/engagement/auc"], rel=1e-9)
-    assert runner.invoke(app, ["models", "--artifacts", art]).exit_code == 0
+    listing = runner.invoke(app, ["models", "--artifacts", art])
+    assert listing.exit_code == 0 and all(v in listing.output for v in versions)
+    manifest = resolve_checkpoint(art, versions[0]) / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good.replace('"metrics": {', '"metrics": [], "x": {', 1))  # a malformed manifest
+    listing = runner.invoke(app, ["models", "--artifacts", art])
+    assert listing.exit_code == 0 and "unreadable" in listing.output and versions[1] in listing.output
+    manifest.write_text(good)
     assert runner.invoke(app, ["rollback", versions[0], "--artifacts", art]).exit_code == 0
     assert read_latest(art) == versions[0]
     bad = runner.invoke(app, ["rollback", "../../etc", "--artifacts", art])
