@@ -25,7 +25,7 @@ from service.ranking import (
     render_response,
     score_plan,
 )
-from service.reload import ReloadError
+from service.reload import PointerError, ReloadError
 from service.schemas import (
     ADMIN_ERROR_RESPONSES,
     ERROR_RESPONSES,
@@ -144,10 +144,12 @@ async def prometheus(metrics: MetricsDep) -> Response:
 # -- admin --------------------------------------------------------------------------------------
 
 
-def _reload_error(e: ReloadError) -> ServiceError:
+def _reload_error(e: ReloadError, serving: str | None) -> ServiceError:
     if e.not_found:
         return NotFound(e.message)
-    return Conflict(f"model {e.version} rejected, still serving the previous model: {e.message}")
+    what = "the LATEST pointer" if isinstance(e, PointerError) else f"model {e.version}"
+    still = "still serving the previous model" if serving is not None else "no model is being served"
+    return Conflict(f"{what} rejected, {still}: {e.message}")
 
 
 @admin_router.post("/reload", response_model=ModelSwitch, summary="Load the version LATEST names now")
@@ -155,7 +157,7 @@ async def admin_reload(holder: RankerDep) -> ModelSwitch:
     try:
         active, previous = await holder.reload_latest()
     except ReloadError as e:
-        raise _reload_error(e) from None
+        raise _reload_error(e, holder.version_or_none) from None
     announced = await holder.announce(active.version)
     prev = previous.version if previous else None
     return ModelSwitch(
@@ -175,7 +177,7 @@ async def admin_rollback(body: RollbackRequest, holder: RankerDep) -> ModelSwitc
     try:
         active, previous, updated = await holder.rollback(version)
     except ReloadError as e:
-        raise _reload_error(e) from None
+        raise _reload_error(e, holder.version_or_none) from None
     announced = await holder.announce(active.version)
     prev = previous.version if previous else None
     return ModelSwitch(

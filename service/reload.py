@@ -12,7 +12,14 @@ serving.
 
 The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
 Redis store it also watches ``{prefix}model:current`` and wakes up on its pub/sub channel. A
-pointer change activates the version it names (the most recent change wins).
+pointer change activates the version it names (the most recent change wins): whether that is
+already the served version is decided under the activation lock, so a change seen while an admin
+reload or rollback is loading another version is still acted on once it is done. A pointer that
+cannot be used (LATEST unreadable, empty, not a version id) is recorded like a rejected version,
+once per change of the pointer, and the watcher keeps polling.
+
+A rollback serves the version it names and also points LATEST at it when the artifacts are
+writable; when they are not, the rolled-back version keeps serving until LATEST changes.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import numpy as np
 from model import (
     CheckpointError,
     Ranker,
+    check_version_id,
     combine_scores,
     read_latest,
     resolve_checkpoint,
@@ -50,6 +58,13 @@ T = TypeVar("T")
 
 # what made a version the served one
 ReloadSource = Literal["startup", "latest", "redis", "admin-reload", "rollback"]
+
+# (mtime_ns, inode, size) of models/LATEST; None when it cannot be stat'ed (e.g. it does not exist)
+Signature = tuple[int, int, int] | None
+
+# what read_latest raises for a LATEST it cannot use. CheckpointError covers a missing file or a
+# content that is not a version id; the other two are a file that cannot be read or decoded.
+POINTER_ERRORS = (CheckpointError, UnicodeDecodeError, OSError)
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,13 @@ class ReloadError(Exception):
         self.version, self.message, self.not_found = version, message, not_found
 
 
+class PointerError(ReloadError):
+    """``models/LATEST`` cannot be used: missing (``not_found``), unreadable, or not a version id."""
+
+    def __init__(self, message: str, *, not_found: bool = False) -> None:
+        super().__init__(LATEST, message, not_found=not_found)
+
+
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
@@ -85,10 +107,10 @@ class ModelHolder:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._latest_sig: tuple[int, int, int] | None = None
+        self._latest_sig: Signature = None  # the LATEST the watcher last acted on
+        self._bad_latest: tuple[Signature, str] | None = None  # the unusable LATEST last recorded
         self._pointer_seen: str | None = None
         self.last_error: dict[str, Any] | None = None
-        self._no_model_reason: str | None = None
 
     # -- the served model ---------------------------------------------------------------------
     @property
@@ -139,17 +161,11 @@ class ModelHolder:
             try:
                 active = await self._load(version, source)
             except ReloadError as e:
-                self.metrics.model_reloads.labels("error").inc()
-                repeated = self.last_error is not None and self.last_error["error"] == e.message
-                self.last_error = {"version": version, "error": e.message, "at": _iso(time.time())}
-                log.log(
-                    logging.DEBUG if repeated else logging.ERROR,
-                    "model %s rejected (%s); still serving %s",
-                    version,
-                    e.message,
-                    self.version_or_none,
-                )
+                self._record_error(e)
                 raise
+            # make what the store staged for it live, then swap: no await in between, so no
+            # request sees the new tables with the old model or the other way round
+            self.store.commit(active.columns)
             self._current = active  # the swap: one reference assignment
             self.metrics.model_reloads.labels("ok").inc()
             self.metrics.set_model(active.version, active.ranker.config.model.arch, active.loaded_at)
@@ -167,9 +183,23 @@ class ModelHolder:
     def version_or_none(self) -> str | None:
         return self._current.version if self._current else None
 
+    def _record_error(self, e: ReloadError) -> None:
+        """A version (or LATEST itself) rejected: /model's last_reload_error, the error counter, a log."""
+        self.metrics.model_reloads.labels("error").inc()
+        repeated = self.last_error is not None and self.last_error["error"] == e.message
+        self.last_error = {"version": e.version, "error": e.message, "at": _iso(time.time())}
+        serving = self.version_or_none
+        if isinstance(e, PointerError) and serving is None:  # e.g. nothing trained yet
+            log.log(logging.DEBUG if repeated else logging.WARNING, "no model to serve yet: %s", e.message)
+            return
+        what = f"{LATEST} pointer" if isinstance(e, PointerError) else f"model {e.version}"
+        level = logging.DEBUG if repeated else logging.ERROR
+        log.log(level, "%s rejected (%s); still serving %s", what, e.message, serving)
+
     async def _load(self, version: str, source: ReloadSource) -> ActiveModel:
         try:
-            path = resolve_checkpoint(self.settings.artifacts, version)
+            # check_version_id first: resolve_checkpoint reads LATEST for an empty version
+            path = resolve_checkpoint(self.settings.artifacts, check_version_id(version))
         except CheckpointError as e:  # no such version (or not a version id at all)
             raise ReloadError(version, str(e), not_found=True) from e
         try:
@@ -217,34 +247,48 @@ class ModelHolder:
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
     # -- pointers -------------------------------------------------------------------------------
-    def _latest_signature(self) -> tuple[int, int, int] | None:
+    def _latest_signature(self) -> Signature:
         try:
             st = os.stat(models_dir(self.settings.artifacts) / LATEST)
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_ino, st.st_size)
 
+    def _read_latest(self, sig: Signature, *, explicit: bool = False) -> str:
+        """The version LATEST names. PointerError when it cannot be used, recorded once per
+        distinct bad LATEST (``sig`` is its signature, taken before reading it) unless ``explicit``
+        (an admin request, always recorded)."""
+        try:
+            version = read_latest(self.settings.artifacts)
+        except POINTER_ERRORS as e:
+            message = str(e) if isinstance(e, CheckpointError) else f"cannot read {LATEST}: {e}"
+            # not_found: there is no LATEST at all; otherwise it is there but unusable
+            err = PointerError(message, not_found=sig is None)
+            if explicit or self._bad_latest != (sig, err.message):
+                self._bad_latest = (sig, err.message)
+                self._record_error(err)
+            raise err from e
+        self._bad_latest = None
+        return version
+
     async def check(self) -> None:
-        """One watcher round: activate the version a changed pointer names."""
+        """One watcher round: activate the version a changed pointer names.
+
+        A change is acted on even when it names the version being served right now: ``activate``
+        decides under its lock, after any reload or rollback in progress, whether it is a no-op.
+        """
         target: tuple[str, ReloadSource] | None = None
         sig = self._latest_signature()
         if sig != self._latest_sig or self._current is None:
             self._latest_sig = sig
-            try:
-                version = read_latest(self.settings.artifacts)
-            except CheckpointError as e:
-                if self._current is None and str(e) != self._no_model_reason:
-                    log.warning("no model to serve yet: %s", e)
-                    self._no_model_reason = str(e)
-                version = None
-            if version is not None and version != self.version_or_none:
+            with contextlib.suppress(PointerError):  # recorded by _read_latest
+                version = self._read_latest(sig)
                 target = (version, "startup" if self._current is None else "latest")
         if isinstance(self.store, RedisStore):
             pointer = await self.store.read_pointer()
             if pointer is not None and pointer != self._pointer_seen:
                 self._pointer_seen = pointer
-                if pointer != self.version_or_none:
-                    target = (pointer, "redis")
+                target = (pointer, "redis")
         if target is not None:
             with contextlib.suppress(ReloadError):  # logged and counted by activate
                 await self.activate(*target)
@@ -264,20 +308,30 @@ class ModelHolder:
 
     # -- admin ------------------------------------------------------------------------------------
     async def reload_latest(self) -> tuple[ActiveModel, ActiveModel | None]:
-        """Activate what LATEST names now. Returns (active, previous)."""
+        """Activate what LATEST names now. Returns (active, previous).
+
+        The LATEST this acted on is recorded by its signature taken *before* reading it, so a
+        LATEST written while the version loads is a change the watcher still acts on; and only
+        when the watcher has not acted on a LATEST in the meantime.
+        """
+        seen = self._latest_sig
+        sig = self._latest_signature()
         try:
-            version = read_latest(self.settings.artifacts)
-        except CheckpointError as e:
-            raise ReloadError("LATEST", str(e), not_found=True) from e
-        previous = self._current
-        active = await self.activate(version, "admin-reload")
-        self._latest_sig = self._latest_signature()
+            version = self._read_latest(sig, explicit=True)
+            previous = self._current
+            active = await self.activate(version, "admin-reload")
+        finally:
+            if self._latest_sig == seen:
+                self._latest_sig = sig
         return active, previous
 
     async def rollback(self, version: str) -> tuple[ActiveModel, ActiveModel | None, bool]:
         """Activate an existing version and point LATEST at it (when the artifacts are writable).
 
-        Returns (active, previous, latest_updated).
+        Returns (active, previous, latest_updated). The watcher's view of LATEST is left alone:
+        LATEST rewritten here names the served version (a no-op for the watcher), one rewritten by
+        anyone else meanwhile is a newer change it acts on, and when LATEST cannot be written the
+        rolled-back version keeps serving until LATEST changes.
         """
         previous = self._current
         active = await self.activate(version, "rollback")
@@ -287,7 +341,6 @@ class ModelHolder:
         except (OSError, CheckpointError) as e:
             log.warning("rollback to %s: LATEST not updated (%s); a restart would serve LATEST", version, e)
             updated = False
-        self._latest_sig = self._latest_signature()
         return active, previous, updated
 
     async def announce(self, version: str) -> bool | None:

@@ -167,7 +167,7 @@ ADMIN_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Body could not be parsed",
         401: "Missing or invalid bearer token",
         404: "No such model version (or LATEST missing)",
-        409: "Model version rejected; the previous model keeps serving",
+        409: "Model version (or an unusable LATEST) rejected; the previous model keeps serving",
         413: "Body larger than max_body_bytes",
         422: "Invalid request",
         503: "Service starting",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from model import load_checkpoint, read_latest, resolve_checkpoint, write_latest
+from model.checkpoint import LATEST, models_dir
 from model.config import Config, FeatureDecl
 from service.app import create_app
 from service.cli import app as cli
@@ -254,3 +256,27 @@ def test_replicas_follow_model_current_via_pubsub(
     client = redis.Redis.from_url(redis_url)
     assert client.get(redis_prefix + "model:current") == v1.encode()
     client.close()
+
+
+def test_an_unreadable_latest_does_not_stop_the_redis_pointer(
+    two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str
+) -> None:
+    artifacts, v0, v1 = two_versions
+    assert materialize(artifacts, redis_url, redis_prefix).exit_code == 0
+    # a long poll interval and no pub/sub message: the test runs the watcher round itself
+    s = redis_settings(artifacts, redis_url, redis_prefix, reload_interval_s=60.0)
+    with TestClient(create_app(s)) as c:
+        assert c.get("/model").json()["version"] == v1
+        latest = models_dir(artifacts) / LATEST
+        latest.with_name(".LATEST.test.tmp").write_bytes(b"\xff\xfe")  # not UTF-8
+        os.replace(latest.with_name(".LATEST.test.tmp"), latest)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            client.set(redis_prefix + "model:current", v0)
+        finally:
+            client.close()
+        c.portal.call(c.app.state.holder.check)  # one round: LATEST is an error, the pointer still moves
+        info = c.get("/model").json()
+        assert info["version"] == v0 and info["source"] == "redis"
+        assert info["last_reload_error"]["version"] == "LATEST"
+        assert c.post("/rank", json=REQUEST).json()["model_version"] == v0

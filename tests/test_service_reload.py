@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import read_latest, write_latest
-from model.checkpoint import WEIGHTS, models_dir
+from model import load_checkpoint, read_latest, write_latest
+from model.checkpoint import LATEST, WEIGHTS, list_versions, models_dir, save_checkpoint
+from model.config import Config, FeatureDecl
 from service.app import create_app
+from service.metrics import Metrics
+from service.reload import ModelHolder
 from service.settings import Settings
+from service.store import open_store
 
 REQUEST = {"user_id": 1, "candidates": list(range(10, 210)), "context": {"tab": 1, "hour": 8}}
 TOKEN = "test-admin-token"
@@ -58,6 +67,14 @@ def copy_version(artifacts: Path, source: str, new: str) -> Path:
     manifest["version"] = new
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
+
+
+def put_latest(artifacts: Path, raw: bytes) -> None:
+    """Replace models/LATEST with ``raw`` atomically (so a poll never sees a half-written file)."""
+    path = models_dir(artifacts) / LATEST
+    tmp = path.with_name(".LATEST.test.tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,3 +277,275 @@ def test_rollback_to_a_corrupt_version_is_refused(live: TestClient, artifacts_co
     assert r.status_code == 409 and "rejected" in r.json()["error"]["message"]
     assert read_latest(artifacts_copy) == v0
     assert live.post("/rank", json=REQUEST).json()["model_version"] == v0
+
+
+# --------------------------------------------------------------------------------------------
+# a new model that needs more feature columns than the one serving
+
+
+def add_video_columns(cfg: Config) -> None:
+    """Two video columns the shipped config does not use (both are in the fixture's video table)."""
+    cfg.data.features.append(FeatureDecl("visible_status", "video", "numeric"))
+    cfg.data.features.append(FeatureDecl("music_id", "video", "categorical"))
+
+
+@pytest.fixture(scope="module")
+def wide_artifacts(
+    trained_artifacts: Path, tmp_path_factory: pytest.TempPathFactory, train_tiny: Any
+) -> Path:
+    """``trained_artifacts`` plus a version needing two more video columns; LATEST names the
+    first one. Read-only: tests use ``wide_copy``."""
+    dst = tmp_path_factory.mktemp("wide") / "artifacts"
+    shutil.copytree(trained_artifacts, dst)
+    narrow = read_latest(dst)
+    train_tiny(dst, seed=1, configure=add_video_columns)
+    write_latest(dst, narrow)
+    return dst
+
+
+@pytest.fixture
+def wide_copy(wide_artifacts: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """(artifacts, narrow version served from LATEST, wide version)."""
+    dst = tmp_path / "artifacts"
+    shutil.copytree(wide_artifacts, dst)
+    narrow = read_latest(dst)
+    (wide,) = [v for v in list_versions(dst) if v != narrow]
+    return dst, narrow, wide
+
+
+def video_columns(client: TestClient) -> dict[str, list[str]]:
+    """The embedded store's live video columns: {"cats": [...], "nums": [...]}."""
+    cols = client.get("/model").json()["feature_store"]["tables"]["video"]["columns"]
+    return {"cats": cols["cats"], "nums": cols["nums"]}
+
+
+def test_a_rejected_wider_model_leaves_the_serving_model_untouched(wide_copy: tuple[Path, str, str]) -> None:
+    artifacts, narrow, wide = wide_copy
+    # the wide model with NaN weights: maps onto the store (the new columns get read), then fails
+    # its test scoring
+    ckpt = load_checkpoint(models_dir(artifacts) / wide)
+    with torch.no_grad():
+        for param in ckpt.model.parameters():
+            param.fill_(float("nan"))
+    bad = save_checkpoint(
+        artifacts, ckpt.model, ckpt.config, ckpt.schema, version="20991231-000000-nan001", set_latest=False
+    ).name
+    with TestClient(create_app(settings_for(artifacts))) as c:
+        before = video_columns(c)
+        assert "music_id" not in before["cats"] and rank_ok(c) == narrow
+        errors0 = reload_errors(c)
+        write_latest(artifacts, bad)
+        wait_for(lambda: c.get("/model").json()["last_reload_error"] is not None, what="the rejection")
+        err = c.get("/model").json()["last_reload_error"]
+        assert err["version"] == bad and "finite" in err["error"], err
+        assert reload_errors(c) == errors0 + 1
+        for _ in range(3):  # the old model keeps serving, with the tables it was serving from
+            assert rank_ok(c) == narrow
+        assert video_columns(c) == before
+        # the good wide model: its columns go live with it, the narrow one still reads only its own
+        write_latest(artifacts, wide)
+        wait_for(lambda: c.get("/model").json()["version"] == wide, what="the wide model")
+        assert rank_ok(c) == wide
+        after = video_columns(c)
+        assert after == {"cats": [*before["cats"], "music_id"], "nums": [*before["nums"], "visible_status"]}
+        write_latest(artifacts, narrow)  # back to the narrow model on the wider tables
+        wait_for(lambda: c.get("/model").json()["version"] == narrow, what="the narrow model again")
+        assert rank_ok(c) == narrow
+
+
+def rank_ok(client: TestClient) -> str:
+    r = client.post("/rank", json=REQUEST)
+    assert r.status_code == 200, r.text
+    version: str = r.json()["model_version"]
+    return version
+
+
+def test_a_wider_model_swaps_in_under_load_with_zero_failed_requests(
+    wide_copy: tuple[Path, str, str],
+) -> None:
+    artifacts, narrow, wide = wide_copy
+    # a long warm-up: a long window between the store preparing the new columns and the swap
+    s = settings_for(artifacts, warmup_batch=2048)
+    stop = threading.Event()
+    seen: list[list[tuple[int, str | None]]] = [[], []]
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+
+        def hammer(out: list[tuple[int, str | None]]) -> None:
+            while not stop.is_set():
+                r = c.post("/rank", json=REQUEST)
+                out.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
+
+        threads = [threading.Thread(target=hammer, args=(out,), daemon=True) for out in seen]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: all(len(out) >= 3 for out in seen), what="the first responses")
+            write_latest(artifacts, wide)
+            wait_for(lambda: all(out[-1][1] == wide for out in seen), timeout=60, what="the wide model")
+            n = [len(out) for out in seen]
+            wait_for(lambda: all(len(out) >= k + 3 for out, k in zip(seen, n, strict=True)), what="more")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+    failures = [r for out in seen for r in out if r[0] != 200]
+    assert not failures, failures[:5]
+    for out in seen:
+        versions = [v for _, v in out]
+        first_new = versions.index(wide)
+        assert set(versions[:first_new]) == {narrow} and set(versions[first_new:]) == {wide}
+
+
+# --------------------------------------------------------------------------------------------
+# pointer changes racing an admin reload / rollback (driven round by round, no watcher task)
+
+
+@contextlib.asynccontextmanager
+async def holder_for(artifacts: Path) -> AsyncIterator[ModelHolder]:
+    """A real ModelHolder serving LATEST; the test runs every watcher round itself (``check``)."""
+    settings = settings_for(artifacts)
+    store = open_store(settings)
+    holder = ModelHolder(settings, store, Metrics())
+    try:
+        await holder.check()
+        assert holder.current is not None
+        yield holder
+    finally:
+        await holder.stop()
+        await store.close()
+
+
+class Gate:
+    """Holds the activation of ``version`` after its (real) validation until ``open`` is called."""
+
+    def __init__(self, holder: ModelHolder, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.opened = threading.Event(), threading.Event()
+        validate = holder._validate
+
+        def gated(ranker: Any, columns: Any) -> None:
+            validate(ranker, columns)
+            if ranker.version == version:
+                self.reached.set()
+                assert self.opened.wait(30), "the gate was never opened"
+
+        monkeypatch.setattr(holder, "_validate", gated)
+
+    async def wait(self) -> None:
+        assert await asyncio.to_thread(self.reached.wait, 30), "the gated version was never validated"
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def served(holder: ModelHolder) -> str:
+    assert holder.current is not None
+    return holder.current.version
+
+
+@pytest.mark.parametrize("watcher_round_meanwhile", [False, True])
+def test_latest_moved_during_an_admin_reload_is_followed(
+    artifacts_copy: Path, monkeypatch: pytest.MonkeyPatch, watcher_round_meanwhile: bool
+) -> None:
+    v0 = read_latest(artifacts_copy)
+    v1 = copy_version(artifacts_copy, v0, "20991231-000000-new001").name
+
+    async def scenario() -> None:
+        async with holder_for(artifacts_copy) as holder:
+            gate = Gate(holder, v1, monkeypatch)
+            write_latest(artifacts_copy, v1)
+            admin = asyncio.create_task(holder.reload_latest())
+            await gate.wait()  # the admin reload is activating v1 ...
+            write_latest(artifacts_copy, v0)  # ... when LATEST moves back to v0
+            watcher = asyncio.create_task(holder.check()) if watcher_round_meanwhile else None
+            await asyncio.sleep(0)  # the round reads LATEST (v0, served now) and waits for the reload
+            gate.open()
+            active, previous = await admin
+            assert (active.version, previous and previous.version) == (v1, v0)
+            if watcher is not None:
+                await watcher
+            await holder.check()  # the next round at the latest
+            assert served(holder) == read_latest(artifacts_copy) == v0
+            await holder.check()
+            assert served(holder) == v0
+
+    asyncio.run(scenario())
+
+
+def test_latest_moved_during_a_rollback_is_followed(
+    artifacts_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v0 = read_latest(artifacts_copy)
+    v1 = copy_version(artifacts_copy, v0, "20991231-000000-new001").name
+    v2 = copy_version(artifacts_copy, v0, "20991231-000000-new002").name
+    write_latest(artifacts_copy, v1)
+
+    async def scenario() -> None:
+        async with holder_for(artifacts_copy) as holder:
+            assert served(holder) == v1
+            gate = Gate(holder, v0, monkeypatch)
+            rollback = asyncio.create_task(holder.rollback(v0))
+            await gate.wait()  # the rollback is activating v0 ...
+            write_latest(artifacts_copy, v2)  # ... when a retrain moves LATEST to v2
+            watcher = asyncio.create_task(holder.check())
+            await asyncio.sleep(0)  # the round reads LATEST (v2) and waits for the rollback
+            gate.open()
+            active, previous, updated = await rollback
+            assert (active.version, previous and previous.version, updated) == (v0, v1, True)
+            await watcher
+            await holder.check()
+            # whatever the order, the service ends up serving what LATEST names
+            assert served(holder) == read_latest(artifacts_copy) == v0
+            await holder.check()
+            assert served(holder) == v0
+            assert holder.current is not None and holder.current.source in ("rollback", "latest")
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# an unusable LATEST while a model is serving
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "names"),
+    [
+        (b"\xff\xfe", 409, "LATEST"),  # not UTF-8
+        (b"", 409, "LATEST"),
+        (b"\n", 409, "LATEST"),
+        (b"../../etc/passwd\n", 409, "LATEST"),  # not a version id
+        (b"20000101-000000-000000\n", 404, "20000101-000000-000000"),  # no such version
+    ],
+)
+def test_an_unusable_latest_is_recorded_once_and_never_a_500(
+    live: TestClient,
+    artifacts_copy: Path,
+    caplog: pytest.LogCaptureFixture,
+    raw: bytes,
+    status: int,
+    names: str,
+) -> None:
+    holder = live.app.state.holder
+    v0 = read_latest(artifacts_copy)
+    errors0 = reload_errors(live)
+    caplog.set_level(logging.INFO, logger="service.reload")
+    put_latest(artifacts_copy, raw)
+    wait_for(lambda: live.get("/model").json()["last_reload_error"] is not None, what="the error")
+    for _ in range(3):  # more watcher rounds: recorded once per bad LATEST, not once per poll
+        live.portal.call(holder.check)
+    err = live.get("/model").json()["last_reload_error"]
+    assert err["version"] == names, err
+    assert reload_errors(live) == errors0 + 1
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING and "rejected" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert rank_ok(live) == v0
+    # an explicit reload: a clear client error, counted too, still serving v0
+    r = live.post("/admin/reload", headers=AUTH)
+    assert r.status_code == status, r.text
+    assert names in r.json()["error"]["message"]
+    assert reload_errors(live) == errors0 + 2
+    assert rank_ok(live) == v0 and live.get("/readyz").status_code == 200
+    # the watcher kept polling: a good LATEST is picked up
+    v1 = copy_version(artifacts_copy, v0, "20991231-000000-new003").name
+    write_latest(artifacts_copy, v1)
+    wait_for(lambda: live.get("/model").json()["version"] == v1, what="the good LATEST")
+    assert rank_ok(live) == v1

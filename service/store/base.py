@@ -3,8 +3,10 @@
 A store keeps canonical rows (``model.features``: categorical = stable int64 hash, numeric = raw
 float32) for users and videos, in *its own* column layout (the columns it was built or
 materialised with). When a model is loaded, ``prepare`` maps the model's columns onto the
-store's (``ColumnMap``); ``fetch`` then returns rows in the model's column order. A model that
-needs a column the store lacks is rejected at load time, never at request time.
+store's (``ColumnMap``); ``fetch`` then returns rows in the model's column order, exactly the
+model's columns whatever else the store holds. A model that needs a column the store lacks is
+rejected at load time, never at request time. ``prepare`` never changes what the serving model
+reads: anything it stages takes effect with ``commit``, called once the new model is accepted.
 """
 
 from __future__ import annotations
@@ -100,17 +102,24 @@ class StoreLayout:
 class GroupMap:
     """Where a model's columns of one group sit in the store's rows."""
 
-    cat_idx: np.ndarray | None  # store column of each model categorical; None = same order
-    num_idx: np.ndarray | None
+    # store column of each model categorical; None = the store's first n_cats columns, in order
+    # (the store may hold more columns after them: those are never read)
+    cat_idx: np.ndarray | None
+    num_idx: np.ndarray | None  # the same for the numerics (None = the first n_nums)
     key_col: int | None  # model categorical column holding the entity id (hashed), if it is a feature
     n_cats: int
     n_nums: int
 
     def select(self, cats: np.ndarray, nums: np.ndarray) -> CanonicalRows:
         """Store-layout rows -> model-layout rows (always fresh, writable arrays)."""
-        c = cats[:, self.cat_idx] if self.cat_idx is not None else np.array(cats, dtype=np.int64)
-        x = nums[:, self.num_idx] if self.num_idx is not None else np.array(nums, dtype=np.float32)
-        return CanonicalRows(c, x)
+        return self.take(cats, nums, None)
+
+    def take(self, cats: np.ndarray, nums: np.ndarray, rows: np.ndarray | None) -> CanonicalRows:
+        """``rows`` (None: all) of store-layout matrices -> model-layout rows (fresh arrays)."""
+        return CanonicalRows(
+            _pick(cats, rows, self.cat_idx, self.n_cats).astype(np.int64, copy=False),
+            _pick(nums, rows, self.num_idx, self.n_nums).astype(np.float32, copy=False),
+        )
 
     def defaults(self, ids: Sequence[str]) -> CanonicalRows:
         """Rows for entities the store does not know: all features missing, the id column hashed."""
@@ -125,6 +134,18 @@ class GroupMap:
         """Set the id column of ``rows[positions]`` to the stable hash of ``ids[positions]``."""
         if self.key_col is not None and positions.size:
             rows.cats[positions, self.key_col] = [stable_hash(ids[i]) for i in positions.tolist()]
+
+
+def _pick(matrix: np.ndarray, rows: np.ndarray | None, idx: np.ndarray | None, n: int) -> np.ndarray:
+    """``matrix[rows][:, idx]``, or its first ``n`` columns when ``idx`` is None: always a copy."""
+    out: np.ndarray
+    if rows is None:
+        out = matrix[:, idx] if idx is not None else np.array(matrix[:, :n])
+    elif idx is not None:
+        out = matrix[np.ix_(rows, idx)]
+    else:
+        out = matrix[rows] if matrix.shape[1] == n else matrix[rows, :n]
+    return out
 
 
 @dataclass(frozen=True)
@@ -154,8 +175,8 @@ def build_column_map(schema: FeatureSchema, layout: StoreLayout, where: str) -> 
         ni = np.array([pos_n[c] for c in nums], dtype=np.intp)
         key = schema.key_of(g)
         maps[g] = GroupMap(
-            cat_idx=None if list(ci) == list(range(len(have.cats))) else ci,
-            num_idx=None if list(ni) == list(range(len(have.nums))) else ni,
+            cat_idx=None if ci.tolist() == list(range(len(cats))) else ci,
+            num_idx=None if ni.tolist() == list(range(len(nums))) else ni,
             key_col=cats.index(key) if key in cats else None,
             n_cats=len(cats),
             n_nums=len(nums),
@@ -183,7 +204,19 @@ class FeatureStore(Protocol):
     kind: str
 
     async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
-        """Make the store ready for a model (off the request path); StoreError if it cannot."""
+        """Map a model onto the store (off the request path); StoreError if it cannot.
+
+        Never changes what ``fetch`` returns for the maps already handed out: whatever the new
+        model needs (e.g. more columns) is staged until ``commit``.
+        """
+        ...
+
+    def commit(self, columns: ColumnMap) -> None:
+        """The model prepared with ``columns`` is accepted: make what was staged for it live.
+
+        Synchronous, so that the caller swaps the model in right after it, with no request in
+        between. Maps handed out earlier keep reading exactly their own columns.
+        """
         ...
 
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:

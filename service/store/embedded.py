@@ -1,7 +1,11 @@
 """In-process feature store: the user / video tables as numpy matrices (no Redis needed).
 
 Built from the tables of the first model's data config (or ``Settings.data_dir``); a later model
-that needs more columns makes the store re-read the tables and append them, off the request path.
+that needs more columns makes the store re-read the tables with those columns appended, off the
+request path. The wider tables are only staged: they replace the live ones in ``commit``, once that
+model is accepted, so a rejected model never changes what the serving one reads. Columns only ever
+get appended (their positions never change), and a column map reads only its own columns, so a
+request still in flight on the previous model reads the new tables correctly too.
 Lookups are dict gets plus one numpy fancy-indexing per group.
 """
 
@@ -47,12 +51,16 @@ class _Table:
     def lookup(self, ids: Sequence[str], gm: GroupMap) -> tuple[CanonicalRows, int]:
         default = len(self.index)
         rows = np.fromiter(map(self.index.get, ids, repeat(default, len(ids))), dtype=np.intp, count=len(ids))
-        cats = self.cats[rows] if gm.cat_idx is None else self.cats[np.ix_(rows, gm.cat_idx)]
-        nums = self.nums[rows] if gm.num_idx is None else self.nums[np.ix_(rows, gm.num_idx)]
-        out = CanonicalRows(cats, nums)
+        out = gm.take(self.cats, self.nums, rows)
         unknown = np.flatnonzero(rows == default)
         gm.hash_ids(out, unknown, ids)
         return out, int(unknown.size)
+
+
+def _layout_of(tables: dict[EntityGroup, _Table]) -> StoreLayout | None:
+    if len(tables) < len(ENTITY_GROUPS):
+        return None
+    return StoreLayout(tables["user"].layout, tables["video"].layout)
 
 
 def _build_table(layout: GroupLayout, ids: list[str], rows: CanonicalRows, source: str) -> _Table:
@@ -67,20 +75,21 @@ class EmbeddedStore:
 
     def __init__(self, data_dir: Path | None = None) -> None:
         self._data_dir = data_dir
-        self._tables: dict[EntityGroup, _Table] = {}
+        self._tables: dict[EntityGroup, _Table] = {}  # live: what fetch reads
+        self._staged: tuple[str, dict[EntityGroup, _Table]] | None = None  # (layout id, tables)
         self._lock = asyncio.Lock()
 
     @property
     def layout(self) -> StoreLayout | None:
-        if len(self._tables) < len(ENTITY_GROUPS):
-            return None
-        return StoreLayout(self._tables["user"].layout, self._tables["video"].layout)
+        return _layout_of(self._tables)
 
     async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
         async with self._lock:
+            self._staged = None  # a model prepared earlier and never committed was rejected
             need = StoreLayout.of_schema(schema)
+            tables, grew = dict(self._tables), False
             for g in ENTITY_GROUPS:
-                have = self._tables.get(g)
+                have = tables.get(g)
                 want = need.group(g)
                 if (
                     have is not None
@@ -96,11 +105,22 @@ class EmbeddedStore:
                     base.nums + tuple(c for c in want.nums if c not in base.nums),
                 )
                 ent = await asyncio.to_thread(load_entity_rows, data, g, grown, self._data_dir)
-                self._tables[g] = await asyncio.to_thread(_build_table, grown, ent.ids, ent.rows, ent.source)
-                log.info("embedded store: %d %ss from %s", len(ent.ids), g, ent.source)
-            layout = self.layout
+                tables[g] = await asyncio.to_thread(_build_table, grown, ent.ids, ent.rows, ent.source)
+                grew = True
+                log.info("embedded store: %d %ss from %s (staged)", len(ent.ids), g, ent.source)
+            layout = _layout_of(tables)
             assert layout is not None
-            return build_column_map(schema, layout, "the embedded feature store")
+            columns = build_column_map(schema, layout, "the embedded feature store")
+            if grew:
+                self._staged = (columns.layout_id, tables)
+            return columns
+
+    def commit(self, columns: ColumnMap) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == columns.layout_id:
+            self._tables = staged[1]  # one reference assignment: fetch sees the old or the new dict
+        elif self.layout is None or self.layout.layout_id != columns.layout_id:
+            raise RuntimeError("embedded store: commit of a column map that was not just prepared")
 
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         users, videos = self._tables["user"], self._tables["video"]
@@ -118,4 +138,4 @@ class EmbeddedStore:
         }
 
     async def close(self) -> None:
-        self._tables = {}
+        self._tables, self._staged = {}, None

@@ -223,6 +223,9 @@ class RedisStore:
         self._meta = meta
         return columns
 
+    def commit(self, columns: ColumnMap) -> None:
+        """Nothing to make live: every column map keeps reading with the layout it was built on."""
+
     # -- request path -------------------------------------------------------------------------
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         if time.monotonic() < self._open_until:
