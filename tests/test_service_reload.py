@@ -77,6 +77,54 @@ def put_latest(artifacts: Path, raw: bytes) -> None:
     os.replace(tmp, path)
 
 
+Result = tuple[int, str | None]  # (status, model version or error text)
+
+
+def swap_under_load(
+    ranker: Callable[[], contextlib.AbstractContextManager[Callable[[], Result]]],
+    switch: Callable[[], str],
+    old: str,
+    timeout: float = 30.0,
+) -> tuple[str, int]:
+    """Two threads POST /rank (each through its own ``ranker()``) while ``switch()`` moves LATEST
+    and returns the new version: zero failed requests, and one clean swap old -> new per client.
+    Returns (the new version, how many requests were made)."""
+    stop = threading.Event()
+    seen: list[list[Result]] = [[], []]
+
+    def hammer(out: list[Result]) -> None:
+        with ranker() as rank_once:
+            while not stop.is_set():
+                out.append(rank_once())
+
+    threads = [threading.Thread(target=hammer, args=(out,), daemon=True) for out in seen]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: all(len(out) >= 3 for out in seen), what="the first responses")
+        new = switch()
+        assert new != old
+        wait_for(lambda: all(out[-1][1] == new for out in seen), timeout=timeout, what="the new version")
+        n = [len(out) for out in seen]
+        wait_for(lambda: all(len(out) >= k + 3 for out, k in zip(seen, n, strict=True)), what="more")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    failures = [r for out in seen for r in out if r[0] != 200]
+    assert not failures, failures[:5]
+    for out in seen:
+        versions = [v for _, v in out]
+        # one swap: once a client saw the new model it never sees the old one again
+        first_new = versions.index(new)
+        assert set(versions[:first_new]) == {old} and set(versions[first_new:]) == {new}
+    return new, sum(len(out) for out in seen)
+
+
+def version_of(r: httpx.Response) -> Result:
+    return r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text
+
+
 # --------------------------------------------------------------------------------------------
 # a real server, retrained under load
 
@@ -94,41 +142,22 @@ def test_retrain_under_load_swaps_with_zero_failed_requests(
             "MTRANK_ADMIN_TOKEN": "",
         }
     )
-    stop = threading.Event()
-    seen: list[list[tuple[int, str | None]]] = [[], []]
 
-    def hammer(out: list[tuple[int, str | None]]) -> None:
+    @contextlib.contextmanager
+    def ranker() -> Iterator[Callable[[], Result]]:
         with httpx.Client(base_url=svc.url, timeout=10) as c:
-            while not stop.is_set():
-                try:
-                    r = c.post("/rank", json=REQUEST)
-                except httpx.HTTPError as e:  # a dropped connection is a failed request too
-                    out.append((-1, repr(e)))
-                    continue
-                out.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
 
-    threads = [threading.Thread(target=hammer, args=(out,), daemon=True) for out in seen]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(lambda: all(len(out) >= 5 for out in seen), what="the first responses")
-        new = train_tiny(artifacts_copy, seed=7)  # writes a new version and moves LATEST, under load
-        assert new != old
-        wait_for(lambda: all(out and out[-1][1] == new for out in seen), timeout=30, what="the new version")
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=15)
-    failures = [r for out in seen for r in out if r[0] != 200]
-    assert not failures, failures[:5]
-    for out in seen:
-        versions = [v for _, v in out]
-        assert versions[0] == old and versions[-1] == new
-        # one swap: once a client saw the new model it never sees the old one again
-        first_new = versions.index(new)
-        assert set(versions[first_new:]) == {new} and set(versions[:first_new]) == {old}
-    assert sum(len(out) for out in seen) > 20
+            def rank_once() -> Result:
+                try:
+                    return version_of(c.post("/rank", json=REQUEST))
+                except httpx.HTTPError as e:  # a dropped connection is a failed request too
+                    return -1, repr(e)
+
+            yield rank_once
+
+    # train_tiny writes a new version and moves LATEST, under load
+    new, requests = swap_under_load(ranker, lambda: train_tiny(artifacts_copy, seed=7), old)
+    assert requests > 20
     log = svc.output()
     assert f"serving model {new}" in log and "Traceback" not in log
 
@@ -366,34 +395,14 @@ def test_a_wider_model_swaps_in_under_load_with_zero_failed_requests(
     artifacts, narrow, wide = wide_copy
     # a long warm-up: a long window between the store preparing the new columns and the swap
     s = settings_for(artifacts, warmup_batch=2048)
-    stop = threading.Event()
-    seen: list[list[tuple[int, str | None]]] = [[], []]
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
 
-        def hammer(out: list[tuple[int, str | None]]) -> None:
-            while not stop.is_set():
-                r = c.post("/rank", json=REQUEST)
-                out.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
-
-        threads = [threading.Thread(target=hammer, args=(out,), daemon=True) for out in seen]
-        for t in threads:
-            t.start()
-        try:
-            wait_for(lambda: all(len(out) >= 3 for out in seen), what="the first responses")
+        def switch() -> str:
             write_latest(artifacts, wide)
-            wait_for(lambda: all(out[-1][1] == wide for out in seen), timeout=60, what="the wide model")
-            n = [len(out) for out in seen]
-            wait_for(lambda: all(len(out) >= k + 3 for out, k in zip(seen, n, strict=True)), what="more")
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=30)
-    failures = [r for out in seen for r in out if r[0] != 200]
-    assert not failures, failures[:5]
-    for out in seen:
-        versions = [v for _, v in out]
-        first_new = versions.index(wide)
-        assert set(versions[:first_new]) == {narrow} and set(versions[first_new:]) == {wide}
+            return wide
+
+        rank_once = lambda: version_of(c.post("/rank", json=REQUEST))  # noqa: E731
+        swap_under_load(lambda: contextlib.nullcontext(rank_once), switch, narrow, timeout=60)
 
 
 # --------------------------------------------------------------------------------------------
