@@ -109,8 +109,18 @@ def load_raw(cfg: DataConfig) -> RawData:
         name = cfg.users if group == "user" else cfg.videos
         assert name is not None
         fp[group + "s"] = file_fingerprint(cfg.path(name))
-        overlap = [c for c in table.columns if c in df.columns and c != key]
-        df = df.merge(table.drop(columns=overlap), on=key, how="left", validate="many_to_one")
+        # only the table's declared features are joined, and each must come from its own table,
+        # which is what serving reads: a same-named log (or users table) column is an error
+        declared = [f.name for f in cfg.features if f.group == group and f.name in table.columns]
+        declared = [c for c in declared if c != key]
+        clash = [c for c in declared if c in df.columns]
+        if clash:
+            raise DataError(
+                f"{group} feature(s) {clash} are columns of the {name} table and also of the log"
+                f"{' or the users table' if group == 'video' else ''}: training would read the other"
+                " column while serving reads the table's; rename one of them"
+            )
+        df = df.merge(table[[key, *declared]], on=key, how="left", validate="many_to_one")
     return RawData(df, users, videos, fp)
 
 

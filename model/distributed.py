@@ -62,14 +62,17 @@ from model.nets import MultiTaskNet, build_model
 from model.train import (
     EarlyStopping,
     TrainResult,
+    embedding_row_counts,
     evaluate_split,
     expert_utilization,
     freeze,
+    impute_unknown_rows,
     make_optimizer,
     observed_tasks,
     resolve_monitor,
     save_result,
     task_losses,
+    unknown_rows_imputed,
 )
 from model.weighting import make_weighting, tower_l2_penalty
 
@@ -212,6 +215,7 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     n = len(ds.train)
     B, b = tc.batch_size, tc.batch_size // W  # global and per-rank batch
     steps_per_epoch = math.ceil(math.ceil(n / W) / b)  # == ceil(n / B): the single-process count
+    row_counts = embedding_row_counts(net, ds.train.cats)  # (R,) for the served unknown rows
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
     train_time, seen, global_step = 0.0, 0, 0
@@ -283,7 +287,9 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
         if rank == 0:
             split = ds.valid if len(ds.valid) else ds.train
             prefix = "valid/" if len(ds.valid) else "train/"
-            row.update(evaluate_split(_eval_net(net, device), split, cfg.tasks, prefix, tc.eval_batch_size))
+            evaluated = _eval_net(net, device)
+            with unknown_rows_imputed(evaluated, row_counts):  # validate the model as it will be served
+                row.update(evaluate_split(evaluated, split, cfg.tasks, prefix, tc.eval_batch_size))
             decision = [stopper.update(epoch, row.get(stopper.monitor, float("nan")), net)]
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
         history.append(row)
@@ -296,6 +302,7 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     if rank == 0:
         stopper.restore(net)
         net.eval()
+        info["unknown_rows_imputed"] = impute_unknown_rows(net, row_counts)
         final = _eval_net(net, device)
         metrics = stopper.metrics()
         metrics.update(evaluate_split(final, ds.test, cfg.tasks, "test/", tc.eval_batch_size))

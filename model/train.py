@@ -26,6 +26,7 @@ under ``torchrun --nproc_per_node=N -m model.train ...`` with DistributedDataPar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -33,7 +34,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,54 @@ def embedding_row_counts(model: MultiTaskNet, cats: npt.NDArray[np.int64]) -> Te
     return torch.bincount(rows, minlength=e.emb.num_embeddings).float()
 
 
+def unknown_row_fill(model: MultiTaskNet, row_counts: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """What row 0 ("unknown": a missing or unseen value, e.g. a new user or video at serving) of each
+    categorical feature should hold when no training row used it: the training-count-weighted mean of
+    the feature's other rows, the embedding-space twin of imputing a missing numeric with its mean.
+    Left alone, such a row is never trained (weight decay takes it to 0), an input the network has
+    never seen. Returns (embedding weight, rows (K,), values (K, D)) per embedding table."""
+    out = []
+    for e in model.feature_embeddings():
+        w = e.emb.weight  # (R, D)
+        starts = e.offsets.tolist()
+        ends = [*starts[1:], w.shape[0]]
+        rows, values = [], []
+        for a, b in zip(starts, ends, strict=True):
+            n = row_counts[a + 1 : b].to(w.device)  # (V,) the feature's known values
+            if row_counts[a] == 0 and n.sum() > 0:
+                rows.append(a)
+                values.append((n[:, None] * w[a + 1 : b].detach()).sum(0) / n.sum())  # (D,)
+        if rows:
+            out.append((w, torch.tensor(rows, device=w.device), torch.stack(values)))
+    return out
+
+
+@torch.no_grad()
+def impute_unknown_rows(model: MultiTaskNet, row_counts: Tensor) -> int:
+    """Writes ``unknown_row_fill`` into the model (done once training ends, so the checkpoint serves
+    it); returns how many rows were filled."""
+    filled = unknown_row_fill(model, row_counts)
+    for w, rows, values in filled:
+        w[rows] = values
+    return sum(len(rows) for _, rows, _ in filled)
+
+
+@contextlib.contextmanager
+def unknown_rows_imputed(model: MultiTaskNet, row_counts: Tensor) -> Iterator[None]:
+    """The model as it will be served (``impute_unknown_rows``) inside the block, as trained after."""
+    filled = unknown_row_fill(model, row_counts)
+    saved = [w[rows].detach().clone() for w, rows, _ in filled]
+    with torch.no_grad():
+        for w, rows, values in filled:
+            w[rows] = values
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (w, rows, _), old in zip(filled, saved, strict=True):
+                w[rows] = old
+
+
 def batch_embedding_l2(model: MultiTaskNet, cats: Tensor, row_counts: Tensor) -> Tensor:
     """Mini-batch aware regularisation (Zhou et al., KDD 2018, DIN section 4.1): the L2 norm of the
     embedding rows the batch uses, each divided by its row's count n_j in the training split, i.e.
@@ -389,9 +438,8 @@ def fit(
     steps_per_epoch = math.ceil(n / tc.batch_size)
     train_time, seen, global_step = 0.0, 0, 0
     step_log: list[dict[str, float]] = []
-    batch_l2 = (
-        (tc.embed_batch_l2, embedding_row_counts(model, ds.train.cats)) if tc.embed_batch_l2 > 0 else None
-    )
+    row_counts = embedding_row_counts(model, ds.train.cats)  # (R,) training rows per embedding row
+    batch_l2 = (tc.embed_batch_l2, row_counts) if tc.embed_batch_l2 > 0 else None
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
     for epoch in range(1, tc.epochs + 1):
@@ -439,11 +487,12 @@ def fit(
         seen += n
         row: dict[str, float] = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}}
         split = ds.valid if len(ds.valid) else ds.train
-        row.update(
-            evaluate_split(
-                model, split, cfg.tasks, "valid/" if len(ds.valid) else "train/", tc.eval_batch_size
+        with unknown_rows_imputed(model, row_counts):  # validate the model as it will be served
+            row.update(
+                evaluate_split(
+                    model, split, cfg.tasks, "valid/" if len(ds.valid) else "train/", tc.eval_batch_size
+                )
             )
-        )
         history.append(row)
         stop = stopper.update(epoch, row.get(stopper.monitor, float("nan")), model)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
@@ -453,6 +502,7 @@ def fit(
             break
     stopper.restore(model)
     model.eval()
+    info["unknown_rows_imputed"] = impute_unknown_rows(model, row_counts)
     metrics: dict[str, Any] = stopper.metrics()
     metrics.update(evaluate_split(model, ds.test, cfg.tasks, "test/", tc.eval_batch_size))
     metrics["weighting"] = tc.weighting

@@ -10,7 +10,10 @@ The train split (with its validation tail) is cut into k folds in one of two way
 
 Each trial fits k models (early stopping on the held-out fold) and scores the mean of
 ``train.monitor`` over the folds. The test split is never touched. Feature vocabularies and
-statistics are those fitted on the whole train split (they use no labels). ``params`` restricts the
+statistics are those fitted on the train split (they use no labels), but a held-out row's
+categorical value that its fold's training rows never use is mapped to "unknown" (index 0), as an
+id first seen after training is at test time and at serving: otherwise it would read an embedding
+row no fold-training row ever reached. ``params`` restricts the
 search to some of the ``SPACE`` names; the others keep the config's values. Without ``params`` the
 search covers ``DEFAULT_SPACE``; ``embed_batch_l2`` (DIN's mini-batch aware embedding L2, an
 alternative to ``embed_weight_decay``) is searched only when asked for by name.
@@ -87,6 +90,14 @@ def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
         else np.concatenate([ds.train.times, ds.valid.times]),
     )
     empty = _take(pool, np.zeros(0, dtype=np.int64))
+
+    def held_out(tr: np.ndarray, va: np.ndarray) -> Split:
+        valid = _take(pool, va)  # a fresh copy: the unseen values can be overwritten
+        for j in range(valid.cats.shape[1]):
+            seen = np.unique(pool.cats[tr, j])
+            valid.cats[~np.isin(valid.cats[:, j], seen), j] = 0
+        return valid
+
     if cv == "user":
         splits = list(GroupKFold(n_splits=k).split(pool.labels, groups=pool.users))
     else:
@@ -94,7 +105,7 @@ def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
             raise ValueError('cv="time" needs the rows\' times (Split.times)')
         order = np.argsort(pool.times, kind="stable")
         splits = [(order[tr], order[va]) for tr, va in TimeSeriesSplit(n_splits=k).split(order)]
-    return [Dataset(ds.schema, _take(pool, tr), _take(pool, va), empty, ds.fingerprint) for tr, va in splits]
+    return [Dataset(ds.schema, _take(pool, tr), held_out(tr, va), empty, ds.fingerprint) for tr, va in splits]
 
 
 def suggest(trial: optuna.Trial, cfg: Config, params: Collection[str] | None = None) -> Config:

@@ -25,6 +25,56 @@ def test_dataset_splits_by_date_and_fits_on_train_only():
     assert set(np.unique(ds.train.labels)) <= {0.0, 1.0}
 
 
+def _overlap_tables(tmp_path, log_country: bool):
+    import pandas as pd
+
+    from model.config import Config
+
+    rng = np.random.default_rng(0)
+    n = 200
+    log = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 20, n),
+            "video_id": rng.integers(0, 10, n),
+            "day": np.repeat([0, 1], n // 2),
+            "t": np.arange(n),
+            "y": rng.integers(0, 2, n),
+        }
+    )
+    if log_country:
+        log["country"] = "DE"
+    log.to_csv(tmp_path / "log.csv", index=False)
+    # the user's country (not a feature) and the video's production country (a video feature)
+    pd.DataFrame({"user_id": range(20), "country": ["US"] * 20}).to_csv(tmp_path / "users.csv", index=False)
+    pd.DataFrame({"video_id": range(10), "country": ["FR"] * 10}).to_csv(tmp_path / "videos.csv", index=False)
+    data = {
+        "source": "tables",
+        "data_dir": str(tmp_path),
+        "log": "log.csv",
+        "users": "users.csv",
+        "videos": "videos.csv",
+        "time_column": "t",
+        "split_column": "day",
+        "train_range": [0, 0],
+        "test_range": [1, 1],
+        "valid_fraction": 0.0,
+        "features": [
+            {"name": "video_id", "group": "video", "kind": "categorical"},
+            {"name": "country", "group": "video", "kind": "categorical"},
+        ],
+    }
+    return Config.from_dict({"data": data, "tasks": [{"name": "engagement", "kind": "binary", "label": "y"}]})
+
+
+def test_entity_features_come_from_their_own_table(tmp_path):
+    """Training reads a video feature from the videos table, as serving does: an undeclared user-table
+    column of the same name is not joined, and a same-named log column is a clear error."""
+    ds = load_dataset(_overlap_tables(tmp_path, log_country=False))
+    assert [f.vocab for f in ds.schema.features if f.name == "country"] == [["FR"]]
+    with pytest.raises(DataError, match=r"\['country'\] are columns of the videos.csv table"):
+        load_dataset(_overlap_tables(tmp_path, log_country=True))
+
+
 def test_labels_any_of_mask_and_transform():
     import pandas as pd
 

@@ -19,6 +19,11 @@ def test_folds_partition_rows_by_user():
     for f in cv:
         assert len(f.train) + len(f.valid) == total and len(f.test) == 0
         assert not set(f.train.users) & set(f.valid.users)  # no user on both sides
+        # a held-out value its fold never trained on reads "unknown" (0), as at test time and serving
+        for j in range(f.valid.cats.shape[1]):
+            assert set(np.unique(f.valid.cats[:, j])) <= set(np.unique(f.train.cats[:, j])) | {0}
+        user_col = [c.name for c in ds.schema.cats()].index("user_id")
+        assert (f.valid.cats[:, user_col] == 0).all()  # every held-out user is a new user
     assert sum(len(f.valid) for f in cv) == total
 
 

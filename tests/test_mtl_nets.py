@@ -15,7 +15,15 @@ from model.data import load_dataset
 from model.features import FeatureSchema, FeatureSpec, stable_hash
 from model.nets import PLE, Conditioned, build_model
 from model.synth import make_youtube_log
-from model.train import batch_embedding_l2, embedding_row_counts, fit, param_groups, predict
+from model.train import (
+    batch_embedding_l2,
+    embedding_row_counts,
+    fit,
+    impute_unknown_rows,
+    param_groups,
+    predict,
+    unknown_rows_imputed,
+)
 from model.weighting import tower_l2_penalty
 
 TASKS = [TaskConfig("engagement", "binary", "long_view"), TaskConfig("satisfaction", "binary", "is_like")]
@@ -281,6 +289,42 @@ def test_batch_embedding_l2_penalises_the_batch_rows_by_inverse_count(arch):
     # d/dw_j of ||w_j||^2 / n_j is 2 w_j / n_j
     j = int(rows[0])
     torch.testing.assert_close(grad[j], 2 * e.emb.weight[j].detach() / counts[j].clamp_min(1))
+
+
+@pytest.mark.parametrize("arch", ["separate", "mmoe"])
+def test_unknown_rows_are_the_trained_rows_mean_when_training_never_used_them(arch):
+    """Row 0 ("unknown": a new user / video, a missing value at serving) of a feature no training
+    row maps to 0 becomes the count-weighted mean of the feature's other rows; a row 0 that training
+    did use (rare values folded into it) is left as trained."""
+    net = build_model(_model_cfg(arch), _schema(), TASKS)
+    train_cats = np.array([[1, 0, 1], [1, 5, 2], [3, 5, 2], [3, 7, 1]], dtype=np.int64)  # video_id 0 seen
+    counts = embedding_row_counts(net, train_cats)
+    e = net.feature_embeddings()[0]
+    w = e.emb.weight.detach().clone()
+    user0, video0, device0 = (int(o) for o in e.offsets)
+    want_user0 = (2 * w[user0 + 1] + 2 * w[user0 + 3]) / 4  # user 1 twice, user 3 twice
+    with unknown_rows_imputed(net, counts):
+        torch.testing.assert_close(e.emb.weight[user0], want_user0)
+        torch.testing.assert_close(e.emb.weight[device0], (2 * w[device0 + 1] + 2 * w[device0 + 2]) / 4)
+        torch.testing.assert_close(e.emb.weight[video0], w[video0])  # trained: left alone
+    torch.testing.assert_close(e.emb.weight, w)  # restored after the block
+    assert impute_unknown_rows(net, counts) == 2 * len(net.feature_embeddings())
+    for m in net.feature_embeddings():  # every table (one per task for separate towers)
+        mw = m.emb.weight
+        torch.testing.assert_close(mw[user0], (mw[user0 + 1] + mw[user0 + 3]) / 2)
+
+
+def test_fit_serves_imputed_unknown_rows():
+    cfg = tiny_config("mmoe", epochs=1)
+    cfg.train.num_threads = 1
+    ds = load_dataset(cfg)
+    res = fit(cfg, ds)
+    counts = embedding_row_counts(res.model, ds.train.cats)
+    e = res.model.feature_embeddings()[0]
+    unseen = [int(o) for o in e.offsets if counts[int(o)] == 0]
+    assert res.metrics["unknown_rows_imputed"] == len(unseen) > 0
+    for r in unseen:  # the model fit returns (and the checkpoint stores) holds the filled rows
+        assert e.emb.weight[r].abs().sum() > 0
 
 
 # -- soft parameter sharing -----------------------------------------------------------------------
