@@ -48,14 +48,15 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# BENCH_ARGS="--skip-redis" where no redis-server runs on 127.0.0.1:6379 (the Redis rows need one)
 bench: setup
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py --artifacts $(ART) $(BENCH_ARGS)
 
 loadtest: setup
-	$(BIN)/python scripts/loadtest.py
+	$(BIN)/python scripts/loadtest.py --artifacts $(ART)
 
 soak: setup
-	$(BIN)/python scripts/soak.py
+	$(BIN)/python scripts/soak.py --artifacts $(ART)
 
 report: setup
 	$(BIN)/mtrank report --artifacts $(ART)

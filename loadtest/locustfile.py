@@ -17,12 +17,16 @@ Environment:
     MTRANK_LOADTEST_USER_RPS    requests/s each simulated user sends, as Poisson arrivals (open-loop
                                 pacing: exponential gaps between scheduled starts, so users do not
                                 fire in lock-step bursts); unset: a random 10-100 ms pause after each
+    MTRANK_LOADTEST_SUMMARY     write the final totals (the stats the verdict is taken on) to this
+                                JSON file: requests, failures, requests/s, p50/p95/p99/max in ms
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,6 +102,11 @@ def _check_slo(environment: Any, **_kwargs: Any) -> None:
     slo = DEFAULT_SLO_P99_MS if slo is None else slo
     total = environment.stats.total
     p99 = total.get_response_time_percentile(0.99) or 0
+    if summary := os.environ.get("MTRANK_LOADTEST_SUMMARY"):
+        pct = {f"p{round(q * 100)}_ms": total.get_response_time_percentile(q) or 0 for q in (0.5, 0.95, 0.99)}
+        final = {"requests": total.num_requests, "failures": total.num_failures, **pct}
+        final |= {"max_ms": total.max_response_time or 0, "requests_per_s": total.total_rps}
+        Path(summary).write_text(json.dumps(final, indent=1) + "\n")
     reasons = slo_violations(total.num_requests, total.fail_ratio, p99, slo)
     if reasons:
         log.error("load test FAILED: %s", "; ".join(reasons))

@@ -31,7 +31,13 @@ class DataError(ValueError):
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Read a CSV / CSV.gz / Parquet file."""
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        hint = (
+            " (a relative data_dir is resolved against the working directory; set MTRANK_DATA_DIR to"
+            " the data folder)"
+            if not path.is_absolute()
+            else ""
+        )
+        raise DataError(f"data file not found: {path}{hint}")
     name = path.name.lower()
     try:
         if name.endswith(".parquet") or name.endswith(".pq"):

@@ -36,7 +36,7 @@ from model.data import load_dataset, load_entity_table  # noqa: E402
 from model.features import GROUPS  # noqa: E402
 from model.nets import RequestBatch  # noqa: E402
 from model.train import fit  # noqa: E402
-from scripts.serverctl import MTRANK, ensure_model, start_server, stop_server  # noqa: E402
+from scripts.serverctl import MTRANK, delete_redis_keys, ensure_model, start_server, stop_server  # noqa: E402
 
 SIZES = (100, 500, 1000)
 
@@ -231,12 +231,7 @@ def main() -> None:
             report["rank_redis"] = red = bench_http(url, ckpt, SIZES, a.reps)
         finally:
             stop_server(proc)
-            import redis
-
-            r = redis.Redis.from_url(a.redis_url)
-            keys = list(r.scan_iter(match=prefix + "*", count=10000))
-            for i in range(0, len(keys), 5000):
-                r.delete(*keys[i : i + 5000])
+            delete_redis_keys(a.redis_url, prefix)
 
     print(
         f"\nmodel {ckpt.name}, {os.cpu_count()} CPUs, one uvicorn worker, {a.reps} sequential requests per row"

@@ -22,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.serverctl import (  # noqa: E402
     MTRANK,
-    aggregated_stats,
     cpu_seconds,
+    delete_redis_keys,
     ensure_model,
+    final_stats,
     rss_mb,
     run_locust,
     start_server,
@@ -44,8 +45,9 @@ def main() -> int:
     ap.add_argument(
         "--redis-url", default=None, help="serve from Redis (materialized first) instead of embedded"
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "loadtest")
+    ap.add_argument("--out", type=Path, default=None, help="reports folder (default: <artifacts>/loadtest)")
     a = ap.parse_args()
+    a.out = a.out or a.artifacts / "loadtest"
 
     ensure_model(a.artifacts, a.config)
     env = {"MTRANK_FEATURE_STORE": "embedded"}
@@ -77,12 +79,14 @@ def main() -> int:
         rss1 = rss_mb(proc.pid)
     finally:
         stop_server(proc)
+        if a.redis_url:
+            delete_redis_keys(a.redis_url, env["MTRANK_REDIS_PREFIX"])
 
-    total = aggregated_stats(a.out / "run")
+    total = final_stats(a.out / "run")
     print(
-        f"\n/rank at {float(total['Requests/s']):.1f} req/s, {a.candidates} candidates, {a.duration} s: "
-        f"{total['Request Count']} requests, {total['Failure Count']} failures, "
-        f"p50 {total['50%']} ms, p95 {total['95%']} ms, p99 {total['99%']} ms, max {float(total['Max Response Time']):.0f} ms; "
+        f"\n/rank at {total['requests_per_s']:.1f} req/s, {a.candidates} candidates, {a.duration} s: "
+        f"{total['requests']} requests, {total['failures']} failures, "
+        f"p50 {total['p50_ms']} ms, p95 {total['p95_ms']} ms, p99 {total['p99_ms']} ms, max {total['max_ms']:.0f} ms; "
         f"server CPU {cpu * 100:.0f}% of one core, RSS {rss0:.0f} -> {rss1:.0f} MB"
     )
     print(f"reports: {a.out}/run_stats.csv, {a.out}/report.html; verdict exit code {verdict}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -100,11 +101,28 @@ def run_locust(
         **os.environ,
         "MTRANK_LOADTEST_CANDIDATES": str(candidates),
         "MTRANK_LOADTEST_USER_RPS": str(rps / users),
+        "MTRANK_LOADTEST_SUMMARY": str(summary_path(csv_prefix)),
     }
     return subprocess.run(cmd, env=env, timeout=duration + 120, check=False).returncode
 
 
-def aggregated_stats(csv_prefix: Path) -> dict[str, str]:
-    """The "Aggregated" row of locust's <prefix>_stats.csv."""
-    with csv_prefix.with_name(csv_prefix.name + "_stats.csv").open() as f:
-        return next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+def summary_path(csv_prefix: Path) -> Path:
+    return csv_prefix.with_name(csv_prefix.name + "_summary.json")
+
+
+def final_stats(csv_prefix: Path) -> dict[str, Any]:
+    """The run's final totals, written by the locustfile when it takes its verdict (locust's
+    periodic <prefix>_stats.csv can miss the last second of traffic)."""
+    stats: dict[str, Any] = json.loads(summary_path(csv_prefix).read_text())
+    return stats
+
+
+def delete_redis_keys(url: str, prefix: str) -> int:
+    """Remove every key under ``prefix`` (what a script materialised); returns how many."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    keys = list(r.scan_iter(match=prefix + "*", count=10000))
+    for i in range(0, len(keys), 5000):
+        r.delete(*keys[i : i + 5000])
+    return len(keys)

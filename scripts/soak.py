@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.serverctl import (  # noqa: E402
-    aggregated_stats,
     ensure_model,
+    final_stats,
     rss_mb,
     run_locust,
     start_server,
@@ -73,13 +73,13 @@ def main() -> int:
 
     base = [r for t, r in samples if t >= a.warmup]
     growth = (base[-1] - base[0]) / base[0] if len(base) >= 2 else float("nan")
-    total = aggregated_stats(a.out / "soak")
+    total = final_stats(a.out / "soak")
     (a.out / "rss.json").write_text(json.dumps(samples))
     ok_mem = growth <= a.max_growth
     print(
-        f"\nsoak {a.duration} s at {float(total['Requests/s']):.1f} req/s x {a.candidates} candidates: "
-        f"{total['Request Count']} requests, {total['Failure Count']} failures, p50 {total['50%']} ms, "
-        f"p99 {total['99%']} ms; RSS {base[0] if base else float('nan'):.0f} -> {base[-1] if base else float('nan'):.0f} MB "
+        f"\nsoak {a.duration} s at {total['requests_per_s']:.1f} req/s x {a.candidates} candidates: "
+        f"{total['requests']} requests, {total['failures']} failures, p50 {total['p50_ms']} ms, "
+        f"p99 {total['p99_ms']} ms; RSS {base[0] if base else float('nan'):.0f} -> {base[-1] if base else float('nan'):.0f} MB "
         f"after warm-up ({growth * 100:+.1f}%, limit {a.max_growth * 100:.0f}%)"
     )
     if not ok_mem:

@@ -378,11 +378,25 @@ def _run_locust(host: str, *args: str, **env: str) -> subprocess.CompletedProces
     )
 
 
-def test_headless_run_passes_against_a_correct_server(stub_server: tuple[str, Any]) -> None:
+def test_headless_run_passes_against_a_correct_server(stub_server: tuple[str, Any], tmp_path: Path) -> None:
     host, _ = stub_server
-    out = _run_locust(host, MTRANK_SLO_P99_MS="5000")
+    summary, final = tmp_path / "summary.json", tmp_path / "locust.json"
+    out = _run_locust(
+        host,
+        "--json-file",
+        str(final.with_suffix("")),
+        MTRANK_SLO_P99_MS="5000",
+        MTRANK_LOADTEST_SUMMARY=str(summary),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "load test passed" in out.stderr
+    # the summary the scripts print holds the totals the verdict was taken on: locust's final stats
+    got = json.loads(summary.read_text())
+    entries = json.loads(final.read_text())
+    assert got["requests"] == sum(e["num_requests"] for e in entries) > 0 and got["failures"] == 0
+    assert (
+        0 < got["p50_ms"] <= got["p95_ms"] <= got["p99_ms"] <= got["max_ms"] + 1 and got["requests_per_s"] > 0
+    )
 
 
 def test_headless_run_fails_on_invalid_responses(stub_server: tuple[str, Any]) -> None:
