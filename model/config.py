@@ -124,6 +124,7 @@ class TrainConfig:
     # mini-batch aware L2 (DIN): sum over the batch's embedding rows of ||w_j||^2 / count_j; 0 = off
     embed_batch_l2: float = 0.0
     patience: int = 2  # non-improving epochs tolerated: training stops at the (patience + 1)-th in a row
+    restore_best: bool = True  # end on the best validation epoch's weights (False: the last epoch's)
     monitor: str = "valid/engagement/auc"  # or valid/loss, valid/<task>/logloss, ...
     seed: int = 0
     num_threads: int = 0  # 0 = torch default

@@ -300,7 +300,8 @@ def fit_distributed(cfg: Config, ds: Dataset, env: DistEnv) -> TrainResult:
     sps = seen / train_time if train_time > 0 else 0.0
     metrics: dict[str, Any] = {}
     if rank == 0:
-        stopper.restore(net)
+        if tc.restore_best:
+            stopper.restore(net)
         net.eval()
         info["unknown_rows_imputed"] = impute_unknown_rows(net, row_counts)
         final = _eval_net(net, device)

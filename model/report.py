@@ -208,7 +208,8 @@ def plot_compare(data: Mapping[str, Any], path: Path) -> bool:
         std = np.array([r[h]["std"] if h in r else 0.0 for r in rows])
         ax.bar(range(len(rows)), mean, yerr=std, capsize=3, color="tab:blue")
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
-        ax.set_ylim(max(0.0, np.nanmin(mean - std) - 0.01), np.nanmax(mean + std) + 0.005)
+        if np.isfinite(mean).any():  # a head with no finite AUC (e.g. one class in test) keeps auto limits
+            ax.set_ylim(max(0.0, np.nanmin(mean - std) - 0.01), np.nanmax(mean + std) + 0.005)
         ax.set_title(f"test {h.replace('_', ' ')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -244,7 +244,8 @@ def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "trai
     Per arch and p: mean, standard error and median of ``key``, and the paired ratio
     (model.metrics.paired_ratio) of each p against the highest p over seeds, also as a ratio of
     the means (model.metrics.paired_mean_ratio: the paper's averaged curves). Per p: the ratio of
-    shared-bottom's ratio to MMoE's (> 1: shared-bottom degrades more). Per arch: the share of
+    shared-bottom's ratio to MMoE's (> 1: shared-bottom degrades more), and MMoE's loss over
+    shared-bottom's on the same seed (``mmoe_over_shared_bottom``). Per arch: the share of
     stalled runs (loss over FAILED_RUN_FACTOR x the seed's best). ``trend_reproduced``, the
     paper's finding at the lowest p: shared-bottom's ratio and its excess over MMoE's both above 1
     at 95%; None below MIN_SEEDS_FOR_VERDICT seeds.
@@ -283,6 +284,16 @@ def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "trai
         mm = np.array([val[("mmoe", p, s)] / val[("mmoe", ps[0], s)] for s in seeds])
         gap[str(p)] = asdict(paired_ratio(mm, sb))  # > 1: shared-bottom degrades more than MMoE
     table["sb_over_mmoe_degradation"] = gap
+    # the architectures side by side: MMoE's loss / shared-bottom's per seed (< 1: MMoE fits better)
+    table["mmoe_over_shared_bottom"] = {
+        str(p): asdict(
+            paired_ratio(
+                np.array([val[("shared_bottom", p, s)] for s in seeds]),
+                np.array([val[("mmoe", p, s)] for s in seeds]),
+            )
+        )
+        for p in ps
+    }
     low = str(ps[-1])
     sb_low = table["archs"]["shared_bottom"][low]["ratio_vs_top"]["low"]
     table["trend_reproduced"] = (

@@ -243,7 +243,7 @@ def embedding_row_counts(model: MultiTaskNet, cats: npt.NDArray[np.int64]) -> Te
     if not embeds:
         return torch.zeros(0)
     e = embeds[0]
-    rows = (torch.from_numpy(cats) + e.offsets).flatten()
+    rows = (torch.from_numpy(cats) + e.offsets.cpu()).flatten()  # counted on the CPU
     return torch.bincount(rows, minlength=e.emb.num_embeddings).float()
 
 
@@ -257,6 +257,8 @@ def unknown_row_fill(model: MultiTaskNet, row_counts: Tensor) -> list[tuple[Tens
     for e in model.feature_embeddings():
         w = e.emb.weight  # (R, D)
         starts = e.offsets.tolist()
+        if not starts:  # numeric features only: no categorical rows
+            continue
         ends = [*starts[1:], w.shape[0]]
         rows, values = [], []
         for a, b in zip(starts, ends, strict=True):
@@ -500,7 +502,8 @@ def fit(
             progress("epoch", row)
         if stop:
             break
-    stopper.restore(model)
+    if tc.restore_best:
+        stopper.restore(model)
     model.eval()
     info["unknown_rows_imputed"] = impute_unknown_rows(model, row_counts)
     metrics: dict[str, Any] = stopper.metrics()

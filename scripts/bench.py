@@ -26,6 +26,7 @@ from typing import Any, get_args
 
 import httpx
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +40,8 @@ from model.train import fit  # noqa: E402
 from scripts.serverctl import MTRANK, delete_redis_keys, ensure_model, start_server, stop_server  # noqa: E402
 
 SIZES = (100, 500, 1000)
+WARMUP = 5  # calls timed but not counted
+DEFAULT_THREADS = torch.get_num_threads()  # before the forward benchmarks pin one thread
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -50,7 +53,11 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 
 def bench_training(config: Path) -> dict[str, float]:
-    out = {}
+    """One epoch per architecture with torch's default thread count (the forward benchmarks set
+    one thread; a training job runs with the default, which is faster here)."""
+    out: dict[str, float] = {}
+    torch.set_num_threads(DEFAULT_THREADS)
+    out["threads"] = DEFAULT_THREADS
     cfg = load_config(config)
     t0 = time.perf_counter()
     ds = load_dataset(cfg)
@@ -61,7 +68,10 @@ def bench_training(config: Path) -> dict[str, float]:
         cfg.train.epochs = 1
         res = fit(cfg, ds)
         out[f"{arch}_samples_per_s"] = res.samples_per_sec
-        print(f"training {arch:14s} {res.samples_per_sec:>10,.0f} samples/s", flush=True)
+        print(
+            f"training {arch:14s} {res.samples_per_sec:>10,.0f} samples/s ({DEFAULT_THREADS} threads)",
+            flush=True,
+        )
     return out
 
 
@@ -97,7 +107,7 @@ def _time_ms(fn: Any, reps: int) -> list[float]:
         with torch.inference_mode():
             fn()
         out.append((time.perf_counter() - t0) * 1e3)
-    return out[5:]  # warm-up
+    return out[WARMUP:]
 
 
 def bench_forward(ckpt: Path, reps: int) -> dict[int, dict[str, Any]]:
@@ -186,7 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "kuairand_mmoe.toml")
-    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=300, help=f"timed calls per row (> {WARMUP} warm-up calls)")
     ap.add_argument(
         "--redis-url", default=os.environ.get("MTRANK_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
     )
@@ -194,6 +204,8 @@ def main() -> None:
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--archs-only", action="store_true", help="only the per-architecture forward table")
     a = ap.parse_args()
+    if a.reps <= WARMUP:
+        ap.error(f"--reps must be more than the {WARMUP} warm-up calls")
 
     ensure_model(a.artifacts, a.config)
     ckpt = resolve_checkpoint(a.artifacts)

@@ -74,7 +74,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tup
         rs = [r for r in runs if (r["arch"], r["weighting"]) == key]
         for h in HEADS:
             v = np.array([r["metrics"][f"test/{h}/auc"] for r in rs])
-            out[key][h] = (float(v.mean()), float(v.std()), len(v))
+            out[key][h] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))  # sample std
     return out
 
 

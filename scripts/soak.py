@@ -28,6 +28,8 @@ from scripts.serverctl import (  # noqa: E402
     stop_server,
 )
 
+SAMPLE_EVERY_S = 5.0  # RSS sampling period
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,8 +42,11 @@ def main() -> int:
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--slo-p99-ms", type=float, default=100.0)
     ap.add_argument("--max-growth", type=float, default=0.10)
-    ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "soak")
+    ap.add_argument("--out", type=Path, default=None, help="reports folder (default: <artifacts>/soak)")
     a = ap.parse_args()
+    a.out = a.out or a.artifacts / "soak"
+    if a.duration < a.warmup + 2 * SAMPLE_EVERY_S:  # the memory verdict needs two samples after warm-up
+        ap.error(f"--duration must be at least --warmup + {2 * SAMPLE_EVERY_S:g} s")
 
     ensure_model(a.artifacts, a.config)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +56,7 @@ def main() -> int:
 
     def sample() -> None:
         t0 = time.perf_counter()
-        while not stop.wait(5.0):
+        while not stop.wait(SAMPLE_EVERY_S):
             samples.append((time.perf_counter() - t0, rss_mb(proc.pid)))
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -59,6 +59,10 @@ def test_summary_finds_the_papers_trend():
     assert t["sb_over_mmoe_degradation"]["0.0"]["low"] > 1.0
     assert t["trend_reproduced"] is True
     assert t["stalled_share"] == {"shared_bottom": 0.0, "mmoe": 0.0}  # 1.4x is not a stall
+    side = t["mmoe_over_shared_bottom"]  # MMoE / shared-bottom per seed: equal at p = 1, 1/1.4 at p = 0
+    assert side["1.0"]["low"] < 1.0 < side["1.0"]["high"]
+    assert side["0.0"]["ratio"] == pytest.approx(1 / 1.4, rel=0.1) and side["0.0"]["high"] < 1.0
+    assert side["0.0"]["frac_higher"] < 0.1  # MMoE lower on (nearly) every seed
 
 
 def test_summary_reports_the_ratio_of_means_beside_the_geometric_one():

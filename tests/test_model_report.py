@@ -2,7 +2,7 @@ import json
 
 from modelkit import tiny_config
 
-from model.report import write_report
+from model.report import plot_compare, write_report
 from model.synth import SINGLE_TASK, sharing_cost
 from model.synth import summarize_mmoe_benchmark as summarize
 from model.train import train
@@ -68,3 +68,22 @@ def test_report_writes_html_and_figures(tmp_path):
         and "<td>0.0</td><td>1.50 [1.50, 1.50]</td><td>1.00 [1.00, 1.00]</td>" in text
     )
     assert "<code>train.gradnorm_reference=&quot;initial&quot;</code>" in text  # what the runs changed
+
+
+def test_compare_plot_survives_a_head_without_finite_auc(tmp_path):
+    """A head whose AUC is undefined in every run (one class in the test split) is drawn empty,
+    not a crash of the whole report."""
+    nan = float("nan")
+    data = {
+        "summary": [
+            {
+                "arch": a,
+                "weighting": "static",
+                "engagement_auc": {"mean": 0.7, "std": 0.01, "n": 3},
+                "satisfaction_auc": {"mean": nan, "std": nan, "n": 3},
+            }
+            for a in ("mmoe", "ple")
+        ]
+    }
+    assert plot_compare(data, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

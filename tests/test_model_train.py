@@ -160,6 +160,24 @@ def test_early_stopping_keeps_best_epoch_in_right_direction():
     assert len(vals) <= res.best_epoch + 1
 
 
+def test_restore_best_false_ends_on_the_last_epoch():
+    """train.restore_best = False (the synthetic benchmark's same-budget protocol) keeps the last
+    epoch's weights; the default ends on the best validation epoch's."""
+    ends = {}
+    for restore in (True, False):
+        cfg = tiny_config("mmoe", epochs=5)
+        cfg.train.num_threads, cfg.train.lr, cfg.train.patience = 1, 0.05, 10  # overfits after epoch 2
+        cfg.train.monitor, cfg.train.restore_best = "valid/loss", restore
+        ds = load_dataset(cfg)
+        res = fit(cfg, ds)
+        valid = evaluate_split(res.model, ds.valid, cfg.tasks, "valid/")["valid/loss"]
+        ends[restore] = (res.best_epoch, len(res.history), valid, [h["valid/loss"] for h in res.history])
+    (best, n, valid, curve), (best2, n2, valid2, curve2) = ends[True], ends[False]
+    assert best == best2 < n == n2 == 5 and curve == curve2  # the same run either way
+    assert valid == pytest.approx(curve[best - 1], rel=1e-6)  # the best epoch's model
+    assert valid2 == pytest.approx(curve[-1], rel=1e-6) != pytest.approx(valid)  # the last epoch's
+
+
 def test_train_writes_checkpoint_and_latest(tmp_path):
     res = train(tiny_config(epochs=1), tmp_path)
     assert res.checkpoint is not None and read_latest(tmp_path) == res.checkpoint.name
