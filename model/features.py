@@ -59,7 +59,9 @@ def canonical_str(value: Any) -> str | None:
             return None
         if math.isfinite(value) and float(value).is_integer():
             return str(int(value))
-        return repr(float(value))
+        # the shortest decimal at the value's own precision, so a float32 column's 0.1 (stored as
+        # 0.100000001490116...) and a request's JSON 0.1 agree
+        return repr(float(str(value))) if isinstance(value, np.floating) else repr(float(value))
     if isinstance(value, int | np.integer):
         return str(int(value))
     s = str(value)
@@ -73,6 +75,17 @@ def stable_hash(value: Any) -> int:
         return NULL_CODE
     h = int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
     return h if h != NULL_CODE else 1
+
+
+def object_values(col: pd.Series) -> np.ndarray:
+    """A column as an object array of its values; floats keep their own precision (a float32 column
+    gives np.float32 scalars, so ``canonical_str`` prints the float32 value's shortest decimal)."""
+    a = col.to_numpy()
+    if a.dtype.kind != "f":
+        return col.to_numpy(dtype=object)
+    out = np.empty(len(a), dtype=object)
+    out[:] = list(a)
+    return out
 
 
 def hash_series(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -239,7 +252,7 @@ class FeatureSchema:
         cats = np.empty((n, len(cat_names)), dtype=np.int64)
         nums = np.empty((n, len(num_names)), dtype=np.float32)
         for j, c in enumerate(cat_names):
-            cats[:, j] = hash_series(df[c].to_numpy(dtype=object))
+            cats[:, j] = hash_series(object_values(df[c]))
         for j, c in enumerate(num_names):
             nums[:, j] = to_float(df[c])
         return CanonicalRows(cats, nums)
@@ -286,7 +299,7 @@ class FeatureSchema:
                 continue
             cat_names, num_names = self.columns(g)
             for j, spec in enumerate(self.cats(g)):
-                values = pd.Series(raw[g][cat_names[j]].to_numpy(dtype=object)).map(canonical_str).dropna()
+                values = pd.Series(object_values(raw[g][cat_names[j]])).map(canonical_str).dropna()
                 counts = values.value_counts(sort=True)
                 counts = counts[counts >= spec.min_count]
                 if spec.max_size is not None:

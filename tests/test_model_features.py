@@ -21,6 +21,23 @@ def test_canonical_str_agrees_across_types():
     assert canonical_str(3) == canonical_str(3.0) == canonical_str("3") == canonical_str(np.int64(3)) == "3"
     assert canonical_str(True) == "1"
     assert canonical_str(None) is None and canonical_str(float("nan")) is None and canonical_str("") is None
+    # a float32 table column and a request's JSON number name the same category
+    for x in (0.1, 2.5, -1.75, 1e-7, 123.456):
+        assert canonical_str(np.float32(x)) == canonical_str(x) == canonical_str(np.float64(x)), x
+
+
+def test_a_float32_categorical_column_encodes_like_request_values():
+    """Fitting and encoding a float32 table column (e.g. Parquet) use the float32 value's shortest
+    decimal, the string a request's JSON number gives: no silent train/serve skew."""
+    spec = FeatureSpec("ratio", "video", "categorical")
+    schema = FeatureSchema([FeatureSpec("video_id", "video", "categorical"), spec])
+    df = pd.DataFrame({"video_id": [1, 2, 3], "ratio": np.array([0.1, 0.7, 0.1], dtype=np.float32)})
+    fitted = schema.fit({"video": schema.canonicalize_frame("video", df)}, {"video": df})
+    assert [f.vocab for f in fitted.features if f.name == "ratio"] == [["0.1", "0.7"]]
+    table = fitted.encode("video", fitted.canonicalize_frame("video", df))[0][:, 1]
+    records = fitted.canonicalize_records("video", [{"ratio": 0.1}, {"ratio": 0.7}])
+    request = fitted.encode("video", records)[0][:, 1]
+    assert table.tolist() == [request[0], request[1], request[0]] and 0 not in table
     assert canonical_str(2.5) == "2.5"
 
 

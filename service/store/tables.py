@@ -12,7 +12,7 @@ import pandas as pd
 from model import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec
 from model.config import DataConfig
 from model.data import DataError, read_table
-from model.features import canonical_str
+from model.features import canonical_str, object_values
 from service.store.base import EntityGroup, GroupLayout, StoreError
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def load_entity_rows(
         raise StoreError(str(e)) from e
     if layout.key not in df.columns:
         raise StoreError(f"{group} table {path} has no key column {layout.key!r}")
-    keys = pd.Series(
-        [canonical_str(v) for v in df[layout.key].to_numpy(dtype=object)], index=df.index, dtype=object
-    )
+    keys = pd.Series([canonical_str(v) for v in object_values(df[layout.key])], index=df.index, dtype=object)
     df = df.assign(_key=keys).dropna(subset=["_key"]).drop_duplicates(subset=["_key"], keep="last")
     specs = [FeatureSpec(c, group, "categorical") for c in layout.cats]
     specs += [FeatureSpec(c, group, "numeric") for c in layout.nums]
