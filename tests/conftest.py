@@ -7,18 +7,20 @@
 - ``redis_url`` / ``redis_prefix``: the shared test Redis ($MTRANK_TEST_REDIS_URL, default db 15 on
   127.0.0.1:6379) and a unique key prefix whose keys are deleted afterwards. When Redis is unreachable
   the test FAILS with a clear message: the Redis tests always run against a real server.
-- ``redis_server``: a private redis-server on a free port, for tests that pause or kill it.
+- ``redis_server``: a private redis-server on a free port, for tests that freeze or kill it.
 - ``serve_process``: start ``mtrank serve`` in a subprocess and wait until /readyz answers 200.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -132,7 +134,7 @@ def free_port() -> int:
 
 @dataclass
 class RedisServer:
-    """A private redis-server (no persistence) that a test may pause, kill and restart."""
+    """A private redis-server (no persistence) that a test may freeze, kill and restart."""
 
     port: int
     workdir: Path
@@ -183,13 +185,23 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def pause(self, ms: int) -> None:
-        """CLIENT PAUSE: every other client's commands block for ``ms`` milliseconds."""
-        c = self.client()
+    @contextlib.contextmanager
+    def frozen(self, safety_s: float = 120.0) -> Iterator[None]:
+        """SIGSTOP the server for the block: connections stay open, nothing is answered, until
+        SIGCONT on exit (or after ``safety_s``, a safety net so that a broken deadline fails the
+        test instead of hanging it)."""
+        assert self.proc is not None and self.proc.poll() is None
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        net = threading.Timer(safety_s, os.kill, (pid, signal.SIGCONT))
+        net.daemon = True
+        net.start()
         try:
-            c.execute_command("CLIENT", "PAUSE", str(ms))
+            yield
         finally:
-            c.close()
+            net.cancel()
+            if self.proc is not None and self.proc.poll() is None:
+                os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture

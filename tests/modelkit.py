@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from model import Ranker, stable_hash
 from model.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +51,32 @@ def tiny_toml(tmp_path: Path) -> str:
     p = tmp_path / "tiny.toml"
     p.write_text(src)
     return str(p)
+
+
+def metric(client: Any, name: str, **labels: str) -> float:
+    """One sample of the app's /metrics (``client``: a TestClient), e.g. a counter's ``<name>_total``."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"metric {name}{labels} not exposed")
+
+
+def default_row_heads(
+    ranker: Ranker, user_id: int | str, video_ids: Sequence[int | str], context: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """What a user and videos the feature store has no row for must score: every feature missing
+    (the schema's default rows) except the entity id columns, which hold ``stable_hash(id)``.
+
+    Scored through the full-batch forward (``score_encoded``), not the service's per-request path.
+    """
+    s = ranker.schema
+    user, videos = s.default_rows("user", 1), s.default_rows("video", len(video_ids))
+    user_cats, video_cats = s.columns("user")[0], s.columns("video")[0]
+    if s.user_key in user_cats:
+        user.cats[0, user_cats.index(s.user_key)] = stable_hash(user_id)
+    if s.video_key in video_cats:
+        j = video_cats.index(s.video_key)
+        videos.cats[:, j] = [stable_hash(v) for v in video_ids]
+    ctx = s.canonicalize_records("context", [dict(context)])
+    return ranker.score_encoded(*ranker.encode(user, videos, ctx))

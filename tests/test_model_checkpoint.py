@@ -379,8 +379,6 @@ HUGE = {  # each would need ~10^12 parameters (4 TB) if the network were materia
 
 @pytest.mark.parametrize("case", list(HUGE))
 def test_huge_dims_are_rejected_without_allocating(trained, tmp_path, monkeypatch, case):
-    import time
-
     mutate, match = HUGE[case]
     p = _copy(trained[1], tmp_path)
     m = json.loads((p / "manifest.json").read_text())
@@ -398,10 +396,9 @@ def test_huge_dims_are_rejected_without_allocating(trained, tmp_path, monkeypatc
 
     monkeypatch.setattr(ck, "build_model", spy)
     monkeypatch.setattr(ck, "load_file", no_read)
-    rss0, t0 = _peak_rss_mb(), time.perf_counter()
+    rss0 = _peak_rss_mb()
     with pytest.raises(IncompatibleCheckpointError, match=match):
         load_checkpoint(p)
-    assert time.perf_counter() - t0 < 10
     assert _peak_rss_mb() - rss0 < 500
     assert set(devices) <= {"meta"}
 

@@ -118,3 +118,76 @@ def test_paired_mean_ratio_rejects_bad_input():
         paired_mean_ratio(np.array([1.0, 0.0]), np.array([1.0, 1.0]))
     with pytest.raises(ValueError, match="same length"):
         paired_mean_ratio(np.array([1.0, 2.0]), np.array([1.0, 2.0, 3.0]))
+
+
+# --------------------------------------------------------------------------------------------
+# NDCG@10 of the combined score, as evaluate_predictions reports it
+
+
+def _two_binary_heads_and_a_regression():
+    from model.config import TaskConfig
+
+    return [
+        TaskConfig("engagement", "binary", "long_view"),
+        TaskConfig("satisfaction", "binary", "is_like"),
+        TaskConfig("watch", "regression", "play_time"),  # never part of the relevance gain
+    ]
+
+
+def _split():
+    """User 0: four items with (engagement, satisfaction) labels; relevance = their sum:
+    a (1, 1) -> 2, b (1, 0) -> 1, c (NaN, 1) -> 1 (an unobserved label counts 0), d (0, 0) -> 0.
+    User 1: twelve items, one relevant, so ranks beyond 10 matter. User 2: no positive (skipped)."""
+    nan = np.nan
+    labels = [[1, 1, 50.0], [1, 0, 9.0], [nan, 1, 0.0], [0, 0, 99.0]]  # user 0: a, b, c, d
+    labels += [[0, 0, 1.0]] * 11 + [[0, 1, 1.0]]  # user 1: the relevant one is the 12th item
+    labels += [[0, 0, 1.0], [0, nan, 1.0]]  # user 2
+    groups = np.array([0] * 4 + [1] * 12 + [2] * 2)
+    return np.array(labels, dtype=np.float32), groups
+
+
+def _ndcg(combined):
+    from model.metrics import evaluate_predictions
+
+    labels, groups = _split()
+    n = len(groups)
+    heads = {"engagement": np.full(n, 0.5), "satisfaction": np.full(n, 0.5), "watch": np.zeros(n)}
+    out = evaluate_predictions(_two_binary_heads_and_a_regression(), labels, heads, groups, combined, "test/")
+    return out["test/ndcg@10"]
+
+
+def test_relevance_gain_is_the_sum_of_the_observed_binary_labels():
+    from model.metrics import relevance_gain
+
+    labels, _ = _split()
+    gain = relevance_gain(labels, _two_binary_heads_and_a_regression())
+    assert gain.tolist() == [2, 1, 1, 0] + [0] * 11 + [1] + [0, 0]
+
+
+def test_ndcg_at_10_of_perfect_scores_is_one():
+    # user 0 best first a, then b and c (equal gain), d; user 1's relevant item first
+    combined = np.array([4, 3, 2, 1] + [0.5] * 11 + [0.9] + [0.3, 0.2])
+    assert _ndcg(combined) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ndcg_at_10_of_reversed_scores_by_hand():
+    # user 0 ranked d, c, b, a: gains 0, 1, 1, 2; ideal 2, 1, 1, 0
+    u0 = (0 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4) + 2 / np.log2(5)) / (
+        2 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4)
+    )
+    assert u0 == pytest.approx(0.6363, abs=1e-4)
+    # user 1's relevant item ranked 12th: outside the top 10, NDCG@10 = 0; user 2 has no positive
+    combined = np.array([1, 2, 3, 4, *range(12, 1, -1), 0.1, 0.3, 0.2], dtype=float)
+    assert _ndcg(combined) == pytest.approx((u0 + 0.0) / 2, abs=1e-12)
+    # ranked 10th it still counts: 1 / log2(11)
+    combined[4 + 9], combined[15] = 0.1, 3.5  # the 10th item swaps scores with the relevant one
+    assert _ndcg(combined) == pytest.approx((u0 + 1 / np.log2(11)) / 2, abs=1e-12)
+
+
+def test_ndcg_gain_is_graded_not_binary():
+    """b ranked above a (gains 1 then 2) is imperfect with the summed gain, perfect if only any
+    positive counted: the order b, a, d, c gives (1 + 2/log2 3 + 0 + 1/log2 5) / (2 + 1/log2 3 + 1/2)."""
+    combined = np.array([3, 4, 1, 2] + [0.5] * 11 + [0.9] + [0.3, 0.2], dtype=float)
+    u0 = (1 + 2 / np.log2(3) + 1 / np.log2(5)) / (2 + 1 / np.log2(3) + 0.5)
+    assert u0 == pytest.approx(0.8600, abs=1e-4)
+    assert _ndcg(combined) == pytest.approx((u0 + 1.0) / 2, abs=1e-12)

@@ -87,3 +87,24 @@ def test_compare_plot_survives_a_head_without_finite_auc(tmp_path):
     }
     assert plot_compare(data, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_report_writes_the_page(artifacts_copy, tmp_path):
+    from typer.testing import CliRunner
+
+    from model import read_latest
+    from service.cli import app
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["report", "--artifacts", str(artifacts_copy), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    page = out / "report.html"
+    text = page.read_text()
+    version = read_latest(artifacts_copy)
+    assert "<h1>mtrank report</h1>" in text
+    assert version in text and "1 model version(s)" in text
+    pngs = [f"history_{version}.png", "test_auc.png"]
+    for png in pngs:
+        assert f'src="{png}"' in text
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (artifacts_copy / "reports").exists()  # --out is where it goes

@@ -14,6 +14,8 @@ from service.cli import app
 
 
 def test_dataset_splits_by_date_and_fits_on_train_only():
+    import pandas as pd
+
     cfg = tiny_config()
     ds = load_dataset(cfg)
     assert len(ds.train) > 0 and len(ds.valid) > 0 and len(ds.test) > 0
@@ -23,6 +25,37 @@ def test_dataset_splits_by_date_and_fits_on_train_only():
     assert np.abs(ds.train.nums.mean(axis=0)).max() < 0.2
     # labels: engagement = long_view, satisfaction = is_like, both observed
     assert set(np.unique(ds.train.labels)) <= {0.0, 1.0}
+
+    # the log itself, read here: its distinct rows, split by the configured date ranges
+    log = pd.read_csv(cfg.data.path(cfg.data.log)).drop_duplicates().reset_index(drop=True)
+    (a, b), (c, d) = cfg.data.train_range, cfg.data.test_range
+    train_days, test_days = log[log["date"].between(a, b)], log[log["date"].between(c, d)]
+    assert len(train_days) and len(test_days) and len(train_days) + len(test_days) == len(log)
+    # test = exactly the test-range rows, in log order; train + valid = exactly the train-range rows
+    np.testing.assert_array_equal(ds.test.times, test_days["time_ms"].to_numpy())
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([ds.train.times, ds.valid.times])), np.sort(train_days["time_ms"].to_numpy())
+    )
+    # validation is the last fraction (valid_fraction = 0.1) of the train range by time
+    assert ds.valid.times.min() >= ds.train.times.max()
+    assert len(ds.valid) == pytest.approx(cfg.data.valid_fraction * len(train_days), abs=5)
+    fit_rows = train_days[train_days["time_ms"] <= ds.train.times.max()]
+    valid_rows = train_days[train_days["time_ms"] > ds.train.times.max()]
+    np.testing.assert_array_equal(ds.train.times, fit_rows["time_ms"].to_numpy())  # in log order
+    np.testing.assert_array_equal(ds.valid.times, valid_rows["time_ms"].to_numpy())
+
+    # vocabularies come from the train rows only: a video seen only in test rows (or only in
+    # validation rows) encodes to 0, "unknown"; one seen in train rows does not
+    col = [f.name for f in ds.schema.cats()].index("video_id")
+    seen = list(set(fit_rows["video_id"]))
+    test_videos = test_days["video_id"].to_numpy()
+    only_test = ~np.isin(test_videos, list(set(train_days["video_id"])))
+    assert only_test.sum() > 0
+    assert (ds.test.cats[only_test, col] == 0).all()
+    assert (ds.test.cats[np.isin(test_videos, seen), col] > 0).all()
+    only_valid = ~np.isin(valid_rows["video_id"].to_numpy(), seen)
+    assert 0 < only_valid.sum() < len(only_valid)
+    assert (ds.valid.cats[only_valid, col] == 0).all() and (ds.valid.cats[~only_valid, col] > 0).all()
 
 
 def _overlap_tables(tmp_path, log_country: bool):
@@ -150,14 +183,26 @@ def test_same_seed_same_model_different_seed_different_model():
     assert a.metrics["test/loss"] != c.metrics["test/loss"]
 
 
-def test_early_stopping_keeps_best_epoch_in_right_direction():
+@pytest.mark.parametrize(
+    ("monitor", "best"),
+    [("valid/loss", np.argmin), ("valid/engagement/auc", np.argmax)],
+    ids=["minimise-loss", "maximise-auc"],
+)
+def test_early_stopping_keeps_best_epoch_in_right_direction(monitor, best):
     cfg = tiny_config(epochs=6)
     cfg.train.patience = 0
     cfg.train.lr = 0.05  # overfits fast: validation loss turns up early
-    res = fit(cfg, load_dataset(cfg))
-    vals = [h["valid/loss"] for h in res.history]
-    assert res.best_epoch == int(np.argmin(vals)) + 1
-    assert len(vals) <= res.best_epoch + 1
+    cfg.train.monitor = monitor
+    ds = load_dataset(cfg)
+    res = fit(cfg, ds)
+    vals = [h[monitor] for h in res.history]
+    assert len(vals) >= 2 and len(set(vals)) == len(vals)  # a wrong direction would pick another epoch
+    assert res.best_epoch == int(best(vals)) + 1
+    assert len(vals) <= res.best_epoch + 1  # patience 0: stopped at the first non-improving epoch
+    assert res.metrics["best_monitor"] == vals[res.best_epoch - 1]
+    # the returned model is the best epoch's
+    got = evaluate_split(res.model, ds.valid, cfg.tasks, "valid/")[monitor]
+    assert got == pytest.approx(vals[res.best_epoch - 1], rel=1e-6)
 
 
 def test_restore_best_false_ends_on_the_last_epoch():

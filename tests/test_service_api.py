@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -10,15 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from modelkit import default_row_heads
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import combine_scores, read_latest, write_latest
+from model import Ranker, read_latest, resolve_checkpoint, write_latest
 from model.checkpoint import models_dir
 from service.app import create_app
 from service.settings import Settings
@@ -105,21 +107,50 @@ def test_top_k_returns_the_best_k(client: TestClient) -> None:
     assert len(rank(client, candidates=VIDEOS[:30], top_k=30)["items"]) == 30
 
 
+def assert_best_first(hand_scores: list[float]) -> None:
+    """The items came best first by the hand-computed scores (up to rounding between equal ones)."""
+    for k, (a, b) in enumerate(itertools.pairwise(hand_scores)):
+        assert a >= b * (1 - 1e-9), (k, a, b)
+
+
+def hand_product(heads: dict[str, float], we: float, ws: float) -> float:
+    """prod_i s_i ** w_i, written out for the two heads (s ** 0 == 1: a zero weight drops its head)."""
+    return float(heads["engagement"] ** we * heads["satisfaction"] ** ws)
+
+
 @pytest.mark.parametrize(
-    "weights",
+    ("weights", "we", "ws"),
     [
-        {"engagement": 1.0, "satisfaction": 0.0},
-        {"engagement": 0.0, "satisfaction": 1.0},
-        {"satisfaction": 3.5},
+        ({"engagement": 1.0, "satisfaction": 0.0}, 1.0, 0.0),  # engagement alone
+        ({"engagement": 0.0, "satisfaction": 1.0}, 0.0, 1.0),  # satisfaction alone
+        ({"satisfaction": 3.5}, 1.0, 3.5),  # engagement keeps its default weight 1
+        ({"engagement": 2.5, "satisfaction": 0.5}, 2.5, 0.5),
     ],
 )
-def test_weight_override_orders_like_combine_scores(client: TestClient, weights: dict[str, float]) -> None:
+def test_weight_override_scores_are_the_weighted_product_of_the_heads(
+    client: TestClient, weights: dict[str, float], we: float, ws: float
+) -> None:
+    default = {i["video_id"]: i["heads"] for i in rank(client, candidates=VIDEOS[:40])["items"]}
     items = rank(client, candidates=VIDEOS[:40], weights=weights)["items"]
-    heads = {h: np.array([i["heads"][h] for i in items]) for h in ("engagement", "satisfaction")}
-    effective = {"engagement": 1.0, "satisfaction": 1.0, **weights}
-    expected = combine_scores(heads, effective, "product")
-    assert [i["score"] for i in items] == pytest.approx(list(expected), rel=1e-6)
-    assert list(expected) == sorted(expected, reverse=True)
+    for i in items:
+        assert i["heads"] == pytest.approx(default[i["video_id"]], rel=1e-12)  # weights never change heads
+        assert i["score"] == pytest.approx(hand_product(i["heads"], we, ws), rel=1e-9)
+    if (we, ws) == (1.0, 3.5):
+        for i in items:
+            e, s = i["heads"]["engagement"], i["heads"]["satisfaction"]
+            assert i["score"] == pytest.approx(e * s * s * s * math.sqrt(s), rel=1e-9)
+    assert_best_first([hand_product(i["heads"], we, ws) for i in items])
+    assert [i["rank"] for i in items] == list(range(1, len(items) + 1))
+
+
+def test_weight_override_with_the_sum_combination(trained_artifacts: Path) -> None:
+    s = settings_for(trained_artifacts, combine="sum")
+    with TestClient(create_app(s)) as c:
+        items = rank(c, candidates=VIDEOS[:40], weights={"engagement": 0.5, "satisfaction": 4.0})["items"]
+    for i in items:
+        e, sat = i["heads"]["engagement"], i["heads"]["satisfaction"]
+        assert i["score"] == pytest.approx(0.5 * e + 4.0 * sat, rel=1e-9)
+    assert_best_first([0.5 * i["heads"]["engagement"] + 4.0 * i["heads"]["satisfaction"] for i in items])
 
 
 def test_weights_change_the_order(client: TestClient) -> None:
@@ -154,29 +185,79 @@ def test_string_ids_unicode_ids_and_candidate_objects(client: TestClient) -> Non
 
 
 def test_inline_features_override_the_store(client: TestClient) -> None:
-    base = {i["video_id"]: i["score"] for i in rank(client, candidates=VIDEOS[:5])["items"]}
-    cands: list[Any] = [{"video_id": VIDEOS[0], "features": {"video_duration": 10_000_000, "music_type": 99}}]
-    cands += VIDEOS[1:5]
-    over = {i["video_id"]: i["score"] for i in rank(client, candidates=cands)["items"]}
-    assert over[VIDEOS[0]] != pytest.approx(base[VIDEOS[0]], rel=1e-9)
-    for v in VIDEOS[1:5]:  # the others are untouched
-        assert over[v] == pytest.approx(base[v], rel=1e-9)
+    cands = VIDEOS[:6]
+    base = {i["video_id"]: i["score"] for i in rank(client, candidates=cands)["items"]}
+    featured = cands[3]  # not first: the inline row must land on its own candidate's position
+    inline = {"video_id": featured, "features": {"video_duration": 10_000_000, "music_type": 99}}
+    sent: list[Any] = [*cands[:3], inline, *cands[4:]]
+    over = {i["video_id"]: i["score"] for i in rank(client, candidates=sent)["items"]}
+    assert over[featured] != pytest.approx(base[featured], rel=1e-9)
+    for v in cands:  # the others are untouched
+        if v != featured:
+            assert over[v] == pytest.approx(base[v], rel=1e-9), v
+    # the same candidate with the same inline features alone: the same score
+    (alone,) = rank(client, candidates=[inline])["items"]
+    assert alone["score"] == pytest.approx(over[featured], rel=1e-9)
     # unknown feature names are ignored (a newer model may use them); null means "missing"
     same = rank(client, candidates=[{"video_id": VIDEOS[1], "features": {"not_a_feature": 1}}, *VIDEOS[2:5]])
     assert {i["video_id"]: i["score"] for i in same["items"]}[VIDEOS[1]] == pytest.approx(base[VIDEOS[1]])
 
 
-def test_unknown_user_and_videos_are_counted(client: TestClient) -> None:
+def test_unknown_user_and_videos_are_counted(client: TestClient, trained_artifacts: Path) -> None:
     users0 = metric(client, "mtrank_unknown_users_total")
     videos0 = metric(client, "mtrank_unknown_videos_total")
     scored0 = metric(client, "mtrank_candidates_scored_total")
-    out = rank(client, user_id=987_654_321, candidates=[10, 11, 99_999_991, 99_999_992, "nope"])
+    unknown: list[Any] = [99_999_991, 99_999_992, "nope"]
+    context = {"tab": 1, "hour": 20}
+    out = rank(client, user_id=987_654_321, candidates=[10, 11, *unknown], context=context)
     assert out["degraded"] is False and len(out["items"]) == 5
     assert metric(client, "mtrank_unknown_users_total") == users0 + 1
     assert metric(client, "mtrank_unknown_videos_total") == videos0 + 3
     assert metric(client, "mtrank_candidates_scored_total") == scored0 + 5
-    # different unknown ids still get different scores: their id is hashed into the id feature
-    assert len(out["items"]) == len({i["video_id"] for i in out["items"]})
+    # unknown videos get the default row; their ids are hashed into the id feature, but ids the model
+    # never saw all encode to the same "unknown" embedding row: equal scores, the defaults' score
+    by_id = {i["video_id"]: i for i in out["items"]}
+    ranker = Ranker.load(resolve_checkpoint(trained_artifacts))
+    want = default_row_heads(ranker, 987_654_321, unknown, context)
+    for k, v in enumerate(unknown):
+        assert by_id[v]["score"] == by_id[unknown[0]]["score"]
+        for h in ("engagement", "satisfaction"):
+            assert by_id[v]["heads"][h] == pytest.approx(want[h][k], abs=1e-6)
+
+
+def test_a_video_the_model_knows_but_the_store_lacks_keeps_its_id_embedding(
+    trained_artifacts: Path, tmp_path: Path
+) -> None:
+    """A video in the model's vocabulary but missing from the store's table is an unknown video,
+    yet its id column is still hashed (hash_ids): it scores with its own trained id embedding."""
+    ranker = Ranker.load(resolve_checkpoint(trained_artifacts))
+    data = ranker.config.data
+    vocab = next(f.vocab for f in ranker.schema.features if f.name == ranker.schema.video_key)
+    assert vocab is not None
+    videos = pd.read_csv(data.path(data.videos or ""))
+    in_table = set(videos[data.video_key].astype(str))
+    known = int(next(v for v in vocab if v in in_table))
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    videos[videos[data.video_key] != known].to_csv(tables / (data.videos or ""), index=False)
+    (tables / (data.users or "")).symlink_to(data.path(data.users or ""))
+
+    user, context = 987_654_321, {"tab": 1, "hour": 20}  # an unknown user: its row is the default too
+    cands: list[Any] = [known, 99_999_991]
+    with TestClient(create_app(settings_for(trained_artifacts))) as full:
+        in_store = {i["video_id"]: i for i in rank(full, user_id=user, candidates=cands)["items"]}
+    with TestClient(create_app(settings_for(trained_artifacts, data_dir=tables))) as trimmed:
+        videos0 = metric(trimmed, "mtrank_unknown_videos_total")
+        out = rank(trimmed, user_id=user, candidates=cands, context=context)
+        assert metric(trimmed, "mtrank_unknown_videos_total") == videos0 + 2
+    by_id = {i["video_id"]: i for i in out["items"]}
+    assert by_id[known]["score"] != pytest.approx(by_id[99_999_991]["score"], rel=1e-6, abs=0)
+    assert by_id[known]["score"] != pytest.approx(in_store[known]["score"], rel=1e-6, abs=0)
+    assert by_id[99_999_991]["score"] == pytest.approx(in_store[99_999_991]["score"], rel=1e-9)
+    want = default_row_heads(ranker, user, cands, context)
+    for k, v in enumerate(cands):
+        for h in ("engagement", "satisfaction"):
+            assert by_id[v]["heads"][h] == pytest.approx(want[h][k], abs=1e-6)
 
 
 def test_max_candidates_are_accepted(client: TestClient) -> None:
