@@ -62,10 +62,6 @@ ReloadSource = Literal["startup", "latest", "redis", "admin-reload", "rollback"]
 # (mtime_ns, inode, size) of models/LATEST; None when it cannot be stat'ed (e.g. it does not exist)
 Signature = tuple[int, int, int] | None
 
-# what read_latest raises for a LATEST it cannot use. CheckpointError covers a missing file or a
-# content that is not a version id; the other two are a file that cannot be read or decoded.
-POINTER_ERRORS = (CheckpointError, UnicodeDecodeError, OSError)
-
 
 @dataclass(frozen=True)
 class ActiveModel:
@@ -260,10 +256,9 @@ class ModelHolder:
         (an admin request, always recorded)."""
         try:
             version = read_latest(self.settings.artifacts)
-        except POINTER_ERRORS as e:
-            message = str(e) if isinstance(e, CheckpointError) else f"cannot read {LATEST}: {e}"
+        except CheckpointError as e:  # missing, unreadable, not UTF-8, or not a version id
             # not_found: there is no LATEST at all; otherwise it is there but unusable
-            err = PointerError(message, not_found=sig is None)
+            err = PointerError(str(e), not_found=sig is None)
             if explicit or self._bad_latest != (sig, err.message):
                 self._bad_latest = (sig, err.message)
                 self._record_error(err)
