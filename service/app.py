@@ -63,7 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    metrics = app.state.metrics
+
+    def rejected(path: str) -> None:  # a /rank body refused by its declared size: invalid, as in the route
+        if path == "/rank":
+            metrics.rank_requests.labels("invalid").inc()
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=rejected)
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin_router)

@@ -547,7 +547,7 @@ def work_done(client: TestClient) -> dict[str, float]:
 
 @pytest.mark.parametrize("path", ["/rank", "/admin/rollback"])
 def test_50mb_body_with_content_length_is_413_before_reading_it(client: TestClient, path: str) -> None:
-    work0 = work_done(client)
+    work0, invalid0 = work_done(client), metric(client, "mtrank_rank_requests_total", outcome="invalid")
     headers = {**JSON, **AUTH, "content-length": str(FIFTY_MB)}
     status, body, pulled = asgi_post(client, path, FIFTY_MB, headers)
     assert status == 413, body
@@ -557,13 +557,16 @@ def test_50mb_body_with_content_length_is_413_before_reading_it(client: TestClie
     r = client.post(path, content=b"{" + b" " * MAX_BODY + b"}", headers={**JSON, **AUTH})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     assert work_done(client) == work0  # nothing was fetched, scored or loaded
+    # a /rank refused by the middleware counts as invalid, as one the route refuses does
+    invalid = metric(client, "mtrank_rank_requests_total", outcome="invalid")
+    assert invalid == invalid0 + (2 if path == "/rank" else 0)
 
 
 @pytest.mark.parametrize("path", ["/rank", "/admin/rollback"])
 def test_50mb_streamed_body_without_content_length_is_413_after_the_limit(
     client: TestClient, path: str
 ) -> None:
-    work0 = work_done(client)
+    work0, invalid0 = work_done(client), metric(client, "mtrank_rank_requests_total", outcome="invalid")
     headers = {**JSON, **AUTH, "transfer-encoding": "chunked"}
     status, body, pulled = asgi_post(client, path, FIFTY_MB, headers)
     assert status == 413, body
@@ -571,6 +574,8 @@ def test_50mb_streamed_body_without_content_length_is_413_after_the_limit(
     # stopped reading just past max_body_bytes: the 50 MB are never buffered
     assert pulled == MAX_BODY // CHUNK + 1
     assert work_done(client) == work0  # nothing was fetched, scored or loaded
+    if path == "/rank":  # refused inside the route while streaming: counted there
+        assert metric(client, "mtrank_rank_requests_total", outcome="invalid") == invalid0 + 1
 
 
 def test_body_just_under_the_limit_is_parsed(client: TestClient) -> None:
