@@ -123,6 +123,10 @@ class TrainConfig:
     embed_weight_decay: float | None = None  # ... but this on the embedding tables (None = the same)
     # mini-batch aware L2 (DIN): sum over the batch's embedding rows of ||w_j||^2 / count_j; 0 = off
     embed_batch_l2: float = 0.0
+    # cold start: each training row's user (and, independently, video) features are replaced by the
+    # serving defaults (unknown / mean) with this probability, so the network learns what it is
+    # served for new users and videos; 0 = off (then the unknown rows are imputed after training)
+    unknown_dropout: float = 0.0
     patience: int = 2  # non-improving epochs tolerated: training stops at the (patience + 1)-th in a row
     restore_best: bool = True  # end on the best validation epoch's weights (False: the last epoch's)
     monitor: str = "valid/engagement/auc"  # or valid/loss, valid/<task>/logloss, ...
@@ -197,6 +201,8 @@ class Config:
             raise ConfigError("train.tower_l2: the conditioned arch has no per-task towers to tie together")
         if tr.weight_decay < 0 or (tr.embed_weight_decay is not None and tr.embed_weight_decay < 0):
             raise ConfigError("train: weight_decay and embed_weight_decay must be >= 0")
+        if not 0.0 <= tr.unknown_dropout < 1.0:
+            raise ConfigError(f"train.unknown_dropout must be in [0, 1), got {tr.unknown_dropout}")
         if tr.embed_batch_l2 < 0:
             raise ConfigError(f"train.embed_batch_l2 must be >= 0, got {tr.embed_batch_l2}")
         if tr.lr_scale <= 0 or not 0.0 < tr.layer_lr_decay <= 1.0:

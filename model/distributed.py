@@ -111,6 +111,11 @@ def check_supported(cfg: Config, world_size: int) -> None:
             "embedding rows of the global batch once each, which per-rank penalties would count once "
             "per rank. Use train.embed_weight_decay, or train in one process."
         )
+    if tc.unknown_dropout > 0:
+        raise ConfigError(
+            "train.unknown_dropout is not supported with distributed training yet (its draws would "
+            "differ from a single process's); train in one process."
+        )
     if tc.batch_size % world_size != 0:
         raise ConfigError(
             f"train.batch_size={tc.batch_size} must be divisible by the world size {world_size} "

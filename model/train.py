@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
 from model.data import DataError, Dataset, Split, load_dataset
-from model.features import FeatureError
+from model.features import FeatureError, FeatureSchema
 from model.metrics import evaluate_predictions, higher_is_better
 from model.nets import PLE, MMoE, MultiTaskNet, build_model
 from model.scoring import combine_scores, head_outputs
@@ -271,6 +271,30 @@ def unknown_row_fill(model: MultiTaskNet, row_counts: Tensor) -> list[tuple[Tens
     return out
 
 
+def entity_columns(schema: FeatureSchema) -> list[tuple[slice, slice]]:
+    """(categorical columns, numeric columns) of the user and of the video group in the encoded
+    matrices, which are group-major (user, video, context)."""
+    out, c, n = [], 0, 0
+    for g in ("user", "video"):
+        dc, dn = len(schema.cats(g)), len(schema.nums(g))
+        out.append((slice(c, c + dc), slice(n, n + dn)))
+        c, n = c + dc, n + dn
+    return out
+
+
+def drop_to_unknown(
+    cats: Tensor, nums: Tensor, groups: Sequence[tuple[slice, slice]], p: float, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Cold-start dropout (``train.unknown_dropout``): each row's features of each group are, with
+    probability p, what serving sends for an entity it does not know: unknown (0) and the mean (0)."""
+    cats, nums = cats.clone(), nums.clone()
+    for cs, ns in groups:
+        drop = torch.rand(cats.shape[0], generator=gen) < p  # (B,)
+        cats[drop, cs] = 0
+        nums[drop, ns] = 0.0
+    return cats, nums
+
+
 @torch.no_grad()
 def impute_unknown_rows(model: MultiTaskNet, row_counts: Tensor) -> int:
     """Writes ``unknown_row_fill`` into the model (done once training ends, so the checkpoint serves
@@ -441,6 +465,13 @@ def fit(
     train_time, seen, global_step = 0.0, 0, 0
     step_log: list[dict[str, float]] = []
     row_counts = embedding_row_counts(model, ds.train.cats)  # (R,) training rows per embedding row
+    groups, drop_gen = entity_columns(ds.schema), torch.Generator().manual_seed(tc.seed)
+    # cold-start dropout trains the unknown rows; otherwise the unused ones are imputed for serving
+    impute = tc.unknown_dropout == 0
+
+    def served() -> contextlib.AbstractContextManager[None]:
+        return unknown_rows_imputed(model, row_counts) if impute else contextlib.nullcontext()
+
     batch_l2 = (tc.embed_batch_l2, row_counts) if tc.embed_batch_l2 > 0 else None
     cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
     bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
@@ -451,7 +482,10 @@ def fit(
         sums: dict[str, float] = defaultdict(float)
         for step in range(steps_per_epoch):
             idx = perm[step * tc.batch_size : (step + 1) * tc.batch_size]
-            batch = (cats[idx], nums[idx], labels[idx], None if bias is None else bias[idx])
+            bc, bn = cats[idx], nums[idx]
+            if tc.unknown_dropout > 0:
+                bc, bn = drop_to_unknown(bc, bn, groups, tc.unknown_dropout, drop_gen)
+            batch = (bc, bn, labels[idx], None if bias is None else bias[idx])
             loss_value, losses = train_step(model, weighting, opt, batch, cfg.tasks, tc.tower_l2, batch_l2)
             weights = weighting.weights()
             sums["train/loss"] += loss_value
@@ -489,7 +523,7 @@ def fit(
         seen += n
         row: dict[str, float] = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}}
         split = ds.valid if len(ds.valid) else ds.train
-        with unknown_rows_imputed(model, row_counts):  # validate the model as it will be served
+        with served():  # validate the model as it will be served
             row.update(
                 evaluate_split(
                     model, split, cfg.tasks, "valid/" if len(ds.valid) else "train/", tc.eval_batch_size
@@ -505,7 +539,8 @@ def fit(
     if tc.restore_best:
         stopper.restore(model)
     model.eval()
-    info["unknown_rows_imputed"] = impute_unknown_rows(model, row_counts)
+    if impute:
+        info["unknown_rows_imputed"] = impute_unknown_rows(model, row_counts)
     metrics: dict[str, Any] = stopper.metrics()
     metrics.update(evaluate_split(model, ds.test, cfg.tasks, "test/", tc.eval_batch_size))
     metrics["weighting"] = tc.weighting

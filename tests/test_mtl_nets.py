@@ -17,7 +17,9 @@ from model.nets import PLE, Conditioned, build_model
 from model.synth import make_youtube_log
 from model.train import (
     batch_embedding_l2,
+    drop_to_unknown,
     embedding_row_counts,
+    entity_columns,
     fit,
     impute_unknown_rows,
     param_groups,
@@ -325,6 +327,42 @@ def test_fit_serves_imputed_unknown_rows():
     assert res.metrics["unknown_rows_imputed"] == len(unseen) > 0
     for r in unseen:  # the model fit returns (and the checkpoint stores) holds the filled rows
         assert e.emb.weight[r].abs().sum() > 0
+
+
+def test_unknown_dropout_blanks_whole_user_or_video_groups_to_the_serving_defaults():
+    schema = _schema()  # user: user_id; video: video_id, dur; context: device
+    groups = entity_columns(schema)
+    assert groups == [(slice(0, 1), slice(0, 0)), (slice(1, 2), slice(0, 1))]
+    cats = torch.tensor([[3, 7, 1]]).repeat(4000, 1)
+    nums = torch.full((4000, 1), 0.5)
+    c, x = drop_to_unknown(cats, nums, groups, 0.25, torch.Generator().manual_seed(0))
+    user_dropped, video_dropped = c[:, 0] == 0, c[:, 1] == 0
+    assert abs(float(user_dropped.float().mean()) - 0.25) < 0.03  # each group on its own
+    assert abs(float(video_dropped.float().mean()) - 0.25) < 0.03
+    assert abs(float((user_dropped & video_dropped).float().mean()) - 0.0625) < 0.02
+    assert torch.equal(x[:, 0] == 0.0, video_dropped)  # the video's numerics go with its categoricals
+    assert (c[:, 2] == 1).all() and (cats[:, 0] == 3).all()  # context untouched; the input is not modified
+
+
+def test_unknown_dropout_trains_the_unknown_rows_instead_of_imputing_them():
+    cfg = tiny_config("mmoe", epochs=1)
+    cfg.train.num_threads, cfg.train.unknown_dropout = 1, 0.2
+    cfg.train.weight_decay = cfg.train.embed_weight_decay = 0.0  # only data gradients move a row
+    ds = load_dataset(cfg)
+    res = fit(cfg, ds)
+    assert "unknown_rows_imputed" not in res.metrics
+    e = res.model.feature_embeddings()[0]
+    counts = embedding_row_counts(res.model, ds.train.cats)
+    user0 = int(e.offsets[0])
+    assert counts[user0] == 0  # no logged row is an unknown user ...
+    torch.manual_seed(cfg.train.seed)  # the initial weights fit started from
+    start = build_model(cfg.model, ds.schema, cfg.tasks).feature_embeddings()[0].emb.weight[user0]
+    moved = float((e.emb.weight[user0] - start).detach().norm())
+    assert moved > 0.1 * float(start.detach().norm())  # ... yet its row moved in training
+    bad = tiny_config("mmoe")
+    bad.train.unknown_dropout = 1.0
+    with pytest.raises(ConfigError, match="unknown_dropout"):
+        bad.__post_init__()
 
 
 # -- soft parameter sharing -----------------------------------------------------------------------
