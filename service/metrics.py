@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (
 )
 
 RANK_OUTCOMES = ("ok", "invalid", "unavailable", "error")
-DEGRADED_REASONS = ("timeout", "connection", "breaker_open", "error")
+DEGRADED_REASONS = ("timeout", "connection", "breaker_open", "error", "layout_mismatch")
 
 
 class Metrics:

@@ -127,6 +127,31 @@ def test_embedded_and_redis_stores_score_identically(
         assert info["meta"]["model_version"] == read_latest(trained_artifacts)
 
 
+def test_rows_in_another_layout_are_a_degraded_request_not_a_silent_default(
+    trained_artifacts: Path, redis_url: str, materialized: str
+) -> None:
+    """A video row re-materialised in another layout (its length differs) while the model still reads
+    the old one: served with defaults, and the request says so (degraded, reason layout_mismatch)."""
+    with TestClient(create_app(redis_settings(trained_artifacts, redis_url, materialized))) as c:
+        ok = c.post("/rank", json=REQUEST)
+        assert ok.status_code == 200 and ok.json()["degraded"] is False
+        r = redis.Redis.from_url(redis_url)
+        key = f"{materialized}v:10"
+        good = r.get(key)
+        assert good is not None
+        r.set(key, good + b"\x00" * 4)  # one more float32 column
+        try:
+            out = c.post("/rank", json=REQUEST)
+        finally:
+            r.set(key, good)
+        assert out.status_code == 200 and out.json()["degraded"] is True
+        text = c.get("/metrics").text
+        assert 'mtrank_degraded_requests_total{reason="layout_mismatch"} 1.0' in text
+        assert "mtrank_unknown_videos_total 4.0" in text  # the 2 unknown videos twice; video 10 is not one
+        after = c.post("/rank", json=REQUEST)
+        assert after.json()["degraded"] is False and after.json()["items"] == ok.json()["items"]
+
+
 def test_redis_store_needs_materialized_features(
     trained_artifacts: Path, redis_url: str, redis_prefix: str
 ) -> None:

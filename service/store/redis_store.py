@@ -122,14 +122,15 @@ def _fields(rec: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarra
 
 def unpack_rows(
     values: Sequence[bytes | None], ids: Sequence[str], layout: GroupLayout, gm: GroupMap
-) -> tuple[CanonicalRows, int]:
-    """MGET values -> model-layout rows; missing or malformed values get defaults. Returns (rows, unknown)."""
+) -> tuple[CanonicalRows, int, int]:
+    """MGET values -> model-layout rows; missing or malformed values get defaults.
+    Returns (rows, unknown: missing, malformed: present with the wrong length)."""
     dtype, size = row_dtype(layout), layout.row_bytes
     ok = [v is not None and len(v) == size for v in values]
     n_ok = sum(ok)
     if n_ok == len(values):  # the common case: one join, one frombuffer
         rec = np.frombuffer(b"".join(values), dtype=dtype, count=len(values))  # type: ignore[arg-type]
-        return gm.select(*_fields(rec, layout)), 0
+        return gm.select(*_fields(rec, layout)), 0, 0
     out = gm.defaults(ids)
     if n_ok:
         pos = np.flatnonzero(ok)
@@ -138,9 +139,7 @@ def unpack_rows(
         sel = gm.select(*_fields(rec, layout))
         out.cats[pos], out.nums[pos] = sel.cats, sel.nums
     malformed = sum(1 for v, good in zip(values, ok, strict=True) if v is not None and not good)
-    if malformed:
-        log.warning("%d feature rows with a wrong length (layout changed without a model reload?)", malformed)
-    return out, len(values) - n_ok
+    return out, len(values) - n_ok - malformed, malformed
 
 
 def parse_meta(raw: bytes | str, where: str) -> dict[str, Any]:
@@ -197,6 +196,7 @@ class RedisStore:
         self._breaker_failures, self._breaker_reset = breaker_failures, breaker_reset_s
         self._failures = 0
         self._open_until = 0.0
+        self._layout_warned = False  # rows in another layout: logged once, counted per request
 
     # -- model preparation (off the request path) --------------------------------------------
     async def read_meta(self) -> dict[str, Any] | None:
@@ -243,8 +243,17 @@ class RedisStore:
             return self._failed(user_id, video_ids, columns, "error")
         self._failures = 0
         layout = self._layouts[columns.layout_id]
-        user, unknown_user = unpack_rows(values[:1], (user_id,), layout.user, columns.user)
-        videos, unknown_videos = unpack_rows(values[1:], video_ids, layout.video, columns.video)
+        user, unknown_user, bad_user = unpack_rows(values[:1], (user_id,), layout.user, columns.user)
+        videos, unknown_videos, bad_videos = unpack_rows(values[1:], video_ids, layout.video, columns.video)
+        if bad_user or bad_videos:  # rows in another layout (re-materialised without a model reload?)
+            if not self._layout_warned:
+                self._layout_warned = True
+                log.warning(
+                    "feature rows in another layout than the model's (%d of %d): served with defaults",
+                    bad_user + bad_videos,
+                    len(values),
+                )
+            return Fetched(user, videos, unknown_user, unknown_videos, True, "layout_mismatch")
         return Fetched(user, videos, unknown_user, unknown_videos)
 
     def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
