@@ -84,11 +84,6 @@ def observed_tasks(labels: Tensor) -> Tensor:
     return (~torch.isnan(labels)).any(dim=0).cpu()
 
 
-def weighted_total(losses: Mapping[str, Tensor], tasks: list[TaskConfig]) -> Tensor:
-    """Static task weighting: sum_i w_i * L_i."""
-    return sum((t.weight * losses[t.name] for t in tasks), start=torch.zeros(()))
-
-
 @torch.inference_mode()
 def predict(
     model: MultiTaskNet, split: Split, tasks: list[TaskConfig], batch_size: int = 8192

@@ -6,7 +6,7 @@ import torch
 from model.config import ModelConfig, TaskConfig
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import MMoE, SeparateTowers, build_model
-from model.train import task_losses, weighted_total
+from model.train import observed_tasks, task_losses
 
 TASKS = [TaskConfig("engagement", "binary", "long_view"), TaskConfig("satisfaction", "binary", "is_like")]
 
@@ -86,9 +86,8 @@ def test_masked_losses_are_count_normalised():
     assert losses["satisfaction"].item() == pytest.approx(math.log(2))  # mean over its 1 observed row
     all_missing = torch.full((4, 2), float("nan"))
     assert task_losses(out, all_missing, TASKS)["satisfaction"].item() == 0.0
-    weighted = [TaskConfig("engagement", weight=2.0), TaskConfig("satisfaction", label="is_like", weight=0.5)]
-    total = weighted_total(losses, weighted)
-    assert total.item() == pytest.approx(2.5 * math.log(2))
+    assert observed_tasks(all_missing).tolist() == [False, False]
+    assert observed_tasks(labels).tolist() == [True, True]
 
 
 @pytest.mark.parametrize(
