@@ -53,6 +53,21 @@ def tiny_toml(tmp_path: Path) -> str:
     return str(p)
 
 
+def service_settings(artifacts: Path, **overrides: Any) -> Any:
+    """Settings for an in-process test app: the embedded store, no admin router, a quick warm-up and
+    no hot reload during the test unless ``overrides`` say otherwise."""
+    from service.settings import Settings  # keeps modelkit importable by model-only tests
+
+    base: dict[str, Any] = {
+        "artifacts": artifacts,
+        "feature_store": "embedded",
+        "reload_interval_s": 30.0,
+        "warmup_batch": 16,
+        "admin_token": None,
+    }
+    return Settings(**{**base, **overrides})
+
+
 def metric(client: Any, name: str, **labels: str) -> float:
     """One sample of the app's /metrics (``client``: a TestClient), e.g. a counter's ``<name>_total``."""
     for family in text_string_to_metric_families(client.get("/metrics").text):

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from modelkit import default_row_heads
+from modelkit import default_row_heads, service_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import Ranker, read_latest, resolve_checkpoint, write_latest
@@ -31,16 +31,9 @@ JSON = {"content-type": "application/json"}
 
 
 def settings_for(artifacts: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "artifacts": artifacts,
-        "feature_store": "embedded",
-        "reload_interval_s": 30.0,
-        "warmup_batch": 16,
-        "admin_token": None,
-        "max_candidates": 2000,
-        "max_body_bytes": 256 * 1024,
-    }
-    return Settings(**{**base, **overrides})
+    limits: dict[str, Any] = {"max_candidates": 2000, "max_body_bytes": 256 * 1024}
+    settings: Settings = service_settings(artifacts, **{**limits, **overrides})
+    return settings
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from modelkit import service_settings
 from typer.testing import CliRunner
 
 from model import load_checkpoint, read_latest, resolve_checkpoint, write_latest
@@ -46,17 +47,14 @@ def materialize(artifacts: Path, url: str, prefix: str, *extra: str) -> Any:
 
 
 def redis_settings(artifacts: Path, url: str, prefix: str, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "artifacts": artifacts,
+    redis: dict[str, Any] = {
         "feature_store": "redis",
         "redis_url": url,
         "redis_prefix": prefix,
         "redis_timeout_ms": 500.0,  # a loaded CI box must not turn parity tests into degraded ones
-        "reload_interval_s": 30.0,
-        "warmup_batch": 16,
-        "admin_token": None,
     }
-    return Settings(**{**base, **overrides})
+    settings: Settings = service_settings(artifacts, **{**redis, **overrides})
+    return settings
 
 
 @pytest.fixture
@@ -99,13 +97,7 @@ def test_materialize_writes_one_packed_key_per_entity(
 def test_embedded_and_redis_stores_score_identically(
     trained_artifacts: Path, redis_url: str, materialized: str
 ) -> None:
-    embedded = Settings(
-        artifacts=trained_artifacts,
-        feature_store="embedded",
-        warmup_batch=16,
-        reload_interval_s=30,
-        admin_token=None,
-    )
+    embedded = service_settings(trained_artifacts)
     with (
         TestClient(create_app(embedded)) as a,
         TestClient(create_app(redis_settings(trained_artifacts, redis_url, materialized))) as b,
@@ -208,13 +200,7 @@ def test_model_needing_a_column_redis_lacks_is_rejected(
 
 
 def test_embedded_store_grows_for_a_model_with_a_new_column(artifacts_copy: Path, train_tiny: Any) -> None:
-    s = Settings(
-        artifacts=artifacts_copy,
-        feature_store="embedded",
-        warmup_batch=16,
-        reload_interval_s=0.1,
-        admin_token=None,
-    )
+    s = service_settings(artifacts_copy, reload_interval_s=0.1)
     with TestClient(create_app(s)) as c:
         old = c.get("/model").json()["version"]
         new = train_tiny(artifacts_copy, seed=4, configure=_with_extra_video_feature)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import TrainTiny
 from fastapi.testclient import TestClient
+from modelkit import service_settings
 from typer.testing import CliRunner
 
 from model import load_checkpoint, resolve_checkpoint
@@ -23,7 +24,6 @@ from model.data import load_dataset
 from model.train import predict
 from service.app import create_app
 from service.cli import app as cli
-from service.settings import Settings
 
 N_ROWS = 10
 
@@ -92,14 +92,7 @@ def assert_serving_matches_offline(client: TestClient, artifacts: Path) -> None:
 
 
 def test_embedded_store_serves_what_training_evaluates(artifacts: Path) -> None:
-    settings = Settings(
-        artifacts=artifacts,
-        feature_store="embedded",
-        reload_interval_s=30.0,
-        warmup_batch=16,
-        admin_token=None,
-    )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(service_settings(artifacts))) as c:
         assert_serving_matches_offline(c, artifacts)
 
 
@@ -110,15 +103,12 @@ def test_redis_store_serves_what_training_evaluates(
     args = ["materialize", "--artifacts", str(artifacts), "--redis-url", redis_url]
     result = CliRunner().invoke(cli, [*args, "--prefix", redis_prefix])
     assert result.exit_code == 0, result.output
-    settings = Settings(
-        artifacts=artifacts,
+    settings = service_settings(
+        artifacts,
         feature_store="redis",
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         redis_timeout_ms=2000.0,  # parity, not outages: a loaded machine must not degrade a request
-        reload_interval_s=30.0,
-        warmup_batch=16,
-        admin_token=None,
     )
     with TestClient(create_app(settings)) as c:
         assert c.get("/model").json()["feature_store"]["kind"] == "redis"
