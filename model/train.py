@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import promotion
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
 from model.data import DataError, Dataset, Split, load_dataset
@@ -555,8 +556,10 @@ def train(
     progress: ProgressFn | None = None,
     *,
     init_from: str | Path | Checkpoint | None = None,
+    force: bool = False,
 ) -> TrainResult:
-    """Load data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to it.
+    """Load data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to it
+    if it passes the promotion gate (``model.promotion``; ``force`` skips it).
 
     ``init_from``: a checkpoint folder, a version id under ``artifacts`` (or ``LATEST``), or a loaded
     checkpoint to fine-tune from; the data is then encoded with that checkpoint's feature schema.
@@ -567,15 +570,25 @@ def train(
     log.info("data loaded in %.1fs", time.perf_counter() - t0)
     result = fit(cfg, ds, progress, init_from=source)
     if artifacts is not None:
-        save_result(artifacts, result, cfg, ds)
+        save_result(artifacts, result, cfg, ds, force=force)
     return result
 
 
 def save_result(
-    artifacts: str | Path, result: TrainResult, cfg: Config, ds: Dataset, *, set_latest: bool = True
+    artifacts: str | Path,
+    result: TrainResult,
+    cfg: Config,
+    ds: Dataset,
+    *,
+    set_latest: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write a trained result as a checkpoint (with metrics, data fingerprint, per-epoch history
-    and the step log)."""
+    and the step log); with ``set_latest``, LATEST moves to it if it passes the promotion gate."""
+    fp = ds.fingerprint
+    decision = (
+        promotion.decide(artifacts, cfg, ds.schema, result.metrics, fp, force=force) if set_latest else None
+    )
     result.checkpoint = save_checkpoint(
         artifacts,
         result.model,
@@ -583,10 +596,11 @@ def save_result(
         ds.schema,
         metrics=result.metrics,
         data_fingerprint=ds.fingerprint,
-        extra={"history": result.history, "step_log": result.steps},
-        set_latest=set_latest,
+        extra={"history": result.history, "step_log": result.steps, **promotion.manifest_entry(decision)},
+        set_latest=promotion.promoted(decision),
     )
     log.info("wrote %s", result.checkpoint)
+    promotion.log_decision(decision, result.checkpoint.name)
     return result.checkpoint
 
 

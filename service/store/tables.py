@@ -72,3 +72,27 @@ def load_entity_rows(
     except FeatureError as e:
         raise StoreError(f"{path}: {e}") from e
     return EntityRows([str(k) for k in df["_key"]], rows, layout, str(path))
+
+
+def log_unknown_rates(
+    data: DataConfig, ids: dict[str, list[str]], data_dir: Path | None = None
+) -> dict[str, float] | None:
+    """Share of the log's impressions whose user / video has no row among ``ids`` (group -> ids):
+    the unknown-rate serving should expect. None (logged) when the log cannot be read."""
+    name = data.log
+    path = Path(data_dir) / name if data_dir is not None and not Path(name).is_absolute() else data.path(name)
+    keys = {"user": data.user_key, "video": data.video_key}
+    try:
+        df = read_table(path, columns=list(keys.values()))
+    except DataError as e:
+        log.warning("expected unknown-rate not recorded: %s", e)
+        return None
+    if len(df) == 0:
+        return None
+    out = {}
+    for g, key in keys.items():
+        known = set(ids.get(g, []))
+        counts = df[key].value_counts(dropna=False)  # each distinct id once
+        unknown = sum(int(n) for v, n in counts.items() if canonical_str(v) not in known)
+        out[g] = round(unknown / len(df), 4)
+    return out
