@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     # -- model -------------------------------------------------------------------------------
     artifacts: Path = Field(default=Path("artifacts"), description="artifacts dir holding models/LATEST")
     reload_interval_s: float = Field(default=2.0, gt=0, description="how often the watcher polls LATEST")
+    wait_for_model: bool = Field(
+        default=False,
+        description="`mtrank serve`: start (unready) without a models/LATEST and wait for one, "
+        "instead of exiting with an error",
+    )
     warmup_batch: int = Field(default=512, ge=1, le=100_000, description="batch size of the warm-up passes")
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="torch intra-op threads (torch.set_num_threads)"
