@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from model import CanonicalRows, FeatureError, FeatureSchema, combine_scores
+from model import CanonicalRows, Combine, FeatureError, FeatureSchema, combine_scores
 from service.errors import ValidationFailed, describe_validation_errors
 from service.reload import ActiveModel
 from service.schemas import RANK_ERROR_HINTS, RANK_MODEL_TAGS, Candidate, RankRequest
@@ -185,11 +185,11 @@ class Scored:
     seconds: float
 
 
-def score_plan(active: ActiveModel, fetched: Fetched, plan: RankPlan, method: str) -> Scored:
+def score_plan(active: ActiveModel, fetched: Fetched, plan: RankPlan, method: Combine) -> Scored:
     """Encode, forward, combine, sort: the CPU-bound part (runs in the forward thread pool)."""
     t0 = time.perf_counter()
     heads = active.ranker.score(fetched.user, fetched.videos, plan.context)
-    scores = combine_scores(heads, plan.weights, method)  # type: ignore[arg-type]
+    scores = combine_scores(heads, plan.weights, method)
     order = np.argsort(-scores, kind="stable")[: plan.top_k]
     return Scored(order, scores, heads, time.perf_counter() - t0)
 

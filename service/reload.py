@@ -40,6 +40,7 @@ import numpy as np
 
 from model import (
     CheckpointError,
+    Combine,
     Ranker,
     check_version_id,
     combine_scores,
@@ -71,6 +72,7 @@ class ActiveModel:
     loaded_at: float  # epoch seconds
     source: ReloadSource
     weights: dict[str, float]  # the combined score's default per-head weights (settings, else 1 per head)
+    combine: Combine  # product or sum (settings, else by the heads' kinds)
 
     @property
     def version(self) -> str:
@@ -95,6 +97,14 @@ class PointerError(ReloadError):
 def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
     """The combined score's per-head weights: the configured ones, else 1 for every head of the model."""
     return dict(configured) if configured is not None else dict.fromkeys(heads, 1.0)
+
+
+def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
+    """The configured combination, else the product of probabilities when every head is binary and
+    the sum otherwise (a regression head's prediction can be 0 or negative: no product of powers)."""
+    if configured is not None:
+        return configured
+    return "product" if all(t.kind == "binary" for t in ranker.tasks) else "sum"
 
 
 def _iso(ts: float) -> str:
@@ -227,7 +237,8 @@ class ModelHolder:
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
-        return ActiveModel(ranker, columns, heads, time.time(), source, weights)
+        combine = default_combine(ranker, self.settings.combine)
+        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine)
 
     def _validate(self, ranker: Ranker, columns: ColumnMap) -> None:
         """Warm up, then score a few default rows shaped like the store's: every head finite."""
@@ -248,7 +259,7 @@ class ModelHolder:
             if task.kind == "binary" and ((y < 0) | (y > 1)).any():
                 raise ReloadError(ranker.version, f"test scoring: head {task.name!r} is not a probability")
         weights = default_weights(tuple(ranker.task_names), self.settings.weights)
-        score = combine_scores(heads, weights, self.settings.combine)
+        score = combine_scores(heads, weights, default_combine(ranker, self.settings.combine))
         if not np.isfinite(score).all():
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
@@ -387,7 +398,7 @@ class ModelHolder:
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
             "scoring": {
-                "combine": self.settings.combine,
+                "combine": active.combine,
                 "weights": active.weights,
                 "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
             },

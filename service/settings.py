@@ -80,7 +80,11 @@ class Settings(BaseSettings):
         description="422 for context keys and inline feature names the model does not declare "
         "(false: they are ignored)",
     )
-    combine: Combine = "product"
+    combine: Combine | None = Field(
+        default=None,
+        description="product or sum of the weighted heads; unset = product when every head of the served "
+        "model is binary (probabilities), else sum (regression heads can be negative)",
+    )
     weights: dict[str, float] | None = Field(
         default=None,
         description="per-head weights of the combined score; unset = 1 for every head of the served model",

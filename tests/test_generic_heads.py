@@ -53,8 +53,11 @@ def test_a_y1_y2_model_serves_with_default_settings(client: TestClient, synth_ar
     for item in body["items"]:
         assert set(item["heads"]) == {"y1", "y2"}
         assert all(isinstance(v, float) for v in item["heads"].values())
-    # the default weights come from the model: 1 per head
-    assert client.get("/model").json()["scoring"]["weights"] == {"y1": 1.0, "y2": 1.0}
+    # the defaults come from the model: 1 per head, and a sum (regression heads can be <= 0)
+    scoring = client.get("/model").json()["scoring"]
+    assert scoring["weights"] == {"y1": 1.0, "y2": 1.0} and scoring["combine"] == "sum"
+    for item in body["items"]:
+        assert item["score"] == pytest.approx(item["heads"]["y1"] + item["heads"]["y2"], rel=1e-9)
 
 
 def test_request_weights_name_the_models_heads(client: TestClient) -> None:
