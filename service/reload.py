@@ -40,6 +40,7 @@ import numpy as np
 
 from model import (
     CheckpointError,
+    Combine,
     Ranker,
     check_version_id,
     combine_scores,
@@ -70,6 +71,8 @@ class ActiveModel:
     heads: tuple[str, ...]
     loaded_at: float  # epoch seconds
     source: ReloadSource
+    weights: dict[str, float]  # the combined score's default per-head weights (settings, else 1 per head)
+    combine: Combine  # product or sum (settings, else by the heads' kinds)
 
     @property
     def version(self) -> str:
@@ -89,6 +92,19 @@ class PointerError(ReloadError):
 
     def __init__(self, message: str, *, not_found: bool = False) -> None:
         super().__init__(LATEST, message, not_found=not_found)
+
+
+def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
+    """The combined score's per-head weights: the configured ones, else 1 for every head of the model."""
+    return dict(configured) if configured is not None else dict.fromkeys(heads, 1.0)
+
+
+def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
+    """The configured combination, else the product of probabilities when every head is binary and
+    the sum otherwise (a regression head's prediction can be 0 or negative: no product of powers)."""
+    if configured is not None:
+        return configured
+    return "product" if all(t.kind == "binary" for t in ranker.tasks) else "sum"
 
 
 def _iso(ts: float) -> str:
@@ -131,6 +147,7 @@ class ModelHolder:
             await self.check()
         except Exception:  # never fail startup: stay unready, the watcher keeps trying
             log.exception("initial model load failed")
+        await self.check_store()
         self._tasks.append(asyncio.create_task(self._watch(), name="mtrank-model-watcher"))
         if isinstance(self.store, RedisStore):
             self._tasks.append(asyncio.create_task(self.store.listen(self._wake), name="mtrank-model-events"))
@@ -203,11 +220,13 @@ class ModelHolder:
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
             heads = tuple(ranker.task_names)
-            missing = sorted(set(self.settings.weights) - set(heads))
+            weights = default_weights(heads, self.settings.weights)
+            missing = sorted(set(weights) - set(heads))
             if missing:
                 raise ReloadError(
                     version,
-                    f"the configured weights name heads {missing} this model lacks (heads: {list(heads)})",
+                    f"the configured weights (MTRANK_WEIGHTS) name heads {missing} this model lacks "
+                    f"(heads: {list(heads)}); unset them to weigh every head 1",
                 )
             columns = await self.store.prepare(ranker.schema, ranker.config.data)
             await asyncio.to_thread(self._validate, ranker, columns)
@@ -218,7 +237,8 @@ class ModelHolder:
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
-        return ActiveModel(ranker, columns, heads, time.time(), source)
+        combine = default_combine(ranker, self.settings.combine)
+        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine)
 
     def _validate(self, ranker: Ranker, columns: ColumnMap) -> None:
         """Warm up, then score a few default rows shaped like the store's: every head finite."""
@@ -238,7 +258,8 @@ class ModelHolder:
                 )
             if task.kind == "binary" and ((y < 0) | (y > 1)).any():
                 raise ReloadError(ranker.version, f"test scoring: head {task.name!r} is not a probability")
-        score = combine_scores(heads, self.settings.weights, self.settings.combine)
+        weights = default_weights(tuple(ranker.task_names), self.settings.weights)
+        score = combine_scores(heads, weights, default_combine(ranker, self.settings.combine))
         if not np.isfinite(score).all():
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
@@ -300,6 +321,17 @@ class ModelHolder:
                 raise
             except Exception:
                 log.exception("model watcher round failed")
+            await self.check_store()
+
+    async def check_store(self) -> None:
+        """The feature store's health (a wiped or evicted Redis), into the metrics; never raises."""
+        try:
+            problem = await self.store.check_health()
+        except Exception:
+            log.exception("feature store health check failed")
+            return
+        if isinstance(self.store, RedisStore):
+            self.metrics.set_store_health(problem, self.store.present_ratio, self.store.unknown_rates())
 
     # -- admin ------------------------------------------------------------------------------------
     async def reload_latest(self) -> tuple[ActiveModel, ActiveModel | None]:
@@ -366,8 +398,8 @@ class ModelHolder:
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
             "scoring": {
-                "combine": self.settings.combine,
-                "weights": self.settings.weights,
+                "combine": active.combine,
+                "weights": active.weights,
                 "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
             },
             "feature_store": self.store.describe(),

@@ -52,7 +52,9 @@ class Candidate(BaseModel):
 
     video_id: EntityId = Field(validation_alias=AliasChoices("video_id", "id"))
     features: dict[Annotated[str, Field(max_length=128)], RawValue] = Field(
-        default_factory=dict, max_length=256, description="raw video feature values, e.g. video_duration"
+        default_factory=dict,
+        max_length=256,
+        description="raw values of the model's video features (GET /model lists them)",
     )
 
 
@@ -61,13 +63,8 @@ class RankRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {
-                    "user_id": 0,
-                    "candidates": [1, 2, {"video_id": 3, "features": {"video_duration": 12000}}],
-                    "context": {"tab": 1, "hour": 20},
-                    "top_k": 2,
-                    "weights": {"engagement": 1.0, "satisfaction": 2.0},
-                }
+                {"user_id": 0, "candidates": [1, 2, 3], "top_k": 2},
+                {"user_id": "u42", "candidates": ["v1", {"video_id": "v2", "features": {}}], "context": {}},
             ]
         },
     )
@@ -78,7 +75,9 @@ class RankRequest(BaseModel):
         description="video ids, or objects with inline features; at most max_candidates, no duplicates",
     )
     context: dict[Annotated[str, Field(max_length=128)], RawValue] = Field(
-        default_factory=dict, max_length=256, description="request context features, e.g. tab and hour"
+        default_factory=dict,
+        max_length=256,
+        description="raw values of the model's context features (GET /model lists them)",
     )
     top_k: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="return the best k (1..number of candidates); default: all"
@@ -86,7 +85,7 @@ class RankRequest(BaseModel):
     weights: dict[Annotated[str, Field(max_length=128)], Number] | None = Field(
         default=None,
         max_length=64,
-        description="per-head weights overriding the service's, within its bounds",
+        description="per-head weights (the served model's heads) overriding the service's, within its bounds",
     )
 
 
@@ -106,13 +105,31 @@ class RankedItem(BaseModel):
     video_id: int | str
     rank: int
     score: float
-    heads: dict[str, float] = Field(description="per-head scores, e.g. engagement and satisfaction")
+    heads: dict[str, float] = Field(description="per-head scores, one per head of the served model")
+    unknown_video: bool | None = Field(
+        description="the feature store has no row for this video (scored with default features, or "
+        "the inline ones); null when the store did not answer"
+    )
 
 
 class RankResponse(BaseModel):
     model_version: str
     items: list[RankedItem]
-    degraded: bool = Field(description="true when the feature store failed and defaults were used")
+    degraded: bool = Field(
+        description="true when the feature store failed (defaults were used) or holds far less than "
+        "it should (wiped, evicted, unknown rate far above the expected)"
+    )
+    degraded_reason: str | None = Field(
+        description="timeout, connection, breaker_open, error, layout_mismatch, meta_missing, evicted "
+        "or unknown_rate; null when not degraded"
+    )
+    unknown_user: bool | None = Field(
+        description="the feature store has no row for the user; null when the store did not answer"
+    )
+    unseen_context: list[str] = Field(
+        description="context features whose (categorical) value training never saw: valid, scored "
+        "as the unknown value"
+    )
 
 
 class ErrorDetail(BaseModel):
