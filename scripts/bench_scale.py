@@ -141,8 +141,8 @@ def ids(args: argparse.Namespace) -> None:
             )
     med = {k: statistics.median(v) for k, v in results.items()}
     print("\nmedians (samples/s):")
-    for k, v in med.items():
-        print(f"  {k:>20}: {v:,.0f}")
+    for k, m in med.items():
+        print(f"  {k:>20}: {m:,.0f}")
     print(f"sparse 16M / sparse 27k: {med['sparse hashed 16M'] / med['sparse vocab (27k)']:.2f}")
     print(f"dense 1M / dense 27k:    {med['dense hashed 1M'] / med['dense vocab (27k)']:.2f}")
 
