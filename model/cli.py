@@ -110,7 +110,10 @@ def train_cmd(
             result = fit(cfg, ds, progress, init_from=source)
         except ConfigError as e:  # e.g. train.freeze naming no module of the network
             raise _fail(str(e)) from None
-    path = save_result(artifacts, result, cfg, ds, set_latest=not no_latest)
+    try:
+        path = save_result(artifacts, result, cfg, ds, set_latest=not no_latest)
+    except CheckpointError as e:  # e.g. the disk is full: nothing half-written is left behind
+        raise _fail(str(e)) from None
     console.print(
         _metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics")
     )
