@@ -30,6 +30,7 @@ from service.schemas import (
     ADMIN_ERROR_RESPONSES,
     ERROR_RESPONSES,
     Health,
+    ModelStatus,
     ModelSwitch,
     RankResponse,
     RollbackRequest,
@@ -82,7 +83,7 @@ async def rank(
     outcome = "error"
     try:
         _check_json(request)
-        req = parse_rank_request(await request.body())
+        req = parse_rank_request(await request.body(), settings.max_candidates)
         active = holder.current  # read once: a hot swap never changes the model mid-request
         if active is None:
             raise NotReady("no model loaded yet")
@@ -124,15 +125,15 @@ async def healthz() -> Health:
 async def readyz(holder: RankerDep) -> Health:
     """Ready once a model is loaded, validated and warmed up."""
     active = holder.current
-    if active is None:
-        err = holder.last_error
-        raise NotReady("no model loaded yet" + (f" (last error: {err['error']})" if err else ""))
+    if active is None:  # why not is admin information (GET /admin/model): it names paths
+        raise NotReady("no model loaded yet")
     return Health(status="ready", model_version=active.version)
 
 
-@router.get("/model", tags=["ops"], summary="The served model: version, config, metrics")
-async def model_info(holder: RankerDep) -> Response:
-    return _json_response(orjson.dumps(holder.describe(), default=str))
+@router.get("/model", response_model=ModelStatus, tags=["ops"], summary="The served model version")
+async def model_info(holder: RankerDep) -> ModelStatus:
+    """The version served and the status; the details are ``GET /admin/model`` (admin token)."""
+    return ModelStatus(**holder.public())
 
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
@@ -150,6 +151,11 @@ def _reload_error(e: ReloadError, serving: str | None) -> ServiceError:
     what = "the LATEST pointer" if isinstance(e, PointerError) else f"model {e.version}"
     still = "still serving the previous model" if serving is not None else "no model is being served"
     return Conflict(f"{what} rejected, {still}: {e.message}")
+
+
+@admin_router.get("/model", summary="The served model: version, config, metrics, store, last rejection")
+async def admin_model_info(holder: RankerDep) -> Response:
+    return _json_response(orjson.dumps(holder.describe(), default=str))
 
 
 @admin_router.post("/reload", response_model=ModelSwitch, summary="Load the version LATEST names now")
