@@ -445,18 +445,23 @@ class ModelHolder:
         try:
             await self.activate(version, source)
         except ReloadError as e:
-            previous = self._retry
-            if not e.transient:
-                self._retry = None
-                return
-            attempt = previous.attempt + 1 if previous is not None and previous.version == version else 1
-            s = self.settings
-            delay = min(s.reload_retry_max_s, s.reload_retry_initial_s * 2 ** min(attempt - 1, 30))
-            self._retry = Retry(version, source, attempt, time.monotonic() + delay)
-            if self.last_error is not None and self.last_error["version"] == version:
-                self.last_error["next_retry_at"] = _iso(time.time() + delay)
+            self._after_failure(e, version, source)
             return
         self._retry = None
+
+    def _after_failure(self, e: ReloadError, version: str, source: ReloadSource) -> None:
+        """Schedule the next try of a transient failure (the wait doubles per failed attempt);
+        forget any retry after a permanent one."""
+        previous = self._retry
+        if not e.transient:
+            self._retry = None
+            return
+        attempt = previous.attempt + 1 if previous is not None and previous.version == version else 1
+        s = self.settings
+        delay = min(s.reload_retry_max_s, s.reload_retry_initial_s * 2 ** min(attempt - 1, 30))
+        self._retry = Retry(version, source, attempt, time.monotonic() + delay)
+        if self.last_error is not None and self.last_error["version"] == version:
+            self.last_error["next_retry_at"] = _iso(time.time() + delay)
 
     async def _watch(self) -> None:
         interval = self.settings.reload_interval_s
@@ -486,11 +491,16 @@ class ModelHolder:
             self._record_error(e)
             raise
         try:
-            if isinstance(named, CheckpointError) or named is None:
-                raise self._pointer_error(sig, named or CheckpointError("unreadable"), explicit=True)
+            if not isinstance(named, str):  # (never None: force=True always reads)
+                err = named if named is not None else CheckpointError(f"{LATEST} was not read")
+                raise self._pointer_error(sig, err, explicit=True)
             self._bad_latest = None
             previous = self._current
-            active = await self.activate(named, "admin-reload")
+            try:
+                active = await self.activate(named, "admin-reload")
+            except ReloadError as e:
+                self._after_failure(e, named, "latest")  # files still arriving: retried like the watcher's
+                raise
             self._retry = None
         finally:
             if self._latest_sig == seen:
