@@ -573,8 +573,9 @@ def _type_error(value: Any, tp: Any, where: str) -> str | None:
         errors = [_type_error(value, a, where) for a in args]
         if None in errors:
             return None
-        # an arm that fits at this level but not inside (a list with a bad item) says more
-        deeper = [e for e in errors if e and not e.startswith(f"{where}: ")]
+        # an arm that fits at this level but not inside (a list with a bad item, a list of the wrong
+        # length) says more than "expected X or Y"
+        deeper = [e for e, a in zip(errors, args, strict=True) if e and e != _mismatch(where, a, value)]
         return deeper[0] if deeper else _mismatch(where, tp, value)
     if origin is Literal:
         fits = any(_fits_scalar(value, type(a)) for a in args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +28,8 @@ from model.checkpoint import (
     write_latest,
 )
 from model.config import ConfigError, load_config
-from model.data import DataError, load_dataset
+from model.data import DataError, load_dataset, prepare_data
+from model.data.loader import sharded
 from model.features import FeatureError
 
 console = Console(stderr=True)
@@ -61,63 +63,84 @@ def train_cmd(
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
     arch: Annotated[str | None, typer.Option(help="override model.arch")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override any config key: section.key=value (TOML value), repeatable"),
+    ] = None,
     no_latest: Annotated[bool, typer.Option("--no-latest", help="write the checkpoint, keep LATEST")] = False,
     init_from: Annotated[
         str | None,
         typer.Option("--init-from", help="fine-tune from a checkpoint folder or version (or LATEST)"),
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue this config's interrupted run after its last epoch")
+    ] = False,
 ) -> None:
     """Fit a model from a config and write a versioned checkpoint (and move LATEST to it)."""
-    from model.train import fit, load_init_checkpoint, save_result
+    from model.config import apply_overrides
+    from model.train import train
 
     try:
         cfg = load_config(config)
-        if seed is not None:
-            cfg.train.seed = seed
-        if epochs is not None:
-            cfg.train.epochs = epochs
-        if arch is not None:
-            cfg.model.arch = arch  # type: ignore[assignment]
-            cfg.__post_init__()
-        source = load_init_checkpoint(init_from, artifacts) if init_from else None
-        with console.status("loading data"):
-            ds = load_dataset(cfg, schema=source.schema if source else None)
-        console.print(f"data: train={len(ds.train)} valid={len(ds.valid)} test={len(ds.test)} rows")
-    except (ConfigError, DataError, FeatureError, CheckpointError) as e:
+        sets = [f"train.seed={seed}"] if seed is not None else []
+        sets += [f"train.epochs={epochs}"] if epochs is not None else []
+        sets += [f'model.arch="{arch}"'] if arch is not None else []
+        if sets or set_:
+            cfg = apply_overrides(cfg, sets + list(set_ or []))
+    except ConfigError as e:
         raise _fail(str(e)) from None
 
+    started = time.perf_counter()
     with Progress(
-        TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task("train", total=None, epoch=0, loss=0.0)
+        task = bar.add_task("train", total=None, epoch=0, epochs=cfg.train.epochs, loss=0.0, eta="")
 
         def progress(kind: str, info: Mapping[str, Any]) -> None:
-            if kind == "step" and (info["step"] % 10 == 0 or info["step"] == info["steps"]):
+            if kind == "data":
+                rows = {k: info[f"{k}_rows"] for k in ("train", "valid", "test")}
+                bar.console.print(
+                    f"data: train={rows['train']} valid={rows['valid']} test={rows['test']} rows"
+                    f" ({info.get('duplicates_dropped', 0)} duplicates dropped)"
+                )
+            elif kind == "step" and (info["step"] % 10 == 0 or info["step"] == info["steps"]):
                 bar.update(
-                    task, completed=info["step"], total=info["steps"], epoch=info["epoch"], loss=info["loss"]
+                    task,
+                    completed=info["step"],
+                    total=info["steps"],
+                    epoch=info["epoch"],
+                    epochs=info["epochs"],
+                    loss=info["loss"],
                 )
             elif kind == "epoch":
+                epoch, total, spent = int(info["epoch"]), int(info["epochs"]), float(info["seconds"])
+                left = spent / epoch * (total - epoch)
+                eta = f"ETA <= {left:.0f}s (early stopping may end sooner)" if epoch < total else ""
+                bar.update(task, eta=eta)
                 shown = {k: round(v, 4) for k, v in info.items() if k.endswith(("loss", "auc"))}
-                bar.console.print(f"epoch {int(info['epoch'])}: {shown}")
+                bar.console.print(f"epoch {epoch}/{total} ({spent:.1f}s training): {shown}")
 
         try:
-            result = fit(cfg, ds, progress, init_from=source)
-        except ConfigError as e:  # e.g. train.freeze naming no module of the network
+            result = train(
+                cfg, artifacts, progress, init_from=init_from, resume=resume, set_latest=not no_latest
+            )
+        except (ConfigError, DataError, FeatureError, CheckpointError) as e:
             raise _fail(str(e)) from None
-    try:
-        path = save_result(artifacts, result, cfg, ds, set_latest=not no_latest)
-    except CheckpointError as e:  # e.g. the disk is full: nothing half-written is left behind
-        raise _fail(str(e)) from None
+    path = result.checkpoint
     console.print(
         _metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics")
     )
-    console.print(f"training samples/s: {result.samples_per_sec:,.0f}   best epoch: {result.best_epoch}")
+    console.print(
+        f"training samples/s: {result.samples_per_sec:,.0f}   best epoch: {result.best_epoch}   "
+        f"wall time: {time.perf_counter() - started:.1f}s"
+    )
     console.print(f"wrote [bold]{path}[/]" + ("" if no_latest else " (LATEST)"))
 
 
@@ -133,11 +156,12 @@ def evaluate_cmd(
     try:
         ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
         cfg = load_config(config) if config else ckpt.config
-        # encoded with the checkpoint's own fitted schema (vocabularies, statistics)
-        ds = load_dataset(cfg, schema=ckpt.schema)
+        # encoded with the checkpoint's own fitted schema (vocabularies, statistics), streamed from
+        # the data cache under artifacts
+        ds = sharded(prepare_data(cfg, artifacts, schema=ckpt.schema))
     except (CheckpointError, ConfigError, DataError, FeatureError) as e:
         raise _fail(str(e)) from None
-    metrics = evaluate_split(ckpt.model, ds.test, ckpt.config.tasks, "test/")
+    metrics = evaluate_split(ckpt.model, ds.test, ckpt.config.tasks, "test/", grouped=ds.grouped)
     if as_json:
         typer.echo(json.dumps({"version": ckpt.version, "metrics": metrics}, indent=1))
     else:

@@ -41,36 +41,108 @@ class FeatureDecl:
     min_count: int = 1
     max_size: int | None = None
     log1p: bool = False
+    hash_buckets: int | None = None  # categorical: no vocabulary, 1 + hash mod this many rows
+
+
+Split = Literal["time", "random", "column"]
+SPLITS: tuple[str, ...] = ("time", "random", "column")
+COLUMN_TYPES: tuple[str, ...] = ("string", "int64", "float64", "bool")
 
 
 @dataclass
 class DataConfig:
     source: Literal["kuairand", "tables"] = "kuairand"
     data_dir: str = "../shared/data/kuairand-pure"  # overridden by $MTRANK_DATA_DIR
+    # the impression log: a file, a directory of files or a glob (CSV, CSV.gz or Parquet)
     log: str = "log_standard_20220425_to_20220508_pure.csv.gz"
     users: str | None = "user_features_pure.csv"
     videos: str | None = "video_features_basic_pure.csv"
-    user_key: str = "user_id"
-    video_key: str = "video_id"
+    user_key: str | None = "user_id"  # "" = no user table / user ids (rows served by inline features)
+    video_key: str | None = "video_id"
+    # how rows become train / valid / test:
+    #   "time":   split_column in train_range / test_range (or the last train_days + test_days of its
+    #             distinct values); valid = the latest valid_fraction of the train rows by time_column
+    #   "random": seeded by split_seed; test_fraction and valid_fraction of the rows
+    #   "column": split_column holds "train", "valid" or "test" (other values are not used)
+    split: Split = "time"
     time_column: str = "time_ms"
     split_column: str = "date"
-    train_range: tuple[int, int] = (20220425, 20220430)
-    test_range: tuple[int, int] = (20220501, 20220508)
-    valid_fraction: float = 0.1  # the latest part of the train range, by time_column
-    drop_duplicates: bool = True
+    train_range: tuple[int, int] | None = None
+    test_range: tuple[int, int] | None = None
+    train_days: int | None = None  # relative to the data: the train_days values of split_column
+    test_days: int | None = None  # before the last test_days ones (which are the test split)
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1  # split = "random"
+    split_seed: int = 0  # split = "random"
+    # drop rows identical in every column (None: on for source = "kuairand", whose logs hold exact
+    # duplicates as artefacts; off otherwise). Dropped rows are counted in the data fingerprint.
+    drop_duplicates: bool | None = None
     max_rows: int | None = None  # keep the first N log rows (smoke tests)
+    # per-list metrics (GAUC, NDCG) group rows by these columns; None = [user_key] when there is one
+    group_by: list[str] | None = None
+    column_types: dict[str, str] = field(default_factory=dict)  # pin CSV column types
+    cache_dir: str | None = None  # encoded shards (default: <artifacts>/cache, or a temp dir)
+    shard_rows: int = 1 << 18  # rows per encoded shard
+    read_batch_rows: int = 1 << 16  # rows per record batch read from the log
     features: list[FeatureDecl] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # TOML has no null: an empty string means "no such table"
+        # TOML has no null: an empty string means "no such table / key"
         self.users = self.users or None
         self.videos = self.videos or None
+        self.user_key = self.user_key or None
+        self.video_key = self.video_key or None
+        if self.train_range is not None:
+            self.train_range = tuple(self.train_range)  # type: ignore[assignment]
+        if self.test_range is not None:
+            self.test_range = tuple(self.test_range)  # type: ignore[assignment]
+
+    @property
+    def dedup(self) -> bool:
+        return self.source == "kuairand" if self.drop_duplicates is None else self.drop_duplicates
+
+    @property
+    def groups(self) -> list[str]:
+        if self.group_by is not None:
+            return list(self.group_by)
+        return [self.user_key] if self.user_key else []
 
     def path(self, name: str) -> Path:
         p = Path(name)
         if p.is_absolute():
             return p
         return Path(os.environ.get(DATA_DIR_ENV) or self.data_dir) / p
+
+    def check(self) -> None:
+        """Value checks (called by Config)."""
+        if self.split not in SPLITS:
+            raise ConfigError(f"data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError("data.valid_fraction must be in [0, 1)")
+        if self.split == "random" and not (
+            0.0 < self.test_fraction < 1.0 and self.valid_fraction + self.test_fraction < 1.0
+        ):
+            raise ConfigError("data.test_fraction must be in (0, 1) and valid_fraction + test_fraction < 1")
+        if self.split == "time":
+            days = (self.train_days, self.test_days)
+            ranges = (self.train_range, self.test_range)
+            if any(d is not None for d in days) and any(r is not None for r in ranges):
+                raise ConfigError("data: give train_range / test_range or train_days / test_days, not both")
+            if any(d is not None for d in days):
+                if None in days or min(d for d in days if d is not None) < 1:
+                    raise ConfigError("data.train_days and data.test_days must both be >= 1")
+            elif None in ranges:
+                raise ConfigError(
+                    'data.split = "time" needs train_range and test_range (values of split_column), '
+                    "or train_days and test_days (the last distinct values of split_column)"
+                )
+        bad = {k: v for k, v in self.column_types.items() if v not in COLUMN_TYPES}
+        if bad:
+            raise ConfigError(f"data.column_types: types must be one of {COLUMN_TYPES}, got {bad}")
+        if self.shard_rows < 1 or self.read_batch_rows < 1:
+            raise ConfigError("data.shard_rows and data.read_batch_rows must be >= 1")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError("data.max_rows must be >= 1")
 
 
 @dataclass
@@ -79,7 +151,9 @@ class TaskConfig:
 
     name: str
     kind: TaskKind = "binary"
-    label: str | list[str] = "long_view"
+    # a column; a list of columns (binary: their logical OR); or { column = "c", equals = v } (binary:
+    # 1 where the column's value is v, or one of a list of values; missing values stay unobserved)
+    label: str | list[str] | dict[str, Any] = "long_view"
     transform: Literal["none", "log1p"] = "none"  # regression targets only
     weight: float = 1.0  # static task weight w_i in sum_i w_i * L_i
     mask_by: str | None = None  # label observed only where this column is non-zero
@@ -129,7 +203,9 @@ class TrainConfig:
     unknown_dropout: float = 0.0
     patience: int = 2  # non-improving epochs tolerated: training stops at the (patience + 1)-th in a row
     restore_best: bool = True  # end on the best validation epoch's weights (False: the last epoch's)
-    monitor: str = "valid/engagement/auc"  # or valid/loss, valid/<task>/logloss, ...
+    # early stopping: valid/loss (the static objective), valid/<task>/<metric> (auc, gauc, logloss;
+    # rmse, mae), valid/ndcg@10; "" = valid/loss
+    monitor: str = ""
     seed: int = 0
     num_threads: int = 0  # 0 = torch default
     eval_batch_size: int = 8192
@@ -150,6 +226,17 @@ class TrainConfig:
     layer_lr_decay: float = 1.0  # towers get the lr, a layer `depth` below them lr * decay**depth
     freeze: list[str] = field(default_factory=list)  # top-level modules: embed, bottom, experts, ...
     reset_heads: bool = False  # re-initialise the towers' output layers (and the bias tower)
+    # scale
+    # embedding tables take sparse gradients and a lazy Adam (torch.optim.SparseAdam): a step reads
+    # and updates only the rows its batch uses, so its cost does not grow with the vocabulary (no
+    # coupled weight decay on the tables then: use embed_batch_l2)
+    sparse_embeddings: bool = False
+    shuffle_buffer: int = 1 << 20  # rows; a stream that fits is permuted whole each epoch
+    # data streams (0 = the world size): stream s reads the fragments i with i % streams == s; one
+    # process with streams = N reproduces an N-rank torchrun run step for step
+    streams: int = 0
+    device: str = "cpu"  # "auto" = a GPU when one is present
+    save_state: bool = True  # write the resumable training state after every epoch (with artifacts)
 
 
 @dataclass
@@ -205,10 +292,55 @@ class Config:
             raise ConfigError(f"train.unknown_dropout must be in [0, 1), got {tr.unknown_dropout}")
         if tr.embed_batch_l2 < 0:
             raise ConfigError(f"train.embed_batch_l2 must be >= 0, got {tr.embed_batch_l2}")
+        if tr.shuffle_buffer < 1 or tr.streams < 0:
+            raise ConfigError("train.shuffle_buffer must be >= 1 and train.streams >= 0")
+        if tr.sparse_embeddings:
+            table_decay = tr.embed_weight_decay if tr.embed_weight_decay is not None else tr.weight_decay
+            if table_decay > 0:
+                raise ConfigError(
+                    "train.sparse_embeddings: coupled weight decay would update every embedding row at "
+                    "every step; set train.embed_weight_decay = 0 and regularise with train.embed_batch_l2"
+                )
+            if tr.weighting == "pcgrad":
+                raise ConfigError(
+                    "train.sparse_embeddings: PCGrad projects the whole shared gradient, embedding tables "
+                    "included, so every step would cost the full tables; use dense embeddings"
+                )
         if tr.lr_scale <= 0 or not 0.0 < tr.layer_lr_decay <= 1.0:
             raise ConfigError("train: lr_scale must be > 0 and layer_lr_decay in (0, 1]")
-        if not 0.0 <= self.data.valid_fraction < 1.0:
-            raise ConfigError("data.valid_fraction must be in [0, 1)")
+        self.data.check()
+        for t in self.tasks:
+            if isinstance(t.label, dict):
+                if set(t.label) != {"column", "equals"} or not isinstance(t.label["column"], str):
+                    raise ConfigError(
+                        f'task {t.name!r}: a label expression is {{ column = "name", equals = value or '
+                        f"[values] }}, got {t.label!r}"
+                    )
+                if t.kind != "binary":
+                    raise ConfigError(f"task {t.name!r}: a label expression (equals) makes a binary label")
+            elif not t.label:
+                raise ConfigError(f"task {t.name!r}: label must name a column")
+
+    def check_monitor(self) -> None:
+        """``train.monitor`` must name a metric training reports (a typo would silently stop early
+        on nothing)."""
+        m = self.train.monitor
+        if m == "":
+            return
+        parts = m.split("/")
+        by_kind = {"binary": ("auc", "gauc", "logloss"), "regression": ("rmse", "mae")}
+        ok = False
+        if len(parts) == 2 and parts[0] in ("valid", "train"):
+            ok = parts[1] == "loss" or (parts[1] == "ndcg@10" and any(t.kind == "binary" for t in self.tasks))
+        elif len(parts) == 3 and parts[0] in ("valid", "train"):
+            ok = any(t.name == parts[1] and parts[2] in by_kind[t.kind] for t in self.tasks)
+        if not ok:
+            names = ["valid/loss"] + [f"valid/{t.name}/{k}" for t in self.tasks for k in by_kind[t.kind]]
+            raise ConfigError(f"train.monitor {m!r} names no metric of this config; one of {names}")
+
+    @property
+    def monitor(self) -> str:
+        return self.train.monitor or "valid/loss"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,7 +351,7 @@ class Config:
         data = dict(d.pop("data", {}))
         feats = [_build(FeatureDecl, f, "data.features") for f in data.pop("features", [])]
         for k in ("train_range", "test_range"):
-            if k in data:
+            if data.get(k) is not None:
                 data[k] = tuple(data[k])
         cfg = cls(
             data=_build(DataConfig, {**data, "features": feats}, "data"),
@@ -247,6 +379,33 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
         raise ConfigError(f"[{where}] {e}") from e
 
 
+def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
+    """``section.key=value`` assignments (``train.lr=0.01``, ``data.log="logs/*.parquet"``,
+    ``model.expert_dims=[64, 32]``) applied to a config, re-validated. A value is read as TOML, and
+    as a plain string when it is not TOML."""
+    d = cfg.to_dict()
+    for a in assignments:
+        key, sep, text = a.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ConfigError(f"--set {a!r}: want section.key=value")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node: Any = d
+        for part in path[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"--set {a!r}: no config section {'.'.join(path[:-1])!r}")
+            node = node[part]
+        if not isinstance(node, dict) or path[-1] not in node:
+            raise ConfigError(f"--set {a!r}: no config key {key.strip()!r}")
+        node[path[-1]] = value
+    out = Config.from_dict(d)
+    out.check_monitor()
+    return out
+
+
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     if not p.is_file():
@@ -256,4 +415,6 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from e
     raw.setdefault("name", p.stem)
-    return Config.from_dict(raw)
+    cfg = Config.from_dict(raw)
+    cfg.check_monitor()
+    return cfg

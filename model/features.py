@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 Group = Literal["user", "video", "context"]
 BiasGroup = Literal["bias"]
@@ -70,7 +71,10 @@ def canonical_str(value: Any) -> str | None:
 
 def stable_hash(value: Any) -> int:
     """Signed 64-bit hash of a categorical value, identical across processes and machines."""
-    s = canonical_str(value)
+    return _hash_str(canonical_str(value))
+
+
+def _hash_str(s: str | None) -> int:
     if s is None:
         return NULL_CODE
     h = int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
@@ -93,6 +97,35 @@ def hash_series(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
     codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
     table = np.array([stable_hash(u) for u in uniques] + [NULL_CODE], dtype=np.int64)
     return table[codes]  # the -1 sentinel picks the trailing NULL_CODE
+
+
+@dataclass
+class HashedColumn:
+    """A column's canonical hashes (N,) int64, and each distinct hash with its canonical string."""
+
+    codes: np.ndarray
+    uniq_codes: np.ndarray  # (U,) int64, distinct, no NULL_CODE
+    uniq_strings: list[str]  # (U,) canonical_str of each
+
+
+def hash_column(col: pd.Series) -> HashedColumn:
+    """``hash_series`` of a table column without boxing it: factorised in its own dtype (a float32
+    column's values stay float32, so ``canonical_str`` prints their float32 shortest decimal), each
+    distinct value hashed once."""
+    values = col.to_numpy() if col.dtype.kind in "biuf" else col
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    strings = [canonical_str(u) for u in uniques]
+    table = np.empty(len(strings) + 1, dtype=np.int64)
+    for i, s in enumerate(strings):
+        table[i] = _hash_str(s)
+    table[-1] = NULL_CODE
+    out = table[codes]  # the -1 sentinel picks the trailing NULL_CODE
+    keep = [i for i, s in enumerate(strings) if s is not None]
+    first: dict[int, int] = {}  # 3 and 3.0 are one category: keep one entry per hash
+    for i in keep:
+        first.setdefault(int(table[i]), i)
+    idx = list(first.values())
+    return HashedColumn(out, table[idx], [strings[i] for i in idx])  # type: ignore[misc]
 
 
 def to_float(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -131,6 +164,8 @@ class FeatureSpec:
     log1p: bool = False
     mean: float = 0.0
     std: float = 1.0
+    # categorical without a vocabulary: value -> 1 + hash mod hash_buckets (unbounded id spaces)
+    hash_buckets: int | None = None
 
     def __post_init__(self) -> None:
         if self.group not in ALL_GROUPS:
@@ -141,21 +176,52 @@ class FeatureSpec:
             raise FeatureError(f"bias feature {self.name!r} must be categorical")
         if self.kind not in ("categorical", "numeric"):
             raise FeatureError(f"feature {self.name!r}: kind must be categorical or numeric")
+        if self.hash_buckets is not None:
+            if self.kind != "categorical" or self.hash_buckets < 1:
+                raise FeatureError(
+                    f"feature {self.name!r}: hash_buckets needs a categorical feature and >= 1"
+                )
+            if self.vocab:
+                raise FeatureError(f"feature {self.name!r}: a hashed feature has no vocabulary")
 
     @property
     def cardinality(self) -> int:
-        """Embedding rows: vocabulary size plus the unknown row 0."""
+        """Embedding rows: vocabulary size (or hash buckets) plus the unknown row 0."""
+        if self.hash_buckets is not None:
+            return self.hash_buckets + 1
         return len(self.vocab or []) + 1
+
+    def set_vocab_codes(self, codes: np.ndarray) -> None:
+        """The vocabulary's hashes in index order, when already known (fitting computes them), so
+        look-ups need not hash every vocabulary string again."""
+        if len(codes) != len(self.vocab or []):
+            raise FeatureError(
+                f"feature {self.name!r}: {len(codes)} codes for {len(self.vocab or [])} values"
+            )
+        self.__dict__["_codes"] = np.asarray(codes, dtype=np.int64)
+        self.__dict__.pop("_lookup", None)
+
+    def vocab_codes(self) -> np.ndarray:
+        """The vocabulary's canonical hashes in index order (index i + 1 holds vocab[i])."""
+        codes = self.__dict__.get("_codes")
+        if codes is None:
+            codes = np.array([stable_hash(v) for v in self.vocab or []], dtype=np.int64)
+            self.__dict__["_codes"] = codes
+        return codes
 
     @cached_property
     def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted hashes, embedding index for each) for vectorised vocabulary look-ups."""
-        hashes = np.array([stable_hash(v) for v in self.vocab or []], dtype=np.int64)
+        hashes = self.vocab_codes()
         order = np.argsort(hashes, kind="stable")
         return hashes[order], (order + 1).astype(np.int64)
 
     def encode_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Canonical hashes (N,) -> embedding indices (N,), 0 for values outside the vocabulary."""
+        """Canonical hashes (N,) -> embedding indices (N,), 0 for values outside the vocabulary
+        (and for missing values)."""
+        if self.hash_buckets is not None:
+            bucket = (codes.view(np.uint64) % np.uint64(self.hash_buckets)).astype(np.int64) + 1
+            return np.where(codes == NULL_CODE, 0, bucket)
         keys, index = self._lookup
         if keys.size == 0:
             return np.zeros(codes.shape, dtype=np.int64)
@@ -174,11 +240,13 @@ class FeatureSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.kind == "numeric":
-            for k in ("vocab", "min_count", "max_size"):
+            for k in ("vocab", "min_count", "max_size", "hash_buckets"):
                 d.pop(k)
         else:
             for k in ("log1p", "mean", "std"):
                 d.pop(k)
+            if self.hash_buckets is None:
+                d.pop("hash_buckets")
         return d
 
     @classmethod
@@ -291,35 +359,17 @@ class FeatureSchema:
 
         ``frames[g]`` are the canonical training rows of group g (one row per impression), ``raw[g]``
         the matching raw values (the vocabulary records raw strings, so the manifest is readable).
-        The bias group is only needed (and fitted) when the schema has bias features.
+        The bias group is only needed (and fitted) when the schema has bias features. One batch of
+        ``SchemaFitter``, which fits larger data batch by batch.
         """
-        fitted: list[FeatureSpec] = []
+        fitter = SchemaFitter(self)
         for g in ALL_GROUPS:
             if g == BIAS and not self.bias:
                 continue
             cat_names, num_names = self.columns(g)
-            for j, spec in enumerate(self.cats(g)):
-                values = pd.Series(object_values(raw[g][cat_names[j]])).map(canonical_str).dropna()
-                counts = values.value_counts(sort=True)
-                counts = counts[counts >= spec.min_count]
-                if spec.max_size is not None:
-                    counts = counts.iloc[: spec.max_size]
-                vocab = sorted(counts.index.astype(str), key=_natural_key)
-                fitted.append(FeatureSpec(**{**asdict(spec), "vocab": vocab}))
-            for j, spec in enumerate(self.nums(g)):
-                x = frames[g].nums[:, j].astype(np.float64)
-                x = x[np.isfinite(x)]
-                if spec.log1p:
-                    x = np.log1p(np.clip(x, 0.0, None))
-                mean = float(x.mean()) if x.size else 0.0
-                std = float(x.std()) if x.size else 1.0
-                fitted.append(
-                    FeatureSpec(**{**asdict(spec), "mean": mean, "std": std if std > 1e-8 else 1.0})
-                )
-        del num_names
-        order = {(f.group == BIAS, f.name): i for i, f in enumerate(self.features)}
-        fitted.sort(key=lambda f: order[(f.group == BIAS, f.name)])
-        return FeatureSchema(fitted, user_key=self.user_key, video_key=self.video_key)
+            if cat_names or num_names:
+                fitter.update(g, [hash_column(raw[g][c]) for c in cat_names], frames[g].nums)
+        return fitter.result()
 
     # -- canonical -> encoded ----------------------------------------------------------------
     def encode(self, group: AnyGroup, rows: CanonicalRows) -> tuple[np.ndarray, np.ndarray]:
@@ -350,6 +400,238 @@ class FeatureSchema:
             )
         except (KeyError, TypeError) as e:
             raise FeatureError(f"malformed feature schema: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# streaming fit: value counts and moments, memory bounded by the distinct values
+
+
+class StringMap:
+    """Canonical strings of hashes: sorted codes (U,) and their strings (a pyarrow array)."""
+
+    def __init__(self, codes: np.ndarray, strings: pa.Array | Sequence[str]) -> None:
+        order = np.argsort(codes, kind="stable")
+        self.codes = np.asarray(codes, dtype=np.int64)[order]
+        arr = strings if isinstance(strings, pa.Array) else pa.array(list(strings), type=pa.large_string())
+        self.strings = arr.take(pa.array(order))
+
+    @classmethod
+    def of(cls, column: HashedColumn) -> StringMap:
+        return cls(column.uniq_codes, column.uniq_strings)
+
+    def lookup(self, codes: np.ndarray) -> pa.Array:
+        """The strings of ``codes`` (each must be in the map)."""
+        pos = np.searchsorted(self.codes, codes)
+        if len(codes) and (pos.max() >= len(self.codes) or not (self.codes[pos] == codes).all()):
+            raise FeatureError("a value's canonical string is missing from its column's map")
+        return self.strings.take(pa.array(pos))
+
+
+class CategoryCounter:
+    """Streaming value counts of one categorical feature: (codes, counts, strings) merged in sorted
+    code order, with memory bounded by the number of distinct values, not of rows."""
+
+    def __init__(self) -> None:
+        self.codes = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.strings: pa.Array = pa.array([], type=pa.large_string())
+        self._pending: list[tuple[np.ndarray, np.ndarray, pa.Array]] = []
+        self._pending_n = 0
+
+    def add(self, codes: np.ndarray, names: StringMap) -> None:
+        """Count the non-missing ``codes`` (N,) of a batch; ``names`` knows their strings."""
+        c, n = np.unique(codes[codes != NULL_CODE], return_counts=True)
+        self.add_counts(c, n.astype(np.int64), names.lookup(c))
+
+    def add_counts(self, codes: np.ndarray, counts: np.ndarray, strings: pa.Array) -> None:
+        self._pending.append((codes, counts, strings))
+        self._pending_n += len(codes)
+        if self._pending_n > max(1 << 20, len(self.codes)):
+            self._merge()
+
+    def merge(self, other: CategoryCounter) -> None:
+        other._merge()
+        self.add_counts(other.codes, other.counts, other.strings)
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        parts = [(self.codes, self.counts, self.strings), *self._pending]
+        self._pending, self._pending_n = [], 0
+        codes = np.concatenate([p[0] for p in parts])
+        counts = np.concatenate([p[1] for p in parts])
+        strings = pa.concat_arrays([p[2].cast(pa.large_string()) for p in parts])
+        order = np.argsort(codes, kind="stable")
+        codes = codes[order]
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
+        self.codes = codes[starts]
+        self.counts = np.add.reduceat(counts[order], starts) if len(starts) else np.zeros(0, np.int64)
+        self.strings = strings.take(pa.array(order[starts]))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+        """(codes, counts, strings), sorted by code."""
+        self._merge()
+        return self.codes, self.counts, self.strings
+
+
+@dataclass
+class Moments:
+    """Streaming count, mean and sum of squared deviations (Chan et al.'s parallel update)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x = x[np.isfinite(x)]
+        if x.size:
+            self.merge(Moments(int(x.size), float(x.mean()), float(((x - x.mean()) ** 2).sum())))
+
+    def merge(self, o: Moments) -> None:
+        if o.n == 0:
+            return
+        n = self.n + o.n
+        delta = o.mean - self.mean
+        self.m2 += o.m2 + delta * delta * self.n * o.n / n
+        self.mean += delta * o.n / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n else 1.0
+
+
+def natural_order(strings: Sequence[str]) -> np.ndarray:
+    """The permutation that sorts strings numbers first (by value), then text (by string), like
+    ``sorted(strings, key=_natural_key)``, vectorised for vocabularies of millions."""
+    s = pd.Series(list(strings), dtype=object)
+    num = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64)
+    is_num = ~np.isnan(num)
+    idx_num, idx_txt = np.flatnonzero(is_num), np.flatnonzero(~is_num)
+    order_num = idx_num[np.argsort(num[idx_num], kind="stable")]
+    order_txt = idx_txt[np.argsort(s.to_numpy()[idx_txt], kind="stable")]
+    return np.concatenate([order_num, order_txt]).astype(np.int64)
+
+
+def select_vocab(
+    spec: FeatureSpec, codes: np.ndarray, counts: np.ndarray, strings: pa.Array
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A categorical feature's vocabulary from its training value counts: values seen at least
+    ``min_count`` times, the ``max_size`` most frequent (ties by value), in natural order.
+    Returns (vocab, their codes, their counts) in index order."""
+    keep = np.flatnonzero(counts >= spec.min_count)
+    values: list[str] = strings.take(pa.array(keep)).to_pylist()
+    codes, counts = codes[keep], counts[keep]
+    if spec.max_size is not None and len(values) > spec.max_size:
+        natural = natural_order(values)
+        rank = np.empty(len(values), dtype=np.int64)
+        rank[natural] = np.arange(len(values))
+        top = np.lexsort((rank, -counts))[: spec.max_size]
+        values, codes, counts = [values[i] for i in top], codes[top], counts[top]
+    order = natural_order(values)
+    return [values[i] for i in order], codes[order], counts[order]
+
+
+class SchemaFitter:
+    """Fits a schema's vocabularies and numeric statistics from batches of training rows."""
+
+    def __init__(self, schema: FeatureSchema) -> None:
+        self.schema = schema
+        self.counters = {
+            (f.group, f.name): CategoryCounter() for f in schema.features if f.kind == "categorical"
+        }
+        self.moments = {(f.group, f.name): Moments() for f in schema.features if f.kind == "numeric"}
+
+    def update(self, group: AnyGroup, cats: Sequence[HashedColumn], nums: np.ndarray) -> None:
+        """One batch of a group's training rows: hashed categorical columns (in schema column order)
+        and canonical numeric columns (N, F)."""
+        for spec, col in zip(self.schema.cats(group), cats, strict=True):
+            self.update_counts(group, spec.name, col.codes, StringMap.of(col))
+        for j, spec in enumerate(self.schema.nums(group)):
+            x = nums[:, j].astype(np.float64)
+            if spec.log1p:
+                x = np.log1p(np.clip(x, 0.0, None))
+            self.moments[(group, spec.name)].add(x)
+
+    def update_counts(self, group: AnyGroup, name: str, codes: np.ndarray, names: StringMap) -> None:
+        self.counters[(group, name)].add(codes, names)
+
+    def merge(self, other: SchemaFitter) -> None:
+        for k, c in other.counters.items():
+            self.counters[k].merge(c)
+        for k, m in other.moments.items():
+            self.moments[k].merge(m)
+
+    def result(self) -> FeatureSchema:
+        fitted: list[FeatureSpec] = []
+        for spec in self.schema.features:
+            key = (spec.group, spec.name)
+            if spec.kind == "numeric":
+                m = self.moments[key]
+                mean, std = (m.mean, m.std) if m.n else (0.0, 1.0)
+                fitted.append(
+                    FeatureSpec(**{**asdict(spec), "mean": mean, "std": std if std > 1e-8 else 1.0})
+                )
+            elif spec.hash_buckets is not None:
+                fitted.append(FeatureSpec(**asdict(spec)))
+            else:
+                vocab, codes, _ = select_vocab(spec, *self.counters[key].result())
+                out = FeatureSpec(**{**asdict(spec), "vocab": vocab})
+                out.set_vocab_codes(codes)
+                fitted.append(out)
+        return FeatureSchema(fitted, user_key=self.schema.user_key, video_key=self.schema.video_key)
+
+
+def strings_to_arrays(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as (UTF-8 bytes (B,) uint8, offsets (V + 1,) int64), for safetensors files."""
+    arr = pa.array(list(strings), type=pa.large_string())
+    _, offsets, data = arr.buffers()
+    off = (
+        np.frombuffer(offsets, dtype=np.int64, count=len(arr) + 1).copy()
+        if len(arr)
+        else np.zeros(1, np.int64)
+    )
+    raw = (
+        np.frombuffer(data, dtype=np.uint8, count=int(off[-1])).copy()
+        if data is not None
+        else np.zeros(0, np.uint8)
+    )
+    return raw, off - off[0]
+
+
+def arrays_to_strings(raw: np.ndarray, offsets: np.ndarray) -> list[str]:
+    n = len(offsets) - 1
+    if n <= 0:
+        return []
+    arr = pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(raw.astype(np.uint8))
+    )
+    out: list[str] = arr.to_pylist()
+    return out
+
+
+def schema_to_arrays(schema: FeatureSchema) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The schema as JSON without its vocabularies, plus the vocabularies as arrays (feature i's
+    ``i.codes`` (V,) int64 in index order, ``i.bytes`` and ``i.offsets`` its strings), so a
+    vocabulary of millions is a compact binary file and not a JSON list."""
+    d = schema.to_dict()
+    arrays: dict[str, np.ndarray] = {}
+    for i, (f, fd) in enumerate(zip(schema.features, d["features"], strict=True)):
+        if f.kind == "categorical" and f.vocab is not None:
+            arrays[f"{i}.codes"] = f.vocab_codes()
+            arrays[f"{i}.bytes"], arrays[f"{i}.offsets"] = strings_to_arrays(f.vocab)
+            fd["vocab"] = None
+    return d, arrays
+
+
+def schema_from_arrays(d: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> FeatureSchema:
+    """Inverse of ``schema_to_arrays``."""
+    schema = FeatureSchema.from_dict(d)
+    for i, f in enumerate(schema.features):
+        if f"{i}.codes" in arrays:
+            f.vocab = arrays_to_strings(arrays[f"{i}.bytes"], arrays[f"{i}.offsets"])
+            f.set_vocab_codes(arrays[f"{i}.codes"])
+    return schema
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)

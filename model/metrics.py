@@ -64,19 +64,22 @@ def ndcg_at_k(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int = 
     return float((actual.reindex(ideal.index).fillna(0.0) / ideal).mean())
 
 
-def task_metrics(task: TaskConfig, y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Metrics of one head on the rows where its label is observed. ``p`` is in label space."""
+def task_metrics(
+    task: TaskConfig, y: np.ndarray, p: np.ndarray, groups: np.ndarray | None
+) -> dict[str, float]:
+    """Metrics of one head on the rows where its label is observed. ``p`` is in label space.
+    GAUC needs list groups (None: the rows have none, e.g. a table without user ids)."""
     m = ~np.isnan(y)
-    y, p, groups = y[m], p[m], groups[m]
+    y, p = y[m], p[m]
     if y.size == 0:
         return {}
     if task.kind == "binary":
-        return {
-            "auc": auc(y, p),
-            "gauc": gauc(y, p, groups),
-            "logloss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
-            "positive_rate": float(y.mean()),
-        }
+        out = {"auc": auc(y, p)}
+        if groups is not None:
+            out["gauc"] = gauc(y, p, groups[m])
+        out["logloss"] = float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        out["positive_rate"] = float(y.mean())
+        return out
     return {
         "rmse": float(np.sqrt(mean_squared_error(y, p))),
         "mae": float(mean_absolute_error(y, p)),
@@ -115,11 +118,12 @@ def evaluate_predictions(
     tasks: list[TaskConfig],
     labels: np.ndarray,
     heads: Mapping[str, np.ndarray],
-    groups: np.ndarray,
+    groups: np.ndarray | None,
     combined: np.ndarray,
     prefix: str = "",
 ) -> dict[str, float]:
-    """All metrics of a split: ``<prefix><task>/<metric>`` plus ``<prefix>ndcg@10`` of ``combined``."""
+    """All metrics of a split: ``<prefix><task>/<metric>`` plus ``<prefix>ndcg@10`` of ``combined``
+    (per list group: only when the rows have groups)."""
     out: dict[str, float] = {}
     for t, task in enumerate(tasks):
         y = labels[:, t]
@@ -128,7 +132,7 @@ def evaluate_predictions(
             y = np.expm1(y)  # report regression errors in label units
         for k, v in task_metrics(task, y, p, groups).items():
             out[f"{prefix}{task.name}/{k}"] = v
-    if any(t.kind == "binary" for t in tasks):
+    if groups is not None and any(t.kind == "binary" for t in tasks):
         out[f"{prefix}ndcg@10"] = ndcg_at_k(relevance_gain(labels, tasks), combined, groups, k=10)
     return out
 

@@ -32,7 +32,7 @@ def head_outputs(raw: Mapping[str, torch.Tensor], tasks: list[TaskConfig]) -> di
             y = torch.sigmoid(y)
         elif t.transform == "log1p":
             y = torch.expm1(y.clamp(min=0.0))
-        out[t.name] = y.numpy().astype(np.float64)
+        out[t.name] = y.detach().cpu().numpy().astype(np.float64)
     return out
 
 

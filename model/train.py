@@ -1,4 +1,5 @@
-"""Batch trainer: mini-batch Adam on masked, count-normalised per-task losses.
+"""Batch trainer: mini-batch Adam on masked, count-normalised per-task losses -- one loop for one
+process and for ``torchrun``.
 
     L = sum_i w_i * L_i,   L_i = mean over the rows of the batch whose label i is observed
 
@@ -7,20 +8,41 @@
 Early stopping watches one validation metric in its right direction and keeps the best weights.
 The result is written as a versioned checkpoint (``model.checkpoint``).
 
+Data comes from ``model.data``: the log is prepared once into encoded shards (streamed, memory
+bounded by the vocabularies) and read back as shuffled batch *streams*. The loop talks to the
+other processes only through a ``model.replica.Replica``: one process is a replica of a world of
+one, ``torchrun`` gives ``model.distributed.DistributedReplica``. Per step:
+
+- each rank's batch is its streams' rows; its task losses are scaled by n_i,r * W / N_i (its
+  observed labels over the global batch's, one all-reduce of T counts), so the average over
+  ranks of the per-rank gradients is exactly the global batch's gradient;
+- the weighting scheme takes what it needs of the global batch from the replica (losses, Gram
+  matrices, gradient norms; ``model.weighting``), every gradient is averaged over ranks
+  (``Replica.average_grads``), and every rank takes the same optimiser step;
+- validation and test rows are scored where they live and gathered on rank 0 for the metrics;
+  every rank applies rank 0's early-stopping decision.
+
 Around the weighting scheme: ``train.tower_l2`` adds the soft-sharing penalty and
-``train.embed_batch_l2`` the mini-batch aware embedding L2 (``batch_embedding_l2``); the bias tower
-(``model.bias_features``) sees the logged bias features in training only -- evaluation scores rows
-exactly as the service does, without them. Validation / test ``loss`` is always the static
-sum_i w_i L_i, comparable across weighting schemes.
+``train.embed_batch_l2`` the mini-batch aware embedding L2 (``batch_embedding_l2``, over the
+union of the ranks' batch rows); the bias tower (``model.bias_features``) sees the logged bias
+features in training only -- evaluation scores rows exactly as the service does, without them.
+Validation / test ``loss`` is always the static sum_i w_i L_i, comparable across weighting schemes.
+
+``train.sparse_embeddings``: the embedding tables take sparse gradients and a lazy Adam
+(``torch.optim.SparseAdam``), so a step's cost does not grow with the vocabulary.
 
 Fine-tuning (``init_from``, ``mtrank train --init-from``): the network starts from a checkpoint's
 weights (every tensor whose name and shape match; the data is encoded with the checkpoint's own
 feature schema, so embedding rows keep their meaning), optionally with ``train.reset_heads``,
 ``train.freeze`` (modules by name), ``train.lr_scale`` and ``train.layer_lr_decay``.
 
+Resuming (``train(..., resume=True)``, ``mtrank train --resume``): after every epoch the model,
+optimisers, data-stream generators and bookkeeping are written to ``<artifacts>/runs/<id>/``
+(``model.runstate``); a resumed run continues after the last complete epoch and ends with the
+same weights as an uninterrupted one.
+
 ``python -m model.train --config X --artifacts A`` trains in one process (like ``mtrank train``);
-under ``torchrun --nproc_per_node=N -m model.train ...`` with DistributedDataParallel
-(``model.distributed``).
+under ``torchrun --nproc_per_node=N -m model.train ...`` on N ranks (``model.distributed``).
 """
 
 from __future__ import annotations
@@ -32,6 +54,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,12 +70,22 @@ from torch import Tensor, nn
 
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
-from model.data import DataError, Dataset, Split, load_dataset
+from model.data import DataError, Dataset, Split, prepare_data
+from model.data.loader import (
+    AnySplit,
+    Stream,
+    iter_batches,
+    sharded,
+    stream_rng,
+    zip_streams,
+)
 from model.features import FeatureError, FeatureSchema
 from model.metrics import evaluate_predictions, higher_is_better
 from model.nets import PLE, MMoE, MultiTaskNet, build_model
+from model.replica import Replica, resolve_device
+from model.runstate import load_state, remove_run, run_dir, save_state
 from model.scoring import combine_scores, head_outputs
-from model.weighting import TaskWeighting, make_weighting, tower_l2_penalty
+from model.weighting import PCGradWeighting, TaskWeighting, make_weighting, tower_l2_penalty
 
 log = logging.getLogger(__name__)
 
@@ -85,42 +118,81 @@ def observed_tasks(labels: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def predict(
-    model: MultiTaskNet, split: Split, tasks: list[TaskConfig], batch_size: int = 8192
-) -> dict[str, np.ndarray]:
-    """Per-head scores in label space for every row of a split."""
+def _score(
+    model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per-head scores of every row of a split (in order), and per task the sum of the loss over
+    the observed labels and their count (2, T)."""
     model.eval()
+    device = next(model.parameters()).device
     parts: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
-    for i in range(0, len(split), batch_size):
+    sums, counts = np.zeros(len(tasks)), np.zeros(len(tasks))
+    for b in iter_batches(split, batch_size):
         raw = model(
-            torch.from_numpy(split.cats[i : i + batch_size]), torch.from_numpy(split.nums[i : i + batch_size])
+            torch.from_numpy(np.asarray(b.cats, dtype=np.int64)).to(device),
+            torch.from_numpy(b.nums).to(device),
         )
         for k, v in head_outputs(raw, tasks).items():
             parts[k].append(v)
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        y = torch.from_numpy(b.labels).to(device)
+        for t, task in enumerate(tasks):
+            seen = ~torch.isnan(y[:, t])
+            sums[t] += float(_loss(raw[task.name][seen], y[seen, t], task.kind, "sum"))
+            counts[t] += int(seen.sum())
+    heads = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    return heads, sums, counts
+
+
+def predict(
+    model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int = 8192
+) -> dict[str, np.ndarray]:
+    """Per-head scores in label space for every row of a split."""
+    return _score(model, split, tasks, batch_size)[0]
+
+
+def _split_columns(split: AnySplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, group ids, fragment of each row) of a split, in row order."""
+    parts = list(split.parts())
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    frags = [p.fragments if p.fragments is not None else np.zeros(len(p), np.int32) for p in parts]
+    return (
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.users for p in parts]),
+        np.concatenate(frags),
+    )
 
 
 def evaluate_split(
-    model: MultiTaskNet, split: Split, tasks: list[TaskConfig], prefix: str, batch_size: int = 8192
+    model: MultiTaskNet,
+    split: AnySplit,
+    tasks: list[TaskConfig],
+    prefix: str,
+    batch_size: int = 8192,
+    *,
+    replica: Replica | None = None,
+    grouped: bool = True,
 ) -> dict[str, float]:
-    if len(split) == 0:
+    """Metrics of a split: every head's, NDCG@10 of the combined score (``grouped``: per list
+    group; GAUC too), and the static objective's ``loss`` (each task's loss is its mean over the
+    split's observed labels, whatever the batch size). Data parallel: each rank scores its own rows,
+    rank 0 gathers them (in fragment order, as one process reads them) and alone returns metrics."""
+    heads, sums, counts = _score(model, split, tasks, batch_size)
+    labels, groups, frags = _split_columns(split)
+    if replica is not None and replica.distributed:
+        gathered = replica.gather_to_root((heads, labels, groups, frags, sums, counts))
+        if gathered is None:
+            return {}
+        order = np.argsort(np.concatenate([g[3] for g in gathered]), kind="stable")
+        heads = {t.name: np.concatenate([g[0][t.name] for g in gathered])[order] for t in tasks}
+        labels = np.concatenate([g[1] for g in gathered if len(g[1])])[order] if len(order) else labels
+        groups = np.concatenate([g[2] for g in gathered])[order]
+        sums, counts = np.sum([g[4] for g in gathered], axis=0), np.sum([g[5] for g in gathered], axis=0)
+    if len(groups) == 0:
         return {}
-    heads = predict(model, split, tasks, batch_size)
     weights = {t.name: 1.0 for t in tasks if t.kind == "binary"} or {t.name: 1.0 for t in tasks}
     combined = combine_scores(heads, weights, "product")
-    metrics = evaluate_predictions(tasks, split.labels, heads, split.users, combined, prefix=prefix)
-    # the static training objective on this split, for curves and early stopping: each task's loss
-    # is its mean over the split's observed labels (whatever the batch size)
-    sums, counts = np.zeros(len(tasks)), np.zeros(len(tasks))
-    with torch.inference_mode():
-        for i in range(0, len(split), batch_size):
-            sl = slice(i, i + batch_size)
-            out = model(torch.from_numpy(split.cats[sl]), torch.from_numpy(split.nums[sl]))
-            y = torch.from_numpy(split.labels[sl])
-            for t, task in enumerate(tasks):
-                seen = ~torch.isnan(y[:, t])
-                sums[t] += float(_loss(out[task.name][seen], y[seen, t], task.kind, "sum"))
-                counts[t] += int(seen.sum())
+    metrics = evaluate_predictions(tasks, labels, heads, groups if grouped else None, combined, prefix=prefix)
     means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     metrics[f"{prefix}loss"] = float(sum(t.weight * m for t, m in zip(tasks, means, strict=True)))
     return metrics
@@ -128,7 +200,7 @@ def evaluate_split(
 
 @torch.no_grad()
 def expert_utilization(
-    model: MultiTaskNet, split: Split, max_rows: int = 20000
+    model: MultiTaskNet, split: AnySplit, max_rows: int = 20000
 ) -> dict[str, list[float]] | None:
     """Mean gate probability of each expert per gate; a collapsed gate puts ~1 on one expert.
 
@@ -139,7 +211,10 @@ def expert_utilization(
     if not isinstance(model, MMoE | PLE) or len(split) == 0:
         return None
     model.eval()
-    cats, nums = torch.from_numpy(split.cats[:max_rows]), torch.from_numpy(split.nums[:max_rows])
+    rows = next(iter_batches(split, max_rows))
+    device = next(model.parameters()).device
+    cats = torch.from_numpy(np.asarray(rows.cats, dtype=np.int64)).to(device)
+    nums = torch.from_numpy(rows.nums).to(device)
     if isinstance(model, MMoE):
         mean = model.gate_weights(cats, nums).mean(dim=0)  # (T, E)
         return {t: [round(float(x), 4) for x in mean[i]] for i, t in enumerate(model.tasks)}
@@ -316,44 +391,103 @@ def unknown_rows_imputed(model: MultiTaskNet, row_counts: Tensor) -> Iterator[No
                 w[rows] = old
 
 
-def batch_embedding_l2(model: MultiTaskNet, cats: Tensor, row_counts: Tensor) -> Tensor:
+def batch_embedding_l2(
+    model: MultiTaskNet, cats: Tensor, row_counts: Tensor, replica: Replica | None = None
+) -> Tensor:
     """Mini-batch aware regularisation (Zhou et al., KDD 2018, DIN section 4.1): the L2 norm of the
     embedding rows the batch uses, each divided by its row's count n_j in the training split, i.e.
     sum_{j in batch} ||w_j||^2 / n_j, so over an epoch each row is penalised about once, however
-    often it appears, and rows a batch does not touch are left alone."""
-    total = torch.zeros(())
+    often it appears, and rows a batch does not touch are left alone. Data parallel: the rows of
+    the global batch (the union over ranks), the same penalty on every rank."""
+    total = torch.zeros((), device=row_counts.device)
     for e in model.feature_embeddings():
         rows = torch.unique(cats + e.offsets)  # (R,)
-        w = e.emb.weight[rows]  # (R, D)
+        if replica is not None and replica.distributed:
+            rows = torch.unique(replica.cat(rows))
+        w = F.embedding(rows, e.emb.weight, sparse=True) if e.emb.sparse else e.emb.weight[rows]  # (R, D)
         total = total + (w.pow(2).sum(dim=1) / row_counts[rows].clamp_min(1.0)).sum()
     return total
+
+
+Batch = tuple[Tensor, Tensor, Tensor, Tensor | None]  # cats (B, C) int64, nums, labels, bias
+
+
+def to_tensors(part: Split) -> Batch:
+    cats = torch.from_numpy(np.asarray(part.cats, dtype=np.int64))
+    bias = torch.from_numpy(np.asarray(part.bias, dtype=np.int64)) if part.bias is not None else None
+    return cats, torch.from_numpy(part.nums), torch.from_numpy(part.labels), bias
+
+
+def cat_batches(parts: Sequence[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    bias = None if parts[0][3] is None else torch.cat([p[3] for p in parts])  # type: ignore[misc]
+    return (
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]),
+        bias,
+    )
+
+
+def padding_batch(schema: FeatureSchema, n_tasks: int) -> Batch:
+    """A batch of no rows: a rank whose stream has run out takes part in the step (every rank runs
+    the same steps, and its zero gradients join the average) without adding to any loss."""
+    bias = torch.zeros(0, len(schema.bias), dtype=torch.long) if schema.bias else None
+    return (
+        torch.zeros(0, schema.n_cats, dtype=torch.long),
+        torch.zeros(0, schema.n_nums),
+        torch.zeros(0, n_tasks),
+        bias,
+    )
+
+
+def global_loss_scale(local_labels: Tensor, n_global: Tensor, world_size: int) -> Tensor:
+    """Per-task factor (T,) n_r * W / N turning this rank's mean over its n_r observed labels into its
+    share of the mean over the N observed labels of the global batch (the average over ranks of
+    the scaled per-rank losses is then exactly the global batch's loss). 1 where N = 0."""
+    n_local = (~torch.isnan(local_labels)).sum(dim=0).to(torch.float64)
+    n_global = n_global.to(torch.float64)
+    return torch.where(n_global > 0, n_local * world_size / n_global.clamp_min(1.0), 1.0).float()
 
 
 def train_step(
     model: MultiTaskNet,
     weighting: TaskWeighting,
-    opt: torch.optim.Optimizer,
-    batch: tuple[Tensor, Tensor, Tensor, Tensor | None],
+    opt: Optimizers,
+    batch: Batch,
     tasks: list[TaskConfig],
     tower_l2: float = 0.0,
     batch_l2: tuple[float, Tensor] | None = None,
+    replica: Replica | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """One optimiser step; returns the objective and the per-task losses. ``batch_l2`` is
-    (strength, embedding row counts) for ``batch_embedding_l2``."""
+    """One optimiser step; returns the objective and the per-task losses (this rank's shares of the
+    global batch's). ``batch_l2`` is (strength, embedding row counts) for ``batch_embedding_l2``."""
     cats, nums, labels, bias = batch
     out, z = model.forward_with_shared(cats, nums, bias)
     losses = task_losses(out, labels, tasks)
-    opt.zero_grad(set_to_none=True)
-    loss = float(weighting.backward(losses, z, model, observed_tasks(labels)))
-    penalties = []  # regularisers outside the weighting scheme
+    if replica is not None and replica.distributed:
+        # this rank's mean over its n_i observed labels -> its share of the mean over the global
+        # batch's N_i: the average over ranks of the scaled losses is the global batch's loss
+        n_global = replica.sum((~torch.isnan(labels)).sum(dim=0).to(torch.float64))
+        scale = global_loss_scale(labels, n_global, replica.world)
+        losses = {t.name: losses[t.name] * scale[i] for i, t in enumerate(tasks)}
+        seen = (n_global > 0).cpu()
+    else:
+        seen = observed_tasks(labels)
+    opt.zero_grad()
+    loss = float(weighting.backward(losses, z, model, seen, replica))
+    penalties = []  # regularisers outside the weighting scheme (the same on every rank)
     if tower_l2 > 0 and (tie := tower_l2_penalty(model)).requires_grad:  # not when all towers are frozen
         penalties.append(tower_l2 * tie)
     if batch_l2 is not None and batch_l2[0] > 0:
-        penalties.append(batch_l2[0] * batch_embedding_l2(model, cats, batch_l2[1]))
+        penalties.append(batch_l2[0] * batch_embedding_l2(model, cats, batch_l2[1], replica))
     if penalties:
         penalty = torch.stack(penalties).sum()
         penalty.backward()  # type: ignore[no-untyped-call]
         loss += float(penalty.detach())
+    if replica is not None and replica.distributed:
+        replica.average_grads(opt.params())
     opt.step()
     weighting.after_step()
     return loss, {k: float(v.detach()) for k, v in losses.items()}
@@ -403,39 +537,140 @@ class EarlyStopping:
     def metrics(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "monitor": self.monitor, "best_monitor": self.best}
 
+    def state(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad": self.bad,
+            "best_state": self.best_state,
+        }
 
-def make_optimizer(model: MultiTaskNet, weighting: TaskWeighting, cfg: Config) -> torch.optim.Optimizer:
-    """Adam over the network's parameter groups (layer-wise LR) plus the weighting's own parameters."""
+    def load(self, s: Mapping[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad, self.best_state = (
+            s["best"],
+            s["best_epoch"],
+            s["bad"],
+            s["best_state"],
+        )
+
+
+class Optimizers:
+    """Adam over the dense parameters, and ``torch.optim.SparseAdam`` (a lazy Adam: only the rows a
+    batch touches are read and updated) over sparse embedding tables, stepped as one."""
+
+    def __init__(self, opts: Sequence[torch.optim.Optimizer]) -> None:
+        self.opts = list(opts)
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def params(self) -> list[Tensor]:
+        return [p for o in self.opts for g in o.param_groups for p in g["params"]]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [o.state_dict() for o in self.opts]
+
+    def load_state_dict(self, states: Sequence[Mapping[str, Any]]) -> None:
+        for o, s in zip(self.opts, states, strict=True):
+            o.load_state_dict(dict(s))
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.opts for g in o.param_groups]
+
+
+def make_optimizer(model: MultiTaskNet, weighting: TaskWeighting, cfg: Config) -> Optimizers:
+    """Adam over the network's parameter groups (layer-wise LR) plus the weighting's own parameters;
+    sparse embedding tables (``train.sparse_embeddings``) in a SparseAdam of their own."""
     tc = cfg.train
     groups = param_groups(model, tc)
+    sparse_ids = {id(e.emb.weight) for e in model.feature_embeddings() if e.emb.sparse}
+    dense, sparse = [], []
+    for g in groups:
+        ps = [p for p in g["params"] if id(p) not in sparse_ids]
+        sp = [p for p in g["params"] if id(p) in sparse_ids]
+        if ps:
+            dense.append({**g, "params": ps})
+        if sp:
+            sparse.append({"params": sp, "lr": g["lr"], "depth": g["depth"]})
     if weighting.extra_parameters():
-        groups.append(
-            {"params": weighting.extra_parameters(), "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0}
-        )
+        dense.append({"params": weighting.extra_parameters(), "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0})
     if tc.weighting != "static" and any(t.weight != 1.0 for t in cfg.tasks):
         log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting)
-    return torch.optim.Adam(groups, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay)
+    opts: list[torch.optim.Optimizer] = []
+    if dense:
+        opts.append(torch.optim.Adam(dense, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay))
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=tc.lr * tc.lr_scale))
+    return Optimizers(opts)
 
 
-def resolve_monitor(cfg: Config, ds: Dataset) -> tuple[str, bool]:
+def resolve_monitor(cfg: Config, ds: Dataset, has_valid: bool | None = None) -> tuple[str, bool]:
     """The early-stopping metric (on train when there is no validation split) and its direction."""
-    monitor = cfg.train.monitor
-    if len(ds.valid) == 0 and monitor.startswith("valid/"):
+    cfg.check_monitor()
+    monitor = cfg.monitor
+    if has_valid is None:
+        has_valid = len(ds.valid) > 0
+    if not has_valid and monitor.startswith("valid/"):
+        log.warning("no validation rows: early stopping watches the training split's %s", monitor)
         monitor = "train/" + monitor.split("/", 1)[1]
     return monitor, higher_is_better(monitor)
 
 
+def stream_sizes(ds: Dataset, n_streams: int) -> list[int]:
+    """Train rows of each stream, over all ranks."""
+    if ds.fragment_rows:
+        sizes = [0] * n_streams
+        for frag, rows in ds.fragment_rows.items():
+            sizes[frag % n_streams] += rows
+        return sizes
+    train = ds.train
+    if isinstance(train, Split) and train.fragments is not None:
+        return np.bincount(train.fragments % n_streams, minlength=n_streams).tolist()  # type: ignore[no-any-return]
+    return [len(train)] + [0] * (n_streams - 1)
+
+
+def reference_labels(ds: Dataset) -> npt.NDArray[np.float32] | list[dict[str, float]]:
+    """What a weighting's "constant" reference is computed from: the train labels when they are in
+    memory, else their statistics from data preparation."""
+    if isinstance(ds.train, Split) or ds.label_stats is None:
+        return ds.train.labels
+    return ds.label_stats
+
+
 def fit(
-    cfg: Config, ds: Dataset, progress: ProgressFn | None = None, *, init_from: Checkpoint | None = None
+    cfg: Config,
+    ds: Dataset,
+    progress: ProgressFn | None = None,
+    *,
+    init_from: Checkpoint | None = None,
+    replica: Replica | None = None,
+    state_dir: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train on ``ds.train`` with early stopping on ``ds.valid``; evaluate on ``ds.test``.
 
     With ``init_from``, start from that checkpoint's weights; ``ds`` must then be encoded with its
-    feature schema (``load_dataset(cfg, schema=ckpt.schema)``, what ``train`` does).
+    feature schema (``load_dataset(cfg, schema=ckpt.schema)``, what ``train`` does). ``replica``:
+    this process's place in a data-parallel job (default: one process on ``train.device``).
+    ``state_dir``: where the resumable state is written after each epoch (and read from when
+    ``resume``). Every rank returns a TrainResult; rank 0's has the metrics.
     """
     tc = cfg.train
+    replica = replica or Replica(resolve_device(tc.device))
+    W, rank, device = replica.world, replica.rank, replica.device
+    S = tc.streams or W
+    if S % W != 0 or tc.batch_size % S != 0:
+        raise ConfigError(
+            f"train.streams = {S} must be a multiple of the world size {W}, and train.batch_size = "
+            f"{tc.batch_size} divisible by it (each stream's batch is batch_size / streams)"
+        )
     torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     model = build_model(cfg.model, ds.schema, cfg.tasks)
@@ -451,37 +686,106 @@ def fit(
         model.reset_heads()
     if tc.freeze:
         info["frozen_parameters"] = freeze(model, tc.freeze)
-    weighting = make_weighting(tc, cfg.tasks, ds.train.labels)
+    if rank > 0:  # dropout masks differ per rank; rank 0 keeps the single-process stream
+        torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank]).generate_state(1)[0]))
+    model.to(device)
+    for e in model.feature_embeddings():
+        e.emb.sparse = tc.sparse_embeddings
+    weighting = make_weighting(tc, cfg.tasks, reference_labels(ds)).to(device)
+    if isinstance(weighting, PCGradWeighting) and replica.distributed:
+        weighting.generator = torch.Generator().manual_seed(tc.seed)  # the same order on every rank
     opt = make_optimizer(model, weighting, cfg)
-    stopper = EarlyStopping(*resolve_monitor(cfg, ds), tc.patience)
+    global_valid = ds.fingerprint.get("valid_rows", len(ds.valid)) if replica.distributed else len(ds.valid)
+    validate_on = ds.valid if global_valid else ds.train
+    stopper = EarlyStopping(*resolve_monitor(cfg, ds, bool(global_valid)), tc.patience)
     history: list[dict[str, float]] = []
-    n = len(ds.train)
-    steps_per_epoch = math.ceil(n / tc.batch_size)
-    train_time, seen, global_step = 0.0, 0, 0
+    b = tc.batch_size // S  # rows per stream and step
+    mine = [s for s in range(S) if s % W == rank]  # the streams this process reads
+    streams = [Stream(ds.train, s, S, stream_rng(tc.seed, s, S), tc.shuffle_buffer) for s in mine]
+    steps_per_epoch = max(-(-n // b) for n in stream_sizes(ds, S))
+    train_time, seen, global_step, start = 0.0, 0, 0, 1
+    n_train = sum(stream_sizes(ds, S))
     step_log: list[dict[str, float]] = []
-    row_counts = embedding_row_counts(model, ds.train.cats)  # (R,) training rows per embedding row
-    groups, drop_gen = entity_columns(ds.schema), torch.Generator().manual_seed(tc.seed)
+    if ds.row_counts is not None:
+        row_counts = torch.from_numpy(ds.row_counts.astype(np.float32)).to(device)
+    else:
+        assert isinstance(ds.train, Split), "a shard-backed dataset carries its row counts"
+        row_counts = embedding_row_counts(model, np.asarray(ds.train.cats, dtype=np.int64)).to(device)
+    groups = entity_columns(ds.schema)
+    drop_gens = [
+        torch.Generator().manual_seed(
+            tc.seed if S == 1 else int(np.random.SeedSequence([tc.seed, s, S]).generate_state(1)[0])
+        )
+        for s in mine
+    ]
     # cold-start dropout trains the unknown rows; otherwise the unused ones are imputed for serving
     impute = tc.unknown_dropout == 0
 
     def served() -> contextlib.AbstractContextManager[None]:
         return unknown_rows_imputed(model, row_counts) if impute else contextlib.nullcontext()
 
+    def batch_of(k: int, part: Split) -> Batch:
+        bc, bn, by, bb = to_tensors(part)
+        if tc.unknown_dropout > 0:
+            bc, bn = drop_to_unknown(bc, bn, groups, tc.unknown_dropout, drop_gens[k])
+        return bc, bn, by, bb
+
     batch_l2 = (tc.embed_batch_l2, row_counts) if tc.embed_batch_l2 > 0 else None
-    cats, nums, labels = (torch.from_numpy(a) for a in (ds.train.cats, ds.train.nums, ds.train.labels))
-    bias = torch.from_numpy(ds.train.bias) if ds.train.bias is not None else None
-    for epoch in range(1, tc.epochs + 1):
+
+    def snapshot(epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "global_step": global_step,
+            "train_time": train_time,
+            "seen": seen,
+            "history": history,
+            "step_log": step_log,
+            "stopper": stopper.state(),
+            "model": model.state_dict(),
+            "optim": opt.state_dict(),
+            "weighting": weighting.state_dict(),
+            "weighting_extra": weighting.extra_state(),
+            "torch_rng": torch.get_rng_state(),
+            "streams": [s.rng.bit_generator.state for s in streams],
+            "drop_gens": [g.get_state() for g in drop_gens],
+        }
+
+    if resume and state_dir is not None and (state := load_state(state_dir / f"rank{rank}")) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        weighting.load_state_dict(state["weighting"])
+        weighting.load_extra_state(state["weighting_extra"])
+        stopper.load(state["stopper"])
+        torch.set_rng_state(state["torch_rng"])
+        for s, st in zip(streams, state["streams"], strict=True):
+            s.rng.bit_generator.state = st
+        for g, st in zip(drop_gens, state["drop_gens"], strict=True):
+            g.set_state(st)
+        history, step_log = list(state["history"]), list(state["step_log"])
+        global_step, train_time, seen = state["global_step"], state["train_time"], state["seen"]
+        start = state["epoch"] + 1
+        done = bool(history) and (state["epoch"] >= tc.epochs or state.get("stopped", False))
+        log.info("resuming after epoch %d from %s", state["epoch"], state_dir)
+        if done:
+            start = tc.epochs + 1
+    for epoch in range(start, tc.epochs + 1):
         model.train()
-        perm = torch.from_numpy(rng.permutation(n))
         t0 = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
-        for step in range(steps_per_epoch):
-            idx = perm[step * tc.batch_size : (step + 1) * tc.batch_size]
-            bc, bn = cats[idx], nums[idx]
-            if tc.unknown_dropout > 0:
-                bc, bn = drop_to_unknown(bc, bn, groups, tc.unknown_dropout, drop_gen)
-            batch = (bc, bn, labels[idx], None if bias is None else bias[idx])
-            loss_value, losses = train_step(model, weighting, opt, batch, cfg.tasks, tc.tower_l2, batch_l2)
+        logged: list[tuple[int, dict[str, float]]] = []
+        logged_losses: list[list[float]] = []
+        for step, subs in enumerate(zip_streams(streams, b, steps_per_epoch)):
+            parts = [batch_of(k, p) for k, p in enumerate(subs) if p is not None]
+            batch = cat_batches(parts) if parts else padding_batch(ds.schema, len(cfg.tasks))
+            batch = (
+                batch[0].to(device),
+                batch[1].to(device),
+                batch[2].to(device),
+                None if batch[3] is None else batch[3].to(device),
+            )
+            loss_value, losses = train_step(
+                model, weighting, opt, batch, cfg.tasks, tc.tower_l2, batch_l2, replica
+            )
             weights = weighting.weights()
             sums["train/loss"] += loss_value
             for k, v in losses.items():
@@ -492,21 +796,15 @@ def fit(
                 sums[k] += v
             global_step += 1
             if tc.log_every and global_step % tc.log_every == 0:
-                step_log.append(
-                    {
-                        "step": global_step,
-                        "epoch": epoch,
-                        "loss": loss_value,
-                        **{f"{k}/loss": v for k, v in losses.items()},
-                        **{f"weight/{k}": v for k, v in weights.items()},
-                    }
-                )
+                logged.append((global_step, {f"weight/{k}": v for k, v in weights.items()}))
+                logged_losses.append([loss_value, *(losses[t.name] for t in cfg.tasks)])
                 log.debug("step %d: loss %.4f weights %s", global_step, loss_value, weights)
-            if progress is not None:
+            if progress is not None and rank == 0:
                 progress(
                     "step",
                     {
                         "epoch": epoch,
+                        "epochs": tc.epochs,
                         "step": step + 1,
                         "steps": steps_per_epoch,
                         "loss": loss_value,
@@ -514,21 +812,40 @@ def fit(
                         "weights": weights,
                     },
                 )
+        if logged:
+            # the ranks' loss shares of each logged step add up to the global batch's losses
+            values = replica.sum(torch.tensor(logged_losses, dtype=torch.float64)) / W  # (S, 1 + T)
+            for (at, w), (loss, *task) in zip(logged, values.tolist(), strict=True):
+                per_task = {f"{t.name}/loss": v for t, v in zip(cfg.tasks, task, strict=True)}
+                step_log.append({"step": at, "epoch": epoch, "loss": loss, **per_task, **w})
+        if W > 1:
+            keys = sorted(sums)
+            total = replica.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)) / W
+            sums = dict(zip(keys, total.tolist(), strict=True))
         train_time += time.perf_counter() - t0
-        seen += n
+        seen += n_train
         row: dict[str, float] = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}}
-        split = ds.valid if len(ds.valid) else ds.train
         with served():  # validate the model as it will be served
             row.update(
                 evaluate_split(
-                    model, split, cfg.tasks, "valid/" if len(ds.valid) else "train/", tc.eval_batch_size
+                    model,
+                    validate_on,
+                    cfg.tasks,
+                    "valid/" if global_valid else "train/",
+                    tc.eval_batch_size,
+                    replica=replica,
+                    grouped=ds.grouped,
                 )
             )
+        value = replica.broadcast(row.get(stopper.monitor, float("nan")))
+        stop = stopper.update(epoch, value, model)
         history.append(row)
-        stop = stopper.update(epoch, row.get(stopper.monitor, float("nan")), model)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
-        if progress is not None:
-            progress("epoch", row)
+        if rank == 0:
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+            if progress is not None:
+                progress("epoch", {**row, "epochs": tc.epochs, "seconds": train_time})
+        if state_dir is not None and tc.save_state:
+            save_state(state_dir / f"rank{rank}", {**snapshot(epoch), "stopped": stop})
         if stop:
             break
     if tc.restore_best:
@@ -537,7 +854,11 @@ def fit(
     if impute:
         info["unknown_rows_imputed"] = impute_unknown_rows(model, row_counts)
     metrics: dict[str, Any] = stopper.metrics()
-    metrics.update(evaluate_split(model, ds.test, cfg.tasks, "test/", tc.eval_batch_size))
+    metrics.update(
+        evaluate_split(
+            model, ds.test, cfg.tasks, "test/", tc.eval_batch_size, replica=replica, grouped=ds.grouped
+        )
+    )
     metrics["weighting"] = tc.weighting
     metrics["task_weights"] = {k: round(v, 6) for k, v in weighting.weights().items()}  # final, effective
     metrics.update(info)
@@ -545,8 +866,18 @@ def fit(
     if util is not None:
         metrics["expert_utilization"] = util
     sps = seen / train_time if train_time > 0 else 0.0
-    metrics["train_samples_per_sec"] = round(sps, 1)
-    return TrainResult(model, metrics, history, stopper.best_epoch, sps, steps=step_log)
+    metrics["train_samples_per_sec"] = round(sps, 1)  # all ranks' rows per second
+    if replica.distributed:
+        metrics["distributed"] = {
+            "world_size": W,
+            "backend": getattr(replica, "backend", "?"),
+            "per_rank_batch_size": tc.batch_size // W,
+        }
+    if S > 1:
+        metrics["streams"] = S
+    if rank > 0:
+        metrics = {}
+    return TrainResult(model.cpu(), metrics, history, stopper.best_epoch, sps, steps=step_log)
 
 
 def train(
@@ -555,19 +886,42 @@ def train(
     progress: ProgressFn | None = None,
     *,
     init_from: str | Path | Checkpoint | None = None,
+    replica: Replica | None = None,
+    resume: bool = False,
+    set_latest: bool = True,
 ) -> TrainResult:
-    """Load data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to it.
+    """Prepare the data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to
+    it (rank 0 only).
 
     ``init_from``: a checkpoint folder, a version id under ``artifacts`` (or ``LATEST``), or a loaded
     checkpoint to fine-tune from; the data is then encoded with that checkpoint's feature schema.
+    ``resume``: continue the same config's interrupted run from its last complete epoch.
     """
+    replica = replica or Replica(resolve_device(cfg.train.device))
     t0 = time.perf_counter()
     source = load_init_checkpoint(init_from, artifacts) if init_from is not None else None
-    ds = load_dataset(cfg, schema=source.schema if source is not None else None)
-    log.info("data loaded in %.1fs", time.perf_counter() - t0)
-    result = fit(cfg, ds, progress, init_from=source)
-    if artifacts is not None:
-        save_result(artifacts, result, cfg, ds)
+    schema = source.schema if source is not None else None
+    with contextlib.ExitStack() as stack:
+        cache = None
+        if artifacts is None and cfg.data.cache_dir is None and not os.environ.get("MTRANK_CACHE_DIR"):
+            cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="mtrank-data-"))
+        prepared = prepare_data(cfg, artifacts, schema=schema, exchange=replica, cache_dir=cache)
+        mine = None
+        if replica.distributed:  # this rank's fragments: i % world == rank
+            mine = {s.fragment for s in prepared.shards if s.fragment % replica.world == replica.rank}
+        ds = sharded(prepared, mine)
+        log.info("data prepared in %.1fs", time.perf_counter() - t0)
+        if progress is not None and replica.rank == 0:
+            progress("data", dict(prepared.fingerprint))
+        state_dir = None
+        if artifacts is not None:
+            state_dir = run_dir(artifacts, cfg, str(source.path) if source is not None else None)
+        result = fit(cfg, ds, progress, init_from=source, replica=replica, state_dir=state_dir, resume=resume)
+        if artifacts is not None and replica.rank == 0:
+            save_result(artifacts, result, cfg, ds, set_latest=set_latest)
+        replica.barrier()
+        if state_dir is not None and replica.rank == 0:
+            remove_run(state_dir)
     return result
 
 
@@ -594,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m model.train``: one process, or one rank of ``torchrun`` (``WORLD_SIZE`` > 1)."""
     parser = argparse.ArgumentParser(
         prog="python -m model.train",
-        description="Train a config and write a checkpoint; under torchrun (WORLD_SIZE > 1) with DDP.",
+        description="Train a config and write a checkpoint; under torchrun (WORLD_SIZE > 1) data parallel.",
     )
     parser.add_argument("--config", required=True, type=Path, help="TOML config file")
     parser.add_argument(
@@ -605,8 +959,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed")
+    parser.add_argument("--streams", type=int, default=None, help="override train.streams")
+    parser.add_argument("--init-from", default=None, help="fine-tune from a checkpoint folder or version")
+    parser.add_argument("--resume", action="store_true", help="continue this config's interrupted run")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
@@ -617,24 +975,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg.train.epochs = args.epochs
         if args.seed is not None:
             cfg.train.seed = args.seed
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.streams is not None:
+            cfg.train.streams = args.streams
+        if world > 1:
             from model.distributed import train_distributed
 
-            result = train_distributed(cfg, args.artifacts)
+            result = train_distributed(cfg, args.artifacts, init_from=args.init_from, resume=args.resume)
         else:
-            result = train(cfg, args.artifacts)
+            result = train(cfg, args.artifacts, init_from=args.init_from, resume=args.resume)
     except (ConfigError, DataError, FeatureError, CheckpointError) as e:
         log.error("%s", e)
         raise SystemExit(2) from None
     if rank == 0:
         log.info(
-            "done: best epoch %d, test/engagement/auc %s, %.0f train samples/s, checkpoint %s",
+            "done: best epoch %d, %.0f train samples/s, checkpoint %s, test metrics %s",
             result.best_epoch,
-            result.metrics.get("test/engagement/auc"),
             result.samples_per_sec,
             result.checkpoint,
+            {
+                k: round(v, 4)
+                for k, v in result.metrics.items()
+                if k.startswith("test/") and isinstance(v, float)
+            },
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world > 1:
         # The process group is destroyed and the checkpoint is on disk (fsynced). Leave without
         # running C++ static destructors: gloo's threads can abort the interpreter's teardown
         # ("terminate called without an active exception"), failing a finished job.

@@ -79,6 +79,8 @@ def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
         raise ValueError(f"cv must be one of {CVS}, got {cv!r}")
     if k < 2:
         raise ValueError(f"need at least 2 folds, got {k}")
+    if not isinstance(ds.train, Split) or not isinstance(ds.valid, Split):
+        raise ValueError("cross-validation folds need the data in memory (load_dataset)")
     pool = Split(
         np.concatenate([ds.train.cats, ds.valid.cats]),
         np.concatenate([ds.train.nums, ds.valid.nums]),

@@ -65,7 +65,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -97,11 +97,31 @@ def _trainable(params: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _flat_grads(loss: Tensor, params: Sequence[Tensor], retain: bool = True) -> Tensor:
-    """d loss / d params flattened into one vector (zeros for parameters the loss does not reach)."""
+    """d loss / d params flattened into one vector (zeros for parameters the loss does not reach;
+    a sparse embedding gradient is densified)."""
     grads = torch.autograd.grad(loss, list(params), retain_graph=retain, allow_unused=True)
     return torch.cat(
-        [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)]
+        [
+            (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g).flatten()
+            for g, p in zip(grads, params, strict=True)
+        ]
     )
+
+
+class Reducer(Protocol):
+    """Sums over the ranks of a data-parallel job (``model.replica.Replica``)."""
+
+    world: int
+
+    def sum(self, t: Tensor) -> Tensor: ...
+
+
+def _global(t: Tensor, replica: Reducer | None) -> Tensor:
+    """The mean over ranks of a per-rank quantity whose global value is that mean (each rank's
+    losses are already scaled to their share of the global batch's)."""
+    if replica is None or replica.world == 1:
+        return t
+    return replica.sum(t.detach().clone()) / replica.world
 
 
 class TaskWeighting(nn.Module):
@@ -122,11 +142,26 @@ class TaskWeighting(nn.Module):
         raise NotImplementedError
 
     def backward(
-        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        z: Tensor,
+        model: MultiTaskNet,
+        seen: Tensor | None = None,
+        replica: Reducer | None = None,
     ) -> Tensor:
+        """Fills the gradients of this rank's losses (the trainer averages them over ranks; a
+        scheme whose weights depend on the losses or gradients computes them from ``replica``'s
+        global values, so every rank weighs alike)."""
         total = self.objective(_stack(losses, self.tasks), _seen(seen, len(self.tasks)))
         total.backward()  # type: ignore[no-untyped-call]
         return total.detach()
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside the module's parameters and buffers (for resuming a run)."""
+        return {"last_weights": self.last_weights}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.last_weights = state["last_weights"]
 
     def after_step(self) -> None:
         """Runs after the optimiser step (GradNorm updates and renormalises its weights here)."""
@@ -199,8 +234,13 @@ def min_norm_coefficients(grads: Tensor, iters: int = 100, tol: float = 1e-7) ->
     T = 2 exactly (closed form); T > 2 by Frank-Wolfe on the Gram matrix with exact line search,
     started from the best two-task solution (approximate: FW converges sublinearly).
     """
-    T = grads.shape[0]
-    gram = grads @ grads.T  # (T, T)
+    return min_norm_from_gram(grads @ grads.T, iters, tol)
+
+
+def min_norm_from_gram(gram: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
+    """``min_norm_coefficients`` from the Gram matrix (T, T) of the gradients."""
+    T = gram.shape[0]
+    grads = gram  # dtype carrier
     if T == 1:
         return torch.ones(1, dtype=grads.dtype)
     if T == 2:
@@ -237,7 +277,12 @@ class MGDAWeighting(TaskWeighting):
         return (self.last_weights.to(losses.device) * losses).sum()
 
     def backward(
-        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        z: Tensor,
+        model: MultiTaskNet,
+        seen: Tensor | None = None,
+        replica: Reducer | None = None,
     ) -> Tensor:
         ls = _stack(losses, self.tasks)
         m = _seen(seen, len(self.tasks))
@@ -251,7 +296,19 @@ class MGDAWeighting(TaskWeighting):
         idx = m.nonzero().flatten().tolist()
         grads = torch.stack([_flat_grads(ls[i], wrt) for i in idx])  # (T', P)
         alpha = torch.zeros(len(self.tasks))
-        alpha[idx] = min_norm_coefficients(grads.double()).float()
+        if replica is None or replica.world == 1:
+            alpha[idx] = min_norm_coefficients(grads.double()).float()
+        else:
+            # the global batch's Gram matrix: z is per row, so the ranks' partial Grams add up
+            # (each rank's loss is its share of the global loss, hence the 1 / W per gradient);
+            # gradients of shared parameters are averaged first
+            g = grads.double()
+            if wrt[0] is z:
+                gram = replica.sum(g @ g.T) / replica.world**2
+            else:
+                g = replica.sum(g) / replica.world
+                gram = g @ g.T
+            alpha[idx] = min_norm_from_gram(gram).float()
         self.last_weights = alpha
         total = (alpha.to(ls.device) * ls).sum()
         # Algorithm 2: the shared parameters descend sum_i alpha_i L_i, the task-specific ones their
@@ -336,6 +393,30 @@ class WorstCaseWeighting(TaskWeighting):
         self.last_weights = weights.detach().cpu()
         return total
 
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        z: Tensor,
+        model: MultiTaskNet,
+        seen: Tensor | None = None,
+        replica: Reducer | None = None,
+    ) -> Tensor:
+        if replica is None or replica.world == 1:
+            return super().backward(losses, z, model, seen)
+        # the weights are a function of the global losses: take them there, then descend the
+        # weighted sum of this rank's losses (whose average over ranks is the global gradient)
+        ls = _stack(losses, self.tasks)
+        total = self.objective(_global(ls, replica), _seen(seen, len(self.tasks)))
+        (self.last_weights.to(ls.device) * ls).sum().backward()  # type: ignore[no-untyped-call]
+        return total.detach()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "reference": self.reference.value}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.reference.value = state["reference"]
+
 
 class GradNormWeighting(TaskWeighting):
     def __init__(
@@ -349,11 +430,17 @@ class GradNormWeighting(TaskWeighting):
         self.last_weights = self.w.detach().clone()
 
     def backward(
-        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        z: Tensor,
+        model: MultiTaskNet,
+        seen: Tensor | None = None,
+        replica: Reducer | None = None,
     ) -> Tensor:
         ls = _stack(losses, self.tasks)  # (T,)
         m = _seen(seen, len(self.tasks))
-        ref = self.reference(ls, m)
+        ls_global = _global(ls, replica)
+        ref = self.reference(ls_global, m)
         # W: the last shared layer's weight; z if nothing is shared; the trainable shared parameters
         # if W is frozen; nothing (then the weights just stay put) if all of those are frozen
         W: list[Tensor] = _trainable(model.last_shared_parameters()) or [z]
@@ -363,12 +450,15 @@ class GradNormWeighting(TaskWeighting):
         idx = m.nonzero().flatten().tolist()  # the balance is struck among the tasks with labels
         if W and idx:
             # ||dL_i/dW||; G_i = w_i * norm_i, so dG_i/dw_i = norm_i (no double backward needed)
-            norms = torch.stack([_flat_grads(ls[i], W).norm() for i in idx]).detach()
+            grads = torch.stack([_flat_grads(ls[i], W) for i in idx]).detach()  # (T', P)
+            if replica is not None and replica.world > 1 and W[0] is not z:
+                grads = replica.sum(grads) / replica.world  # the global batch's gradients
+            norms = grads.norm(dim=1)
             G = self.w[idx] * norms  # (T',)
-            r = ls.detach()[idx] / ref[idx]
+            r = ls_global.detach()[idx] / ref[idx]
             target = (G.mean() * (r / r.mean()) ** self.alpha).detach()
             gn_loss = (G - target).abs().sum()
-            gn_loss.backward(inputs=[self.w])  # type: ignore[no-untyped-call]
+            gn_loss.backward(inputs=[self.w])
         w = self.w.detach()
         self.last_weights = w.clone()
         total = (w * ls).sum()
@@ -380,6 +470,14 @@ class GradNormWeighting(TaskWeighting):
         with torch.no_grad():
             self.w.clamp_(min=1e-3)
             self.w.mul_(len(self.tasks) / self.w.sum())
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "reference": self.reference.value, "opt": self.opt.state_dict()}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.reference.value = state["reference"]
+        self.opt.load_state_dict(state["opt"])
 
 
 def pcgrad_project(grads: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -400,9 +498,17 @@ class PCGradWeighting(TaskWeighting):
     def __init__(self, tasks: Sequence[TaskConfig]) -> None:
         super().__init__(tasks)
         self.cosine = math.nan
+        # the projection order's generator (None: torch's global one); data-parallel ranks share a
+        # seeded one, so they project in the same order
+        self.generator: torch.Generator | None = None
 
     def backward(
-        self, losses: Mapping[str, Tensor], z: Tensor, model: MultiTaskNet, seen: Tensor | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        z: Tensor,
+        model: MultiTaskNet,
+        seen: Tensor | None = None,
+        replica: Reducer | None = None,
     ) -> Tensor:
         ls = _stack(losses, self.tasks)
         active = _seen(seen, len(self.tasks)).nonzero().flatten().tolist()  # tasks with labels
@@ -422,9 +528,12 @@ class PCGradWeighting(TaskWeighting):
 
         if shared and active:
             flat = torch.stack([torch.cat([grad(i, p).flatten() for p in shared]) for i in active])  # (T', P)
+            if replica is not None and replica.world > 1:
+                flat = replica.sum(flat) / replica.world  # the global batch's per-task gradients
             if len(active) == 2:
                 self.cosine = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()).clamp_min(1e-20))
-            combined = pcgrad_project(flat).sum(dim=0)  # (P,)
+            # every rank now holds the same projected gradient: averaging leaves it as it is
+            combined = pcgrad_project(flat, self.generator).sum(dim=0)  # (P,)
             offset = 0
             for p in shared:
                 p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
@@ -438,11 +547,30 @@ class PCGradWeighting(TaskWeighting):
         return {} if math.isnan(self.cosine) else {"pcgrad/cosine": self.cosine}
 
 
+def constant_predictor_losses_from_stats(
+    stats: Sequence[Mapping[str, float]], tasks: Sequence[TaskConfig]
+) -> list[float]:
+    """``constant_predictor_losses`` from the labels' statistics (n, mean, var per task), as data
+    preparation computes them without holding the labels."""
+    out = []
+    for s, task in zip(stats, tasks, strict=True):
+        if s["n"] == 0:
+            raise ValueError(f"task {task.name!r} has no observed training labels")
+        if task.kind == "binary":
+            q = float(np.clip(s["mean"], 1e-12, 1 - 1e-12))
+            out.append(-(q * math.log(q) + (1 - q) * math.log(1 - q)))
+        else:
+            out.append(float(s["var"]))
+    return out
+
+
 def make_weighting(
-    tc: TrainConfig, tasks: Sequence[TaskConfig], train_labels: npt.NDArray[np.floating[Any]] | None = None
+    tc: TrainConfig,
+    tasks: Sequence[TaskConfig],
+    train_labels: npt.NDArray[np.floating[Any]] | Sequence[Mapping[str, float]] | None = None,
 ) -> TaskWeighting:
-    """The scheme ``tc.weighting``; ``train_labels`` (N, T) give worst_case and gradnorm their
-    "constant" reference."""
+    """The scheme ``tc.weighting``; ``train_labels`` (N, T) -- or their statistics per task -- give
+    worst_case and gradnorm their "constant" reference."""
     if tc.weighting == "static":
         return StaticWeighting(tasks)
     if tc.weighting == "uncertainty":
@@ -455,7 +583,10 @@ def make_weighting(
         if which == "constant":
             if train_labels is None:
                 raise ValueError(f'{tc.weighting}: reference "constant" needs the training labels')
-            reference = constant_predictor_losses(train_labels, tasks)
+            if isinstance(train_labels, np.ndarray):
+                reference = constant_predictor_losses(train_labels, tasks)
+            else:
+                reference = constant_predictor_losses_from_stats(train_labels, tasks)
         if tc.weighting == "worst_case":
             return WorstCaseWeighting(tasks, tc.worst_case_temperature, reference)
         return GradNormWeighting(tasks, tc.gradnorm_alpha, tc.gradnorm_lr, reference)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference_data
 import torch
 from modelkit import ROOT, tiny_config, tiny_toml
 from typer.testing import CliRunner
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from model import Ranker
 from model.checkpoint import list_versions, load_checkpoint, resolve_checkpoint
 from model.config import ConfigError
-from model.data import DataError, canonical_groups, encode_groups, load_dataset, load_raw, split_masks
+from model.data import DataError, load_dataset
 from model.train import evaluate_split, fit, load_init_checkpoint, predict, train
 from service.cli import app
 
@@ -164,10 +165,12 @@ def test_legacy_trained_checkpoint_scores_and_fine_tunes(tmp_path):
     # its stored test AUC is reproduced by the current code on the same rows
     cfg = ranker.config
     cfg.data.data_dir = str(ROOT.parent / "shared" / "data" / "kuairand-pure")
-    raw = load_raw(cfg.data)
-    test_m = split_masks(raw.log, cfg.data)[2]
+    raw = reference_data.load_raw(cfg.data)  # the in-memory loader these checkpoints were trained with
+    test_m = reference_data.split_masks(raw.log, cfg.data)[2]
     ds = load_dataset(cfg, schema=ranker.schema)
-    cats, nums = encode_groups(ranker.schema, canonical_groups(ranker.schema, raw.log.loc[test_m]))
+    cats, nums = reference_data.encode_groups(
+        ranker.schema, reference_data.canonical_groups(ranker.schema, raw.log.loc[test_m])
+    )
     assert np.array_equal(cats, ds.test.cats)
     metrics = evaluate_split(ranker.model, ds.test, cfg.tasks, "test/")
     stored = ranker.manifest["metrics"]

@@ -1,17 +1,12 @@
-"""Load impression logs and entity tables, build labels, split by time, encode tensors.
-
-Input files are CSV, CSV.gz or Parquet. The log has one row per impression with the user and
-video keys, context columns and label columns; the user / video tables have one row per entity.
-``source = "kuairand"`` adds the KuaiRand-Pure specifics (hour from ``hourmin``); ``"tables"`` is
-the generic layout the synthetic generator writes.
-"""
+"""The in-memory data loader mtrank used before the streaming one (pandas, whole log in memory),
+kept verbatim as the reference the streaming path is tested against (``test_data_stream``)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +14,19 @@ import numpy as np
 import pandas as pd
 
 from model.config import Config, DataConfig, TaskConfig
-from model.features import BIAS, GROUPS, AnyGroup, CanonicalRows, FeatureSchema, FeatureSpec, Group
+from model.features import (
+    ALL_GROUPS,
+    BIAS,
+    GROUPS,
+    AnyGroup,
+    CanonicalRows,
+    FeatureSchema,
+    FeatureSpec,
+    Group,
+    _natural_key,
+    canonical_str,
+    object_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +255,11 @@ def load_dataset(cfg: Config, schema: FeatureSchema | None = None) -> Dataset:
         frames[BIAS] = bias_rows.take(train_m)
     raw_frames: dict[AnyGroup, pd.DataFrame] = {g: df.loc[train_m] for g in (*GROUPS, BIAS)}
     if schema is None:
-        schema = declared.fit(frames, raw_frames)
+        schema = reference_fit(declared, frames, raw_frames)
     else:
         check_same_features(schema, declared)
         if [f.name for f in schema.bias] != list(cfg.model.bias_features):
-            fitted_bias = declared.fit(frames, raw_frames).bias
+            fitted_bias = reference_fit(declared, frames, raw_frames).bias
             schema = FeatureSchema(
                 schema.serving().features + fitted_bias, user_key=schema.user_key, video_key=schema.video_key
             )
@@ -270,3 +277,39 @@ def load_dataset(cfg: Config, schema: FeatureSchema | None = None) -> Dataset:
     )
     log.info("data: train=%d valid=%d test=%d rows", len(ds.train), len(ds.valid), len(ds.test))
     return ds
+
+
+def reference_fit(
+    self: FeatureSchema, frames: Mapping[AnyGroup, CanonicalRows], raw: Mapping[AnyGroup, pd.DataFrame]
+) -> FeatureSchema:
+    """Fit vocabularies and numeric statistics on training rows; returns a fitted copy.
+
+    ``frames[g]`` are the canonical training rows of group g (one row per impression), ``raw[g]``
+    the matching raw values (the vocabulary records raw strings, so the manifest is readable).
+    The bias group is only needed (and fitted) when the schema has bias features.
+    """
+    fitted: list[FeatureSpec] = []
+    for g in ALL_GROUPS:
+        if g == BIAS and not self.bias:
+            continue
+        cat_names, num_names = self.columns(g)
+        for j, spec in enumerate(self.cats(g)):
+            values = pd.Series(object_values(raw[g][cat_names[j]])).map(canonical_str).dropna()
+            counts = values.value_counts(sort=True)
+            counts = counts[counts >= spec.min_count]
+            if spec.max_size is not None:
+                counts = counts.iloc[: spec.max_size]
+            vocab = sorted(counts.index.astype(str), key=_natural_key)
+            fitted.append(FeatureSpec(**{**asdict(spec), "vocab": vocab}))
+        for j, spec in enumerate(self.nums(g)):
+            x = frames[g].nums[:, j].astype(np.float64)
+            x = x[np.isfinite(x)]
+            if spec.log1p:
+                x = np.log1p(np.clip(x, 0.0, None))
+            mean = float(x.mean()) if x.size else 0.0
+            std = float(x.std()) if x.size else 1.0
+            fitted.append(FeatureSpec(**{**asdict(spec), "mean": mean, "std": std if std > 1e-8 else 1.0}))
+    del num_names
+    order = {(f.group == BIAS, f.name): i for i, f in enumerate(self.features)}
+    fitted.sort(key=lambda f: order[(f.group == BIAS, f.name)])
+    return FeatureSchema(fitted, user_key=self.user_key, video_key=self.video_key)
