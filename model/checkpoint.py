@@ -341,15 +341,21 @@ def save_checkpoint(
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _write_error(version: str, where: Path, e: BaseException) -> CheckpointError:
-    """A failed write as one clear CheckpointError (safetensors reports I/O errors as text)."""
+def io_error_reason(e: BaseException) -> str:
+    """An I/O error (OSError, or safetensors' error, which carries the OS error as text) as one
+    short reason, with a hint when the disk is full or a file size limit was hit."""
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        reason += f": {e.filename}"
     code = e.errno if isinstance(e, OSError) else None
     if code is None and (m := re.search(r"os error (\d+)", reason)):
         code = int(m.group(1))
-    full = code in _FULL
-    hint = " (disk full or over a size limit: free space and train again)" if full else ""
-    return CheckpointError(f"cannot write model version {version} under {where}: {reason}{hint}")
+    return reason + (" (disk full or over a size limit: free space and train again)" if code in _FULL else "")
+
+
+def _write_error(version: str, where: Path, e: BaseException) -> CheckpointError:
+    """A failed write as one clear CheckpointError."""
+    return CheckpointError(f"cannot write model version {version} under {where}: {io_error_reason(e)}")
 
 
 def write_latest(artifacts: str | Path, version: str) -> None:

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,18 +255,33 @@ def test_stale_temp_entries_are_removed_by_age(version_dir: Path, tmp_path: Path
 # --------------------------------------------------------------------------------------------
 # disk full
 
-# A subprocess whose files may not grow beyond LIMIT bytes (RLIMIT_FSIZE; SIGXFSZ ignored so the
-# write fails with EFBIG instead of killing it): the weights (~60 kB) cannot be written. Works
-# without root, unlike a tiny tmpfs (that variant runs too where mounting is allowed).
-FSIZE_CHILD = textwrap.dedent(
-    """
-    import resource, signal, sys
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
-    sys.argv = ["mtrank", *sys.argv[1:]]
-    from service.cli import app
-    app()
-    """
+# Subprocesses whose files may not grow beyond 16 kB (RLIMIT_FSIZE; SIGXFSZ ignored so a write fails
+# with EFBIG instead of killing them): the weights (~60 kB) cannot be written. Works without root,
+# unlike a tiny tmpfs (those variants run too where mounting is allowed).
+FSIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+"""
+CLI_CHILD = (
+    FSIZE_LIMIT
+    + """
+sys.argv = ["mtrank", *sys.argv[1:]]
+from service.cli import app
+app()
+"""
+)
+SAVE_CHILD = (
+    FSIZE_LIMIT
+    + """
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+ckpt = load_checkpoint(sys.argv[1])
+try:
+    save_checkpoint(sys.argv[2], ckpt.model, ckpt.config, ckpt.schema)
+except CheckpointError as e:
+    print(f"CheckpointError: {e}")
+    sys.exit(3)
+"""
 )
 
 
@@ -293,39 +307,48 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(where)], check=False)
 
 
-def _assert_clean_failure(art: Path, before: str | None) -> None:
+def _assert_clean_failure(art: Path) -> None:
+    """Nothing half-written: no temp folder or file, no version, no LATEST."""
     root = ck.models_dir(art)
-    assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".LATEST."))]
-    assert ck.list_versions(art) == ([before] if before else [])
+    if root.exists():
+        assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".LATEST."))]
+    assert ck.list_versions(art) == []
+    with pytest.raises(CheckpointNotFoundError):
+        read_latest(art)
+
+
+def _run(code: str, *args: str) -> tuple[int, str]:
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(version_dir: Path, tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    code, out = _run(SAVE_CHILD, str(version_dir), str(art))
+    assert code == 3, out
+    assert "CheckpointError: cannot write model version" in out and "File too large" in out, out
+    assert "disk full or over a size limit" in out, out
+    _assert_clean_failure(art)
 
 
 def test_disk_full_while_training_is_a_clear_error(tmp_path: Path) -> None:
+    """Wherever training first runs out of space (data cache, run state or the checkpoint), one
+    error line and exit code 2, no traceback."""
     art = tmp_path / "art"
-    cmd = [
-        sys.executable,
-        "-c",
-        FSIZE_CHILD,
-        "train",
-        "--config",
-        tiny_toml(tmp_path),
-        "--artifacts",
-        str(art),
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, out
-    assert "cannot write model version" in out and "File too large" in out and "disk full" in out, out
+    code, out = _run(CLI_CHILD, "train", "--config", tiny_toml(tmp_path), "--artifacts", str(art))
+    assert code == 2, out
+    assert "error:" in out and "File too large" in out and "disk full or over a size limit" in out, out
     assert "Traceback" not in out, out
-    _assert_clean_failure(art, None)
+    _assert_clean_failure(art)
 
 
 def test_disk_full_on_a_small_tmpfs(version_dir: Path, small_disk: Path) -> None:
     ckpt = load_checkpoint(version_dir)
     with pytest.raises(CheckpointError, match="No space left on device.*disk full"):
         ck.save_checkpoint(small_disk, ckpt.model, ckpt.config, ckpt.schema)
-    _assert_clean_failure(small_disk, None)
-    with pytest.raises(CheckpointNotFoundError):
-        read_latest(small_disk)
+    _assert_clean_failure(small_disk)
 
 
 def test_cli_train_reports_a_write_error(version_dir: Path, small_disk: Path) -> None:
@@ -333,5 +356,6 @@ def test_cli_train_reports_a_write_error(version_dir: Path, small_disk: Path) ->
         cli_app,
         ["train", "--config", tiny_toml(version_dir.parent), "--artifacts", str(small_disk)],
     )
-    assert r.exit_code != 0 and "No space left on device" in r.output, r.output
+    assert r.exit_code == 2 and "No space left on device" in r.output, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    _assert_clean_failure(small_disk)
