@@ -3,15 +3,20 @@
 #   docker build -t mtrank:latest .
 #   docker build -t mtrank:dev --build-arg INSTALL_EXTRAS=dev .    # + dev extra (locust) for the load test
 #
-# torch: pyproject.toml pins torch==2.13.0 and the builder stage installs it first, on its own layer.
-# Which wheel that spec resolves to (CPU-only or CUDA) is the builder's concern: configure pip's package
-# source for the build (pip.conf / PIP_* environment, e.g. via a build secret) or pass another spec with
-# --build-arg TORCH_SPEC=... (a local-version CPU build such as "torch==2.13.0+cpu" still satisfies the pin).
+# torch: pyproject.toml pins torch==2.13.0; the builder installs that pin first, on its own layer, from
+# PyTorch's CPU wheel index (TORCH_INDEX_URL): the CPU-only build (~200 MB) instead of the multi-GB CUDA
+# one a plain PyPI install pulls. Its local version (2.13.0+cpu) satisfies the pin. For a CUDA image pass
+# another index, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
+#
+# Base images are pinned by digest (reproducible, no silent base change); to move to a newer
+# python:3.11-slim, replace the digest in both FROM lines (`docker buildx imagetools inspect
+# python:3.11-slim` prints the current one).
 
 ############################ builder: a self-contained venv at /opt/venv ############################
-FROM python:3.11-slim AS builder
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7 AS builder
 
 ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 # Comma-separated optional-dependency groups of pyproject.toml to install as well (e.g. "dev").
 ARG INSTALL_EXTRAS=""
 
@@ -25,7 +30,7 @@ WORKDIR /src
 
 # 1. torch alone: the biggest, slowest-changing dependency gets its own cached layer.
 RUN pip install --upgrade pip setuptools wheel \
- && pip install "${TORCH_SPEC}"
+ && pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 # 2. the other dependencies (and requested extras), read from pyproject.toml, so that editing the
 #    source does not reinstall them.
@@ -42,7 +47,7 @@ RUN pip install --no-deps . \
  && mtrank --help > /dev/null
 
 ############################ runtime ############################
-FROM python:3.11-slim AS runtime
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7 AS runtime
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -54,7 +59,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MTRANK_PORT=8000
 
 # Unprivileged user. /artifacts is created owned by it, so a named volume mounted there starts out
-# writable for the trainer; /data is meant for a read-only bind mount of the KuaiRand-Pure files.
+# writable for the trainer; /data is meant for a read-only bind mount of the data files (compose mounts
+# ./data/kuairand-pure of the project).
 RUN groupadd --system --gid 10001 mtrank \
  && useradd --system --uid 10001 --gid mtrank --home-dir /home/mtrank --create-home \
         --shell /usr/sbin/nologin mtrank \

@@ -38,7 +38,6 @@ FALLBACK_NUM_VIDEOS = 7583  # video_id 0..7582
 MIN_CANDIDATES = 100
 MAX_CANDIDATES = 1000
 NUM_TABS = 15  # KuaiRand `tab` takes values 0..14
-HEADS = ("engagement", "satisfaction")
 
 
 @dataclass(frozen=True)
@@ -181,6 +180,7 @@ def validate_response(req: Mapping[str, Any], body: Any) -> str | None:
 
     returned: list[str] = []
     scores: list[float] = []
+    head_names: set[str] | None = None  # the served model's heads: the same for every item
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
             return f"items[{i}] is not an object"
@@ -189,8 +189,11 @@ def validate_response(req: Mapping[str, Any], body: Any) -> str | None:
         if not _is_number(item.get("score")):
             return f"items[{i}].score is not a finite number: {item.get('score')!r}"
         heads = item.get("heads")
-        if not isinstance(heads, Mapping) or any(not _is_number(heads.get(h)) for h in HEADS):
-            return f"items[{i}].heads must hold finite {', '.join(HEADS)} scores, got {heads!r}"
+        if not isinstance(heads, Mapping) or not heads or any(not _is_number(v) for v in heads.values()):
+            return f"items[{i}].heads must map the model's heads to finite scores, got {heads!r}"
+        head_names = set(heads) if head_names is None else head_names
+        if set(heads) != head_names:
+            return f"items[{i}].heads names {sorted(heads)}, items[0] {sorted(head_names)}"
         returned.append(str(item["video_id"]))
         scores.append(float(item["score"]))
 

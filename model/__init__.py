@@ -19,13 +19,14 @@ from model.checkpoint import (
     write_latest,
 )
 from model.features import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec, stable_hash
-from model.scoring import Ranker, combine_scores
+from model.scoring import Combine, Ranker, combine_scores
 
 __all__ = [
     "CanonicalRows",
     "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "Combine",
     "CorruptCheckpointError",
     "FeatureError",
     "FeatureSchema",

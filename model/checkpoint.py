@@ -59,7 +59,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from model.config import Config, ConfigError
+from model.config import DATA_DIR_ENV, Config, ConfigError
 from model.features import FeatureError, FeatureSchema
 from model.nets import MultiTaskNet, build_model
 
@@ -310,7 +310,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "version": version,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "config": config.to_dict(),
+            "config": _portable_config(config),
             "feature_schema": schema.to_dict(),
             "metrics": metrics or {},
             "data_fingerprint": data_fingerprint or {},
@@ -356,6 +356,15 @@ def io_error_reason(e: BaseException) -> str:
 def _write_error(version: str, where: Path, e: BaseException) -> CheckpointError:
     """A failed write as one clear CheckpointError."""
     return CheckpointError(f"cannot write model version {version} under {where}: {io_error_reason(e)}")
+
+
+def _portable_config(config: Config) -> dict[str, Any]:
+    """The config as a manifest stores it: ``data.data_dir`` absolute (the directory the data was read
+    from, $MTRANK_DATA_DIR included), so the checkpoint finds its tables whatever the working
+    directory of whoever loads it."""
+    out = config.to_dict()
+    out["data"]["data_dir"] = os.path.abspath(os.environ.get(DATA_DIR_ENV) or config.data.data_dir)
+    return out
 
 
 def write_latest(artifacts: str | Path, version: str) -> None:

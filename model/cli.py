@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +72,10 @@ def train_cmd(
         typer.Option("--set", help="override any config key: section.key=value (TOML value), repeatable"),
     ] = None,
     no_latest: Annotated[bool, typer.Option("--no-latest", help="write the checkpoint, keep LATEST")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="move LATEST to the new version even if the promotion gate says no"),
+    ] = False,
     init_from: Annotated[
         str | None,
         typer.Option("--init-from", help="fine-tune from a checkpoint folder or version (or LATEST)"),
@@ -78,7 +84,8 @@ def train_cmd(
         bool, typer.Option("--resume", help="continue this config's interrupted run after its last epoch")
     ] = False,
 ) -> None:
-    """Fit a model from a config and write a versioned checkpoint (and move LATEST to it)."""
+    """Fit a model from a config and write a versioned checkpoint; LATEST moves to it if it passes the
+    promotion gate against the current LATEST ([promotion] in the config; --force overrides)."""
     from model.config import apply_overrides
     from model.train import train
 
@@ -131,13 +138,20 @@ def train_cmd(
 
         try:
             result = train(
-                cfg, artifacts, progress, init_from=init_from, resume=resume, set_latest=not no_latest
+                cfg,
+                artifacts,
+                progress,
+                init_from=init_from,
+                resume=resume,
+                set_latest=not no_latest,
+                force=force,
             )
         except (ConfigError, DataError, FeatureError, CheckpointError) as e:
             raise _fail(str(e)) from None
         except (OSError, SafetensorError) as e:  # e.g. a full disk under the data cache or run state
             raise _fail(f"training stopped by an I/O error: {io_error_reason(e)}") from None
     path = result.checkpoint
+    assert path is not None
     console.print(
         _metrics_table({k: v for k, v in result.metrics.items() if k.startswith("test/")}, "test metrics")
     )
@@ -145,7 +159,17 @@ def train_cmd(
         f"training samples/s: {result.samples_per_sec:,.0f}   best epoch: {result.best_epoch}   "
         f"wall time: {time.perf_counter() - started:.1f}s"
     )
-    console.print(f"wrote [bold]{path}[/]" + ("" if no_latest else " (LATEST)"))
+    decision = read_manifest(path).get("promotion")
+    if no_latest or not isinstance(decision, dict):
+        console.print(f"wrote [bold]{path}[/] (LATEST unchanged: --no-latest)")
+    elif decision.get("promoted"):
+        console.print(f"wrote [bold]{path}[/] (LATEST): {decision.get('reason')}")
+    else:
+        console.print(
+            f"wrote [bold]{path}[/] but [bold yellow]did not promote it[/]: LATEST stays "
+            f"{decision.get('against')}. {decision.get('reason')}\n"
+            f"(`mtrank rollback {path.name}` or `mtrank train --force` promotes it anyway)"
+        )
 
 
 def evaluate_cmd(
@@ -172,30 +196,89 @@ def evaluate_cmd(
         console.print(_metrics_table(metrics, f"model {ckpt.version}"))
 
 
-def models_cmd(artifacts: ArtifactsOpt = Path("artifacts")) -> None:
-    """List model versions (LATEST marked) with their test AUCs."""
+def model_rows(artifacts: Path) -> list[dict[str, Any]]:
+    """One summary per version (oldest first): what `mtrank models` prints."""
+    from model.promotion import data_set_name, head_metric_keys
+
     try:
         latest = read_latest(artifacts)
     except CheckpointError:
         latest = None
-    versions = list_versions(artifacts)
-    table = Table(title=str(artifacts))
-    # version ids are what rollback takes: never shortened, however narrow the terminal
-    table.add_column("version", no_wrap=True, min_width=max((len(v) for v in versions), default=7))
-    for col in ("arch", "engagement AUC", "satisfaction AUC", ""):
-        table.add_column(col)
-    for v in versions:
-        mark = "LATEST" if v == latest else ""
+    rows: list[dict[str, Any]] = []
+    for v in list_versions(artifacts):
+        row: dict[str, Any] = {"version": v, "latest": v == latest}
         try:
             m = read_manifest(resolve_checkpoint(artifacts, v))
         except CheckpointError as e:  # one bad folder does not hide the others
-            table.add_row(v, f"[red]unreadable: {e}[/]", "-", "-", mark)
+            rows.append({**row, "error": str(e)})
             continue
-        mt = m.get("metrics", {})  # read_manifest checked the JSON types
-        arch = str(m["config"].get("model", {}).get("arch", "?"))
-        aucs = [_fmt(mt.get(f"test/{t}/auc")) for t in ("engagement", "satisfaction")]
-        table.add_row(v, arch, *aucs, mark)
-    console.print(table)
+        cfg, mt = m["config"], m.get("metrics", {})  # read_manifest checked the JSON types
+        tasks = [t for t in cfg.get("tasks", []) if isinstance(t, dict) and "name" in t]
+        train = cfg.get("train", {})
+        decision = m.get("promotion") if isinstance(m.get("promotion"), dict) else None
+        row.update(
+            {
+                "created_at": m.get("created_at"),
+                "arch": str(cfg.get("model", {}).get("arch", "?")),
+                "heads": [str(t["name"]) for t in tasks],
+                "data_set": data_set_name(cfg, m.get("data_fingerprint") or {}),
+                "objective": str(mt.get("weighting") or train.get("weighting", "static")),
+                "monitor": mt.get("monitor") or train.get("monitor"),
+                "best_monitor": _num(mt.get("best_monitor")),
+                "test_metrics": {k: _num(mt.get(key)) for k, key in head_metric_keys(tasks).items()},
+                "promoted": decision.get("promoted") if decision else None,
+                "promotion": decision.get("reason") if decision else None,
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _num(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+MODEL_COLUMNS = ("version", "arch", "heads", "data set", "objective", "monitor (best)", "test metrics", "")
+
+
+def _model_cells(r: Mapping[str, Any]) -> list[str]:
+    mark = "LATEST" if r["latest"] else ("not promoted" if r.get("promoted") is False else "")
+    if "error" in r:
+        return [r["version"], f"unreadable: {r['error']}", "-", "-", "-", "-", "-", mark]
+    metrics = " ".join(f"{k} {_fmt(v)}" for k, v in r["test_metrics"].items())
+    monitor = f"{r['monitor']} {_fmt(r['best_monitor'])}" if r["monitor"] else "-"
+    heads = ",".join(r["heads"])
+    return [r["version"], r["arch"], heads, r["data_set"], r["objective"], monitor, metrics or "-", mark]
+
+
+def models_cmd(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the list as JSON")] = False,
+) -> None:
+    """List model versions (LATEST marked): heads, data set, objective, monitor and test metrics.
+
+    Prints to stdout: a table on a terminal, tab-separated lines when piped, JSON with --json.
+    """
+    rows = model_rows(artifacts)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if not sys.stdout.isatty():
+        for cells in [[*MODEL_COLUMNS[:-1], "status"], *map(_model_cells, rows)]:
+            typer.echo("\t".join(cells))
+        return
+    table = Table(title=str(artifacts))
+    # version ids are what rollback takes: never shortened, however narrow the terminal
+    width = max((len(r["version"]) for r in rows), default=7)
+    table.add_column(MODEL_COLUMNS[0], no_wrap=True, min_width=width)
+    for col in MODEL_COLUMNS[1:]:
+        table.add_column(col)
+    for r in rows:
+        cells = _model_cells(r)
+        if "error" in r:
+            cells[1] = f"[red]{cells[1]}[/]"
+        table.add_row(*cells)
+    Console().print(table)
 
 
 def _fmt(x: object) -> str:

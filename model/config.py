@@ -240,12 +240,36 @@ class TrainConfig:
 
 
 @dataclass
+class PromotionConfig:
+    """``[promotion]``: the gate a newly trained version passes before it becomes LATEST
+    (``model.promotion``; ``mtrank train --force`` skips it)."""
+
+    enabled: bool = True  # false: every new version becomes LATEST
+    # test metrics compared with LATEST's ("test/loss", "test/<head>/auc", ...); empty = the test
+    # counterpart of train.monitor and each head's primary metric (AUC for binary, RMSE for regression)
+    metrics: list[str] = field(default_factory=list)
+    max_regression: float = 0.005  # relative worsening tolerated per metric (0.005 = 0.5%)
+    # a test split other than LATEST's makes the metrics incomparable: "refuse" to promote, or
+    # "promote" on the heads and schema checks alone (e.g. daily retrains on a moving window)
+    different_split: Literal["refuse", "promote"] = "refuse"
+
+    def __post_init__(self) -> None:
+        if not (self.max_regression >= 0):
+            raise ConfigError(f"promotion.max_regression must be >= 0, got {self.max_regression}")
+        if self.different_split not in ("refuse", "promote"):
+            raise ConfigError(
+                f'promotion.different_split must be "refuse" or "promote", got {self.different_split!r}'
+            )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = "mtrank"
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -359,6 +383,7 @@ class Config:
             model=_build(ModelConfig, d.pop("model", {}), "model"),
             train=_build(TrainConfig, d.pop("train", {}), "train"),
             name=str(d.pop("name", "mtrank")),
+            promotion=_build(PromotionConfig, d.pop("promotion", {}), "promotion"),
         )
         if d:
             raise ConfigError(f"unknown top-level config keys: {sorted(d)}")

@@ -164,12 +164,13 @@ def train_distributed(
     *,
     init_from: str | Path | Checkpoint | None = None,
     resume: bool = False,
+    force: bool = False,
 ) -> TrainResult:
     """One rank of ``torchrun -m model.train``: join the group, prepare this rank's data, fit;
     rank 0 writes the checkpoint (and moves LATEST); leave the group."""
     check_supported(cfg, launched_world_size())  # before joining: every rank fails the same way
     replica = init_distributed()
     try:
-        return train(cfg, artifacts, replica=replica, init_from=init_from, resume=resume)
+        return train(cfg, artifacts, replica=replica, init_from=init_from, resume=resume, force=force)
     finally:
         dist.destroy_process_group()

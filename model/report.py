@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from model.checkpoint import MANIFEST, list_versions, models_dir
+from model.promotion import data_set_name, head_metric_keys
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,29 @@ def sharing_cost_table(data: Any) -> str:
     return note + _table(rows, ["task correlation p", *by_arch])
 
 
+def models_table(manifests: Sequence[Mapping[str, Any]]) -> str:
+    """One row per version: its data set and objective, each head's primary test metric (AUC for
+    binary heads, RMSE for regression ones; the heads are the manifests' own), NDCG@10, best epoch."""
+    heads: dict[str, str] = {}  # "<head>/<metric>" -> test metric key, over every manifest
+    for m in manifests:
+        heads.update(head_metric_keys(m["config"].get("tasks", [])))
+    rows = []
+    for m in manifests:
+        mt, cfg = m.get("metrics", {}), m["config"]
+        rows.append(
+            [
+                m["version"],
+                cfg["model"]["arch"],
+                cfg.get("train", {}).get("weighting", "static"),
+                data_set_name(cfg, m.get("data_fingerprint") or {}),
+            ]
+            + [_fmt(mt.get(key)) for key in heads.values()]
+            + [_fmt(mt.get("test/ndcg@10")), mt.get("best_epoch", "-")]
+        )
+    labels = [f"{h.split('/')[0]} {h.split('/')[1].upper()}" for h in heads]
+    return _table(rows, ["version", "arch", "weighting", "data set", *labels, "NDCG@10", "best epoch"])
+
+
 def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write all figures and ``report.html``; returns the HTML path."""
     artifacts = Path(artifacts)
@@ -268,32 +292,7 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
         f"<p>{len(manifests)} model version(s) under {html.escape(str(artifacts))}</p>",
     ]
 
-    rows = []
-    for m in manifests:
-        mt = m.get("metrics", {})
-        rows.append(
-            [
-                m["version"],
-                m["config"]["model"]["arch"],
-                m["config"].get("train", {}).get("weighting", "static"),
-            ]
-            + [
-                _fmt(mt.get(k))
-                for k in (
-                    "test/engagement/auc",
-                    "test/satisfaction/auc",
-                    "test/engagement/gauc",
-                    "test/ndcg@10",
-                )
-            ]
-            + [mt.get("best_epoch", "-")]
-        )
-    parts += [
-        "<h2>Models</h2>",
-        _table(
-            rows, ["version", "arch", "weighting", "eng AUC", "sat AUC", "eng GAUC", "NDCG@10", "best epoch"]
-        ),
-    ]
+    parts += ["<h2>Models</h2>", models_table(manifests)]
     if plot_test_metrics(manifests, out / "test_auc.png"):
         parts.append('<img src="test_auc.png">')
 

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import promotion
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
 from model.data import DataError, Dataset, Split, prepare_data
@@ -889,9 +890,10 @@ def train(
     replica: Replica | None = None,
     resume: bool = False,
     set_latest: bool = True,
+    force: bool = False,
 ) -> TrainResult:
-    """Prepare the data, fit, and (when ``artifacts`` is given) write a checkpoint and move LATEST to
-    it (rank 0 only).
+    """Prepare the data, fit, and (when ``artifacts`` is given) write a checkpoint (rank 0 only) and
+    move LATEST to it if it passes the promotion gate (``model.promotion``; ``force`` skips it).
 
     ``init_from``: a checkpoint folder, a version id under ``artifacts`` (or ``LATEST``), or a loaded
     checkpoint to fine-tune from; the data is then encoded with that checkpoint's feature schema.
@@ -918,7 +920,7 @@ def train(
             state_dir = run_dir(artifacts, cfg, str(source.path) if source is not None else None)
         result = fit(cfg, ds, progress, init_from=source, replica=replica, state_dir=state_dir, resume=resume)
         if artifacts is not None and replica.rank == 0:
-            save_result(artifacts, result, cfg, ds, set_latest=set_latest)
+            save_result(artifacts, result, cfg, ds, set_latest=set_latest, force=force)
         replica.barrier()
         if state_dir is not None and replica.rank == 0:
             remove_run(state_dir)
@@ -926,10 +928,20 @@ def train(
 
 
 def save_result(
-    artifacts: str | Path, result: TrainResult, cfg: Config, ds: Dataset, *, set_latest: bool = True
+    artifacts: str | Path,
+    result: TrainResult,
+    cfg: Config,
+    ds: Dataset,
+    *,
+    set_latest: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write a trained result as a checkpoint (with metrics, data fingerprint, per-epoch history
-    and the step log)."""
+    and the step log); with ``set_latest``, LATEST moves to it if it passes the promotion gate."""
+    fp = ds.fingerprint
+    decision = (
+        promotion.decide(artifacts, cfg, ds.schema, result.metrics, fp, force=force) if set_latest else None
+    )
     result.checkpoint = save_checkpoint(
         artifacts,
         result.model,
@@ -937,10 +949,11 @@ def save_result(
         ds.schema,
         metrics=result.metrics,
         data_fingerprint=ds.fingerprint,
-        extra={"history": result.history, "step_log": result.steps},
-        set_latest=set_latest,
+        extra={"history": result.history, "step_log": result.steps, **promotion.manifest_entry(decision)},
+        set_latest=promotion.promoted(decision),
     )
     log.info("wrote %s", result.checkpoint)
+    promotion.log_decision(decision, result.checkpoint.name)
     return result.checkpoint
 
 
@@ -962,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=None, help="override train.streams")
     parser.add_argument("--init-from", default=None, help="fine-tune from a checkpoint folder or version")
     parser.add_argument("--resume", action="store_true", help="continue this config's interrupted run")
+    parser.add_argument("--force", action="store_true", help="move LATEST even if the promotion gate says no")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -980,9 +994,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if world > 1:
             from model.distributed import train_distributed
 
-            result = train_distributed(cfg, args.artifacts, init_from=args.init_from, resume=args.resume)
+            result = train_distributed(
+                cfg, args.artifacts, init_from=args.init_from, resume=args.resume, force=args.force
+            )
         else:
-            result = train(cfg, args.artifacts, init_from=args.init_from, resume=args.resume)
+            result = train(
+                cfg, args.artifacts, init_from=args.init_from, resume=args.resume, force=args.force
+            )
     except (ConfigError, DataError, FeatureError, CheckpointError) as e:
         log.error("%s", e)
         raise SystemExit(2) from None

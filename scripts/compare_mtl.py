@@ -31,7 +31,10 @@ from model.config import ARCHS, WEIGHTINGS, Config, load_config  # noqa: E402
 from model.data import load_dataset  # noqa: E402
 from model.train import fit  # noqa: E402
 
-HEADS = ("engagement", "satisfaction")
+
+def binary_heads(cfg: Config) -> list[str]:
+    """The heads compared here: the config's binary tasks (test AUC)."""
+    return [t.name for t in cfg.tasks if t.kind == "binary"]
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> None:
@@ -66,28 +69,28 @@ def run_one(base: Config, ds: Any, arch: str, weighting: str, seed: int) -> dict
     }
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
+def summarise(
+    runs: list[dict[str, Any]], heads: list[str]
+) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
     out: dict[tuple[str, str], dict[str, tuple[float, float, int]]] = {}
     for r in runs:
         out.setdefault((r["arch"], r["weighting"]), {})
     for key in out:
         rs = [r for r in runs if (r["arch"], r["weighting"]) == key]
-        for h in HEADS:
+        for h in heads:
             v = np.array([r["metrics"][f"test/{h}/auc"] for r in rs])
             out[key][h] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))  # sample std
     return out
 
 
-def markdown(runs: list[dict[str, Any]]) -> str:
+def markdown(runs: list[dict[str, Any]], heads: list[str]) -> str:
     lines = [
-        "| arch | weighting | engagement test AUC | satisfaction test AUC | seeds |",
-        "|---|---|---|---|---|",
+        "| arch | weighting | " + " | ".join(f"{h} test AUC" for h in heads) + " | seeds |",
+        "|---|---|" + "---|" * len(heads) + "---|",
     ]
-    for (arch, weighting), s in summarise(runs).items():
-        e, sat = s["engagement"], s["satisfaction"]
-        lines.append(
-            f"| {arch} | {weighting} | {e[0]:.4f} ± {e[1]:.4f} | {sat[0]:.4f} ± {sat[1]:.4f} | {e[2]} |"
-        )
+    for (arch, weighting), s in summarise(runs, heads).items():
+        cells = " | ".join(f"{s[h][0]:.4f} ± {s[h][1]:.4f}" for h in heads)
+        lines.append(f"| {arch} | {weighting} | {cells} | {s[heads[0]][2]} |")
     return "\n".join(lines)
 
 
@@ -107,6 +110,9 @@ def main() -> None:
     base = load_config(a.config)
     base.train.num_threads = a.threads
     apply_overrides(base, a.overrides)
+    heads = binary_heads(base)
+    if not heads:
+        raise SystemExit(f"{a.config}: no binary task to compare by test AUC")
     t0 = time.perf_counter()
     ds = load_dataset(base)
     print(
@@ -123,8 +129,9 @@ def main() -> None:
                 runs.append(r)
                 m = r["metrics"]
                 print(
-                    f"{arch:14s} {weighting:12s} seed={seed} engagement AUC {m['test/engagement/auc']:.4f} "
-                    f"satisfaction AUC {m['test/satisfaction/auc']:.4f} best epoch {m['best_epoch']} "
+                    f"{arch:14s} {weighting:12s} seed={seed} "
+                    + " ".join(f"{h} AUC {m[f'test/{h}/auc']:.4f}" for h in heads)
+                    + f" best epoch {m['best_epoch']} "
                     f"weights {m['task_weights']} ({r['seconds']:.0f}s)",
                     flush=True,
                 )
@@ -138,13 +145,13 @@ def main() -> None:
                             "weighting": k[1],
                             **{f"{h}_auc": {"mean": v[0], "std": v[1], "n": v[2]} for h, v in s.items()},
                         }
-                        for k, s in summarise(runs).items()
+                        for k, s in summarise(runs, heads).items()
                     ],
                     "runs": runs,
                 }
                 a.out.write_text(json.dumps(report, indent=1))
     print()
-    print(markdown(runs))
+    print(markdown(runs, heads))
     print(f"\nwrote {a.out}")
 
 

@@ -76,8 +76,9 @@ async def rank(
 ) -> Response:
     """Score every candidate with the served model and return them best first.
 
-    Unknown users / videos get default features (counted in /metrics). When the feature store
-    fails, every row gets defaults and the response says ``"degraded": true``.
+    Unknown users / videos get default features (counted in /metrics) and the response flags them
+    (``unknown_user``, each item's ``unknown_video``, ``unseen_context``). When the feature store
+    fails, or holds far less than it should, the response says ``"degraded": true`` and why.
     """
     t0 = time.perf_counter()
     outcome = "error"
@@ -100,10 +101,10 @@ async def rank(
             metrics.degraded_requests.labels(fetched.degraded_reason or "error").inc()
         apply_inline_features(fetched.videos, plan, active.ranker.schema)
 
-        scored = await holder.run_scoring(score_plan, active, fetched, plan, settings.combine)
+        scored = await holder.run_scoring(score_plan, active, fetched, plan, active.combine)
         metrics.model_forward_seconds.observe(scored.seconds)
         metrics.candidates_scored.inc(len(plan.ids))
-        body = render_response(active, plan, scored, fetched.degraded)
+        body = render_response(active, plan, scored, fetched)
         outcome = "ok"
         return _json_response(body)
     except ServiceError as e:
@@ -122,11 +123,15 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: ERROR_RESPONSES[503]}, tags=["ops"])
-async def readyz(holder: RankerDep) -> Health:
-    """Ready once a model is loaded, validated and warmed up."""
+async def readyz(holder: RankerDep, store: StoreDep) -> Health:
+    """Ready once a model is loaded, validated and warmed up, while the feature store holds its
+    data (not ready when Redis was wiped or evicted: its meta key or sampled rows are gone)."""
     active = holder.current
-    if active is None:  # why not is admin information (GET /admin/model): it names paths
+    # why not is admin information (GET /admin/model): it names paths, keys and LATEST
+    if active is None:
         raise NotReady("no model loaded yet")
+    if store.problem is not None:
+        raise NotReady(f"feature store {store.problem} (details: GET /admin/model)")
     return Health(status="ready", model_version=active.version)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from service.api import admin_router, router
 from service.errors import install_error_handlers
@@ -28,6 +29,7 @@ from service.store import open_store
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
+DOCS_ASSETS = "/docs-assets"
 
 
 @asynccontextmanager
@@ -54,11 +56,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
-    app = FastAPI(
+    # FastAPI's own recipe for self-hosted docs assets (/docs and /redoc load no CDN): the Swagger UI
+    # and ReDoc files ship in the fastapi-offline package and are served under DOCS_ASSETS
+    app = FastAPIOffline(
         title="mtrank",
         summary="Multi-task (MMoE) ranking of candidate videos",
         version=API_VERSION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -14,8 +14,29 @@ app = typer.Typer(help="mtrank: multi-task ranking — train, evaluate, serve.",
 register(app)
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mtrank")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mtrank {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(log_level: str = typer.Option("WARNING", "--log-level", envvar="MTRANK_LOG_LEVEL")) -> None:
+def _main(
+    log_level: str = typer.Option("WARNING", "--log-level", envvar="MTRANK_LOG_LEVEL"),
+    _version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="print the version and exit"),
+    ] = False,
+) -> None:
     setup_logging(log_level.upper())
 
 
@@ -46,8 +67,21 @@ def serve_cmd(
         Path | None, typer.Option(help="embedded store: tables directory [MTRANK_DATA_DIR]")
     ] = None,
     torch_threads: Annotated[int | None, typer.Option(help="torch threads [MTRANK_TORCH_THREADS]")] = None,
+    wait: Annotated[
+        bool | None,
+        typer.Option(
+            "--wait/--no-wait",
+            help="start (unready) even when no model exists yet, and serve the first one LATEST names "
+            "[MTRANK_WAIT_FOR_MODEL, default: exit with an error]",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the ranking API (uvicorn, one worker). Every option also reads MTRANK_* env vars."""
+    """Serve the ranking API (uvicorn, one worker). Every option also reads MTRANK_* env vars.
+
+    Exits with code 1 at once when there is no model to serve (no models/LATEST under the artifacts
+    dir), unless told to wait for one (--wait).
+    """
+    from model import CheckpointNotFoundError, read_latest
     from service.app import run_server
 
     settings = _settings(
@@ -59,7 +93,19 @@ def serve_cmd(
         redis_prefix=redis_prefix,
         data_dir=data_dir,
         torch_threads=torch_threads,
+        wait_for_model=wait,
     )
+    if not settings.wait_for_model:
+        try:
+            read_latest(settings.artifacts)
+        except CheckpointNotFoundError as e:
+            typer.echo(
+                f"error: nothing to serve, {e} (`mtrank train --config ... --artifacts "
+                f"{settings.artifacts}`); or pass --wait (MTRANK_WAIT_FOR_MODEL=1) to start unready and "
+                "serve the first model LATEST names.",
+                err=True,
+            )
+            raise typer.Exit(code=1) from None
     run_server(settings)
 
 

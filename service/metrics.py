@@ -25,7 +25,17 @@ LATENCY_BUCKETS = (
 )
 
 RANK_OUTCOMES = ("ok", "invalid", "unavailable", "error")
-DEGRADED_REASONS = ("timeout", "connection", "breaker_open", "error", "layout_mismatch")
+DEGRADED_REASONS = (
+    "timeout",
+    "connection",
+    "breaker_open",
+    "error",
+    "layout_mismatch",
+    "meta_missing",
+    "evicted",
+    "unknown_rate",
+)
+STORE_PROBLEMS = ("meta_missing", "evicted")
 
 
 class Metrics:
@@ -76,6 +86,28 @@ class Metrics:
         self.model_loaded_timestamp = Gauge(
             "mtrank_model_loaded_timestamp_seconds", "When the served model was activated", registry=r
         )
+        self.store_problem = Gauge(
+            "mtrank_feature_store_problem",
+            "1 while the feature store has this data problem (wiped, evicted): the service is not ready",
+            ["problem"],
+            registry=r,
+        )
+        self.store_sample_present = Gauge(
+            "mtrank_feature_store_sampled_keys_present_ratio",
+            "Share of the entity keys sampled at materialisation that exist in Redis (last check)",
+            registry=r,
+        )
+        self.unknown_rate = Gauge(
+            "mtrank_unknown_rate",
+            "Unknown users / videos (no row in the feature store) over the last window of requests",
+            ["group"],
+            registry=r,
+        )
+        for problem in STORE_PROBLEMS:
+            self.store_problem.labels(problem).set(0)
+        for group in ("user", "video"):  # NaN until a window of requests is complete (Redis store)
+            self.unknown_rate.labels(group).set(float("nan"))
+        self.store_sample_present.set(float("nan"))
         for outcome in RANK_OUTCOMES:
             self.rank_requests.labels(outcome)
         for reason in DEGRADED_REASONS:
@@ -87,6 +119,13 @@ class Metrics:
         self.model_info.clear()
         self.model_info.labels(version, arch).set(1)
         self.model_loaded_timestamp.set(loaded_at)
+
+    def set_store_health(self, problem: str | None, present: float | None, rates: dict[str, float]) -> None:
+        for p in STORE_PROBLEMS:
+            self.store_problem.labels(p).set(1 if p == problem else 0)
+        self.store_sample_present.set(present if present is not None else float("nan"))
+        for group, rate in rates.items():
+            self.unknown_rate.labels(group).set(rate)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

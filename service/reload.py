@@ -7,7 +7,7 @@ using that object, so a swap never affects a request in flight and never fails o
 A new version is loaded off the request path: checkpoint load + validation in a worker thread,
 column mapping onto the feature store, warm-up and a test scoring. Only then is it swapped in.
 Anything that fails along the way rejects that version (logged, counted as
-``mtrank_model_reload_total{result="error"}``, shown by ``GET /model``) and the old model keeps
+``mtrank_model_reload_total{result="error"}``, shown by ``GET /admin/model``) and the old model keeps
 serving.
 
 The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
@@ -56,6 +56,7 @@ import numpy as np
 from model import (
     CheckpointError,
     CheckpointNotFoundError,
+    Combine,
     IncompleteCheckpointError,
     Ranker,
     check_version_id,
@@ -88,6 +89,8 @@ class ActiveModel:
     heads: tuple[str, ...]
     loaded_at: float  # epoch seconds
     source: ReloadSource
+    weights: dict[str, float]  # the combined score's default per-head weights (settings, else 1 per head)
+    combine: Combine  # product or sum (settings, else by the heads' kinds)
 
     @property
     def version(self) -> str:
@@ -199,6 +202,19 @@ def probe_latest(
         return sig, e
 
 
+def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
+    """The combined score's per-head weights: the configured ones, else 1 for every head of the model."""
+    return dict(configured) if configured is not None else dict.fromkeys(heads, 1.0)
+
+
+def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
+    """The configured combination, else the product of probabilities when every head is binary and
+    the sum otherwise (a regression head's prediction can be 0 or negative: no product of powers)."""
+    if configured is not None:
+        return configured
+    return "product" if all(t.kind == "binary" for t in ranker.tasks) else "sum"
+
+
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
@@ -248,6 +264,7 @@ class ModelHolder:
             await self.check()
         except Exception:  # never fail startup: stay unready, the watcher keeps trying
             log.exception("initial model load failed")
+        await self.check_store()
         self._tasks.append(asyncio.create_task(self._watch(), name="mtrank-model-watcher"))
         if isinstance(self.store, RedisStore):
             self._tasks.append(asyncio.create_task(self.store.listen(self._wake), name="mtrank-model-events"))
@@ -329,11 +346,13 @@ class ModelHolder:
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
             heads = tuple(ranker.task_names)
-            missing = sorted(set(self.settings.weights) - set(heads))
+            weights = default_weights(heads, self.settings.weights)
+            missing = sorted(set(weights) - set(heads))
             if missing:
                 raise ReloadError(
                     version,
-                    f"the configured weights name heads {missing} this model lacks (heads: {list(heads)})",
+                    f"the configured weights (MTRANK_WEIGHTS) name heads {missing} this model lacks "
+                    f"(heads: {list(heads)}); unset them to weigh every head 1",
                 )
             columns = await self.store.prepare(ranker.schema, ranker.config.data)
             await asyncio.to_thread(self._validate, ranker, columns)
@@ -344,7 +363,8 @@ class ModelHolder:
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
-        return ActiveModel(ranker, columns, heads, time.time(), source)
+        combine = default_combine(ranker, self.settings.combine)
+        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine)
 
     def _validate(self, ranker: Ranker, columns: ColumnMap) -> None:
         """Warm up, then score a few default rows shaped like the store's: every head finite."""
@@ -364,7 +384,8 @@ class ModelHolder:
                 )
             if task.kind == "binary" and ((y < 0) | (y > 1)).any():
                 raise ReloadError(ranker.version, f"test scoring: head {task.name!r} is not a probability")
-        score = combine_scores(heads, self.settings.weights, self.settings.combine)
+        weights = default_weights(tuple(ranker.task_names), self.settings.weights)
+        score = combine_scores(heads, weights, default_combine(ranker, self.settings.combine))
         if not np.isfinite(score).all():
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
@@ -475,6 +496,17 @@ class ModelHolder:
                 raise
             except Exception:
                 log.exception("model watcher round failed")
+            await self.check_store()
+
+    async def check_store(self) -> None:
+        """The feature store's health (a wiped or evicted Redis), into the metrics; never raises."""
+        try:
+            problem = await self.store.check_health()
+        except Exception:
+            log.exception("feature store health check failed")
+            return
+        if isinstance(self.store, RedisStore):
+            self.metrics.set_store_health(problem, self.store.present_ratio, self.store.unknown_rates())
 
     # -- admin ------------------------------------------------------------------------------------
     async def reload_latest(self) -> tuple[ActiveModel, ActiveModel | None]:
@@ -537,9 +569,28 @@ class ModelHolder:
 
     # -- description ------------------------------------------------------------------------------
     def public(self) -> dict[str, Any]:
-        """What anyone may see: the served version and whether one is served."""
-        version = self.version_or_none
-        return {"version": version, "status": "ready" if version is not None else "not_ready"}
+        """What anyone may see: the served version, whether one is served, and the request contract
+        (heads, the video and context feature names, the weights in force and their bounds).
+        Nothing about files, the store or LATEST."""
+        active = self._current
+        if active is None:
+            return {"version": None, "status": "not_ready", "heads": [], "features": {}, "scoring": None}
+        schema = active.ranker.schema
+        features = {g: [n for cols in schema.columns(g) for n in cols] for g in ("video", "context")}
+        return {
+            "version": active.version,
+            "status": "ready",
+            "heads": list(active.heads),
+            "features": features,
+            "scoring": self._scoring(active),
+        }
+
+    def _scoring(self, active: ActiveModel) -> dict[str, Any]:
+        return {
+            "combine": active.combine,
+            "weights": active.weights,
+            "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
+        }
 
     def describe(self) -> dict[str, Any]:
         """Everything about the served model, its store and the last rejection (admin only: file
@@ -560,11 +611,7 @@ class ModelHolder:
             "source": active.source,
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
-            "scoring": {
-                "combine": self.settings.combine,
-                "weights": self.settings.weights,
-                "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
-            },
+            "scoring": self._scoring(active),
             "feature_store": self.store.describe(),
             **out,
         }

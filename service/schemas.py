@@ -73,7 +73,7 @@ class Candidate(BaseModel):
         default_factory=dict,
         max_length=MAX_FEATURES,
         fail_fast=True,
-        description="raw video feature values, e.g. video_duration",
+        description="raw values of the model's video features (GET /model lists them)",
     )
 
 
@@ -82,13 +82,8 @@ class RankRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {
-                    "user_id": 0,
-                    "candidates": [1, 2, {"video_id": 3, "features": {"video_duration": 12000}}],
-                    "context": {"tab": 1, "hour": 20},
-                    "top_k": 2,
-                    "weights": {"engagement": 1.0, "satisfaction": 2.0},
-                }
+                {"user_id": 0, "candidates": [1, 2, 3], "top_k": 2},
+                {"user_id": "u42", "candidates": ["v1", {"video_id": "v2", "features": {}}], "context": {}},
             ]
         },
     )
@@ -105,7 +100,7 @@ class RankRequest(BaseModel):
         default_factory=dict,
         max_length=MAX_FEATURES,
         fail_fast=True,
-        description="request context features, e.g. tab and hour",
+        description="raw values of the model's context features (GET /model lists them)",
     )
     top_k: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="return the best k (1..number of candidates); default: all"
@@ -114,7 +109,7 @@ class RankRequest(BaseModel):
         default=None,
         max_length=MAX_WEIGHTS,
         fail_fast=True,
-        description="per-head weights overriding the service's, within its bounds",
+        description="per-head weights (the served model's heads) overriding the service's, within its bounds",
     )
 
 
@@ -158,13 +153,31 @@ class RankedItem(BaseModel):
     video_id: int | str
     rank: int
     score: float
-    heads: dict[str, float] = Field(description="per-head scores, e.g. engagement and satisfaction")
+    heads: dict[str, float] = Field(description="per-head scores, one per head of the served model")
+    unknown_video: bool | None = Field(
+        description="the feature store has no row for this video (scored with default features, or "
+        "the inline ones); null when the store did not answer"
+    )
 
 
 class RankResponse(BaseModel):
     model_version: str
     items: list[RankedItem]
-    degraded: bool = Field(description="true when the feature store failed and defaults were used")
+    degraded: bool = Field(
+        description="true when the feature store failed (defaults were used) or holds far less than "
+        "it should (wiped, evicted, unknown rate far above the expected)"
+    )
+    degraded_reason: str | None = Field(
+        description="timeout, connection, breaker_open, error, layout_mismatch, meta_missing, evicted "
+        "or unknown_rate; null when not degraded"
+    )
+    unknown_user: bool | None = Field(
+        description="the feature store has no row for the user; null when the store did not answer"
+    )
+    unseen_context: list[str] = Field(
+        description="context features whose (categorical) value training never saw: valid, scored "
+        "as the unknown value"
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -188,9 +201,23 @@ class Health(BaseModel):
     model_version: str | None = None
 
 
+class Scoring(BaseModel):
+    combine: str = Field(description="product or sum")
+    weights: dict[str, float] = Field(description="the default weight of each head")
+    weight_bounds: tuple[float, float] = Field(description="the range every weight must lie in")
+
+
 class ModelStatus(BaseModel):
+    """What a client may know of the served model: its version and the request contract (the heads
+    ``weights`` may name, the features ``candidates[].features`` and ``context`` may carry)."""
+
     version: str | None = Field(description="the served model version; null while none is served")
     status: Literal["ready", "not_ready"]
+    heads: list[str] = Field(description="the heads each item is scored by (empty while none is served)")
+    features: dict[str, list[str]] = Field(
+        description="feature names a request may send inline, by group: video, context"
+    )
+    scoring: Scoring | None = Field(description="how the heads are combined (null while none is served)")
 
 
 class RollbackRequest(BaseModel):

@@ -1,7 +1,8 @@
 """Service settings: one pydantic-settings object, read from ``MTRANK_*`` environment variables.
 
 Every field can be set as ``MTRANK_<FIELD>`` (``MTRANK_FEATURE_STORE=redis``,
-``MTRANK_WEIGHTS='{"engagement": 1, "satisfaction": 2}'``); ``mtrank serve`` options override them.
+``MTRANK_WEIGHTS='{"<head>": 1, "<other head>": 2}'``); ``mtrank serve`` options override them.
+Nothing here names a task: head names come from the served model (unset ``weights`` = 1 per head).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
     # -- model -------------------------------------------------------------------------------
     artifacts: Path = Field(default=Path("artifacts"), description="artifacts dir holding models/LATEST")
     reload_interval_s: float = Field(default=2.0, gt=0, description="how often the watcher polls LATEST")
+    wait_for_model: bool = Field(
+        default=False,
+        description="`mtrank serve`: start (unready) without a models/LATEST and wait for one, "
+        "instead of exiting with an error",
+    )
     warmup_batch: int = Field(default=512, ge=1, le=100_000, description="batch size of the warm-up passes")
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="torch intra-op threads (torch.set_num_threads)"
@@ -66,12 +72,40 @@ class Settings(BaseSettings):
     redis_breaker_reset_s: float = Field(
         default=1.0, gt=0, description="how long fetches skip Redis after that"
     )
+    store_min_present: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Redis: not ready (evicted) when fewer of the entity keys sampled by materialize exist",
+    )
+    unknown_rate_window: int = Field(
+        default=200, ge=1, description="Redis: requests per window of the unknown user / video rate"
+    )
+    unknown_rate_margin: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="Redis: responses are degraded (unknown_rate) when a window's unknown rate exceeds "
+        "the materialised data's by more than this (1 = never)",
+    )
 
     # -- request handling --------------------------------------------------------------------
     max_candidates: int = Field(default=2000, ge=1, le=100_000)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    combine: Combine = "product"
-    weights: dict[str, float] = Field(default_factory=lambda: {"engagement": 1.0, "satisfaction": 1.0})
+    strict_features: bool = Field(
+        default=True,
+        description="422 for context keys and inline feature names the model does not declare "
+        "(false: they are ignored)",
+    )
+    combine: Combine | None = Field(
+        default=None,
+        description="product or sum of the weighted heads; unset = product when every head of the served "
+        "model is binary (probabilities), else sum (regression heads can be negative)",
+    )
+    weights: dict[str, float] | None = Field(
+        default=None,
+        description="per-head weights of the combined score; unset = 1 for every head of the served model",
+    )
     weight_min: float = 0.0
     weight_max: float = 10.0
 
@@ -122,8 +156,10 @@ class Settings(BaseSettings):
             raise ValueError("weight_min and weight_max must be finite")
         if not 0 <= self.weight_min <= self.weight_max:
             raise ValueError("need 0 <= weight_min <= weight_max")
+        if self.weights is None:
+            return self
         if not self.weights:
-            raise ValueError("weights must name at least one head")
+            raise ValueError("weights must name at least one head (or be unset: 1 for every head)")
         for name, w in self.weights.items():
             if not (math.isfinite(w) and self.weight_min <= w <= self.weight_max):
                 raise ValueError(f"weight {name!r}={w} outside [{self.weight_min}, {self.weight_max}]")

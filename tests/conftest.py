@@ -53,13 +53,15 @@ TrainTiny = Callable[..., str]
 
 @pytest.fixture(scope="session")
 def train_tiny() -> TrainTiny:
-    """``train_tiny(artifacts, seed=0, configure=None) -> version``: one epoch on the 300-user fixture.
+    """``train_tiny(artifacts, seed=0, configure=None) -> version``: one epoch on the 300-user fixture,
+    LATEST moved to it (the promotion gate is off: the reload tests need every new version served).
 
     ``configure(cfg)`` may change the config first (architecture, features, ...).
     """
 
     def run(artifacts: Path, seed: int = 0, configure: Callable[[Config], None] | None = None) -> str:
         cfg = tiny_config(epochs=1, seed=seed)
+        cfg.promotion.enabled = False
         if configure is not None:
             configure(cfg)
         result = train(cfg, artifacts=artifacts)

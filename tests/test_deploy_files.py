@@ -151,18 +151,26 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 # --------------------------------------------------------------------------- Dockerfile
 
 
-def test_base_images_are_python_311_slim_and_build_is_multi_stage(instructions: list[Instruction]) -> None:
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def test_base_images_are_python_311_slim_pinned_by_digest_and_build_is_multi_stage(
+    instructions: list[Instruction],
+) -> None:
     froms = [i for i in instructions if i.cmd == "FROM"]
     assert len(froms) >= 2, "expected a multi-stage build (builder + runtime)"
-    stage_names = set()
+    stage_names, bases = set(), set()
     for f in froms:
         words = f.args.split()
         image = next(w for w in words if not w.startswith("--"))
         if image not in stage_names:
-            assert image == "python:3.11-slim", f"base image {image!r}"
+            name, _, _ = image.partition("@")
+            assert name == "python:3.11-slim" and DIGEST.search(image), f"base image {image!r} not pinned"
+            bases.add(image)
         if len(words) >= 3 and words[-2].upper() == "AS":
             stage_names.add(words[-1])
     assert "builder" in stage_names
+    assert len(bases) == 1, f"the stages use different base digests: {bases}"
 
 
 def test_runtime_copies_the_builder_venv(final_stage: list[Instruction]) -> None:
@@ -286,11 +294,18 @@ def test_builder_copies_what_pip_install_needs(instructions: list[Instruction]) 
     assert needed <= sources, f"builder stage does not copy {needed - sources}"
 
 
-def test_torch_spec_default_matches_the_pyproject_pin(instructions: list[Instruction]) -> None:
+def test_torch_is_the_pinned_cpu_wheel_by_default(instructions: list[Instruction]) -> None:
     pins = [d for d in PYPROJECT["project"]["dependencies"] if re.match(r"torch\b", d)]
-    assert _arg_defaults(instructions)["TORCH_SPEC"] in pins
-    for path in (DOCKERFILE, COMPOSE_FILE):
-        assert "index-url" not in path.read_text(), f"{path.name} must not name a package index"
+    args = _arg_defaults(instructions)
+    assert args["TORCH_SPEC"] in pins
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"  # PyTorch's CPU-only wheels
+    builder = [i for i in instructions if i.stage == 0 and i.cmd == "RUN"]
+    (install,) = [i.args for i in builder if "TORCH_SPEC" in i.args]
+    assert re.search(r'pip install --index-url "\$\{TORCH_INDEX_URL\}" "\$\{TORCH_SPEC\}"', install), install
+    # torch comes first: the later requirements install finds the pin satisfied (2.13.0+cpu == 2.13.0)
+    later = [n for n, i in enumerate(builder) if "requirements.txt" in i.args]
+    assert later and builder.index(next(i for i in builder if "TORCH_SPEC" in i.args)) < later[0]
+    assert "index-url" not in COMPOSE_FILE.read_text()
 
 
 def test_dependency_list_snippet_reads_pyproject(instructions: list[Instruction]) -> None:
@@ -341,10 +356,10 @@ def _argv(service: dict[str, Any]) -> list[str]:
 
 
 def _script_commands(service: dict[str, Any]) -> list[list[str]]:
-    """The commands of a `sh -c "a && b"` service command, split at &&."""
+    """The `mtrank ...` invocations of a `sh -c "..."` service command, in order."""
     argv = _argv(service)
     assert argv[:2] == ["sh", "-c"], argv
-    return [shlex.split(part) for part in argv[2].split("&&")]
+    return [shlex.split(m) for m in re.findall(r"\bmtrank\b[^;&|{}]*", argv[2])]
 
 
 def _mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -367,8 +382,18 @@ def _option(argv: list[str], name: str) -> str:
 
 def test_compose_services(services: dict[str, Any]) -> None:
     assert {"redis", "api", "trainer", "locust"} <= set(services)
-    assert services["redis"]["image"] == "redis:7-alpine"
+    image = services["redis"]["image"]
+    assert image.partition("@")[0] == "redis:7-alpine" and DIGEST.search(image), f"{image} not pinned"
     assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
+
+
+def test_no_service_depends_on_one_outside_its_profiles(services: dict[str, Any]) -> None:
+    """Compose refuses a dependency on a service whose profile is not active."""
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            needed = set(services[dep].get("profiles", []))
+            assert not needed or needed <= set(svc.get("profiles", [])), f"{name} -> {dep} ({needed})"
 
 
 def test_images_built_from_this_dockerfile(services: dict[str, Any]) -> None:
@@ -392,16 +417,17 @@ def test_api_uses_redis_service_as_feature_store(services: dict[str, Any]) -> No
     assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-def test_api_replicas_ports_and_healthcheck_match_dockerfile(
+def test_api_is_one_replica_on_one_stable_port_with_the_dockerfile_healthcheck(
     services: dict[str, Any], final_stage: list[Instruction]
 ) -> None:
     api = services["api"]
     port = _exposed_port(final_stage)
-    assert api["deploy"]["replicas"] == 2
-    assert "container_name" not in api  # would clash between replicas
-    for mapping in api["ports"]:
-        # with replicas > 1 a fixed host port would collide: publish the container port only
-        assert str(mapping) == str(port), f"port mapping {mapping!r}"
+    assert api.get("deploy", {}).get("replicas", 1) == 1  # a fixed host port: one replica
+    (mapping,) = api["ports"]
+    host, _, container = str(mapping).rpartition(":")
+    assert container == str(port)
+    default = re.fullmatch(r"\$\{MTRANK_HOST_PORT:-(\d+)\}", host)
+    assert default and int(default.group(1)) == port, f"port mapping {mapping!r}: a fixed host port"
     assert api["healthcheck"]["test"] == ["CMD", *_healthcheck_argv(final_stage)]
     argv = _argv(api)
     assert argv[0] in PYPROJECT["project"]["scripts"] and argv[1] == "serve"
@@ -417,10 +443,15 @@ def test_mounts_match_dockerfile_env_and_real_data(
         env = {**image_env, **_env(services[name])}
         for src, dst, mode in _mounts(services[name]):
             if _is_bind(src):
-                data = (COMPOSE_FILE.parent / src).resolve()
-                assert data.is_dir(), f"{name}: bind source {src} -> {data} does not exist"
-                for f in DATA_FILES:
-                    assert (data / f).is_file(), f"{name}: {data} has no {f}"
+                # data comes from a path inside the project (./data, see data/README.md), read-only
+                data = (COMPOSE_FILE.parent / src).absolute()
+                assert src.startswith("./") and ".." not in Path(src).parts, (
+                    f"{name}: {src} leaves the project"
+                )
+                assert data.is_relative_to(ROOT) and Path(src).parts[0] == "data", src
+                if data.is_dir():  # where the files were put (never in the repository)
+                    for f in DATA_FILES:
+                        assert (data / f).is_file(), f"{name}: {data} has no {f}"
                 assert dst == env["MTRANK_DATA_DIR"] and mode == "ro"
             else:
                 assert src in declared, f"{name}: named volume {src!r} is not declared"
@@ -433,9 +464,24 @@ def test_mounts_match_dockerfile_env_and_real_data(
     assert "/artifacts" in api_mounts and trainer_mounts["/artifacts"] == "rw"  # the trainer writes models
 
 
+def test_data_dir_is_ignored_by_git_and_docker_but_documented() -> None:
+    assert (ROOT / "data" / "README.md").is_file()
+    assert _ignored("data", _dockerignore_patterns())
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/data/*" in ignored and "!/data/README.md" in ignored
+
+
+def test_api_waits_for_a_successful_trainer_run(services: dict[str, Any]) -> None:
+    api = services["api"]
+    assert api["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    assert services["trainer"].get("restart", "no") == "no" and "profiles" not in services["trainer"]
+
+
 def test_trainer_trains_then_materializes(services: dict[str, Any]) -> None:
     trainer = services["trainer"]
-    assert trainer["profiles"] == ["jobs"]
+    script = _argv(trainer)[2]
+    # trains only when there is no model yet, materializes every time
+    assert re.search(r"\[ -f /artifacts/models/LATEST \] \|\| mtrank train", script), script
     steps = _script_commands(trainer)
     assert [s[:2] for s in steps] == [["mtrank", "train"], ["mtrank", "materialize"]]
     assert "mtrank" in PYPROJECT["project"]["scripts"]
@@ -445,9 +491,12 @@ def test_trainer_trains_then_materializes(services: dict[str, Any]) -> None:
     # the files the config reads are in the data directory the trainer gets mounted at $MTRANK_DATA_DIR
     data_cfg = tomllib.loads((ROOT / config).read_text())["data"]
     (data_src,) = [src for src, _, _ in _mounts(trainer) if _is_bind(src)]
+    shared = ROOT.parent / "shared" / "data" / "kuairand-pure"  # what data/README.md says to put there
     for key in ("log", "users", "videos"):
         if key in data_cfg:
-            assert (COMPOSE_FILE.parent / data_src / data_cfg[key]).is_file(), f"no data.{key} file"
+            for where in (COMPOSE_FILE.parent / data_src, shared):
+                if where.is_dir():
+                    assert (where / data_cfg[key]).is_file(), f"no data.{key} file in {where}"
     assert _option(train, "--artifacts") == _option(materialize, "--artifacts") == "/artifacts"
     assert urlparse(_option(materialize, "--redis-url")).hostname == "redis"
     assert trainer["depends_on"]["redis"]["condition"] == "service_healthy"

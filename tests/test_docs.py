@@ -18,9 +18,9 @@ import pytest
 import typer
 from modelkit import ROOT
 
-from model.config import DataConfig, FeatureDecl, ModelConfig, TaskConfig, TrainConfig
+from model.config import DataConfig, FeatureDecl, ModelConfig, PromotionConfig, TaskConfig, TrainConfig
 from service.cli import app
-from service.schemas import RankRequest
+from service.schemas import RankedItem, RankRequest, RankResponse
 from service.settings import Settings
 
 README = ROOT / "README.md"
@@ -195,7 +195,8 @@ def test_first_request_in_readme_is_a_valid_rank_request() -> None:
     block = re.search(r"```json\n(.*?)```", text, flags=re.S)
     assert block, "no response shown"
     shown = json.loads(block.group(1).replace("    ...\n", "").replace("},\n  ]", "}\n  ]"))
-    assert set(shown) == {"model_version", "items", "degraded"}
+    assert set(shown) == set(RankResponse.model_fields)
+    assert all(set(item) == set(RankedItem.model_fields) for item in shown["items"])
     assert [item["rank"] for item in shown["items"]] == list(range(1, len(shown["items"]) + 1))
 
 
@@ -216,6 +217,7 @@ def test_settings_table_lists_every_setting() -> None:
         ("`[[tasks]]`", TaskConfig),
         ("`[model]`", ModelConfig),
         ("`[train]`", TrainConfig),
+        ("`[promotion]`", PromotionConfig),
     ],
 )
 def test_config_reference_lists_every_key(heading: str, cls: type) -> None:

@@ -393,7 +393,7 @@ def test_raw_rank_bodies_get_200_or_a_clear_4xx(
 EDGE_TARGETS = {
     "numeric feature": "video_duration",
     "categorical feature": "music_type",
-    "unknown feature": "not_a_feature",  # ignored by the model, but its value is still validated
+    "unknown feature": "not_a_feature",  # undeclared: 422 whatever its value (strict_features)
     "context": "tab",
 }
 
@@ -415,7 +415,10 @@ def test_every_edge_value_gets_200_or_a_422_naming_the_feature(client: TestClien
             )
         else:
             assert code == 200 and all(math.isfinite(i["score"]) for i in out["items"]), out
-    assert outcomes[200] and outcomes[422], outcomes
+    if where == "unknown feature":
+        assert set(outcomes) == {422}, outcomes
+    else:
+        assert outcomes[200] and outcomes[422], outcomes
     REQUESTS["edge values"] += outcomes.total()
 
 

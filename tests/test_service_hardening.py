@@ -20,7 +20,7 @@ import httpx
 import pytest
 from conftest import ServiceProcess
 from fastapi.testclient import TestClient
-from modelkit import metric, service_settings
+from modelkit import ROOT, metric, service_settings
 
 from model import read_latest, write_latest
 from model.checkpoint import LATEST, WEIGHTS, models_dir
@@ -415,18 +415,25 @@ def test_connections_beyond_the_limit_get_503(serve_process: Serve, trained_arti
 # 6. what the public endpoints show; stale temp entries
 
 
-def test_public_endpoints_show_only_version_and_status(trained_artifacts: Path, tmp_path: Path) -> None:
+def test_public_endpoints_show_no_deployment_details(trained_artifacts: Path, tmp_path: Path) -> None:
+    """Public: the version, the status and the request contract (heads, feature names, weights);
+    paths, the store's address and what LATEST named only in /admin/model."""
     version = read_latest(trained_artifacts)
     with TestClient(create_app(service_settings(trained_artifacts, admin_token=TOKEN))) as c:
         assert c.get("/readyz").json() == {"status": "ready", "model_version": version}
         public = c.get("/model").json()
-        assert public == {"version": version, "status": "ready"}, public
+        assert set(public) == {"version", "status", "heads", "features", "scoring"}, public
+        assert public["version"] == version and public["status"] == "ready"
+        assert public["heads"] == ["engagement", "satisfaction"]
+        assert "video_duration" in public["features"]["video"] and "tab" in public["features"]["context"]
+        assert set(public["scoring"]) == {"combine", "weights", "weight_bounds"}
+        assert str(ROOT.parent) not in json.dumps(public) and "/" not in json.dumps(public["features"])
         details = _details(c)
         assert details["version"] == version and details["config"]["model"]["arch"] == "mmoe"
         assert details["feature_store"]["kind"] == "embedded"
         assert c.get("/admin/model").status_code == 401
     with TestClient(create_app(service_settings(trained_artifacts))) as c:
-        assert c.get("/model").json() == {"version": version, "status": "ready"}
+        assert c.get("/model").json()["version"] == version
         assert c.get("/admin/model", headers=AUTH).status_code == 404  # no token: no admin routes
     # not ready, with a LATEST that names a missing folder: nothing about paths or LATEST leaks
     artifacts = tmp_path / "art"
@@ -436,7 +443,13 @@ def test_public_endpoints_show_only_version_and_status(trained_artifacts: Path, 
         for path in ("/readyz", "/model"):
             text = c.get(path).text
             assert str(tmp_path) not in text and "gone00" not in text and LATEST not in text, text
-        assert c.get("/model").json() == {"version": None, "status": "not_ready"}
+        assert c.get("/model").json() == {
+            "version": None,
+            "status": "not_ready",
+            "heads": [],
+            "features": {},
+            "scoring": None,
+        }
         assert "gone00" in json.dumps(_details(c)["last_reload_error"])
 
 

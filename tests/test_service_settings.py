@@ -15,7 +15,7 @@ from service.settings import Settings
 def test_defaults() -> None:
     s = Settings(_env_prefix="MTRANK_UNUSED_")  # type: ignore[call-arg]
     assert s.feature_store == "embedded" and s.max_candidates == 2000 and s.redis_timeout_ms == 30
-    assert s.weights == {"engagement": 1.0, "satisfaction": 1.0} and s.combine == "product"
+    assert s.weights is None and s.combine is None  # None: from the served model's heads
     assert s.admin_token is None and s.torch_threads == 1 and s.reload_interval_s == 2.0
 
 

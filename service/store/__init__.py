@@ -28,5 +28,8 @@ def open_store(settings: Settings) -> EmbeddedStore | RedisStore:
             timeout_s=settings.redis_timeout_s,
             breaker_failures=settings.redis_breaker_failures,
             breaker_reset_s=settings.redis_breaker_reset_s,
+            min_present=settings.store_min_present,
+            unknown_rate_window=settings.unknown_rate_window,
+            unknown_rate_margin=settings.unknown_rate_margin,
         )
     return EmbeddedStore(settings.data_dir)

@@ -196,12 +196,16 @@ class Fetched:
     unknown_videos: int
     degraded: bool = False
     degraded_reason: str | None = None
+    # candidate positions the store has no row for; None when the store did not answer (degraded)
+    unknown_positions: np.ndarray | None = None
 
 
 class FeatureStore(Protocol):
     """One interface, two backends (``EmbeddedStore``, ``RedisStore``)."""
 
     kind: str
+    problem: str | None  # a data problem check_health found (e.g. "meta_missing"): not ready
+    problem_detail: str | None
 
     async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
         """Map a model onto the store (off the request path); StoreError if it cannot.
@@ -221,6 +225,10 @@ class FeatureStore(Protocol):
 
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         """Rows of one user and B videos. Never raises for unknown ids or backend outages."""
+        ...
+
+    async def check_health(self) -> str | None:
+        """Look for data a wipe or an eviction took away (off the request path); sets ``problem``."""
         ...
 
     def describe(self) -> dict[str, Any]: ...

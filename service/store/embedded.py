@@ -48,13 +48,14 @@ class _Table:
     layout: GroupLayout
     source: str
 
-    def lookup(self, ids: Sequence[str], gm: GroupMap) -> tuple[CanonicalRows, int]:
+    def lookup(self, ids: Sequence[str], gm: GroupMap) -> tuple[CanonicalRows, np.ndarray]:
+        """Rows of ``ids`` (defaults for unknown ones) and the positions of the unknown ones."""
         default = len(self.index)
         rows = np.fromiter(map(self.index.get, ids, repeat(default, len(ids))), dtype=np.intp, count=len(ids))
         out = gm.take(self.cats, self.nums, rows)
         unknown = np.flatnonzero(rows == default)
         gm.hash_ids(out, unknown, ids)
-        return out, int(unknown.size)
+        return out, unknown
 
 
 def _layout_of(tables: dict[EntityGroup, _Table]) -> StoreLayout | None:
@@ -72,6 +73,8 @@ def _build_table(layout: GroupLayout, ids: list[str], rows: CanonicalRows, sourc
 
 class EmbeddedStore:
     kind = "embedded"
+    problem: str | None = None  # in-process tables are never wiped or evicted
+    problem_detail: str | None = None
 
     def __init__(self, data_dir: Path | None = None) -> None:
         self._data_dir = data_dir
@@ -124,9 +127,12 @@ class EmbeddedStore:
 
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         users, videos = self._tables["user"], self._tables["video"]
-        user, unknown_users = users.lookup((user_id,), columns.user)
-        vids, unknown_videos = videos.lookup(video_ids, columns.video)
-        return Fetched(user, vids, unknown_users, unknown_videos)
+        user, unknown_user = users.lookup((user_id,), columns.user)
+        vids, unknown = videos.lookup(video_ids, columns.video)
+        return Fetched(user, vids, int(unknown_user.size), int(unknown.size), unknown_positions=unknown)
+
+    async def check_health(self) -> str | None:
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {

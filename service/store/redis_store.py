@@ -22,9 +22,10 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -51,13 +52,14 @@ from service.store.base import (
     StoreLayout,
     build_column_map,
 )
-from service.store.tables import load_entity_rows
+from service.store.tables import load_entity_rows, log_unknown_rates
 
 log = logging.getLogger(__name__)
 
 META_FORMAT = 1
 PIPELINE_CHUNKS = 8  # MSETs per round trip when materializing
 CONTROL_TIMEOUT_S = 2.0  # meta / model pointer / pub-sub: off the request path
+HEALTH_SAMPLE = 100  # entity keys per group that materialize records for the health check
 _GROUP_TAG: dict[EntityGroup, str] = {"user": "u", "video": "v"}
 
 
@@ -120,17 +122,21 @@ def _fields(rec: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarra
     return cats, nums
 
 
+_NONE = np.zeros(0, dtype=np.intp)
+
+
 def unpack_rows(
     values: Sequence[bytes | None], ids: Sequence[str], layout: GroupLayout, gm: GroupMap
-) -> tuple[CanonicalRows, int, int]:
+) -> tuple[CanonicalRows, np.ndarray, int]:
     """MGET values -> model-layout rows; missing or malformed values get defaults.
-    Returns (rows, unknown: missing, malformed: present with the wrong length)."""
+    Returns (rows, positions of the missing values (unknown ids), how many were malformed:
+    present with the wrong length)."""
     dtype, size = row_dtype(layout), layout.row_bytes
     ok = [v is not None and len(v) == size for v in values]
     n_ok = sum(ok)
     if n_ok == len(values):  # the common case: one join, one frombuffer
         rec = np.frombuffer(b"".join(values), dtype=dtype, count=len(values))  # type: ignore[arg-type]
-        return gm.select(*_fields(rec, layout)), 0, 0
+        return gm.select(*_fields(rec, layout)), _NONE, 0
     out = gm.defaults(ids)
     if n_ok:
         pos = np.flatnonzero(ok)
@@ -139,7 +145,8 @@ def unpack_rows(
         sel = gm.select(*_fields(rec, layout))
         out.cats[pos], out.nums[pos] = sel.cats, sel.nums
     malformed = sum(1 for v, good in zip(values, ok, strict=True) if v is not None and not good)
-    return out, len(values) - n_ok - malformed, malformed
+    missing = np.array([i for i, v in enumerate(values) if v is None], dtype=np.intp)
+    return out, missing, malformed
 
 
 def parse_meta(raw: bytes | str, where: str) -> dict[str, Any]:
@@ -173,6 +180,44 @@ def _async_client(url: str, timeout_s: float) -> RedisClient:
     return aioredis.Redis.from_url(url, **opts)
 
 
+@dataclass
+class _UnknownWindow:
+    """Unknown users / videos over the last ``size`` requests, against the materialised expectation."""
+
+    size: int
+    margin: float
+    requests: int = 0
+    users: int = 0
+    videos: int = 0
+    unknown_users: int = 0
+    unknown_videos: int = 0
+    rates: dict[str, float] = field(default_factory=dict)  # of the last complete window
+    alarm: str | None = None  # which group's rate is too high, with the numbers
+
+    def add(self, unknown_users: int, videos: int, unknown_videos: int, expected: dict[str, float]) -> None:
+        self.requests += 1
+        self.users, self.unknown_users = self.users + 1, self.unknown_users + unknown_users
+        self.videos, self.unknown_videos = self.videos + videos, self.unknown_videos + unknown_videos
+        if self.requests < self.size:
+            return
+        self.rates = {
+            "user": self.unknown_users / self.users,
+            "video": self.unknown_videos / max(self.videos, 1),
+        }
+        high = [
+            f"{g} {rate:.0%} (expected {expected.get(g, 0.0):.0%})"
+            for g, rate in self.rates.items()
+            if rate > expected.get(g, 0.0) + self.margin
+        ]
+        alarm = "unknown-rate far above the materialised data's: " + ", ".join(high) if high else None
+        if alarm and not self.alarm:
+            log.error("feature store: %s; responses are marked degraded (unknown_rate)", alarm)
+        elif self.alarm and not alarm:
+            log.info("feature store: unknown-rate back to normal (%s)", self.rates)
+        self.alarm = alarm
+        self.requests = self.users = self.videos = self.unknown_users = self.unknown_videos = 0
+
+
 class RedisStore:
     kind = "redis"
 
@@ -184,6 +229,9 @@ class RedisStore:
         timeout_s: float = 0.03,
         breaker_failures: int = 3,
         breaker_reset_s: float = 1.0,
+        min_present: float = 0.5,
+        unknown_rate_window: int = 200,
+        unknown_rate_margin: float = 0.3,
     ) -> None:
         self.url, self.prefix = url, prefix
         self._timeout = timeout_s
@@ -197,6 +245,13 @@ class RedisStore:
         self._failures = 0
         self._open_until = 0.0
         self._layout_warned = False  # rows in another layout: logged once, counted per request
+        # health (check_health, every watcher round): the meta key and a sample of entity keys
+        self._min_present = min_present
+        self.problem: str | None = None  # "meta_missing" | "evicted": degraded responses, not ready
+        self.problem_detail: str | None = None
+        self.present_ratio: float | None = None  # of the meta's sampled entity keys, last check
+        self._expected: dict[str, float] = {}  # unknown-rate per group the materialised data implies
+        self._unknown = _UnknownWindow(unknown_rate_window, unknown_rate_margin)
 
     # -- model preparation (off the request path) --------------------------------------------
     async def read_meta(self) -> dict[str, Any] | None:
@@ -218,6 +273,7 @@ class RedisStore:
                 f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize` (prefix {self.prefix!r})"
             )
         layout: StoreLayout = meta["layout"]
+        self._expected = _expected_rates(meta.get("expected_unknown"))
         columns = build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
         self._layouts[columns.layout_id] = layout
         self._meta = meta
@@ -244,7 +300,8 @@ class RedisStore:
         self._failures = 0
         layout = self._layouts[columns.layout_id]
         user, unknown_user, bad_user = unpack_rows(values[:1], (user_id,), layout.user, columns.user)
-        videos, unknown_videos, bad_videos = unpack_rows(values[1:], video_ids, layout.video, columns.video)
+        videos, unknown, bad_videos = unpack_rows(values[1:], video_ids, layout.video, columns.video)
+        n_user, n_videos = int(unknown_user.size), int(unknown.size)
         if bad_user or bad_videos:  # rows in another layout (re-materialised without a model reload?)
             if not self._layout_warned:
                 self._layout_warned = True
@@ -253,8 +310,10 @@ class RedisStore:
                     bad_user + bad_videos,
                     len(values),
                 )
-            return Fetched(user, videos, unknown_user, unknown_videos, True, "layout_mismatch")
-        return Fetched(user, videos, unknown_user, unknown_videos)
+            return Fetched(user, videos, n_user, n_videos, True, "layout_mismatch", unknown)
+        self._unknown.add(n_user, len(video_ids), n_videos, self._expected)
+        reason = self.problem or ("unknown_rate" if self._unknown.alarm else None)
+        return Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown)
 
     def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
         self._failures += 1
@@ -278,6 +337,56 @@ class RedisStore:
             degraded=True,
             degraded_reason=reason,
         )
+
+    # -- health -------------------------------------------------------------------------------
+    async def check_health(self) -> str | None:
+        """Probe what a wipe or an eviction takes away: the meta key, and the entity keys it samples.
+
+        Sets ``problem`` ("meta_missing", "evicted" or None) and returns it; logs each change. An
+        unreachable Redis changes nothing here (that is the breaker's business: degraded, not empty).
+        """
+        try:
+            meta = await self.read_meta()
+            sample = meta.get("sample") if meta is not None else None
+            keys = [entity_key(self.prefix, g, str(i)) for g, ids in _sample_ids(sample) for i in ids]
+            present = (
+                int(await asyncio.wait_for(self._control.exists(*keys), CONTROL_TIMEOUT_S)) if keys else 0
+            )
+        except (RedisError, OSError, TimeoutError) as e:
+            log.debug("feature store health check skipped: %s", e)
+            return self.problem
+        except StoreError as e:
+            meta, keys, present = None, [], 0
+            log.debug("feature store meta unreadable: %s", e)
+        problem, detail = None, None
+        if meta is None:
+            problem = "meta_missing"
+            detail = (
+                f"Redis has no {meta_key(self.prefix)!r} (wiped, restarted empty or evicted): "
+                f"every row is served with defaults; run `mtrank materialize` (prefix {self.prefix!r})"
+            )
+            self.present_ratio = None
+        else:
+            self._expected = _expected_rates(meta.get("expected_unknown"))
+            self.present_ratio = present / len(keys) if keys else None
+            if self.present_ratio is not None and self.present_ratio < self._min_present:
+                problem = "evicted"
+                detail = (
+                    f"only {present} of {len(keys)} sampled feature keys are in Redis (evicted or "
+                    f"deleted; want >= {self._min_present:.0%}): run `mtrank materialize` and check "
+                    "Redis' maxmemory / eviction policy"
+                )
+        if problem != self.problem:
+            if problem is not None:
+                log.error("feature store %s: %s", problem, detail)
+            else:
+                log.info("feature store healthy again (%s was %s)", self.prefix, self.problem)
+        self.problem, self.problem_detail = problem, detail
+        return problem
+
+    def unknown_rates(self) -> dict[str, float]:
+        """Unknown users / videos of the last complete window of requests."""
+        return dict(self._unknown.rates)
 
     # -- model pointer ------------------------------------------------------------------------
     async def read_pointer(self) -> str | None:
@@ -341,12 +450,32 @@ class RedisStore:
             "meta": meta,
             "columns": layout.to_dict() if isinstance(layout, StoreLayout) else None,
             "breaker_open": time.monotonic() < self._open_until,
+            "health": {
+                "problem": self.problem,
+                "detail": self.problem_detail,
+                "sampled_keys_present": self.present_ratio,
+                "unknown_rate": self.unknown_rates(),
+                "expected_unknown_rate": self._expected,
+                "unknown_rate_alarm": self._unknown.alarm,
+            },
         }
 
     async def close(self) -> None:
         for client in (self._fast, self._control):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+
+
+def _sample_ids(sample: Any) -> list[tuple[EntityGroup, list[Any]]]:
+    if not isinstance(sample, dict):
+        return []
+    return [(g, ids) for g in ENTITY_GROUPS if isinstance(ids := sample.get(g), list)]
+
+
+def _expected_rates(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    return {g: float(v) for g, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +542,11 @@ def materialize(
             for tag in _GROUP_TAG.values():
                 delete_prefix(client, f"{prefix}{tag}:")
         counts: dict[str, int] = {}
+        entity_ids: dict[str, list[str]] = {}
+        rng = random.Random(ckpt.version)  # the health-check sample: reproducible per model version
         for g in ENTITY_GROUPS:
             ent = load_entity_rows(ckpt.config.data, g, layout.group(g), data_dir)
+            entity_ids[g] = ent.ids
             values = pack_rows(ent.rows, layout.group(g))
             pipe = client.pipeline(transaction=False)
             for n, i in enumerate(range(0, len(values), chunk_size), start=1):
@@ -432,6 +564,11 @@ def materialize(
             "model_version": ckpt.version,
             "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "counts": counts,
+            # services probe these keys to notice a wipe or an eviction (RedisStore.check_health)
+            "sample": {g: rng.sample(ids, min(len(ids), HEALTH_SAMPLE)) for g, ids in entity_ids.items()},
+            # what share of the logged impressions name a user / video without a row: the
+            # unknown-rate the data implies (None when the log cannot be read)
+            "expected_unknown": log_unknown_rates(ckpt.config.data, entity_ids, data_dir),
         }
         client.set(meta_key(prefix), json.dumps(meta))
     finally:

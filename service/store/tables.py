@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import pandas as pd
 
 from model import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec
 from model.config import DataConfig
-from model.data import DataError, read_table
+from model.data import DataError, LogSource, read_table
 from model.features import canonical_str, object_values
 from service.store.base import EntityGroup, GroupLayout, StoreError
 
@@ -72,3 +73,32 @@ def load_entity_rows(
     except FeatureError as e:
         raise StoreError(f"{path}: {e}") from e
     return EntityRows([str(k) for k in df["_key"]], rows, layout, str(path))
+
+
+def log_unknown_rates(
+    data: DataConfig, ids: dict[str, list[str]], data_dir: Path | None = None
+) -> dict[str, float] | None:
+    """Share of the log's impressions whose user / video has no row among ``ids`` (group -> ids):
+    the unknown-rate serving should expect. Streams the log's key columns (any size, any number of
+    files). None (logged) when the log cannot be read."""
+    if data_dir is not None and not Path(data.log).is_absolute():
+        data = dataclasses.replace(data, data_dir=str(data_dir))
+    keys = {g: k for g, k in (("user", data.user_key), ("video", data.video_key)) if k}
+    if not keys:
+        return None
+    try:
+        source = LogSource(data, data.read_batch_rows)
+        known = {g: set(ids.get(g, [])) for g in keys}
+        unknown, rows = dict.fromkeys(keys, 0), 0
+        for frag in source.fragments:
+            for df in source.batches(frag, list(keys.values())):
+                rows += len(df)
+                for g, key in keys.items():
+                    counts = df[key].value_counts(dropna=False)  # each distinct id once
+                    unknown[g] += sum(int(n) for v, n in counts.items() if canonical_str(v) not in known[g])
+    except DataError as e:
+        log.warning("expected unknown-rate not recorded: %s", e)
+        return None
+    if rows == 0:
+        return None
+    return {g: round(unknown[g] / rows, 4) for g in keys}
