@@ -485,7 +485,8 @@ def test_health_model_and_docs(client: TestClient, trained_artifacts: Path) -> N
     assert client.get("/healthz").json() == {"status": "ok"}
     version = read_latest(trained_artifacts)
     assert client.get("/readyz").json() == {"status": "ready", "model_version": version}
-    assert client.get("/model").json() == {"version": version, "status": "ready"}
+    public = client.get("/model").json()  # the details are GET /admin/model
+    assert public["version"] == version and public["status"] == "ready" and "config" not in public
     info = model_details(client)  # GET /admin/model
     assert info["version"] == version and info["arch"] == "mmoe"
     assert [t["name"] for t in info["tasks"]] == ["engagement", "satisfaction"]
