@@ -322,6 +322,26 @@ def synth_cmd(
         console.print(f"{name}: {p}")
 
 
+def scale_cmd(
+    rows: Annotated[int, typer.Option(help="log rows to write")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output dir")],
+    source: Annotated[Path, typer.Option(envvar="MTRANK_DATA_DIR", help="the KuaiRand-Pure folder")] = Path(
+        "../shared/data/kuairand-pure"
+    ),
+    seed: int = 0,
+    file_rows: Annotated[int, typer.Option(help="log rows per Parquet file")] = 1 << 20,
+) -> None:
+    """KuaiRand-Pure replicated to ROWS log rows with fresh user ids (Parquet), for scale benchmarks."""
+    from model.scaledata import scale_kuairand
+
+    try:
+        paths = scale_kuairand(source, out, rows, seed=seed, file_rows=file_rows)
+    except (OSError, ValueError) as e:
+        raise _fail(str(e)) from None
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
 def report_cmd(
     artifacts: ArtifactsOpt = Path("artifacts"),
     out: Annotated[Path | None, typer.Option(help="output dir (default ARTIFACTS/reports)")] = None,
@@ -393,6 +413,7 @@ def register(app: typer.Typer) -> None:
     app.command("tune")(tune_cmd)
     data = typer.Typer(help="data utilities", no_args_is_help=True)
     data.command("synth")(synth_cmd)
+    data.command("scale")(scale_cmd)
     app.add_typer(data, name="data")
 
 

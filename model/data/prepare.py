@@ -946,6 +946,14 @@ def prepare(
     ):
         log.info("data: reusing the encoded shards in %s", root)
         return cached
+    if ex.world > 1 and len(source.fragments) < ex.world:
+        log.warning(
+            "the log has %d fragment(s) (Parquet row groups / CSV files) for %d ranks: ranks without one "
+            "only pad every step; write the log as at least %d Parquet files or row groups",
+            len(source.fragments),
+            ex.world,
+            ex.world,
+        )
     root.mkdir(parents=True, exist_ok=True)
     prep = Preparer(cfg, root, schema, ex, source)
     tmp = Path(tempfile.mkdtemp(prefix=f".scan-r{ex.rank}-", dir=root))
