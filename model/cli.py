@@ -310,14 +310,14 @@ def synth_cmd(
     from model import synth
 
     out = out or Path("artifacts/synth") / kind
+    if kind not in synth.SYNTH_KINDS:
+        raise _fail(f"unknown synthetic data kind {kind!r} ({' or '.join(synth.SYNTH_KINDS)})")
     if kind == "mmoe":
         paths = synth.make_mmoe_benchmark(
             out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows else {})
         )
-    elif kind == "youtube":
-        paths = synth.make_youtube_log(out, seed=seed, **({"n_impressions": rows} if rows else {}))
     else:
-        raise _fail(f"unknown synthetic data kind {kind!r} (mmoe or youtube)")
+        paths = synth.SYNTH_KINDS[kind](out, seed=seed, **({"n_impressions": rows} if rows else {}))
     for name, p in paths.items():
         console.print(f"{name}: {p}")
 
