@@ -610,14 +610,15 @@ def arrays_to_strings(raw: np.ndarray, offsets: np.ndarray) -> list[str]:
     return out
 
 
-def schema_to_arrays(schema: FeatureSchema) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The schema as JSON without its vocabularies, plus the vocabularies as arrays (feature i's
-    ``i.codes`` (V,) int64 in index order, ``i.bytes`` and ``i.offsets`` its strings), so a
-    vocabulary of millions is a compact binary file and not a JSON list."""
+def schema_to_arrays(schema: FeatureSchema, above: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The schema as JSON without its vocabularies of more than ``above`` values, plus those
+    vocabularies as arrays (feature i's ``i.codes`` (V,) int64 in index order, ``i.bytes`` and
+    ``i.offsets`` its strings), so a vocabulary of millions is a compact binary file and not a
+    JSON list."""
     d = schema.to_dict()
     arrays: dict[str, np.ndarray] = {}
     for i, (f, fd) in enumerate(zip(schema.features, d["features"], strict=True)):
-        if f.kind == "categorical" and f.vocab is not None:
+        if f.kind == "categorical" and f.vocab is not None and len(f.vocab) > above:
             arrays[f"{i}.codes"] = f.vocab_codes()
             arrays[f"{i}.bytes"], arrays[f"{i}.offsets"] = strings_to_arrays(f.vocab)
             fd["vocab"] = None
