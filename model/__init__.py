@@ -17,7 +17,7 @@ from model.checkpoint import (
     write_latest,
 )
 from model.features import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec, stable_hash
-from model.scoring import Combine, Ranker, combine_scores
+from model.scoring import Combine, Ranker, combine_for, combine_scores
 
 __all__ = [
     "CanonicalRows",
@@ -32,6 +32,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "Ranker",
     "check_version_id",
+    "combine_for",
     "combine_scores",
     "list_versions",
     "load_checkpoint",

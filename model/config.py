@@ -304,6 +304,10 @@ class Config:
         for key in ("worst_case_reference", "gradnorm_reference"):
             if getattr(tr, key) not in ("constant", "initial"):
                 raise ConfigError(f'train.{key} must be "constant" or "initial", got {getattr(tr, key)!r}')
+        if tr.epochs < 1 or tr.batch_size < 1 or tr.eval_batch_size < 1 or tr.patience < 0:
+            raise ConfigError("train: epochs, batch_size and eval_batch_size must be >= 1, patience >= 0")
+        if not tr.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
         if tr.log_every < 0:
             raise ConfigError(f"train.log_every must be >= 0 (0 = no step log), got {tr.log_every}")
         if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:
