@@ -193,6 +193,8 @@ def predict_file(
         raise DataError("--output must not be the input file")
     if not out.parent.is_dir():
         raise DataError(f"--output: no such directory {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"--output: cannot write in {out.parent}")
     if batch_rows < 1:
         raise DataError("--batch-rows must be >= 1")
     d = ranker.config.data

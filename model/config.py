@@ -304,8 +304,9 @@ class Config:
         for key in ("worst_case_reference", "gradnorm_reference"):
             if getattr(tr, key) not in ("constant", "initial"):
                 raise ConfigError(f'train.{key} must be "constant" or "initial", got {getattr(tr, key)!r}')
-        if tr.epochs < 1 or tr.batch_size < 1 or tr.eval_batch_size < 1 or tr.patience < 0:
-            raise ConfigError("train: epochs, batch_size and eval_batch_size must be >= 1, patience >= 0")
+        for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("patience", 0)):
+            if getattr(tr, key) < least:
+                raise ConfigError(f"train.{key} must be >= {least}, got {getattr(tr, key)}")
         if not tr.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
         if tr.log_every < 0:

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,9 @@ class LogSource:
             else:
                 self._columns[path] = self._probe_csv(path)
                 self.fragments.append(Fragment(len(self.fragments), path, None, None))
+            repeated = sorted(c for c, k in Counter(self._columns[path]).items() if k > 1)
+            if repeated:
+                raise DataError(f"{path.name}: column name(s) {repeated} appear more than once")
 
     # -- schema ------------------------------------------------------------------------------
     def columns(self) -> list[str]:
