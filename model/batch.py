@@ -198,9 +198,7 @@ def predict_file(
     if batch_rows < 1:
         raise DataError("--batch-rows must be >= 1")
     d = ranker.config.data
-    if data_dir is not None:
-        d = dataclasses.replace(d, data_dir=str(data_dir))
-    source = LogSource(dataclasses.replace(d, log=str(src.resolve())), batch_rows)
+    source = LogSource(dataclasses.replace(d, log=str(src.absolute())), batch_rows)
     have = source.columns()
     derived = derived_columns(d, have)
     columns = set(have) | set(derived)
@@ -221,7 +219,12 @@ def predict_file(
         key = ranker.schema.key_of(g)
         cats, nums = ranker.schema.columns(g)
         if name is not None and key and key in have and (cats or nums):
-            table = EntityTable(d.path(name), key, cats, nums)
+            path = (
+                Path(data_dir) / name
+                if data_dir is not None and not Path(name).is_absolute()
+                else d.path(name)
+            )
+            table = EntityTable(path, key, cats, nums)
             report.joined[g] = str(table.path)
         groups[g] = _Rows(ranker, g, table, columns, src.name)
         report.missing += [f"{g}.{c}" for c in groups[g].missing]

@@ -7,6 +7,7 @@ the online commands beside them. Console output (rich) is allowed here, not in l
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import logging
 import math
@@ -508,7 +509,7 @@ def predict_cmd(
                 raise _fail(f"--weight {w!r}: want HEAD=NUMBER") from None
             if not sep or not math.isfinite(weights[head.strip()]) or weights[head.strip()] < 0:
                 raise _fail(f"--weight {w!r}: want HEAD=NUMBER (a finite number >= 0)")
-    if not input.exists():
+    if not input.exists() and not glob.has_magic(str(input)):
         raise _fail(f"--input {input}: no such file")
     ranker = Ranker(load_checkpoint(resolve_checkpoint(artifacts, version)))
     report = predict_file(

@@ -175,3 +175,24 @@ def test_predict_reproduces_the_per_head_scores_of_rank(trained: dict[str, Path]
             assert abs(out.at[i, "score"] - item["score"]) < 1e-5, i
     # the picked rows are not all alike: parity on near-constant scores would prove little
     assert np.ptp(out["score_income"].to_numpy()[picks]) > 0.1
+
+
+def test_predict_reads_a_glob_of_files_in_path_order(trained: dict[str, Path], tmp_path: Path) -> None:
+    rows = pd.read_csv(trained["csv"])
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for k, chunk in enumerate(np.array_split(np.arange(len(rows)), 3)):
+        rows.iloc[chunk].to_parquet(parts / f"part-{k}.parquet", index=False)
+    run("predict", "-i", trained["csv"], "-o", tmp_path / "whole.parquet", "-a", trained["artifacts"])
+    run(
+        "predict",
+        "-i",
+        parts / "part-*.parquet",
+        "-o",
+        tmp_path / "parts.parquet",
+        "-a",
+        trained["artifacts"],
+    )
+    whole, split = pd.read_parquet(tmp_path / "whole.parquet"), pd.read_parquet(tmp_path / "parts.parquet")
+    assert (split["record"] == whole["record"]).all()
+    np.testing.assert_allclose(split["score"], whole["score"], atol=1e-6)
