@@ -348,18 +348,38 @@ def synth_cmd(
     from model import synth
 
     out = out or Path("artifacts/synth") / kind
+    if kind not in synth.SYNTH_KINDS:
+        raise _fail(f"unknown synthetic data kind {kind!r} ({' or '.join(synth.SYNTH_KINDS)})")
     try:
         if kind == "mmoe":
             paths = synth.make_mmoe_benchmark(
                 out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows is not None else {})
             )
-        elif kind == "youtube":
-            paths = synth.make_youtube_log(
+        else:
+            paths = synth.SYNTH_KINDS[kind](
                 out, seed=seed, **({"n_impressions": rows} if rows is not None else {})
             )
-        else:
-            raise _fail(f"unknown synthetic data kind {kind!r} (mmoe or youtube)")
     except ValueError as e:  # the generators' parameter checks
+        raise _fail(str(e)) from None
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
+def scale_cmd(
+    rows: Annotated[int, typer.Option(help="log rows to write")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output dir")],
+    source: Annotated[Path, typer.Option(envvar="MTRANK_DATA_DIR", help="the KuaiRand-Pure folder")] = Path(
+        "../shared/data/kuairand-pure"
+    ),
+    seed: int = 0,
+    file_rows: Annotated[int, typer.Option(help="log rows per Parquet file")] = 1 << 20,
+) -> None:
+    """KuaiRand-Pure replicated to ROWS log rows with fresh user ids (Parquet), for scale benchmarks."""
+    from model.scaledata import scale_kuairand
+
+    try:
+        paths = scale_kuairand(source, out, rows, seed=seed, file_rows=file_rows)
+    except (OSError, ValueError) as e:
         raise _fail(str(e)) from None
     for name, p in paths.items():
         console.print(f"{name}: {p}")
@@ -555,6 +575,7 @@ def register(app: typer.Typer) -> None:
         app.command(name)(_clean_errors(cmd))
     data = typer.Typer(help="data utilities", no_args_is_help=True)
     data.command("synth")(_clean_errors(synth_cmd))
+    data.command("scale")(_clean_errors(scale_cmd))
     app.add_typer(data, name="data")
 
 

@@ -269,6 +269,13 @@ CASES: list[tuple[str, list[str], int, str]] = [
         r"n_impressions must be >= 1",
     ),
     ("synth-out-is-a-file", ["data", "synth", "mmoe", "--out", "{f}/t.csv"], 2, r"t.csv: File exists"),
+    ("scale-zero-rows", ["data", "scale", "--rows", "0", "--out", "{f}/sc"], 2, r"rows must be >= 1"),
+    (
+        "scale-no-source",
+        ["data", "scale", "--rows", "9", "--out", "{f}/sc", "--source", "{f}/nowhere"],
+        2,
+        r"No such file",
+    ),
     # serve, materialize
     ("serve-no-model", ["serve", "--artifacts", "{f}/empty_artifacts"], 1, r"nothing to serve"),
     ("serve-bad-settings", ["serve", "--feature-store", "nope"], 2, r"invalid settings"),
