@@ -196,3 +196,26 @@ def test_predict_reads_a_glob_of_files_in_path_order(trained: dict[str, Path], t
     whole, split = pd.read_parquet(tmp_path / "whole.parquet"), pd.read_parquet(tmp_path / "parts.parquet")
     assert (split["record"] == whole["record"]).all()
     np.testing.assert_allclose(split["score"], whole["score"], atol=1e-6)
+
+
+def test_a_failed_predict_leaves_no_partial_output(trained: dict[str, Path], tmp_path: Path) -> None:
+    rows = pd.read_csv(trained["csv"]).astype({"capital_gain": str})  # numbers as text: still numbers
+    rows.loc[2500, "capital_gain"] = "lots"  # in the third batch of 1000 rows
+    rows.to_parquet(tmp_path / "rows.parquet")
+    out = tmp_path / "out" / "scores.parquet"
+    out.parent.mkdir()
+    args = [
+        "predict",
+        "-i",
+        tmp_path / "rows.parquet",
+        "-o",
+        out,
+        "-a",
+        trained["artifacts"],
+        "--batch-rows",
+        1000,
+    ]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 2
+    assert "numeric feature 'capital_gain' holds 'lots' in row 2501" in " ".join(result.output.split())
+    assert list(out.parent.iterdir()) == []  # neither the output nor its temporary file
