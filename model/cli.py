@@ -22,9 +22,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from safetensors import SafetensorError
 
 from model.checkpoint import (
     CheckpointError,
+    io_error_reason,
     list_versions,
     load_checkpoint,
     read_latest,
@@ -186,6 +188,8 @@ def train_cmd(
             )
         except (ConfigError, DataError, FeatureError, CheckpointError) as e:
             raise _fail(str(e)) from None
+        except (OSError, SafetensorError) as e:  # e.g. a full disk under the data cache or run state
+            raise _fail(f"training stopped by an I/O error: {io_error_reason(e)}") from None
     path = result.checkpoint
     assert path is not None
     console.print(

@@ -76,8 +76,9 @@ class Ranker:
         self.model = ckpt.model.eval()
 
     @classmethod
-    def load(cls, path: str | Path) -> Ranker:
-        return cls(load_checkpoint(path))
+    def load(cls, path: str | Path, key: bytes | str | None = None) -> Ranker:
+        """Load a version folder (``key``: the deployment key, see ``load_checkpoint``)."""
+        return cls(load_checkpoint(path, key))
 
     # -- description -------------------------------------------------------------------------
     @property
