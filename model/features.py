@@ -133,6 +133,23 @@ def to_float(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
 
 
+def numeric_column(col: pd.Series, name: str, where: str, row0: int = 0) -> np.ndarray:
+    """A numeric feature's column as float32 (NaN for missing values); a value that is present but
+    not a number is a FeatureError naming the column, the value and its row (``row0`` + position,
+    1-based), as ``/rank`` refuses one, instead of a silently missing value."""
+    x = to_float(col)
+    if col.dtype.kind not in "biuf":  # numeric dtypes hold numbers or NaN only
+        bad = np.flatnonzero(np.isnan(x) & col.notna().to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise FeatureError(
+                f"numeric feature {name!r} holds {_short(col.iloc[i])} in row {row0 + i + 1} of {where} "
+                f"({len(bad)} such value(s) in that batch): not a number; declare the feature "
+                '`kind = "categorical"`, or clean the column'
+            )
+    return x
+
+
 @dataclass
 class CanonicalRows:
     """Canonical rows of one group: ``cats`` (N, C) int64 hashes, ``nums`` (N, F) float32."""
