@@ -975,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed")
     parser.add_argument("--streams", type=int, default=None, help="override train.streams")
+    parser.add_argument("--device", default=None, help="override train.device (auto, cpu, cuda, ...)")
     parser.add_argument("--init-from", default=None, help="fine-tune from a checkpoint folder or version")
     parser.add_argument("--resume", action="store_true", help="continue this config's interrupted run")
     parser.add_argument("--force", action="store_true", help="move LATEST even if the promotion gate says no")
@@ -993,6 +994,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg.train.seed = args.seed
         if args.streams is not None:
             cfg.train.streams = args.streams
+        if args.device is not None:
+            cfg.train.device = args.device
         if world > 1:
             from model.distributed import train_distributed
 
