@@ -44,6 +44,29 @@ class FeatureDecl:
     hash_buckets: int | None = None  # categorical: no vocabulary, 1 + hash mod this many rows
 
 
+Pooling = Literal["attention", "mean"]
+POOLINGS: tuple[str, ...] = ("attention", "mean")
+
+
+@dataclass
+class SequenceDecl:
+    """A user behaviour history feature (``[[data.sequences]]``): each row's user's last ``max_len``
+    events before the row's time, an event being a log row whose ``label`` column(s) are > 0 (e.g.
+    long_view). The items are videos: the video key feature plus ``side_features`` (categorical
+    video features), embedded with the candidates' own embedding rows; pooled by target attention
+    against each candidate or by a mean (``model.sequences``)."""
+
+    name: str
+    label: str | list[str] = "long_view"  # a column, or columns whose logical OR makes an event
+    max_len: int = 50
+    pooling: Pooling = "attention"
+    side_features: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.label] if isinstance(self.label, str) else list(self.label)
+
+
 Split = Literal["time", "random", "column"]
 SPLITS: tuple[str, ...] = ("time", "random", "column")
 COLUMN_TYPES: tuple[str, ...] = ("string", "int64", "float64", "bool")
@@ -85,6 +108,8 @@ class DataConfig:
     shard_rows: int = 1 << 18  # rows per encoded shard
     read_batch_rows: int = 1 << 16  # rows per record batch read from the log
     features: list[FeatureDecl] = field(default_factory=list)
+    # user behaviour histories (model.sequences); none by default
+    sequences: list[SequenceDecl] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # TOML has no null: an empty string means "no such table / key"
@@ -143,6 +168,38 @@ class DataConfig:
             raise ConfigError("data.shard_rows and data.read_batch_rows must be >= 1")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError("data.max_rows must be >= 1")
+        self.check_sequences()
+
+    def check_sequences(self) -> None:
+        """A history needs user ids, a time column and the video key as a categorical video
+        feature; its side features are categorical video features; names are unique."""
+        if not self.sequences:
+            return
+        names = [s.name for s in self.sequences]
+        if len(set(names)) != len(names) or not all(names):
+            raise ConfigError(f"data.sequences: names must be unique and non-empty, got {names}")
+        if not self.user_key or not self.video_key:
+            raise ConfigError("data.sequences need data.user_key and data.video_key (histories are per user)")
+        video_cats = {f.name for f in self.features if f.group == "video" and f.kind == "categorical"}
+        for s in self.sequences:
+            where = f"data.sequences {s.name!r}"
+            if self.video_key not in video_cats:
+                raise ConfigError(
+                    f"{where}: the video key {self.video_key!r} must be declared as a categorical video "
+                    "feature (history items share its embedding rows)"
+                )
+            if s.pooling not in POOLINGS:
+                raise ConfigError(f"{where}: pooling must be one of {POOLINGS}, got {s.pooling!r}")
+            if not 1 <= s.max_len <= 1000:
+                raise ConfigError(f"{where}: max_len must be in [1, 1000], got {s.max_len}")
+            if not s.labels or not all(isinstance(c, str) and c for c in s.labels):
+                raise ConfigError(f"{where}: label must name a column or a list of columns")
+            bad = [c for c in s.side_features if c not in video_cats or c == self.video_key]
+            if bad or len(set(s.side_features)) != len(s.side_features):
+                raise ConfigError(
+                    f"{where}: side_features must be distinct categorical video features other than "
+                    f"the key, got {s.side_features}"
+                )
 
 
 @dataclass
@@ -379,11 +436,12 @@ class Config:
         d = dict(d)
         data = dict(d.pop("data", {}))
         feats = [_build(FeatureDecl, f, "data.features") for f in data.pop("features", [])]
+        seqs = [_build(SequenceDecl, q, "data.sequences") for q in data.pop("sequences", [])]
         for k in ("train_range", "test_range"):
             if data.get(k) is not None:
                 data[k] = tuple(data[k])
         cfg = cls(
-            data=_build(DataConfig, {**data, "features": feats}, "data"),
+            data=_build(DataConfig, {**data, "features": feats, "sequences": seqs}, "data"),
             tasks=[_build(TaskConfig, t, "tasks") for t in d.pop("tasks", [])],
             model=_build(ModelConfig, d.pop("model", {}), "model"),
             train=_build(TrainConfig, d.pop("train", {}), "train"),

@@ -276,6 +276,45 @@ class FeatureSpec:
 
 
 @dataclass
+class SequenceSpec:
+    """A sequence feature as the fitted schema (and so the checkpoint) records it."""
+
+    name: str
+    labels: list[str]  # log / event label columns; an event is a row where any of them is > 0
+    max_len: int
+    pooling: str  # "attention" (target attention against each candidate) or "mean"
+    items: list[str]  # categorical video features of an item: the video key first, then side features
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("attention", "mean"):
+            raise FeatureError(f"sequence {self.name!r}: pooling must be attention or mean")
+        if not 1 <= self.max_len <= 1000 or not self.items or not self.labels:
+            raise FeatureError(f"sequence {self.name!r}: needs 1 <= max_len <= 1000, items and labels")
+
+    @property
+    def width(self) -> int:
+        """Codes per item (K)."""
+        return len(self.items)
+
+    def definition(self) -> dict[str, Any]:
+        """What a store's history of this name holds: the events' labels, items and length."""
+        return {"labels": list(self.labels), "items": list(self.items), "max_len": self.max_len}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SequenceSpec:
+        extra = set(d) - set(cls.__dataclass_fields__)
+        if extra:
+            raise FeatureError(f"sequence {d.get('name')!r}: unknown keys {sorted(extra)}")
+        try:
+            return cls(**dict(d))
+        except TypeError as e:
+            raise FeatureError(f"malformed sequence: {e}") from e
+
+
+@dataclass
 class FeatureSchema:
     """Ordered features. Column order inside a group: categoricals, then numerics, as listed."""
 
@@ -283,6 +322,8 @@ class FeatureSchema:
     # entity key column of the user / video tables (also usable as an id feature)
     user_key: str = "user_id"
     video_key: str = "video_id"
+    # user behaviour histories (model.sequences): their items are categorical video features
+    sequences: list[SequenceSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for serving in (True, False):  # names are unique among serving features and among bias ones
@@ -290,6 +331,17 @@ class FeatureSchema:
             dupes = {n for n in names if names.count(n) > 1}
             if dupes:
                 raise FeatureError(f"duplicate feature names: {sorted(dupes)}")
+        video_cats = {f.name for f in self.cats("video")}
+        names = [s.name for s in self.sequences]
+        if len(set(names)) != len(names):
+            raise FeatureError(f"duplicate sequence names: {names}")
+        for s in self.sequences:
+            bad = [c for c in s.items if c not in video_cats]
+            if bad or s.items[0] != self.video_key:
+                raise FeatureError(
+                    f"sequence {s.name!r}: items must be the video key {self.video_key!r} then categorical "
+                    f"video features, got {s.items}"
+                )
 
     # -- views -------------------------------------------------------------------------------
     def cats(self, group: AnyGroup | None = None) -> list[FeatureSpec]:
@@ -309,7 +361,10 @@ class FeatureSchema:
     def serving(self) -> FeatureSchema:
         """A copy without the bias features."""
         return FeatureSchema(
-            [f for f in self.features if f.group != BIAS], user_key=self.user_key, video_key=self.video_key
+            [f for f in self.features if f.group != BIAS],
+            user_key=self.user_key,
+            video_key=self.video_key,
+            sequences=list(self.sequences),
         )
 
     def columns(self, group: AnyGroup) -> tuple[list[str], list[str]]:
@@ -401,11 +456,14 @@ class FeatureSchema:
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "user_key": self.user_key,
             "video_key": self.video_key,
             "features": [f.to_dict() for f in self.features],
         }
+        if self.sequences:  # absent without histories: such schemas read as before
+            out["sequences"] = [s.to_dict() for s in self.sequences]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FeatureSchema:
@@ -414,6 +472,7 @@ class FeatureSchema:
                 [FeatureSpec.from_dict(f) for f in d["features"]],
                 user_key=d.get("user_key", "user_id"),
                 video_key=d.get("video_key", "video_id"),
+                sequences=[SequenceSpec.from_dict(s) for s in d.get("sequences") or []],
             )
         except (KeyError, TypeError) as e:
             raise FeatureError(f"malformed feature schema: {e}") from e
@@ -596,7 +655,12 @@ class SchemaFitter:
                 out = FeatureSpec(**{**asdict(spec), "vocab": vocab})
                 out.set_vocab_codes(codes)
                 fitted.append(out)
-        return FeatureSchema(fitted, user_key=self.schema.user_key, video_key=self.schema.video_key)
+        return FeatureSchema(
+            fitted,
+            user_key=self.schema.user_key,
+            video_key=self.schema.video_key,
+            sequences=list(self.schema.sequences),
+        )
 
 
 def strings_to_arrays(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

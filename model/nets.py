@@ -64,10 +64,14 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> tuple[nn.Sequential
     return nn.Sequential(*layers), in_dim
 
 
+History = Mapping[str, tuple[Tensor, Tensor]]  # sequence -> (items (B, L, K) long, lengths (B,) long)
+
+
 @dataclass
 class RequestBatch:
     """One ranking request, encoded per group: the user and context rows (1 row each) are the same
-    for all B candidates, so the networks can compute their share of the first layer once."""
+    for all B candidates, so the networks can compute their share of the first layer once. The
+    user's histories (one row per sequence) are per request too."""
 
     user_cats: Tensor  # (1, Cu)
     video_cats: Tensor  # (B, Cv)
@@ -75,6 +79,7 @@ class RequestBatch:
     user_nums: Tensor  # (1, Fu)
     video_nums: Tensor  # (B, Fv)
     context_nums: Tensor  # (1, Fc)
+    history: History | None = None  # sequence -> (items (1, L, K), lengths (1,))
 
     def full(self) -> tuple[Tensor, Tensor]:
         """Broadcast to the model's (B, C) / (B, F) inputs, group-major like the schema."""
@@ -83,13 +88,114 @@ class RequestBatch:
         nums = [self.user_nums.expand(b, -1), self.video_nums, self.context_nums.expand(b, -1)]
         return torch.cat(cats, dim=1), torch.cat(nums, dim=1)
 
+    def full_history(self) -> History | None:
+        """The histories broadcast to the B candidates."""
+        if self.history is None:
+            return None
+        b = self.video_cats.shape[0]
+        return {k: (v.expand(b, -1, -1), n.expand(b)) for k, (v, n) in self.history.items()}
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """A sequence feature as the network sees it: its items' columns in ``cats`` (the video key
+    feature's and the side features'), whose embedding rows the history items share."""
+
+    name: str
+    pooling: str  # "attention" | "mean"
+    max_len: int
+    cols: list[int]
+
+
+class TargetAttention(nn.Module):
+    """Softmax attention of a candidate over its user's history (DIN's target attention, with a
+    scaled bilinear score instead of DIN's MLP, so the history's keys are computed once per request):
+
+        w_j = softmax_j( (W_q q) . (W_k h_j) / sqrt(D) ),  pooled = sum_j w_j h_j
+
+    over the valid items plus a learned "nothing" slot whose value is 0, so an empty history pools
+    to 0 and a user's history can weigh little for a candidate it says nothing about."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.null = nn.Parameter(torch.zeros(1))
+        self.scale = dim**-0.5
+
+    def forward(self, q: Tensor, h: Tensor, mask: Tensor) -> Tensor:
+        """q (B, D) targets, h (b, L, D) items and mask (b, L) with b = B or 1 -> (B, D)."""
+        k = self.key(h)  # (b, L, D): once per request when b = 1
+        s = (self.query(q)[:, None, :] @ k.transpose(1, 2)).squeeze(1) * self.scale  # (B, L)
+        s = s.masked_fill(~mask, float("-inf"))
+        s = torch.cat([s, self.null.expand(s.shape[0], 1)], dim=1)  # (B, L + 1)
+        w = torch.softmax(s, dim=1)[:, None, :-1]  # (B, 1, L)
+        out: Tensor = (w @ h).squeeze(1)  # (B, D)
+        return out
+
+
+class SequencePooling(nn.Module):
+    """Pools each history into [pooled (D) | log1p(length) (1)]: items embedded with the shared
+    table's rows of their features (summed over the item's features), the pooled vector by target
+    attention against the candidate's same features or by their mean."""
+
+    def __init__(self, layouts: Sequence[SequenceLayout], embed_dim: int, offsets: Tensor) -> None:
+        super().__init__()
+        self.layouts = list(layouts)
+        self.dim = embed_dim
+        for i, lay in enumerate(self.layouts):
+            cols = torch.tensor(lay.cols, dtype=torch.long)
+            self.register_buffer(f"cols{i}", cols)
+            self.register_buffer(f"offsets{i}", offsets[cols].clone())
+        self.attention = nn.ModuleDict(
+            {lay.name: TargetAttention(embed_dim) for lay in self.layouts if lay.pooling == "attention"}
+        )
+        self.out_dim = len(self.layouts) * (embed_dim + 1)
+
+    def parts(
+        self, emb: nn.Embedding, e: Tensor, shift: int, hist: History | None, rows: int
+    ) -> list[tuple[Tensor, int, bool]]:
+        """(output block, its offset in the pooled output, whether it varies per candidate).
+
+        ``e`` (B, C', D) holds the candidates' embeddings of the columns from ``shift`` on (all
+        columns in training; the video group's at serving); ``hist`` has ``rows`` rows (B, or 1
+        for a request: then everything but the attention-pooled vector is one row).
+        """
+        out: list[tuple[Tensor, int, bool]] = []
+        for i, lay in enumerate(self.layouts):
+            cols, offsets = getattr(self, f"cols{i}"), getattr(self, f"offsets{i}")
+            got = hist.get(lay.name) if hist is not None else None
+            if got is None:  # no history given: an empty one
+                items = torch.zeros(rows, lay.max_len, len(lay.cols), dtype=torch.long, device=e.device)
+                lens = torch.zeros(rows, dtype=torch.long, device=e.device)
+            else:
+                items, lens = got
+            h = emb(items + offsets).sum(dim=2)  # (b, L, D)
+            mask = torch.arange(items.shape[1], device=e.device)[None, :] < lens[:, None]  # (b, L)
+            at = i * (self.dim + 1)
+            if lay.pooling == "attention":
+                q = e[:, cols - shift].sum(dim=1)  # (B, D): the candidate's own item features
+                out.append((self.attention[lay.name](q, h, mask), at, True))
+            else:
+                mean = (h * mask[..., None]).sum(dim=1) / lens.clamp(min=1)[:, None]  # (b, D)
+                out.append((mean, at, False))
+            out.append((torch.log1p(lens.float())[:, None], at + self.dim, False))
+        return out
+
 
 class FeatureEmbedding(nn.Module):
-    """All categorical features share one embedding matrix, each field with its own row range."""
+    """All categorical features share one embedding matrix, each field with its own row range;
+    history items (``SequencePooling``) look up the rows of their features in the same matrix."""
 
     offsets: Tensor
 
-    def __init__(self, cardinalities: Sequence[int], n_nums: int, embed_dim: int) -> None:
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        n_nums: int,
+        embed_dim: int,
+        sequences: Sequence[SequenceLayout] = (),
+    ) -> None:
         super().__init__()
         offsets = (
             torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0) if cardinalities else None
@@ -97,33 +203,42 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("offsets", offsets if offsets is not None else torch.zeros(0, dtype=torch.long))
         self.emb = nn.Embedding(max(sum(cardinalities), 1), embed_dim)
         nn.init.normal_(self.emb.weight, std=0.05)
-        self.out_dim = len(cardinalities) * embed_dim + n_nums
+        self.seq = SequencePooling(sequences, embed_dim, self.offsets) if sequences else None
+        self.out_dim = len(cardinalities) * embed_dim + n_nums + (self.seq.out_dim if self.seq else 0)
 
-    def forward(self, cats: Tensor, nums: Tensor) -> Tensor:
+    def forward(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:
         e = self.emb(cats + self.offsets)  # (B, C, D)
-        return torch.cat([e.flatten(1), nums], dim=1)  # (B, C*D + F)
+        parts = [e.flatten(1), nums]  # (B, C*D + F)
+        if self.seq is not None:  # + the pooled histories
+            parts += [t for t, _, _ in self.seq.parts(self.emb, e, 0, hist, cats.shape[0])]
+        return torch.cat(parts, dim=1)
 
     def split(self, r: RequestBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(x_var (B, Dv), x_const (1, Dc), their column indices in forward()'s x (Dv,), (Dc,)).
 
-        forward()'s x is [e_user | e_video | e_context | n_user | n_video | n_context]; the video
-        columns vary per candidate, the rest is one row per request.
+        forward()'s x is [e_user | e_video | e_context | n_user | n_video | n_context | histories];
+        the video columns and the attention-pooled histories vary per candidate, the rest is one
+        row per request (the history items are embedded once, their attention keys too).
         """
         cu, cv = r.user_cats.shape[1], r.video_cats.shape[1]
         fu, fv = r.user_nums.shape[1], r.video_nums.shape[1]
         off = self.offsets
         e_u = self.emb(r.user_cats + off[:cu]).flatten(1)  # (1, Cu*D)
-        e_v = self.emb(r.video_cats + off[cu : cu + cv]).flatten(1)  # (B, Cv*D)
+        e_v3 = self.emb(r.video_cats + off[cu : cu + cv])  # (B, Cv, D)
+        e_v = e_v3.flatten(1)  # (B, Cv*D)
         e_c = self.emb(r.context_cats + off[cu + cv :]).flatten(1)  # (1, Cc*D)
-        x_var = torch.cat([e_v, r.video_nums], dim=1)
-        x_const = torch.cat([e_u, e_c, r.user_nums, r.context_nums], dim=1)
+        var, const = [e_v, r.video_nums], [e_u, e_c, r.user_nums, r.context_nums]
         d_u, d_v, d_cat = e_u.shape[1], e_v.shape[1], e_u.shape[1] + e_v.shape[1] + e_c.shape[1]
         idx = torch.arange(self.out_dim)
-        var_idx = torch.cat([idx[d_u : d_u + d_v], idx[d_cat + fu : d_cat + fu + fv]])
-        const_idx = torch.cat(
-            [idx[:d_u], idx[d_u + d_v : d_cat], idx[d_cat : d_cat + fu], idx[d_cat + fu + fv :]]
-        )
-        return x_var, x_const, var_idx, const_idx
+        var_parts = [idx[d_u : d_u + d_v], idx[d_cat + fu : d_cat + fu + fv]]
+        const_parts = [idx[:d_u], idx[d_u + d_v : d_cat], idx[d_cat : d_cat + fu], idx[d_cat + fu + fv :]]
+        if self.seq is not None:
+            base = self.out_dim - self.seq.out_dim
+            const_parts[-1] = idx[d_cat + fu + fv : base]
+            for t, at, varies in self.seq.parts(self.emb, e_v3, cu, r.history, 1):
+                (var if varies else const).append(t)
+                (var_parts if varies else const_parts).append(idx[base + at : base + at + t.shape[1]])
+        return torch.cat(var, dim=1), torch.cat(const, dim=1), torch.cat(var_parts), torch.cat(const_parts)
 
 
 def split_linear(
@@ -196,14 +311,16 @@ class MultiTaskNet(nn.Module):
         self.tasks = list(tasks)
         self.bias_tower = None  # attached by build_model when model.bias_features is set
 
-    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """({task: (B,)}, shared representation z)."""
         raise NotImplementedError
 
     def forward_with_shared(
-        self, cats: Tensor, nums: Tensor, bias: Tensor | None = None
+        self, cats: Tensor, nums: Tensor, bias: Tensor | None = None, hist: History | None = None
     ) -> tuple[dict[str, Tensor], Tensor]:
-        out, z = self.forward_tasks(cats, nums)
+        out, z = self.forward_tasks(cats, nums, hist)
         return self.add_bias(out, bias), z
 
     def add_bias(self, out: dict[str, Tensor], bias: Tensor | None) -> dict[str, Tensor]:
@@ -222,8 +339,10 @@ class MultiTaskNet(nn.Module):
             out[t] = out[t] + b[:, i]
         return out
 
-    def forward(self, cats: Tensor, nums: Tensor, bias: Tensor | None = None) -> dict[str, Tensor]:
-        return self.forward_with_shared(cats, nums, bias)[0]
+    def forward(
+        self, cats: Tensor, nums: Tensor, bias: Tensor | None = None, hist: History | None = None
+    ) -> dict[str, Tensor]:
+        return self.forward_with_shared(cats, nums, bias, hist)[0]
 
     def forward_request(self, r: RequestBatch) -> dict[str, Tensor]:
         """Serving: the same outputs as ``forward`` on the broadcast request (the bias tower at
@@ -233,7 +352,7 @@ class MultiTaskNet(nn.Module):
     def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
         """``forward_tasks``'s outputs for one request; architectures override it to compute the
         request-constant part of their first layer once."""
-        return self.forward_tasks(*r.full())[0]
+        return self.forward_tasks(*r.full(), r.full_history())[0]
 
     # -- parameter views for the multi-task machinery -------------------------------------------
     def feature_embeddings(self) -> list[FeatureEmbedding]:
@@ -286,17 +405,26 @@ def _layer_index(name: str, pattern: str) -> int:
 
 
 class SeparateTowers(MultiTaskNet):
-    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
         super().__init__(tasks)
-        self.embed = nn.ModuleDict({t: FeatureEmbedding(cards, n_nums, cfg.embed_dim) for t in tasks})
-        d_in = len(cards) * cfg.embed_dim + n_nums
+        self.embed = nn.ModuleDict({t: FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs) for t in tasks})
+        d_in = next(iter(self.embed.values())).out_dim  # type: ignore[operator]
         self.bottom = nn.ModuleDict({t: mlp(d_in, cfg.bottom_dims, cfg.dropout)[0] for t in tasks})
         d_b = cfg.bottom_dims[-1] if cfg.bottom_dims else d_in
         self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
         self.n_bottom = len(cfg.bottom_dims)
 
-    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        z = torch.stack([self.embed[t](cats, nums) for t in self.tasks], dim=1)  # (B, T, D)
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        z = torch.stack([self.embed[t](cats, nums, hist) for t in self.tasks], dim=1)  # (B, T, D)
         out = {t: self.towers[t](self.bottom[t](z[:, i])) for i, t in enumerate(self.tasks)}
         return out, z
 
@@ -324,15 +452,24 @@ class SeparateTowers(MultiTaskNet):
 
 
 class SharedBottom(MultiTaskNet):
-    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
         super().__init__(tasks)
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
         self.bottom, d_b = mlp(self.embed.out_dim, cfg.bottom_dims, cfg.dropout)
         self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
         self.n_bottom = len(cfg.bottom_dims)
 
-    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        h = self.bottom(self.embed(cats, nums))  # (B, H)
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        h = self.bottom(self.embed(cats, nums, hist))  # (B, H)
         return {t: self.towers[t](h) for t in self.tasks}, h
 
     def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
@@ -400,11 +537,18 @@ def expert_keep_mask(batch: int, n_experts: int, p: float, device: torch.device)
 
 
 class MMoE(MultiTaskNet):
-    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
         super().__init__(tasks)
         self.n_experts = cfg.n_experts
         self.gate_dropout = cfg.gate_dropout
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
         self.experts = Experts(cfg.n_experts, self.embed.out_dim, cfg.expert_dims, cfg.dropout)
         self.gates = nn.ModuleDict({t: nn.Linear(self.embed.out_dim, cfg.n_experts) for t in tasks})
         self.towers = nn.ModuleDict(
@@ -425,8 +569,10 @@ class MMoE(MultiTaskNet):
             out[t] = torch.softmax(logits, dim=-1)
         return out
 
-    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        x = self.embed(cats, nums)  # (B, D)
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums, hist)  # (B, D)
         h = self.experts(x)  # (B, E, H)
         # z: everything the task-specific part reads, the gates' input x and the experts' h
         z = torch.cat([x, h.flatten(1)], dim=1)  # (B, D + E*H)
@@ -448,9 +594,9 @@ class MMoE(MultiTaskNet):
         return out
 
     @torch.no_grad()
-    def gate_weights(self, cats: Tensor, nums: Tensor) -> Tensor:
+    def gate_weights(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:
         """Gate probabilities (B, T, E) in eval mode, for expert-utilisation statistics."""
-        g = self.gate_probs(self.embed(cats, nums))
+        g = self.gate_probs(self.embed(cats, nums, hist))
         return torch.stack([g[t] for t in self.tasks], dim=1)
 
     def shared_parameters(self) -> list[Tensor]:
@@ -575,9 +721,16 @@ class PLELevel(nn.Module):
 class PLE(MultiTaskNet):
     z_bounds_shared = False  # z is the embedding output; the shared experts lie above it
 
-    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
         super().__init__(tasks)
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
         levels, d = [], self.embed.out_dim
         for k in range(cfg.ple_levels):
             level = PLELevel(d, cfg, tasks, last=k == cfg.ple_levels - 1)
@@ -587,8 +740,10 @@ class PLE(MultiTaskNet):
         self.towers = nn.ModuleDict({t: Tower(d, cfg.tower_dims, cfg.dropout) for t in tasks})
         self.n_layers = len(cfg.expert_dims)  # per level
 
-    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        x = self.embed(cats, nums)  # (B, D)
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums, hist)  # (B, D)
         xs: list[Tensor] = [x] * len(self.tasks)
         x_shared: Tensor | None = x
         for level in self.level_list:
@@ -611,9 +766,11 @@ class PLE(MultiTaskNet):
         return [lv for lv in self.levels if isinstance(lv, PLELevel)]
 
     @torch.no_grad()
-    def gate_weights_by_level(self, cats: Tensor, nums: Tensor) -> list[dict[str, Tensor]]:
+    def gate_weights_by_level(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> list[dict[str, Tensor]]:
         """Per level, every gate's probabilities over all the level's experts: {gate: (B, E_all)}."""
-        x = self.embed(cats, nums)
+        x = self.embed(cats, nums, hist)
         xs: list[Tensor] = [x] * len(self.tasks)
         x_shared: Tensor | None = x
         out = []
@@ -624,9 +781,9 @@ class PLE(MultiTaskNet):
         return out
 
     @torch.no_grad()
-    def gate_weights(self, cats: Tensor, nums: Tensor) -> Tensor:
+    def gate_weights(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:
         """Last level's task gates (B, T, E_all), like ``MMoE.gate_weights``."""
-        g = self.gate_weights_by_level(cats, nums)[-1]
+        g = self.gate_weights_by_level(cats, nums, hist)[-1]
         return torch.stack([g[t] for t in self.tasks], dim=1)
 
     def shared_parameters(self) -> list[Tensor]:
@@ -666,10 +823,17 @@ class Conditioned(MultiTaskNet):
 
     z_bounds_shared = False  # z is the embedding output; the shared trunk lies above it
 
-    def __init__(self, cfg: ModelConfig, cards: Sequence[int], n_nums: int, tasks: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
         super().__init__(tasks)
         self.conditioning = cfg.conditioning
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
         d_x = self.embed.out_dim
         d_z = d_x if cfg.conditioning == "add" else cfg.task_embed_dim
         self.task_emb = nn.Parameter(0.1 * torch.randn(len(tasks), d_z))  # z_t, (T, Dz)
@@ -685,8 +849,10 @@ class Conditioned(MultiTaskNet):
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = Tower(dims[-1], cfg.tower_dims, cfg.dropout)
 
-    def forward_tasks(self, cats: Tensor, nums: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        x = self.embed(cats, nums)  # (B, D)
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums, hist)  # (B, D)
         T, (B, D) = len(self.tasks), x.shape
         z = self.task_emb  # (T, Dz)
         h = x.unsqueeze(0).expand(T, B, D)  # (T, B, D)
@@ -750,7 +916,9 @@ class Conditioned(MultiTaskNet):
         return len(self.trunk) - _layer_index(name, r"^(?:trunk|film)\.(\d+)\.")
 
 
-ARCHS: dict[str, Callable[[ModelConfig, Sequence[int], int, Sequence[str]], MultiTaskNet]] = {
+ARCHS: dict[
+    str, Callable[[ModelConfig, Sequence[int], int, Sequence[str], Sequence[SequenceLayout]], MultiTaskNet]
+] = {
     "separate": SeparateTowers,
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,
@@ -761,7 +929,12 @@ ARCHS: dict[str, Callable[[ModelConfig, Sequence[int], int, Sequence[str]], Mult
 
 def build_model(cfg: ModelConfig, schema: FeatureSchema, tasks: Sequence[TaskConfig]) -> MultiTaskNet:
     cards = [f.cardinality for f in schema.cats()]
-    net = ARCHS[cfg.arch](cfg, cards, schema.n_nums, [t.name for t in tasks])
+    names = [f.name for f in schema.cats()]
+    seqs = [
+        SequenceLayout(q.name, q.pooling, q.max_len, [names.index(c) for c in q.items])
+        for q in schema.sequences
+    ]
+    net = ARCHS[cfg.arch](cfg, cards, schema.n_nums, [t.name for t in tasks], seqs)
     if cfg.bias_features:
         have = [f.name for f in schema.bias]
         if have != list(cfg.bias_features):

@@ -18,7 +18,8 @@ import torch
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.config import Config, TaskConfig
 from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
-from model.nets import RequestBatch
+from model.nets import History, RequestBatch
+from model.sequences import encode_events
 
 Combine = Literal["product", "sum"]
 
@@ -110,11 +111,30 @@ class Ranker:
         return [t.name for t in self.tasks]
 
     # -- scoring -----------------------------------------------------------------------------
-    def score_encoded(self, cats: np.ndarray, nums: np.ndarray) -> dict[str, np.ndarray]:
-        """Encoded rows (B, C) int64 / (B, F) float32 -> per-head scores (B,)."""
+    def score_encoded(
+        self, cats: np.ndarray, nums: np.ndarray, history: History | None = None
+    ) -> dict[str, np.ndarray]:
+        """Encoded rows (B, C) int64 / (B, F) float32 (and histories with B rows) -> per-head
+        scores (B,)."""
         with torch.inference_mode():
-            raw = self.model(torch.from_numpy(cats), torch.from_numpy(nums))
+            raw = self.model(torch.from_numpy(cats), torch.from_numpy(nums), None, history)
         return head_outputs(raw, self.tasks)
+
+    def encode_history(self, history: Mapping[str, np.ndarray] | None) -> History | None:
+        """One user's canonical histories (sequence -> codes (L, K) int64, oldest first) -> the
+        network's input (1 row per sequence: the latest max_len events); a sequence missing from
+        ``history`` is an empty history. None for a model without sequences."""
+        if not self.schema.sequences:
+            return None
+        specs = {f.name: f for f in self.schema.cats("video")}
+        out = {}
+        for q in self.schema.sequences:
+            codes = history.get(q.name) if history is not None else None
+            if codes is None:
+                codes = np.zeros((0, q.width), dtype=np.int64)
+            items, n = encode_events(codes, [specs[c] for c in q.items], q.max_len)
+            out[q.name] = (torch.from_numpy(items)[None], torch.tensor([n], dtype=torch.long))
+        return out
 
     def encode(
         self, user: CanonicalRows, videos: CanonicalRows, context: CanonicalRows
@@ -134,16 +154,28 @@ class Ranker:
         return np.concatenate(cats, axis=1), np.concatenate(nums, axis=1)
 
     def score(
-        self, user: CanonicalRows, videos: CanonicalRows, context: CanonicalRows
+        self,
+        user: CanonicalRows,
+        videos: CanonicalRows,
+        context: CanonicalRows,
+        history: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Per-head scores (B,) for B candidates of one request (user and context: 1 row each)."""
+        """Per-head scores (B,) for B candidates of one request (user and context: 1 row each;
+        ``history``: the user's canonical histories, see ``encode_history``)."""
+        hist = self.encode_history(history)
         if len(user) != 1 or len(context) != 1:
-            return self.score_encoded(*self.encode(user, videos, context))
+            n = len(videos)
+            full = (
+                None
+                if hist is None
+                else {k: (v.expand(n, -1, -1), m.expand(n)) for k, (v, m) in hist.items()}
+            )
+            return self.score_encoded(*self.encode(user, videos, context), full)
         t = torch.from_numpy
         (uc, un), (vc, vn), (cc, cn) = (
             self.schema.encode(g, r) for g, r in zip(GROUPS, (user, videos, context), strict=True)
         )
-        batch = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn))
+        batch = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn), hist)
         with torch.inference_mode():
             raw = self.model.forward_request(batch)
         return head_outputs(raw, self.tasks)

@@ -82,7 +82,7 @@ from model.data.loader import (
 )
 from model.features import FeatureError, FeatureSchema
 from model.metrics import evaluate_predictions, higher_is_better
-from model.nets import PLE, MMoE, MultiTaskNet, build_model
+from model.nets import PLE, History, MMoE, MultiTaskNet, build_model
 from model.replica import Replica, resolve_device
 from model.runstate import load_state, remove_run, run_dir, save_state
 from model.scoring import combine_scores, head_outputs
@@ -150,6 +150,8 @@ def score_split(model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], b
         raw = model(
             torch.from_numpy(np.asarray(b.cats, dtype=np.int64)).to(device),
             torch.from_numpy(b.nums).to(device),
+            None,
+            history_tensors(b.seqs, device),
         )
         for k, v in head_outputs(raw, tasks).items():
             heads[k][at:end] = v
@@ -232,10 +234,11 @@ def expert_utilization(
     device = next(model.parameters()).device
     cats = torch.from_numpy(np.asarray(rows.cats, dtype=np.int64)).to(device)
     nums = torch.from_numpy(rows.nums).to(device)
+    hist = history_tensors(rows.seqs, device)
     if isinstance(model, MMoE):
-        mean = model.gate_weights(cats, nums).mean(dim=0)  # (T, E)
+        mean = model.gate_weights(cats, nums, hist).mean(dim=0)  # (T, E)
         return {t: [round(float(x), 4) for x in mean[i]] for i, t in enumerate(model.tasks)}
-    levels = model.gate_weights_by_level(cats, nums)
+    levels = model.gate_weights_by_level(cats, nums, hist)
     out: dict[str, list[float]] = {}
     for k, gates in enumerate(levels, start=1):
         for name, g in gates.items():
@@ -426,24 +429,45 @@ def batch_embedding_l2(
     return total
 
 
-Batch = tuple[Tensor, Tensor, Tensor, Tensor | None]  # cats (B, C) int64, nums, labels, bias
+# cats (B, C) int64, nums, labels, bias, histories (sequence -> items (B, L, K), lengths (B,))
+Batch = tuple[Tensor, Tensor, Tensor, Tensor | None, History | None]
+
+
+def history_tensors(seqs: Mapping[str, np.ndarray], device: torch.device | None = None) -> History | None:
+    """A split's history arrays (``seq.<name>.items`` / ``.len``) as the network's input."""
+    if not seqs:
+        return None
+    names = [k[len("seq.") : -len(".items")] for k in seqs if k.endswith(".items")]
+    out = {}
+    for n in names:
+        items = torch.from_numpy(np.asarray(seqs[f"seq.{n}.items"], dtype=np.int64))
+        lens = torch.from_numpy(np.asarray(seqs[f"seq.{n}.len"], dtype=np.int64))
+        out[n] = (items, lens) if device is None else (items.to(device), lens.to(device))
+    return out
 
 
 def to_tensors(part: Split) -> Batch:
     cats = torch.from_numpy(np.asarray(part.cats, dtype=np.int64))
     bias = torch.from_numpy(np.asarray(part.bias, dtype=np.int64)) if part.bias is not None else None
-    return cats, torch.from_numpy(part.nums), torch.from_numpy(part.labels), bias
+    return cats, torch.from_numpy(part.nums), torch.from_numpy(part.labels), bias, history_tensors(part.seqs)
 
 
 def cat_batches(parts: Sequence[Batch]) -> Batch:
     if len(parts) == 1:
         return parts[0]
     bias = None if parts[0][3] is None else torch.cat([p[3] for p in parts])  # type: ignore[misc]
+    hist = None
+    if parts[0][4] is not None:
+        hist = {
+            k: (torch.cat([p[4][k][0] for p in parts]), torch.cat([p[4][k][1] for p in parts]))  # type: ignore[index]
+            for k in parts[0][4]
+        }
     return (
         torch.cat([p[0] for p in parts]),
         torch.cat([p[1] for p in parts]),
         torch.cat([p[2] for p in parts]),
         bias,
+        hist,
     )
 
 
@@ -451,11 +475,16 @@ def padding_batch(schema: FeatureSchema, n_tasks: int) -> Batch:
     """A batch of no rows: a rank whose stream has run out takes part in the step (every rank runs
     the same steps, and its zero gradients join the average) without adding to any loss."""
     bias = torch.zeros(0, len(schema.bias), dtype=torch.long) if schema.bias else None
+    hist = {
+        q.name: (torch.zeros(0, q.max_len, q.width, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        for q in schema.sequences
+    }
     return (
         torch.zeros(0, schema.n_cats, dtype=torch.long),
         torch.zeros(0, schema.n_nums),
         torch.zeros(0, n_tasks),
         bias,
+        hist or None,
     )
 
 
@@ -480,8 +509,8 @@ def train_step(
 ) -> tuple[float, dict[str, float]]:
     """One optimiser step; returns the objective and the per-task losses (this rank's shares of the
     global batch's). ``batch_l2`` is (strength, embedding row counts) for ``batch_embedding_l2``."""
-    cats, nums, labels, bias = batch
-    out, z = model.forward_with_shared(cats, nums, bias)
+    cats, nums, labels, bias, hist = batch
+    out, z = model.forward_with_shared(cats, nums, bias, hist)
     losses = task_losses(out, labels, tasks)
     if replica is not None and replica.distributed:
         # this rank's mean over its n_i observed labels -> its share of the mean over the global
@@ -742,10 +771,10 @@ def fit(
         return unknown_rows_imputed(model, row_counts) if impute else contextlib.nullcontext()
 
     def batch_of(k: int, part: Split) -> Batch:
-        bc, bn, by, bb = to_tensors(part)
+        bc, bn, by, bb, bh = to_tensors(part)
         if tc.unknown_dropout > 0:
             bc, bn = drop_to_unknown(bc, bn, groups, tc.unknown_dropout, drop_gens[k])
-        return bc, bn, by, bb
+        return bc, bn, by, bb, bh
 
     batch_l2 = (tc.embed_batch_l2, row_counts) if tc.embed_batch_l2 > 0 else None
 
@@ -801,6 +830,9 @@ def fit(
                 batch[1].to(device),
                 batch[2].to(device),
                 None if batch[3] is None else batch[3].to(device),
+                None
+                if batch[4] is None
+                else {k: (v.to(device), n.to(device)) for k, (v, n) in batch[4].items()},
             )
             loss_value, losses = train_step(
                 model, weighting, opt, batch, cfg.tasks, tc.tower_l2, batch_l2, replica

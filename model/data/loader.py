@@ -45,6 +45,8 @@ class Split:
     bias: np.ndarray | None = None  # (N, Cb) logged bias-feature indices (training only)
     times: np.ndarray | None = None  # (N,) the log's time column (orders rows for time-based CV)
     fragments: np.ndarray | None = None  # (N,) the log fragment of each row (streams)
+    # user histories (model.data.history): seq.<name>.items (N, L, K) int32, seq.<name>.len (N,)
+    seqs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -61,6 +63,7 @@ class Split:
             t(self.bias),
             t(self.times),
             t(self.fragments),
+            {k: v[idx] for k, v in self.seqs.items()},
         )
 
     def parts(self) -> Iterator[Split]:
@@ -76,6 +79,7 @@ class Split:
             *(np.concatenate([getattr(p, k) for p in parts]) for k in ("cats", "nums", "labels", "users"))
         )
         out.bias, out.times, out.fragments = c("bias"), c("times"), c("fragments")
+        out.seqs = {k: np.concatenate([p.seqs[k] for p in parts]) for k in parts[0].seqs} if parts else {}
         return out
 
 
@@ -89,6 +93,7 @@ def load_shard(root: Path, info: ShardInfo) -> Split:
         a.get("bias"),
         a.get("times"),
         np.full(info.rows, info.fragment, dtype=np.int32),
+        {k: v for k, v in a.items() if k.startswith("seq.")},
     )
 
 

@@ -46,6 +46,7 @@ import pandas as pd
 from safetensors.numpy import load_file, save_file
 
 from model.config import Config, ConfigError, DataConfig, TaskConfig
+from model.data.history import HistoryIndex, build_histories, check_columns
 from model.data.source import DataError, EntityTable, Fragment, LogSource, file_fingerprint
 from model.features import (
     ALL_GROUPS,
@@ -60,6 +61,7 @@ from model.features import (
     HashedColumn,
     Moments,
     SchemaFitter,
+    SequenceSpec,
     StringMap,
     hash_column,
     numeric_column,
@@ -135,7 +137,19 @@ def schema_from_config(cfg: DataConfig, bias_features: Sequence[str] = ()) -> Fe
         for f in cfg.features
     ]
     specs += [FeatureSpec(name=name, group=BIAS, kind="categorical") for name in bias_features]
-    return FeatureSchema(specs, user_key=cfg.user_key or "", video_key=cfg.video_key or "")
+    sequences = [
+        SequenceSpec(
+            name=q.name,
+            labels=q.labels,
+            max_len=q.max_len,
+            pooling=q.pooling,
+            items=[cfg.video_key or "", *q.side_features],
+        )
+        for q in cfg.sequences
+    ]
+    return FeatureSchema(
+        specs, user_key=cfg.user_key or "", video_key=cfg.video_key or "", sequences=sequences
+    )
 
 
 def check_same_features(fitted: FeatureSchema, declared: FeatureSchema) -> None:
@@ -152,6 +166,11 @@ def check_same_features(fitted: FeatureSchema, declared: FeatureSchema) -> None:
         raise DataError(
             "the config's features differ from the checkpoint's feature schema: "
             f"{sig(declared)} vs {sig(fitted)}"
+        )
+    if [q.to_dict() for q in fitted.sequences] != [q.to_dict() for q in declared.sequences]:
+        raise DataError(
+            "the config's data.sequences differ from the checkpoint's: "
+            f"{[q.to_dict() for q in declared.sequences]} vs {[q.to_dict() for q in fitted.sequences]}"
         )
 
 
@@ -415,6 +434,8 @@ def cache_key(cfg: Config, source: LogSource, tables: Sequence[Path], schema: Fe
     data = dataclasses.asdict(cfg.data)
     for k in ("cache_dir", "data_dir", "read_batch_rows"):
         data.pop(k)
+    if not data["sequences"]:
+        data.pop("sequences")  # the keys of configs without histories stay what they were
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [*source.files, *tables]]
     blob = {
         "format": CACHE_FORMAT,
@@ -542,6 +563,9 @@ class Preparer:
         missing_labels = [c for c in label_columns(cfg.tasks) if c not in self.log_columns]
         if missing_labels:
             raise DataError(f"label / mask_by columns {missing_labels} are not columns of the log")
+        if self.d.sequences:
+            check_columns(self.d, self.log_columns, [c for t in self.tables.values() for c in t.columns])
+        self.histories: HistoryIndex | None = None
         self.drops: dict[int, np.ndarray] = {}
         self.dropped_records = np.zeros(0, _DEDUP_DTYPE)
         self.plan: SplitPlan | None = None
@@ -561,10 +585,13 @@ class Preparer:
             cols.append("hourmin")
         return list(dict.fromkeys(c for c in cols if c in self.log_columns))
 
-    def batches(self, columns: Sequence[str] | None) -> Iterator[tuple[Fragment, int, pd.DataFrame]]:
-        """(fragment, first row, frame) over this process's fragments, honouring max_rows."""
+    def batches(
+        self, columns: Sequence[str] | None, frags: Sequence[Fragment] | None = None
+    ) -> Iterator[tuple[Fragment, int, pd.DataFrame]]:
+        """(fragment, first row, frame) over this process's fragments (or ``frags``), honouring
+        max_rows."""
         left = self.d.max_rows
-        for frag in self.frags:
+        for frag in self.frags if frags is None else frags:
             row0 = 0
             for df in self.source.batches(frag, columns):
                 if left is not None:
@@ -892,6 +919,7 @@ class Preparer:
             nums = np.concatenate(nums_parts, axis=1)
             bias = schema.encode(BIAS, self.canonical(BIAS, df, schema))[0] if schema.bias else None
             groups = self.group_ids(df)
+            hist = self.histories.arrays(frag.index, row0, len(df)) if self.histories is not None else {}
             times = (
                 pd.to_numeric(df[self.d.time_column], errors="coerce").to_numpy(dtype=np.float64)
                 if self.timed
@@ -912,6 +940,8 @@ class Preparer:
                     part["bias"] = bias[m].astype(np.int32)
                 if times is not None:
                     part["times"] = times[m]
+                for k, v in hist.items():
+                    part[k] = v[m]
                 if sid == TRAIN and cats.shape[1]:
                     row_counts += np.bincount((cats[m] + offsets[:-1]).ravel(), minlength=len(row_counts))
                 buffers[(frag.index, sid)].append(part)
@@ -988,7 +1018,10 @@ def prepare(
     if schema is not None:
         bias = fitted.bias if [f.name for f in schema.bias] != list(cfg.model.bias_features) else schema.bias
         fitted = FeatureSchema(
-            schema.serving().features + bias, user_key=schema.user_key, video_key=schema.video_key
+            schema.serving().features + bias,
+            user_key=schema.user_key,
+            video_key=schema.video_key,
+            sequences=list(schema.sequences),
         )
     stats = [Moments() for _ in cfg.tasks]
     for k in sorted(all_labels):
@@ -997,7 +1030,15 @@ def prepare(
     for t, task in enumerate(cfg.tasks):
         if stats[t].n == 0:
             raise DataError(f"task {task.name!r} has no observed label in the train split")
-    shards, row_counts, counts = prep.encode(fitted)
+    hist_tmp = Path(tempfile.mkdtemp(prefix=f".hist-r{ex.rank}-", dir=root)) if fitted.sequences else None
+    try:
+        if hist_tmp is not None:  # every row's history, before the rows are encoded
+            prep.histories = build_histories(prep, fitted, hist_tmp, scan.rows)
+        shards, row_counts, counts = prep.encode(fitted)
+    finally:
+        prep.histories = None
+        if hist_tmp is not None:
+            shutil.rmtree(hist_tmp, ignore_errors=True)
     gathered = ex.all_gather((shards, row_counts, counts, scan.files, sorted(source.read_fragments)))
     all_shards = sorted((s for g in gathered for s in g[0]), key=lambda s: (s.split, s.fragment, s.file))
     total_counts: dict[str, int] = defaultdict(int)
