@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from model.config import load_config
+from model.config import SequenceDecl, load_config
 from model.distributed import init_distributed
 from model.train import train
 
@@ -24,6 +24,8 @@ from model.train import train
 def apply(cfg: object, overrides: dict[str, object]) -> None:
     for key, value in overrides.items():
         section, name = key.split(".")
+        if key == "data.sequences":  # JSON objects -> the config's dataclasses
+            value = [SequenceDecl(**q) for q in value]  # type: ignore[attr-defined]
         setattr(getattr(cfg, section), name, value)
 
 

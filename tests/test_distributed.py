@@ -275,6 +275,14 @@ VARIANTS: list[dict[str, object]] = [
         "name": "batch_l2_dropout",
         "set": {"train.embed_batch_l2": 0.05, "train.unknown_dropout": 0.2, "train.tower_l2": 0.01},
     },
+    {  # histories: every rank reads every fragment's events for its own rows' histories
+        "name": "history",
+        "set": {
+            "data.sequences": [
+                {"name": "recent", "label": "long_view", "max_len": 4, "side_features": ["author_id"]}
+            ]
+        },
+    },
     {
         "name": "sparse",
         "set": {
