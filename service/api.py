@@ -9,15 +9,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from model import CheckpointNotFoundError, check_version_id
-from service.deps import AdminDep, MetricsDep, RankerDep, SettingsDep, StoreDep
+from service.deps import AdminDep, EventsDep, MetricsDep, RankerDep, SettingsDep, StoreDep
 from service.errors import (
     Conflict,
+    EventsNotRecorded,
     NotFound,
     NotReady,
     ServiceError,
     UnsupportedMediaType,
     ValidationFailed,
 )
+from service.events import parse_events_request, to_events
 from service.ranking import (
     apply_inline_features,
     parse_rank_request,
@@ -29,12 +31,15 @@ from service.reload import PointerError, ReloadError
 from service.schemas import (
     ADMIN_ERROR_RESPONSES,
     ERROR_RESPONSES,
+    EVENTS_ERROR_RESPONSES,
+    EventsResponse,
     Health,
     ModelStatus,
     ModelSwitch,
     RankResponse,
     RollbackRequest,
 )
+from service.store import StoreError
 
 router = APIRouter()
 admin_router = APIRouter(
@@ -113,6 +118,52 @@ async def rank(
     finally:
         metrics.request_seconds.observe(time.perf_counter() - t0)
         metrics.rank_requests.labels(outcome).inc()
+
+
+EVENTS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EventsRequest"}}},
+    }
+}
+
+
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=EVENTS_ERROR_RESPONSES,
+    openapi_extra=EVENTS_BODY,
+    dependencies=[EventsDep],
+    summary="Record feedback: appended to the user histories the next /rank reads",
+    tags=["events"],
+)
+async def events(request: Request, store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+    """A batch of events (user, video, labels, timestamp). Each one enters the user histories
+    whose label columns it has > 0, and the next ``/rank`` for that user sees it. Idempotent by
+    ``event_id``: an id seen before changes nothing, so a batch can be retried as a whole. 503
+    when the feature store cannot record them (nothing recorded: retry)."""
+    outcome = "error"
+    try:
+        _check_json(request)
+        req = parse_events_request(await request.body(), settings.max_events)
+        try:
+            result = await store.append_events(to_events(req))
+        except StoreError as e:
+            raise EventsNotRecorded(f"events not recorded: {e}") from None
+        metrics.events.labels("accepted").inc(result.accepted)
+        metrics.events.labels("duplicate").inc(result.duplicates)
+        for name, n in result.appended.items():
+            metrics.history_events.labels(name).inc(n)
+        outcome = "ok"
+        body = EventsResponse(
+            accepted=result.accepted, duplicates=result.duplicates, appended=result.appended
+        )
+        return _json_response(body.model_dump_json().encode())
+    except ServiceError as e:
+        outcome = "unavailable" if e.status_code == 503 else "invalid"
+        raise
+    finally:
+        metrics.events_requests.labels(outcome).inc()
 
 
 @router.get(

@@ -59,3 +59,18 @@ async def require_admin(
 
 
 AdminDep = Depends(require_admin)
+
+
+async def require_events_token(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """POST /events: the events token when one is configured (MTRANK_EVENTS_TOKEN), else open."""
+    if settings.events_token is None:
+        return
+    expected = settings.events_token.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not (given and secrets.compare_digest(given, expected)):
+        raise Unauthorized()
+
+
+EventsDep = Depends(require_events_token)

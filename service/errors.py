@@ -97,6 +97,13 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class EventsNotRecorded(ServiceError):
+    """The feature store could not record a batch of events (nothing recorded: retry)."""
+
+    http_status = 503
+    code = "events_not_recorded"
+
+
 # --------------------------------------------------------------------------------------------
 # responses
 

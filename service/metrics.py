@@ -34,7 +34,9 @@ DEGRADED_REASONS = (
     "meta_missing",
     "evicted",
     "unknown_rate",
+    "history_malformed",
 )
+EVENT_OUTCOMES = ("accepted", "duplicate")
 STORE_PROBLEMS = ("meta_missing", "evicted")
 
 
@@ -103,6 +105,18 @@ class Metrics:
             ["group"],
             registry=r,
         )
+        self.events = Counter(
+            "mtrank_events",
+            "Events of POST /events: accepted (new) or duplicate (an event id seen before)",
+            ["result"],
+            registry=r,
+        )
+        self.events_requests = Counter(
+            "mtrank_events_requests", "POST /events requests by outcome", ["outcome"], registry=r
+        )
+        self.history_events = Counter(
+            "mtrank_history_events", "Events appended to a user history, by history", ["history"], registry=r
+        )
         for problem in STORE_PROBLEMS:
             self.store_problem.labels(problem).set(0)
         for group in ("user", "video"):  # NaN until a window of requests is complete (Redis store)
@@ -114,6 +128,10 @@ class Metrics:
             self.degraded_requests.labels(reason)
         for result in ("ok", "error"):
             self.model_reloads.labels(result)
+        for result in EVENT_OUTCOMES:
+            self.events.labels(result)
+        for outcome in RANK_OUTCOMES:
+            self.events_requests.labels(outcome)
 
     def set_model(self, version: str, arch: str, loaded_at: float) -> None:
         self.model_info.clear()

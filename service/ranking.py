@@ -202,7 +202,7 @@ class Scored:
 def score_plan(active: ActiveModel, fetched: Fetched, plan: RankPlan, method: Combine) -> Scored:
     """Encode, forward, combine, sort: the CPU-bound part (runs in the forward thread pool)."""
     t0 = time.perf_counter()
-    heads = active.ranker.score(fetched.user, fetched.videos, plan.context)
+    heads = active.ranker.score(fetched.user, fetched.videos, plan.context, fetched.history)
     scores = combine_scores(heads, plan.weights, method)
     order = np.argsort(-scores, kind="stable")[: plan.top_k]
     return Scored(order, scores, heads, time.perf_counter() - t0)

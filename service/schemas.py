@@ -149,6 +149,68 @@ RANK_ERROR_HINTS = {
 RANK_MODEL_TAGS = frozenset({"Candidate"})
 
 
+class EventIn(BaseModel):
+    """One piece of feedback: the user engaged with the video at ``timestamp``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: EntityId = Field(description="unique per event: an id seen before changes nothing (retries)")
+    user_id: EntityId
+    video_id: EntityId
+    timestamp: Number = Field(description="when, in the unit of the log's time column (KuaiRand: ms)")
+    labels: dict[FeatureName, Number | StrictBool] = Field(
+        default_factory=dict,
+        max_length=MAX_FEATURES,
+        fail_fast=True,
+        description='label columns and their values, e.g. {"long_view": 1}; an event enters the '
+        "histories whose label columns it has > 0",
+    )
+    features: dict[FeatureName, RawValue] = Field(
+        default_factory=dict,
+        max_length=MAX_FEATURES,
+        fail_fast=True,
+        description="raw video features of the event, overriding the feature store's (history side features)",
+    )
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "event_id": "91-6435-1651461680240",
+                            "user_id": 91,
+                            "video_id": 6435,
+                            "timestamp": 1651461680240,
+                            "labels": {"long_view": 1, "is_like": 0},
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    events: list[EventIn] = Field(min_length=1, max_length=100_000, fail_fast=True)
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events recorded (ids not seen before)")
+    duplicates: int = Field(description="events whose id was seen before: nothing changed")
+    appended: dict[str, int] = Field(description="per user history the store keeps: events added to it")
+
+
+EVENTS_ERROR_HINTS = {
+    "events[*].event_id": ID_HINT,
+    "events[*].user_id": ID_HINT,
+    "events[*].video_id": ID_HINT,
+    "events[*].features.*": VALUE_HINT,
+    "events[*].labels.*": "must be a finite number or a boolean",
+}
+
+
 class RankedItem(BaseModel):
     video_id: int | str
     rank: int
@@ -168,8 +230,8 @@ class RankResponse(BaseModel):
         "it should (wiped, evicted, unknown rate far above the expected)"
     )
     degraded_reason: str | None = Field(
-        description="timeout, connection, breaker_open, error, layout_mismatch, meta_missing, evicted "
-        "or unknown_rate; null when not degraded"
+        description="timeout, connection, breaker_open, error, layout_mismatch, meta_missing, evicted, "
+        "unknown_rate or history_malformed; null when not degraded"
     )
     unknown_user: bool | None = Field(
         description="the feature store has no row for the user; null when the store did not answer"
@@ -242,6 +304,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "Body is not JSON",
         422: "Invalid request",
         503: "No model loaded yet",
+    }.items()
+}
+
+EVENTS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in {
+        401: "Missing or invalid bearer token (when MTRANK_EVENTS_TOKEN is set)",
+        413: "Body larger than max_body_bytes",
+        415: "Body is not JSON",
+        422: "Invalid request",
+        503: "The feature store cannot record events now (nothing recorded: retry)",
     }.items()
 }
 

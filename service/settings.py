@@ -89,6 +89,18 @@ class Settings(BaseSettings):
         "the materialised data's by more than this (1 = never)",
     )
 
+    # -- events (POST /events: feedback appended to the user histories) -----------------------
+    events_token: SecretStr | None = Field(
+        default=None, description="bearer token POST /events requires; unset = no token needed"
+    )
+    max_events: int = Field(default=1000, ge=1, le=100_000, description="events per POST /events")
+    event_id_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="Redis: how long an event id is remembered (idempotency)"
+    )
+    event_ids: int = Field(
+        default=1_000_000, ge=1, description="embedded store: how many of the latest event ids are remembered"
+    )
+
     # -- request handling --------------------------------------------------------------------
     max_candidates: int = Field(default=2000, ge=1, le=100_000)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
@@ -133,7 +145,7 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="open connections (and requests in flight); beyond it: 503"
     )
 
-    @field_validator("admin_token", "checkpoint_key", mode="before")
+    @field_validator("admin_token", "checkpoint_key", "events_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, v: object) -> object:
         if v is None or (isinstance(v, str) and v.strip() == ""):

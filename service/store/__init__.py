@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from service.settings import Settings
-from service.store.base import ColumnMap, FeatureStore, Fetched, StoreError, StoreLayout
+from service.store.base import ColumnMap, Event, EventsResult, FeatureStore, Fetched, StoreError, StoreLayout
 from service.store.embedded import EmbeddedStore
 from service.store.redis_store import RedisStore
 
 __all__ = [
     "ColumnMap",
     "EmbeddedStore",
+    "Event",
+    "EventsResult",
     "FeatureStore",
     "Fetched",
     "RedisStore",
@@ -31,5 +33,6 @@ def open_store(settings: Settings) -> EmbeddedStore | RedisStore:
             min_present=settings.store_min_present,
             unknown_rate_window=settings.unknown_rate_window,
             unknown_rate_margin=settings.unknown_rate_margin,
+            event_id_ttl_s=settings.event_id_ttl_s,
         )
-    return EmbeddedStore(settings.data_dir)
+    return EmbeddedStore(settings.data_dir, settings.event_ids)

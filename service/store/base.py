@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from model import CanonicalRows, FeatureSchema, stable_hash
 from model.config import DataConfig
+from model.features import SequenceSpec
 
 EntityGroup = Literal["user", "video"]
 ENTITY_GROUPS: tuple[EntityGroup, ...] = ("user", "video")
@@ -153,6 +154,7 @@ class ColumnMap:
     user: GroupMap
     video: GroupMap
     layout_id: str
+    sequences: tuple[SequenceSpec, ...] = ()  # the user histories the model reads
 
     def group(self, g: EntityGroup) -> GroupMap:
         return self.user if g == "user" else self.video
@@ -183,7 +185,7 @@ def build_column_map(schema: FeatureSchema, layout: StoreLayout, where: str) -> 
         )
     if missing:
         raise StoreError(f"{where} lacks feature columns the model needs: {', '.join(missing)}")
-    return ColumnMap(maps["user"], maps["video"], layout.layout_id)
+    return ColumnMap(maps["user"], maps["video"], layout.layout_id, tuple(schema.sequences))
 
 
 @dataclass
@@ -198,6 +200,41 @@ class Fetched:
     degraded_reason: str | None = None
     # candidate positions the store has no row for; None when the store did not answer (degraded)
     unknown_positions: np.ndarray | None = None
+    # the user's histories the model reads: sequence -> canonical item codes (L, K), oldest first
+    # (an empty one for a user without events; None when the model has no sequences)
+    history: dict[str, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One piece of feedback (``POST /events``): the user engaged with a video at ``timestamp`` (in
+    the unit of the log's time column) with these labels; ``features`` are inline video features
+    (values of history side features the store does not hold)."""
+
+    event_id: str
+    user_id: str
+    video_id: str
+    timestamp: float
+    labels: Mapping[str, float]
+    features: Mapping[str, Any]
+
+
+@dataclass
+class EventsResult:
+    accepted: int = 0  # events not seen before (by event id)
+    duplicates: int = 0  # events whose id was seen before: nothing changed
+    appended: dict[str, int] = field(default_factory=dict)  # per history: events added to it
+
+
+def event_codes(spec: SequenceSpec, event: Event, video_codes: Mapping[str, int]) -> np.ndarray:
+    """An event's item codes (K,) for a history: the video id's hash, then each side feature's
+    canonical code: the event's inline value if it sends one, else the store's (``video_codes``,
+    0 = missing)."""
+    out = np.zeros(spec.width, dtype=np.int64)
+    out[0] = stable_hash(event.video_id)
+    for k, name in enumerate(spec.items[1:], start=1):
+        out[k] = stable_hash(event.features[name]) if name in event.features else video_codes.get(name, 0)
+    return out
 
 
 class FeatureStore(Protocol):
@@ -229,6 +266,12 @@ class FeatureStore(Protocol):
 
     async def check_health(self) -> str | None:
         """Look for data a wipe or an eviction took away (off the request path); sets ``problem``."""
+        ...
+
+    async def append_events(self, events: Sequence[Event]) -> EventsResult:
+        """Append feedback to the user histories the store keeps (idempotent by event id): the next
+        ``fetch`` sees it. StoreError when the store cannot record them now (nothing was lost:
+        the caller may retry)."""
         ...
 
     def describe(self) -> dict[str, Any]: ...

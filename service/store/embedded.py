@@ -7,14 +7,22 @@ model is accepted, so a rejected model never changes what the serving one reads.
 get appended (their positions never change), and a column map reads only its own columns, so a
 request still in flight on the previous model reads the new tables correctly too.
 Lookups are dict gets plus one numpy fancy-indexing per group.
+
+User histories (``model.sequences``) are built from the log when a model that reads them is
+prepared (``model.data.history.load_event_tables``: each user's latest events), staged and made
+live with the tables. A history of the same name and definition is kept across models, with the
+events posted to it (``append_events``). Posted events are idempotent by event id (the last
+``event_ids`` ids are remembered) and by content (an event already in a history is not added
+again); each update replaces one user's arrays, so a request reads the old or the new history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -23,15 +31,23 @@ import numpy as np
 
 from model import CanonicalRows, FeatureSchema
 from model.config import DataConfig
+from model.data import DataError
+from model.data.history import load_event_tables
+from model.features import SequenceSpec
+from model.sequences import UserHistory, is_event
 from service.store.base import (
     ENTITY_GROUPS,
     ColumnMap,
     EntityGroup,
+    Event,
+    EventsResult,
     Fetched,
     GroupLayout,
     GroupMap,
+    StoreError,
     StoreLayout,
     build_column_map,
+    event_codes,
 )
 from service.store.tables import load_entity_rows
 
@@ -58,6 +74,30 @@ class _Table:
         return out, unknown
 
 
+@dataclass
+class _History:
+    """One sequence's histories: user id -> their latest events."""
+
+    spec: SequenceSpec
+    users: dict[str, UserHistory]
+    source: str
+    empty: UserHistory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.empty = UserHistory.empty(self.spec.width)
+
+
+def _build_histories(
+    data: DataConfig, specs: list[SequenceSpec], data_dir: Path | None
+) -> dict[str, _History]:
+    try:
+        tables = load_event_tables(data, specs, data_dir)
+    except (DataError, OSError) as e:
+        raise StoreError(f"user histories: {e}") from e
+    by_name = {q.name: q for q in specs}
+    return {name: _History(by_name[name], t.as_dict(), t.source) for name, t in tables.items()}
+
+
 def _layout_of(tables: dict[EntityGroup, _Table]) -> StoreLayout | None:
     if len(tables) < len(ENTITY_GROUPS):
         return None
@@ -76,10 +116,15 @@ class EmbeddedStore:
     problem: str | None = None  # in-process tables are never wiped or evicted
     problem_detail: str | None = None
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(self, data_dir: Path | None = None, event_ids: int = 1_000_000) -> None:
         self._data_dir = data_dir
         self._tables: dict[EntityGroup, _Table] = {}  # live: what fetch reads
-        self._staged: tuple[str, dict[EntityGroup, _Table]] | None = None  # (layout id, tables)
+        self._histories: dict[str, _History] = {}  # live, by sequence name
+        # (layout id, tables, histories) of the model prepared last, until it is committed
+        self._staged: tuple[str, dict[EntityGroup, _Table], dict[str, _History]] | None = None
+        self._building: list[Event] | None = None  # events posted while histories are being built
+        self._seen: OrderedDict[str, None] = OrderedDict()  # event ids, the latest ``event_ids``
+        self._max_seen = event_ids
         self._lock = asyncio.Lock()
 
     @property
@@ -114,22 +159,97 @@ class EmbeddedStore:
             layout = _layout_of(tables)
             assert layout is not None
             columns = build_column_map(schema, layout, "the embedded feature store")
-            if grew:
-                self._staged = (columns.layout_id, tables)
+            histories, built = dict(self._histories), False
+            todo = [q for q in schema.sequences if not self._holds(q)]
+            if todo:
+                self._building = []
+                try:
+                    new = await asyncio.to_thread(_build_histories, data, todo, self._data_dir)
+                    for ev in self._building:  # posted while the log was read
+                        self._apply(ev, new.values(), tables["video"], EventsResult())
+                finally:
+                    self._building = None
+                for name, h in new.items():
+                    log.info(
+                        "embedded store: %s histories of %d users from %s (staged)",
+                        name,
+                        len(h.users),
+                        h.source,
+                    )
+                histories.update(new)
+                built = True
+            if grew or built:
+                self._staged = (columns.layout_id, tables, histories)
             return columns
+
+    def _holds(self, q: SequenceSpec) -> bool:
+        live = self._histories.get(q.name)
+        return live is not None and live.spec.definition() == q.definition()
 
     def commit(self, columns: ColumnMap) -> None:
         staged, self._staged = self._staged, None
         if staged is not None and staged[0] == columns.layout_id:
-            self._tables = staged[1]  # one reference assignment: fetch sees the old or the new dict
+            # one reference assignment each: fetch sees the old or the new dicts
+            self._tables, self._histories = staged[1], staged[2]
         elif self.layout is None or self.layout.layout_id != columns.layout_id:
             raise RuntimeError("embedded store: commit of a column map that was not just prepared")
+        if not all(self._holds(q) for q in columns.sequences):
+            raise RuntimeError("embedded store: commit of a model whose histories were not prepared")
 
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         users, videos = self._tables["user"], self._tables["video"]
         user, unknown_user = users.lookup((user_id,), columns.user)
         vids, unknown = videos.lookup(video_ids, columns.video)
-        return Fetched(user, vids, int(unknown_user.size), int(unknown.size), unknown_positions=unknown)
+        history = None
+        if columns.sequences:
+            history = {}
+            for q in columns.sequences:
+                h = self._histories[q.name]
+                history[q.name] = h.users.get(user_id, h.empty).codes
+        return Fetched(
+            user, vids, int(unknown_user.size), int(unknown.size), unknown_positions=unknown, history=history
+        )
+
+    # -- events -----------------------------------------------------------------------------------
+    async def append_events(self, events: Sequence[Event]) -> EventsResult:
+        if "video" not in self._tables:
+            raise StoreError("no model loaded yet: the store holds no histories")
+        out = EventsResult(appended=dict.fromkeys(self._histories, 0))
+        live = list(self._histories.values())
+        staged: list[_History] = []  # built for a model not yet committed (live ones are shared)
+        staged_videos = self._tables["video"]
+        if self._staged is not None:
+            staged = [h for h in self._staged[2].values() if all(h is not g for g in live)]
+            staged_videos = self._staged[1]["video"]
+        for ev in events:
+            if ev.event_id in self._seen:
+                out.duplicates += 1
+                self._seen.move_to_end(ev.event_id)
+                continue
+            self._seen[ev.event_id] = None
+            if len(self._seen) > self._max_seen:
+                self._seen.popitem(last=False)
+            out.accepted += 1
+            self._apply(ev, live, self._tables["video"], out)
+            self._apply(ev, staged, staged_videos, EventsResult())
+            if self._building is not None:
+                self._building.append(ev)
+        return out
+
+    @staticmethod
+    def _apply(ev: Event, histories: Iterable[_History], videos: _Table, out: EventsResult) -> None:
+        """Add one event to every history it qualifies for."""
+        row = videos.index.get(ev.video_id, len(videos.index))  # unknown video: the default row
+        for h in histories:
+            q = h.spec
+            if not is_event(ev.labels, q.labels):
+                continue
+            cols = videos.layout.cats
+            side = {c: int(videos.cats[row, cols.index(c)]) for c in q.items[1:] if c in cols}
+            codes = event_codes(q, ev, side)
+            old = h.users.get(ev.user_id, h.empty)
+            h.users[ev.user_id] = old.add(np.array([ev.timestamp]), codes[None, :], q.max_len)
+            out.appended[q.name] = out.appended.get(q.name, 0) + 1
 
     async def check_health(self) -> str | None:
         return None
@@ -141,7 +261,11 @@ class EmbeddedStore:
                 g: {"rows": len(t.index), "source": t.source, "columns": t.layout.to_dict()}
                 for g, t in self._tables.items()
             },
+            "histories": {
+                name: {"users": len(h.users), "source": h.source, **h.spec.definition()}
+                for name, h in self._histories.items()
+            },
         }
 
     async def close(self) -> None:
-        self._tables, self._staged = {}, None
+        self._tables, self._histories, self._staged = {}, {}, None

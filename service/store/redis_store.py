@@ -4,15 +4,26 @@ Keys (``P`` = the prefix, default ``mtrank:``)::
 
     P u:<user id>       user row:  little-endian int64 categoricals, then float32 numerics
     P v:<video id>      video row: same layout
-    P meta              JSON: format, column layout (names per group), model version, counts
+    P h:<name>:<user>   a user history (``model.sequences``): a sorted set of packed events, score =
+                        the event's time, members ordered by (time, item codes), capped at max_len
+    P e:<event id>      an event id seen by ``POST /events`` (expires after ``event_id_ttl_s``)
+    P meta              JSON: format, column layout (names per group), model version, counts, the
+                        histories held (name -> labels, items, max_len)
     P model:current     version id the fleet should serve (set by /admin/reload and /admin/rollback)
     P model:events      pub/sub channel: a version id is published when model:current changes
 
 ``materialize`` writes them (pipelined MSET in chunks; the layout comes from the model's feature
-schema). The request path reads the user and every candidate with ONE MGET, with explicit socket
-timeouts, redis-py retries disabled and an ``asyncio.wait_for`` deadline; on timeout or connection
-error every row falls back to defaults (``degraded``). A small circuit breaker skips Redis for a
-moment after repeated failures, so an outage costs no deadline per request; it closes by itself.
+schema; histories from the log, ZADD per user). The request path reads the user and every
+candidate with ONE MGET (and, for a model with histories, the user's sorted sets in the same
+pipelined round trip), with explicit socket timeouts, redis-py retries disabled and an
+``asyncio.wait_for`` deadline; on timeout or connection error every row falls back to defaults
+(``degraded``). A small circuit breaker skips Redis for a moment after repeated failures, so an
+outage costs no deadline per request; it closes by itself.
+
+``append_events`` (``POST /events``) reads the events' video rows (their side features), then runs
+one Lua script per chunk of events: per event, ``SET P e:<id> NX EX ttl`` and, only when the id is
+new, per history it qualifies for, ``ZADD`` + ``ZREMRANGEBYRANK`` (trim to max_len). A script runs
+atomically, so a reader sees a history before or after an event, never a half-trimmed one.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,16 +52,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model import CanonicalRows, FeatureSchema, load_checkpoint, resolve_checkpoint
 from model.config import DataConfig
+from model.data import DataError
+from model.data.history import load_event_tables
+from model.features import SequenceSpec
+from model.sequences import is_event, pack_events, unpack_events
 from service.store.base import (
     ENTITY_GROUPS,
     ColumnMap,
     EntityGroup,
+    Event,
+    EventsResult,
     Fetched,
     GroupLayout,
     GroupMap,
     StoreError,
     StoreLayout,
     build_column_map,
+    event_codes,
 )
 from service.store.tables import load_entity_rows, log_unknown_rates
 
@@ -65,6 +83,14 @@ _GROUP_TAG: dict[EntityGroup, str] = {"user": "u", "video": "v"}
 
 def entity_key(prefix: str, group: EntityGroup, entity_id: str) -> str:
     return f"{prefix}{_GROUP_TAG[group]}:{entity_id}"
+
+
+def history_key(prefix: str, name: str, user_id: str) -> str:
+    return f"{prefix}h:{name}:{user_id}"
+
+
+def event_key(prefix: str, event_id: str) -> str:
+    return f"{prefix}e:{event_id}"
 
 
 def meta_key(prefix: str) -> str:
@@ -157,7 +183,38 @@ def parse_meta(raw: bytes | str, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise StoreError(f"{where}: unsupported meta format (want format {META_FORMAT})")
     meta["layout"] = StoreLayout.from_dict(meta.get("layout"))
+    held = meta.get("histories", {})
+    if not isinstance(held, dict) or not all(isinstance(v, dict) for v in held.values()):
+        raise StoreError(f"{where}: malformed histories (want name -> definition)")
+    meta["histories"] = held
     return meta
+
+
+# ARGV: the id key's TTL, then per event: how many histories it enters, then per history its cap,
+# score and member; KEYS: per event its id key, then its history keys. Returns {new events, duplicates}.
+APPEND_EVENTS_LUA = """
+local ttl = tonumber(ARGV[1])
+local a, k, fresh, dup = 2, 1, 0, 0
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ttl) then
+    fresh = fresh + 1
+    for i = 1, n do
+      local key, cap = KEYS[k + i], tonumber(ARGV[a])
+      redis.call('ZADD', key, ARGV[a + 1], ARGV[a + 2])
+      redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+      a = a + 3
+    end
+  else
+    dup = dup + 1
+    a = a + 3 * n
+  end
+  k = k + 1 + n
+end
+return {fresh, dup}
+"""
+EVENTS_PER_SCRIPT = 200  # events per script run: bounds how long Redis is busy with one
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,8 +289,11 @@ class RedisStore:
         min_present: float = 0.5,
         unknown_rate_window: int = 200,
         unknown_rate_margin: float = 0.3,
+        event_id_ttl_s: int = 7 * 24 * 3600,
     ) -> None:
         self.url, self.prefix = url, prefix
+        self._event_ttl = event_id_ttl_s
+        self._append_script: Any = None
         self._timeout = timeout_s
         self._fast = _async_client(url, timeout_s)  # the request path: the deadline below is the contract
         self._control = _async_client(url, CONTROL_TIMEOUT_S)  # meta, model pointer, pub/sub
@@ -275,6 +335,13 @@ class RedisStore:
         layout: StoreLayout = meta["layout"]
         self._expected = _expected_rates(meta.get("expected_unknown"))
         columns = build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
+        held = meta["histories"]
+        lacking = [q.name for q in schema.sequences if held.get(q.name) != q.definition()]
+        if lacking:
+            raise StoreError(
+                f"the Redis feature store (prefix {self.prefix!r}) holds no histories {lacking} as this "
+                "model defines them: run `mtrank materialize` for it"
+            )
         self._layouts[columns.layout_id] = layout
         self._meta = meta
         return columns
@@ -288,8 +355,14 @@ class RedisStore:
             return self._degraded(user_id, video_ids, columns, "breaker_open")
         vp = self._video_prefix
         keys = [self._user_prefix + user_id, *[vp + v for v in video_ids]]
+        members: list[list[bytes]] = []
         try:
-            values: list[bytes | None] = await asyncio.wait_for(self._fast.mget(keys), self._timeout)
+            if columns.sequences:  # the histories in the same round trip
+                values, members = await asyncio.wait_for(
+                    self._fetch_with_history(keys, user_id, columns.sequences), self._timeout
+                )
+            else:
+                values = await asyncio.wait_for(self._fast.mget(keys), self._timeout)
         except (TimeoutError, RedisTimeoutError):
             return self._failed(user_id, video_ids, columns, "timeout")
         except (RedisConnectionError, OSError):
@@ -311,9 +384,42 @@ class RedisStore:
                     len(values),
                 )
             return Fetched(user, videos, n_user, n_videos, True, "layout_mismatch", unknown)
+        history, broken = self._histories(members, columns.sequences)
+        if broken:
+            return Fetched(user, videos, n_user, n_videos, True, "history_malformed", unknown, history)
         self._unknown.add(n_user, len(video_ids), n_videos, self._expected)
         reason = self.problem or ("unknown_rate" if self._unknown.alarm else None)
-        return Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown)
+        return Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown, history)
+
+    async def _fetch_with_history(
+        self, keys: list[str], user_id: str, sequences: Sequence[SequenceSpec]
+    ) -> tuple[list[bytes | None], list[list[bytes]]]:
+        """MGET of the rows and ZRANGE of each history's latest max_len events, pipelined."""
+        pipe = self._fast.pipeline(transaction=False)
+        pipe.mget(keys)
+        for q in sequences:
+            pipe.zrange(history_key(self.prefix, q.name, user_id), -q.max_len, -1)
+        out = await pipe.execute()
+        return out[0], out[1:]
+
+    def _histories(
+        self, members: list[list[bytes]], sequences: Sequence[SequenceSpec]
+    ) -> tuple[dict[str, np.ndarray] | None, bool]:
+        """Sorted-set members -> canonical codes per history; an unreadable one (another layout)
+        is served empty and flagged."""
+        if not sequences:
+            return None, False
+        out, broken = {}, False
+        for q, got in zip(sequences, members, strict=True):
+            try:
+                out[q.name] = unpack_events(got, q.width)[1]
+            except ValueError:
+                broken = True
+                out[q.name] = np.zeros((0, q.width), dtype=np.int64)
+        if broken and not self._layout_warned:
+            self._layout_warned = True
+            log.warning("history members of another layout than the model's: served empty histories")
+        return out, broken
 
     def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
         self._failures += 1
@@ -336,7 +442,67 @@ class RedisStore:
             unknown_videos=0,
             degraded=True,
             degraded_reason=reason,
+            history={q.name: np.zeros((0, q.width), dtype=np.int64) for q in columns.sequences} or None,
         )
+
+    # -- events -------------------------------------------------------------------------------------
+    async def append_events(self, events: Sequence[Event]) -> EventsResult:
+        """See the module doc. StoreError when Redis cannot take them now (nothing half-written:
+        a chunk's script runs whole or not at all; retrying is safe, ids make it idempotent)."""
+        try:
+            meta = self._meta if self._meta is not None else await self.read_meta()
+            if meta is None:
+                raise StoreError(f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize`")
+            held = {
+                name: SequenceSpec(name, list(d["labels"]), int(d["max_len"]), "mean", list(d["items"]))
+                for name, d in meta["histories"].items()
+            }
+            out = EventsResult(appended=dict.fromkeys(held, 0))
+            video_codes = await self._event_videos(events, held.values(), meta["layout"].video)
+            if self._append_script is None:
+                self._append_script = self._control.register_script(APPEND_EVENTS_LUA)
+            for i in range(0, len(events), EVENTS_PER_SCRIPT):
+                keys, argv = [], [str(self._event_ttl)]
+                for ev in events[i : i + EVENTS_PER_SCRIPT]:
+                    entries = []
+                    for q in held.values():
+                        if is_event(ev.labels, q.labels):
+                            codes = event_codes(q, ev, video_codes.get(ev.video_id, {}))
+                            (member,) = pack_events(np.array([ev.timestamp]), codes[None, :])
+                            entries.append((history_key(self.prefix, q.name, ev.user_id), q, member))
+                    keys.append(event_key(self.prefix, ev.event_id))
+                    argv.append(str(len(entries)))
+                    for key, q, member in entries:
+                        keys.append(key)
+                        argv += [str(q.max_len), repr(float(ev.timestamp)), member]  # type: ignore[list-item]
+                        out.appended[q.name] += 1
+                fresh, dup = await asyncio.wait_for(
+                    self._append_script(keys=keys, args=argv), CONTROL_TIMEOUT_S
+                )
+                out.accepted, out.duplicates = out.accepted + int(fresh), out.duplicates + int(dup)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreError(f"Redis did not take the events ({e or type(e).__name__})") from e
+        return out
+
+    async def _event_videos(
+        self, events: Sequence[Event], held: Iterable[SequenceSpec], layout: GroupLayout
+    ) -> dict[str, dict[str, int]]:
+        """The canonical side-feature codes of the events' videos, from their rows (one MGET)."""
+        side = sorted({c for q in held for c in q.items[1:] if c in layout.cats})
+        if not side:
+            return {}
+        ids = list(dict.fromkeys(ev.video_id for ev in events))
+        raw = await asyncio.wait_for(
+            self._control.mget([self._video_prefix + v for v in ids]), CONTROL_TIMEOUT_S
+        )
+        dtype, size = row_dtype(layout), layout.row_bytes
+        out: dict[str, dict[str, int]] = {}
+        for v, value in zip(ids, raw, strict=True):
+            if value is None or len(value) != size:
+                continue
+            cats = _fields(np.frombuffer(value, dtype=dtype, count=1), layout)[0][0]
+            out[v] = {c: int(cats[layout.cats.index(c)]) for c in side}
+        return out
 
     # -- health -------------------------------------------------------------------------------
     async def check_health(self) -> str | None:
@@ -495,6 +661,28 @@ def _glob_escape(s: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in s)
 
 
+def _write_histories(
+    client: RedisClient, prefix: str, data: DataConfig, q: SequenceSpec, data_dir: Path | None, chunk: int
+) -> int:
+    """Each user's latest events of one history from the log, merged into their sorted sets (an
+    event already held is the same member: written once) and trimmed; returns the users written."""
+    try:
+        (table,) = load_event_tables(data, [q], data_dir).values()
+    except DataError as e:
+        raise StoreError(f"history {q.name!r}: {e}") from e
+    pipe = client.pipeline(transaction=False)
+    for i, user in enumerate(table.users):
+        h = table.history(i)
+        key = history_key(prefix, q.name, user)
+        pipe.zadd(key, dict(zip(pack_events(h.times, h.codes), h.times.tolist(), strict=True)))
+        pipe.zremrangebyrank(key, 0, -(q.max_len + 1))
+        if (i + 1) % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    log.info("materialized %s histories of %d users from %s", q.name, len(table.users), table.source)
+    return len(table.users)
+
+
 def delete_prefix(client: RedisClient, prefix: str, batch: int = 1000) -> int:
     """Delete every key starting with ``prefix`` (SCAN + UNLINK); returns how many."""
     n, keys = 0, []
@@ -530,6 +718,7 @@ def materialize(
     client: RedisClient = redis.Redis.from_url(redis_url, socket_timeout=60, socket_connect_timeout=5)
     try:
         raw = client.get(meta_key(prefix))
+        held: dict[str, Any] = {}
         if raw is not None and not replace:
             old = parse_meta(raw, f"Redis key {meta_key(prefix)!r}")
             if old["layout"] != layout:
@@ -538,8 +727,17 @@ def materialize(
                     "materialize into a new prefix, or pass --replace (services re-read the layout "
                     "when they load a model)"
                 )
+            held = dict(old["histories"])
+            clash = [
+                q.name for q in ckpt.schema.sequences if held.get(q.name, q.definition()) != q.definition()
+            ]
+            if clash:
+                raise StoreError(
+                    f"prefix {prefix!r} holds histories {clash} of another definition; materialize into "
+                    "a new prefix, or pass --replace"
+                )
         if replace:
-            for tag in _GROUP_TAG.values():
+            for tag in (*_GROUP_TAG.values(), "h"):
                 delete_prefix(client, f"{prefix}{tag}:")
         counts: dict[str, int] = {}
         entity_ids: dict[str, list[str]] = {}
@@ -557,6 +755,11 @@ def materialize(
             pipe.execute()
             counts[g + "s"] = len(values)
             log.info("materialized %d %ss from %s", len(values), g, ent.source)
+        for q in ckpt.schema.sequences:
+            counts[f"{q.name} histories"] = _write_histories(
+                client, prefix, ckpt.config.data, q, data_dir, chunk_size
+            )
+            held[q.name] = q.definition()
         meta = {
             "format": META_FORMAT,
             "layout": layout.to_dict(),
@@ -569,6 +772,7 @@ def materialize(
             # what share of the logged impressions name a user / video without a row: the
             # unknown-rate the data implies (None when the log cannot be read)
             "expected_unknown": log_unknown_rates(ckpt.config.data, entity_ids, data_dir),
+            "histories": held,
         }
         client.set(meta_key(prefix), json.dumps(meta))
     finally:
