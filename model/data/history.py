@@ -77,17 +77,19 @@ def row_times(col: pd.Series) -> np.ndarray:
     return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def check_columns(d: DataConfig, columns: Sequence[str], tables: Sequence[str] = ()) -> None:
-    """DataError naming what a history needs and the log lacks."""
+def check_columns(
+    d: DataConfig, specs: Sequence[SequenceSpec], columns: Sequence[str], tables: Sequence[str] = ()
+) -> None:
+    """DataError naming what the histories need and the log (or the videos table) lacks."""
     have = set(columns)
     need = [c for c in (d.user_key, d.video_key, d.time_column) if c]
-    need += [c for s in d.sequences for c in s.labels]
+    need += [c for s in specs for c in s.labels]
     missing = sorted({c for c in need if c not in have})
     if missing:
         raise DataError(
             f"data.sequences need the log column(s) {missing} (user key, video key, time, labels)"
         )
-    side = sorted({c for s in d.sequences for c in s.side_features if c not in have and c not in tables})
+    side = sorted({c for s in specs for c in s.items[1:] if c not in have and c not in tables})
     if side:
         raise DataError(f"history side features {side} are not columns of the log or of the videos table")
 
@@ -167,7 +169,7 @@ def build_histories(
     d, specs = prep.d, schema.sequences
     assert d.user_key and d.video_key
     tables = [c for t in prep.tables.values() for c in t.columns]
-    check_columns(d, prep.log_columns, tables)
+    check_columns(d, specs, prep.log_columns, tables)
     item_names = [c for s in specs for c in s.items]
     items = _ItemColumns(prep.tables.get("video"), item_names)
     labels = [c for s in specs for c in s.labels]
@@ -277,7 +279,7 @@ def load_event_tables(
     if data.videos is not None:
         side = sorted({c for s in specs for c in s.items[1:]})
         table = EntityTable(data.path(data.videos), data.video_key, side, [])
-    check_columns(data, source.columns(), table.columns if table is not None else [])
+    check_columns(data, specs, source.columns(), table.columns if table is not None else [])
     items = _ItemColumns(table, [c for s in specs for c in s.items])
     labels = [c for s in specs for c in s.labels]
     cols = list(dict.fromkeys([data.user_key, data.time_column, *labels, *items.log_columns()]))

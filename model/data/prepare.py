@@ -564,7 +564,8 @@ class Preparer:
         if missing_labels:
             raise DataError(f"label / mask_by columns {missing_labels} are not columns of the log")
         if self.d.sequences:
-            check_columns(self.d, self.log_columns, [c for t in self.tables.values() for c in t.columns])
+            tables = [c for t in self.tables.values() for c in t.columns]
+            check_columns(self.d, self.declared.sequences, self.log_columns, tables)
         self.histories: HistoryIndex | None = None
         self.drops: dict[int, np.ndarray] = {}
         self.dropped_records = np.zeros(0, _DEDUP_DTYPE)
