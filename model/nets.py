@@ -414,8 +414,9 @@ class SeparateTowers(MultiTaskNet):
         seqs: Sequence[SequenceLayout] = (),
     ) -> None:
         super().__init__(tasks)
-        self.embed = nn.ModuleDict({t: FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs) for t in tasks})
-        d_in = next(iter(self.embed.values())).out_dim  # type: ignore[operator]
+        embeds = {t: FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs) for t in tasks}
+        self.embed = nn.ModuleDict(embeds)
+        d_in = embeds[tasks[0]].out_dim
         self.bottom = nn.ModuleDict({t: mlp(d_in, cfg.bottom_dims, cfg.dropout)[0] for t in tasks})
         d_b = cfg.bottom_dims[-1] if cfg.bottom_dims else d_in
         self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})

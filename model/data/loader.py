@@ -75,9 +75,10 @@ class Split:
             arrays = [getattr(p, name) for p in parts]
             return None if any(a is None for a in arrays) else np.concatenate(arrays)
 
-        out = Split(
-            *(np.concatenate([getattr(p, k) for p in parts]) for k in ("cats", "nums", "labels", "users"))
+        cats, nums, labels, users = (
+            np.concatenate([getattr(p, k) for p in parts]) for k in ("cats", "nums", "labels", "users")
         )
+        out = Split(cats, nums, labels, users)
         out.bias, out.times, out.fragments = c("bias"), c("times"), c("fragments")
         out.seqs = {k: np.concatenate([p.seqs[k] for p in parts]) for k in parts[0].seqs} if parts else {}
         return out
