@@ -1,11 +1,13 @@
-"""Load test for POST /rank.
+"""Load test for POST /rank, with feedback through POST /events.
 
     locust -f loadtest/locustfile.py --headless -u 20 -r 5 -t 60s --host http://127.0.0.1:8000
 
 Each simulated user posts realistic ranking requests (KuaiRand-Pure user ids, 100-1000 Zipf-popular
 candidate videos, random tab/hour context) and checks every response: HTTP 200, model_version present,
-ranks 1..n, items sorted by score descending, the candidate ids returned exactly once. The run exits
-non-zero if any request failed or the overall p99 latency exceeds the SLO.
+ranks 1..n, items sorted by score descending, the candidate ids returned exactly once. A share of the
+rankings is followed by a POST /events of one to three of the top items (fresh event ids: every one
+must be accepted), which the next ranking of that user sees. The run exits non-zero if any request
+failed or the overall p99 latency (both endpoints) exceeds the SLO.
 
 Environment:
     MTRANK_DATA_DIR             KuaiRand-Pure directory (user/video tables); id ranges are used if absent
@@ -18,7 +20,12 @@ Environment:
                                 pacing: exponential gaps between scheduled starts, so users do not
                                 fire in lock-step bursts); unset: a random 10-100 ms pause after each
     MTRANK_LOADTEST_SUMMARY     write the final totals (the stats the verdict is taken on) to this
-                                JSON file: requests, failures, requests/s, p50/p95/p99/max in ms
+                                JSON file: requests, failures, requests/s, p50/p95/p99/max in ms, and
+                                the /rank and /events request counts
+    MTRANK_LOADTEST_EVENT_SHARE share of rankings followed by a POST /events (default 0.2; 0 = none)
+    MTRANK_LOADTEST_EVENT_LABELS labels of an event and the probability of each being 1
+                                (default "long_view:0.3,is_like:0.02")
+    MTRANK_EVENTS_TOKEN         bearer token of /events, when the service requires one
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +51,17 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from workload import (  # noqa: E402
+    DEFAULT_EVENT_LABELS,
     ZipfSampler,
+    build_events,
     build_request,
     candidate_count,
     env_float,
     env_int,
     load_catalog,
+    parse_event_labels,
     slo_violations,
+    validate_events_response,
     validate_response,
 )
 
@@ -60,6 +72,12 @@ FIXED_CANDIDATES = env_int("MTRANK_LOADTEST_CANDIDATES")
 TOP_K = env_int("MTRANK_LOADTEST_TOP_K")
 SEED = env_int("MTRANK_LOADTEST_SEED") or 0
 USER_RPS = env_float("MTRANK_LOADTEST_USER_RPS", 0.0)
+EVENT_SHARE = env_float("MTRANK_LOADTEST_EVENT_SHARE", 0.2)
+EVENT_LABELS = parse_event_labels(os.environ.get("MTRANK_LOADTEST_EVENT_LABELS") or DEFAULT_EVENT_LABELS)
+EVENTS_TOKEN = os.environ.get("MTRANK_EVENTS_TOKEN", "").strip()
+RUN_ID = uuid.uuid4().hex[:12]  # event ids are fresh in every run, whatever the store remembers
+if not 0 <= EVENT_SHARE <= 1:
+    raise ValueError(f"MTRANK_LOADTEST_EVENT_SHARE must be in 0..1, got {EVENT_SHARE}")
 
 CATALOG = load_catalog(seed=SEED)
 VIDEOS = ZipfSampler(CATALOG.videos, s=env_float("MTRANK_LOADTEST_ZIPF_S", 1.0))
@@ -84,12 +102,14 @@ def _add_arguments(parser: Any) -> None:
 def _on_init(environment: Any, **_kwargs: Any) -> None:
     if not isinstance(environment.runner, WorkerRunner):
         log.info(
-            "rank load test: %d users, %d videos (%s); candidates=%s top_k=%s",
+            "rank load test: %d users, %d videos (%s); candidates=%s top_k=%s; events after %.0f%% "
+            "of rankings",
             len(CATALOG.users),
             len(VIDEOS),
             CATALOG.source,
             FIXED_CANDIDATES or "uniform 100..1000",
             TOP_K,
+            100 * EVENT_SHARE,
         )
 
 
@@ -106,6 +126,8 @@ def _check_slo(environment: Any, **_kwargs: Any) -> None:
         pct = {f"p{round(q * 100)}_ms": total.get_response_time_percentile(q) or 0 for q in (0.5, 0.95, 0.99)}
         final = {"requests": total.num_requests, "failures": total.num_failures, **pct}
         final |= {"max_ms": total.max_response_time or 0, "requests_per_s": total.total_rps}
+        for name in ("/rank", "/events"):
+            final[f"{name[1:]}_requests"] = environment.stats.get(name, "POST").num_requests
         Path(summary).write_text(json.dumps(final, indent=1) + "\n")
     reasons = slo_violations(total.num_requests, total.fail_ratio, p99, slo)
     if reasons:
@@ -138,8 +160,11 @@ class RankUser(FastHttpUser):
         # One independent, reproducible request stream per simulated user (and per worker process when
         # running distributed, so workers do not replay each other's requests).
         worker = getattr(self.environment.runner, "worker_index", 0)
-        self.rng = np.random.default_rng([SEED, worker, next(_user_seq)])
+        self.index = next(_user_seq)
+        self.rng = np.random.default_rng([SEED, worker, self.index])
         self._next_start = time.monotonic()
+        self._sent = 0
+        self._id = f"{RUN_ID}-{worker}-{self.index}"
 
     @task
     def rank(self) -> None:
@@ -155,6 +180,32 @@ class RankUser(FastHttpUser):
                 resp.failure(f"response is not JSON: {exc}")
                 return
             error = validate_response(payload, body)
+            if error is None:
+                resp.success()
+            else:
+                resp.failure(error)
+                return
+        if EVENT_SHARE > 0 and self.rng.random() < EVENT_SHARE:
+            self._sent += 1
+            events = build_events(
+                self.rng, payload, body, EVENT_LABELS, time.time() * 1000, f"{self._id}-{self._sent}"
+            )
+            self.post_events(events)
+
+    def post_events(self, events: dict[str, Any]) -> None:
+        headers = {"Authorization": f"Bearer {EVENTS_TOKEN}"} if EVENTS_TOKEN else None
+        with self.client.post(
+            "/events", json=events, headers=headers, name="/events", catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            try:
+                body = resp.json()
+            except ValueError as exc:
+                resp.failure(f"response is not JSON: {exc}")
+                return
+            error = validate_events_response(events, body)
             if error is None:
                 resp.success()
             else:

@@ -7,7 +7,8 @@ the unit tests import it directly.
 Workload: a user id drawn uniformly from the KuaiRand-Pure user table, and a candidate list of distinct
 video ids drawn without replacement from a Zipf popularity distribution over the video table (a handful of
 head videos appear in almost every request, the long tail rarely), like the output of a real retrieval
-stage.
+stage. A share of the rankings is followed by feedback (``POST /events``): the user watched one to three
+of the top items, each label drawn with its own probability (``parse_event_labels``).
 """
 
 from __future__ import annotations
@@ -150,6 +151,67 @@ def build_request(
     if top_k is not None:
         body["top_k"] = top_k
     return body
+
+
+DEFAULT_EVENT_LABELS = "long_view:0.3,is_like:0.02"  # KuaiRand-Pure's rates of the two head labels
+
+
+def parse_event_labels(spec: str) -> dict[str, float]:
+    """ "label:probability,..." -> {label: probability}."""
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, sep, prob = part.strip().partition(":")
+        try:
+            p = float(prob)
+        except ValueError:
+            p = -1.0
+        if not sep or not name or not 0 <= p <= 1:
+            raise ValueError(f"event labels: want label:probability (0..1), got {part.strip()!r}")
+        out[name] = p
+    return out
+
+
+def build_events(
+    rng: np.random.Generator,
+    request: Mapping[str, Any],
+    ranked: Mapping[str, Any],
+    labels: Mapping[str, float],
+    now_ms: float,
+    id_prefix: str,
+) -> dict[str, Any]:
+    """One POST /events body after a ranking: the user engaged with one to three of the top items."""
+    items = ranked.get("items") or []
+    n = min(len(items), int(rng.integers(1, 4)))
+    events = []
+    for k, item in enumerate(items[:n]):
+        events.append(
+            {
+                "event_id": f"{id_prefix}-{k}",
+                "user_id": request["user_id"],
+                "video_id": item["video_id"],
+                "timestamp": now_ms + k,
+                "labels": {name: int(rng.random() < p) for name, p in labels.items()},
+            }
+        )
+    return {"events": events}
+
+
+def validate_events_response(req: Mapping[str, Any], body: Any) -> str | None:
+    """Check a /events response: every event accepted (the ids are fresh), counts per history."""
+    if not isinstance(body, Mapping):
+        return f"response body is {type(body).__name__}, not an object"
+    n = len(req.get("events", []))
+    if body.get("accepted") != n or body.get("duplicates") != 0:
+        got = f"{body.get('accepted')!r} / {body.get('duplicates')!r}"
+        return f"expected {n} accepted and 0 duplicates, got {got}"
+    appended = body.get("appended")
+    if not isinstance(appended, Mapping) or any(
+        not isinstance(v, int) or not 0 <= v <= n for v in appended.values()
+    ):
+        return f"appended must map histories to counts in 0..{n}, got {appended!r}"
+    return None
 
 
 def _is_number(value: Any) -> bool:

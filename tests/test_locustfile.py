@@ -278,6 +278,34 @@ def test_validate_rejects_non_object() -> None:
     assert "not an object" in wl.validate_response(REQ, [1, 2])
 
 
+def test_events_follow_the_top_items_with_labels_drawn_by_probability() -> None:
+    labels = wl.parse_event_labels("long_view:0.5, is_like:0")
+    assert labels == {"long_view": 0.5, "is_like": 0.0}
+    for bad in ("long_view", "long_view:2", ":0.5", "x:y"):
+        with pytest.raises(ValueError, match="label:probability"):
+            wl.parse_event_labels(bad)
+    rng = np.random.default_rng(0)
+    ranked = _response(REQ)
+    seen = Counter()
+    for n in range(200):
+        body = wl.build_events(rng, REQ, ranked, labels, 1.7e12, f"run-{n}")
+        events = body["events"]
+        assert 1 <= len(events) <= 3
+        assert [e["video_id"] for e in events] == [it["video_id"] for it in ranked["items"][: len(events)]]
+        assert all(e["user_id"] == 3 and e["labels"]["is_like"] == 0 for e in events)
+        assert len({e["event_id"] for e in events}) == len(events)
+        seen.update(e["labels"]["long_view"] for e in events)
+        ok = {"accepted": len(events), "duplicates": 0, "appended": {"h": seen[1] and 1}}
+        assert wl.validate_events_response(body, ok) is None
+    assert 0.4 < seen[1] / sum(seen.values()) < 0.6
+    body = wl.build_events(rng, REQ, ranked, labels, 1.7e12, "x")
+    n = len(body["events"])
+    assert "accepted" in wl.validate_events_response(body, {"accepted": 0, "duplicates": n, "appended": {}})
+    assert "appended" in wl.validate_events_response(
+        body, {"accepted": n, "duplicates": 0, "appended": {"h": -1}}
+    )
+
+
 def test_slo_violations() -> None:
     assert wl.slo_violations(100, 0.0, 80, 100) == []
     assert wl.slo_violations(100, 0.0, 100, 100) == []
@@ -332,7 +360,11 @@ class _StubRank(BaseHTTPRequestHandler):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.delay_s:
             time.sleep(self.delay_s)
-        body = _response(req)
+        if self.path == "/events":
+            n = len(req["events"])
+            body: dict[str, Any] = {"accepted": n, "duplicates": 0, "appended": {"recent": n}}
+        else:
+            body = _response(req)
         if self.mode == "unsorted":
             body["items"].reverse()
             for rank, item in enumerate(body["items"], start=1):
@@ -387,6 +419,7 @@ def test_headless_run_passes_against_a_correct_server(stub_server: tuple[str, An
         str(final.with_suffix("")),
         MTRANK_SLO_P99_MS="5000",
         MTRANK_LOADTEST_SUMMARY=str(summary),
+        MTRANK_LOADTEST_EVENT_SHARE="0.5",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "load test passed" in out.stderr
@@ -394,6 +427,8 @@ def test_headless_run_passes_against_a_correct_server(stub_server: tuple[str, An
     got = json.loads(summary.read_text())
     entries = json.loads(final.read_text())
     assert got["requests"] == sum(e["num_requests"] for e in entries) > 0 and got["failures"] == 0
+    # about half of the rankings were followed by events
+    assert 0 < got["events_requests"] < got["rank_requests"] == got["requests"] - got["events_requests"]
     assert (
         0 < got["p50_ms"] <= got["p95_ms"] <= got["p99_ms"] <= got["max_ms"] + 1 and got["requests_per_s"] > 0
     )
