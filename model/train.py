@@ -118,7 +118,6 @@ def observed_tasks(labels: Tensor) -> Tensor:
     return (~torch.isnan(labels)).any(dim=0).cpu()
 
 
-@torch.inference_mode()
 @dataclass
 class Scored:
     """A split's rows as scored by a model: per-head scores, labels, list groups and fragments (in
@@ -132,6 +131,7 @@ class Scored:
     loss_counts: np.ndarray
 
 
+@torch.inference_mode()
 @torch.inference_mode()
 def score_split(model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int) -> Scored:
     """One pass over a split (read part by part into preallocated arrays: a test split of tens of
