@@ -132,7 +132,6 @@ class Scored:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def score_split(model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int) -> Scored:
     """One pass over a split (read part by part into preallocated arrays: a test split of tens of
     millions of rows costs its outputs, not twice them)."""
