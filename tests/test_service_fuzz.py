@@ -187,6 +187,8 @@ POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 SCHEMA_RUNS = [
     ("POST", "/rank", POSITIVE, 350),
     ("POST", "/rank", NEGATIVE, 350),
+    ("POST", "/events", POSITIVE, 150),
+    ("POST", "/events", NEGATIVE, 150),
     ("POST", "/admin/rollback", POSITIVE, 100),
     ("POST", "/admin/rollback", NEGATIVE, 100),
     ("POST", "/admin/reload", POSITIVE, 10),
