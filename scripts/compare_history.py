@@ -32,18 +32,27 @@ METRICS = ("auc", "gauc")
 
 
 def variant(base: Config, name: str, label: str, max_len: int, side: list[str]) -> Config:
-    """``none``: the config as it is; ``attention`` / ``mean``: plus one history of ``label`` events
-    (``attention+likes``: also a mean-pooled history of likes)."""
+    """``none``: the config as it is; ``attention`` / ``mean``: plus one history of ``label`` events;
+    ``+likes`` adds a mean-pooled history of likes, ``+clicks`` an attention-pooled one of clicks."""
     cfg = copy.deepcopy(base)
-    if name == "none":
-        cfg.data.sequences = []
-    else:
-        pooling = name.split("+")[0]
+    cfg.data.sequences = []
+    if name != "none":
+        pooling, *extra = name.split("+")
         cfg.data.sequences = [SequenceDecl(f"recent_{label}", label, max_len, pooling, list(side))]  # type: ignore[arg-type]
-        if name.endswith("+likes"):
+        if "likes" in extra:
             cfg.data.sequences.append(SequenceDecl("recent_likes", "is_like", 10, "mean", list(side)))
+        if "clicks" in extra:
+            cfg.data.sequences.append(
+                SequenceDecl("recent_clicks", "is_click", max_len, "attention", list(side))
+            )
     cfg.data.check()
     return cfg
+
+
+def best_valid(history: list[dict[str, float]], best_epoch: int) -> dict[str, float]:
+    """The validation metrics of the epoch training kept."""
+    row = next((h for h in history if h.get("epoch") == best_epoch), {})
+    return {k: v for k, v in row.items() if k.startswith("valid/")}
 
 
 def main() -> None:
@@ -86,12 +95,15 @@ def main() -> None:
                 "prepare_seconds": round(prep_s, 1),
                 "best_epoch": m["best_epoch"],
                 "metrics": {k: v for k, v in m.items() if k.startswith("test/")},
+                "valid": best_valid(res.history, m["best_epoch"]),
             }
             runs.append(row)
             print(
                 f"{name:18s} seed={seed} "
                 + " ".join(f"{h} {k} {m[f'test/{h}/{k}']:.4f}" for h in heads for k in METRICS)
-                + f" best epoch {m['best_epoch']} ({row['seconds']:.0f}s)",
+                + f" | valid loss {row['valid'].get('valid/loss', float('nan')):.5f} "
+                + " ".join(f"{h} gauc {row['valid'].get(f'valid/{h}/gauc', float('nan')):.4f}" for h in heads)
+                + f" | best epoch {m['best_epoch']} ({row['seconds']:.0f}s)",
                 flush=True,
             )
             a.out.write_text(
