@@ -197,6 +197,12 @@ def predict_file(
         raise DataError(f"--output: cannot write in {out.parent}")
     if batch_rows < 1:
         raise DataError("--batch-rows must be >= 1")
+    if ranker.schema.sequences:
+        names = [q.name for q in ranker.schema.sequences]
+        raise DataError(
+            f"model {ranker.version} reads user histories {names}: `mtrank predict` does not build them "
+            "(score such rows through /rank, or evaluate the model with `mtrank evaluate`)"
+        )
     d = ranker.config.data
     source = LogSource(dataclasses.replace(d, log=str(src.absolute())), batch_rows)
     have = source.columns()

@@ -70,6 +70,7 @@ def _take(s: Split, idx: np.ndarray) -> Split:
         s.users[idx],
         None if s.bias is None else s.bias[idx],
         None if s.times is None else s.times[idx],
+        seqs={k: v[idx] for k, v in s.seqs.items()},
     )
 
 
@@ -97,6 +98,7 @@ def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
         None
         if ds.train.times is None or ds.valid.times is None
         else np.concatenate([ds.train.times, ds.valid.times]),
+        seqs={k: np.concatenate([v, ds.valid.seqs[k]]) for k, v in ds.train.seqs.items()},
     )
     empty = _take(pool, np.zeros(0, dtype=np.int64))
 

@@ -5,7 +5,11 @@ Prints (and writes to artifacts/reports/bench.json):
   * the pure model time for 100/500/1000 candidates: network forward only, and encode + forward;
   * /rank latency p50/p95/p99 and candidates/s against a real `mtrank serve` (one uvicorn worker,
     loopback, sequential keep-alive requests), embedded feature store, then Redis;
-  * the ratio of /rank p50 to the forward floor.
+  * the ratio of /rank p50 to the forward floor;
+  * the cost of a user history (configs/kuairand_mmoe_history.toml, trained into
+    <artifacts>/history-bench): /rank at 500 candidates of the model with and without it, requests
+    interleaved between the two servers, every request's user holding a full history (max_len
+    events posted through /events first), on the embedded store and on Redis.
 
 Trains a model first if artifacts/models/LATEST does not exist.
 """
@@ -192,6 +196,155 @@ def bench_http(url: str, ckpt: Path, sizes: tuple[int, ...], reps: int) -> dict[
     return out
 
 
+HISTORY_USERS = 50  # users whose histories the history benchmark fills to max_len
+
+
+def fill_histories(url: str, ranker: Ranker, users: list[int], videos: np.ndarray) -> None:
+    """POST /events until each user's histories hold max_len events (the worst case per request)."""
+    rng = np.random.default_rng(1)
+    labels = {c: 1 for q in ranker.schema.sequences for c in q.labels}
+    n = max(q.max_len for q in ranker.schema.sequences)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for u in users:
+            events = [
+                {
+                    "event_id": f"bench-{u}-{k}",
+                    "user_id": u,
+                    "video_id": int(v),
+                    "timestamp": 2e12 + k,
+                    "labels": labels,
+                }
+                for k, v in enumerate(rng.choice(videos, size=n, replace=False))
+            ]
+            client.post("/events", json={"events": events}).raise_for_status()
+
+
+def bench_history_http(
+    base_url: str, hist_url: str, users: list[int], videos: np.ndarray, n: int, reps: int
+) -> dict[str, Any]:
+    """The same /rank requests to both servers, interleaved (alternating which goes first)."""
+    rng = np.random.default_rng(0)
+    lat: dict[str, list[float]] = {"base": [], "history": []}
+    with httpx.Client(base_url=base_url, timeout=10) as a, httpx.Client(base_url=hist_url, timeout=10) as b:
+        for i in range(reps + 20):
+            body = {
+                "user_id": int(rng.choice(users)),
+                "candidates": [int(x) for x in rng.choice(videos, size=n, replace=False)],
+                "context": {"tab": int(rng.integers(0, 15)), "hour": int(rng.integers(0, 24))},
+            }
+            order = [("base", a), ("history", b)] if i % 2 == 0 else [("history", b), ("base", a)]
+            for name, client in order:
+                t0 = time.perf_counter()
+                r = client.post("/rank", json=body)
+                ms = (time.perf_counter() - t0) * 1e3
+                r.raise_for_status()
+                assert not r.json()["degraded"], r.json()["degraded_reason"]
+                if i >= 20:
+                    lat[name].append(ms)
+    out: dict[str, Any] = {k: summary(v) for k, v in lat.items()}
+    out["p99_ratio"] = out["history"]["p99"] / out["base"]["p99"]
+    out["p50_ratio"] = out["history"]["p50"] / out["base"]["p50"]
+    return out
+
+
+def bench_history_forward(base_ckpt: Path, hist_ckpt: Path, n: int, reps: int) -> dict[str, Any]:
+    """Encode + request forward of the two models in process (interleaved), a full history."""
+    import torch
+
+    base, hist = Ranker.load(base_ckpt), Ranker.load(hist_ckpt)
+    torch.set_num_threads(1)
+    u, v, c, *_ = _request(base, *_tables(base), n)
+    q = hist.schema.sequences[0]
+    specs = {f.name: f for f in hist.schema.cats("video")}
+    codes = np.stack([np.resize(specs[name].vocab_codes(), q.max_len) for name in q.items], axis=1)
+    history = {s.name: codes for s in hist.schema.sequences}
+    times: dict[str, list[float]] = {"base": [], "history": []}
+    for i in range(reps):
+        for name in ("base", "history") if i % 2 == 0 else ("history", "base"):
+            t0 = time.perf_counter()
+            if name == "base":
+                base.score(u, v, c)
+            else:
+                hist.score(u, v, c, history)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: summary(x[WARMUP:]) for k, x in times.items()}
+
+
+def bench_history(a: argparse.Namespace, base_artifacts: Path, n: int = 500) -> dict[str, Any]:
+    """What a user history costs /rank at ``n`` candidates (see the module doc)."""
+    hist_artifacts = a.artifacts / "history-bench"
+    ensure_model(hist_artifacts, a.history_config)
+    base_ckpt, hist_ckpt = resolve_checkpoint(base_artifacts), resolve_checkpoint(hist_artifacts)
+    ranker = Ranker.load(hist_ckpt)
+    users_df, videos_df = _tables(ranker)
+    rng = np.random.default_rng(2)
+    users = [int(x) for x in rng.choice(users_df["user_id"].to_numpy(), HISTORY_USERS, replace=False)]
+    videos = videos_df["video_id"].to_numpy()
+    out: dict[str, Any] = {"candidates": n, "model": hist_ckpt.name, "users": HISTORY_USERS}
+    out["forward"] = bench_history_forward(base_ckpt, hist_ckpt, n, a.reps)
+    stores: list[tuple[str, dict[str, str], dict[str, str]]] = [
+        ("embedded", {"MTRANK_FEATURE_STORE": "embedded"}, {"MTRANK_FEATURE_STORE": "embedded"})
+    ]
+    prefixes: list[str] = []
+    if not a.skip_redis:
+        envs = []
+        for name, art in (("base", base_artifacts), ("history", hist_artifacts)):
+            prefix = f"mtrank-bench-{name}-{os.getpid()}:"
+            prefixes.append(prefix)
+            env = {
+                "MTRANK_FEATURE_STORE": "redis",
+                "MTRANK_REDIS_URL": a.redis_url,
+                "MTRANK_REDIS_PREFIX": prefix,
+            }
+            subprocess.run(
+                [MTRANK, "materialize", "--artifacts", str(art), "--redis-url", a.redis_url],
+                env={**os.environ, **env},
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            envs.append(env)
+        stores.append(("redis", envs[0], envs[1]))
+    try:
+        for store, env_base, env_hist in stores:
+            pa, url_a = start_server(base_artifacts, env_base)
+            try:
+                pb, url_b = start_server(hist_artifacts, env_hist)
+                try:
+                    fill_histories(url_b, ranker, users, videos)
+                    out[store] = bench_history_http(url_a, url_b, users, videos, n, a.reps)
+                finally:
+                    stop_server(pb)
+            finally:
+                stop_server(pa)
+    finally:
+        for prefix in prefixes:
+            delete_redis_keys(a.redis_url, prefix)
+    return out
+
+
+def print_history(res: dict[str, Any]) -> None:
+    n = res["candidates"]
+    f = res["forward"]
+    print(
+        f"\nuser history ({res['model']}, {res['users']} users with full histories), {n} candidates, "
+        "requests interleaved between the model without and with it"
+    )
+    print("| | without p50 / p99 ms | with p50 / p99 ms | p50 ratio | p99 ratio |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| encode + request forward | {f['base']['p50']:.2f} / {f['base']['p99']:.2f} | "
+        f"{f['history']['p50']:.2f} / {f['history']['p99']:.2f} | {f['history']['p50'] / f['base']['p50']:.2f} | "
+        f"{f['history']['p99'] / f['base']['p99']:.2f} |"
+    )
+    for store in ("embedded", "redis"):
+        if store in res:
+            r = res[store]
+            print(
+                f"| /rank, {store} | {r['base']['p50']:.2f} / {r['base']['p99']:.2f} | "
+                f"{r['history']['p50']:.2f} / {r['history']['p99']:.2f} | {r['p50_ratio']:.2f} | {r['p99_ratio']:.2f} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -203,6 +356,9 @@ def main() -> None:
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--archs-only", action="store_true", help="only the per-architecture forward table")
+    ap.add_argument("--history-config", type=Path, default=ROOT / "configs" / "kuairand_mmoe_history.toml")
+    ap.add_argument("--skip-history", action="store_true", help="skip the user-history cost")
+    ap.add_argument("--history-only", action="store_true", help="only the user-history cost")
     a = ap.parse_args()
     if a.reps <= WARMUP:
         ap.error(f"--reps must be more than the {WARMUP} warm-up calls")
@@ -210,6 +366,10 @@ def main() -> None:
     ensure_model(a.artifacts, a.config)
     ckpt = resolve_checkpoint(a.artifacts)
     report: dict[str, Any] = {"model": ckpt.name, "cpus": os.cpu_count()}
+    if a.history_only:
+        report["history"] = hist = bench_history(a, a.artifacts)
+        print_history(hist)
+        return
     report["archs"] = archs = bench_archs(ckpt, a.reps)
     print_archs(archs)
     if a.archs_only:
@@ -264,6 +424,9 @@ def main() -> None:
                 f"{fwd[n]['encode_forward_ms']['p50']:.2f} | {lat['p50']:.2f} | "
                 f"{lat['p95']:.2f} | {lat['p99']:.2f} | {res[n]['candidates_per_s']:,.0f} | {lat['p50'] / f:.1f} |"
             )
+    if not a.skip_history:
+        report["history"] = hist = bench_history(a, a.artifacts)
+        print_history(hist)
     if "training" in report:
         t = report["training"]
         print(

@@ -18,7 +18,15 @@ import pytest
 import typer
 from modelkit import ROOT
 
-from model.config import DataConfig, FeatureDecl, ModelConfig, PromotionConfig, TaskConfig, TrainConfig
+from model.config import (
+    DataConfig,
+    FeatureDecl,
+    ModelConfig,
+    PromotionConfig,
+    SequenceDecl,
+    TaskConfig,
+    TrainConfig,
+)
 from service.cli import app
 from service.schemas import RankedItem, RankRequest, RankResponse
 from service.settings import Settings
@@ -214,6 +222,7 @@ def test_settings_table_lists_every_setting() -> None:
     [
         ("`[data]`", DataConfig),
         ("`[[data.features]]`", FeatureDecl),
+        ("`[[data.sequences]]`", SequenceDecl),
         ("`[[tasks]]`", TaskConfig),
         ("`[model]`", ModelConfig),
         ("`[train]`", TrainConfig),

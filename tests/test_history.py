@@ -345,3 +345,22 @@ def test_configs_without_sequences_keep_their_schema_and_cache(tmp_path: Path) -
     assert "sequences" not in ds.schema.to_dict() and ds.train.seqs == {}
     result = fit(cfg, ds)
     assert "test/engagement/gauc" in result.metrics
+
+
+def test_tune_folds_keep_the_histories_and_predict_refuses_them(tmp_path: Path) -> None:
+    from model.batch import predict_file
+    from model.train import train
+    from model.tune import folds
+
+    df = hand_log()
+    cfg = hand_config(tmp_path, df)
+    ds = load_dataset(cfg)
+    for fold in folds(ds, 2, "time"):
+        for split in (fold.train, fold.valid):
+            assert split.seqs["seq.views.items"].shape == (len(split), N, 2)
+            assert split.seqs["seq.views.len"].shape == (len(split),)
+    cfg.promotion.enabled = False
+    result = train(cfg, artifacts=tmp_path / "artifacts")
+    assert result.checkpoint is not None
+    with pytest.raises(DataError, match="histories"):
+        predict_file(Ranker.load(result.checkpoint), tmp_path / "log.csv", tmp_path / "out.csv")
