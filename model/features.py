@@ -304,6 +304,14 @@ class SequenceSpec:
         return asdict(self)
 
     @classmethod
+    def of_definition(cls, name: str, d: Mapping[str, Any]) -> SequenceSpec:
+        """The spec a store keeps a history by (``definition``; the pooling is the model's business)."""
+        try:
+            return cls(name, list(d["labels"]), int(d["max_len"]), "mean", list(d["items"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FeatureError(f"history {name!r}: malformed definition ({e})") from e
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SequenceSpec:
         extra = set(d) - set(cls.__dataclass_fields__)
         if extra:

@@ -23,12 +23,12 @@ set per user (score = time, ties ordered by the bytes).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from model.features import NULL_CODE, SequenceSpec
+from model.features import SequenceSpec
 
 __all__ = ["SequenceSpec"]
 
@@ -160,15 +160,6 @@ class EventTable:
         return {u: self.history(i) for i, u in enumerate(self.users)}
 
 
-@dataclass
-class HistoryBatch:
-    """Histories of one request (or batch), encoded for the network: per sequence, items (B, N, K)
-    int64 embedding indices (feature-local, 0 = unknown) and lengths (B,) int64 (rows past a
-    history's length are padding)."""
-
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-
 def encode_events(codes: np.ndarray, specs_of_items: Sequence[Any], max_len: int) -> tuple[np.ndarray, int]:
     """One user's canonical codes (L, K), oldest first -> (items (max_len, K) int64, length): the
     latest ``max_len`` events, left-aligned, each code encoded by its feature's vocabulary."""
@@ -178,7 +169,3 @@ def encode_events(codes: np.ndarray, specs_of_items: Sequence[Any], max_len: int
     for k, spec in enumerate(specs_of_items):
         out[:n, k] = spec.encode_codes(codes[:, k])
     return out, n
-
-
-def null_codes(width: int) -> np.ndarray:
-    return np.full((0, width), NULL_CODE, dtype=np.int64)

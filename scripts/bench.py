@@ -366,9 +366,13 @@ def main() -> None:
     ensure_model(a.artifacts, a.config)
     ckpt = resolve_checkpoint(a.artifacts)
     report: dict[str, Any] = {"model": ckpt.name, "cpus": os.cpu_count()}
+    out = a.artifacts / "reports" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if a.history_only:
         report["history"] = hist = bench_history(a, a.artifacts)
         print_history(hist)
+        out.write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {out}")
         return
     report["archs"] = archs = bench_archs(ckpt, a.reps)
     print_archs(archs)
@@ -433,8 +437,6 @@ def main() -> None:
             f"\ntraining: MMoE {t['mmoe_samples_per_s']:,.0f} samples/s, "
             f"shared-bottom {t['shared_bottom_samples_per_s']:,.0f} samples/s (data load {t['data_load_s']:.1f} s)"
         )
-    out = a.artifacts / "reports" / "bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {out}")
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import Config, SequenceDecl, load_config  # noqa: E402
-from model.data import load_dataset  # noqa: E402
+from model.data import Split, load_dataset  # noqa: E402
 from model.train import fit  # noqa: E402
 
 METRICS = ("auc", "gauc")
@@ -77,6 +77,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ds = load_dataset(cfg)
         prep_s = time.perf_counter() - t0
+        assert isinstance(ds.test, Split)  # load_dataset holds the splits in memory
         for seq in cfg.data.sequences:
             lens = ds.test.seqs[f"seq.{seq.name}.len"]
             print(

@@ -35,6 +35,7 @@ DEGRADED_REASONS = (
     "evicted",
     "unknown_rate",
     "history_malformed",
+    "history_missing",
 )
 EVENT_OUTCOMES = ("accepted", "duplicate")
 STORE_PROBLEMS = ("meta_missing", "evicted")

@@ -231,7 +231,7 @@ class RankResponse(BaseModel):
     )
     degraded_reason: str | None = Field(
         description="timeout, connection, breaker_open, error, layout_mismatch, meta_missing, evicted, "
-        "unknown_rate or history_malformed; null when not degraded"
+        "unknown_rate, history_malformed or history_missing; null when not degraded"
     )
     unknown_user: bool | None = Field(
         description="the feature store has no row for the user; null when the store did not answer"

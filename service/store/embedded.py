@@ -200,14 +200,25 @@ class EmbeddedStore:
         users, videos = self._tables["user"], self._tables["video"]
         user, unknown_user = users.lookup((user_id,), columns.user)
         vids, unknown = videos.lookup(video_ids, columns.video)
-        history = None
+        history, missing = None, False
         if columns.sequences:
             history = {}
             for q in columns.sequences:
-                h = self._histories[q.name]
-                history[q.name] = h.users.get(user_id, h.empty).codes
+                h = self._histories.get(q.name)
+                if h is None:  # not held (commit makes sure it is): an empty history, flagged
+                    missing = True
+                    history[q.name] = np.zeros((0, q.width), dtype=np.int64)
+                else:
+                    history[q.name] = h.users.get(user_id, h.empty).codes
         return Fetched(
-            user, vids, int(unknown_user.size), int(unknown.size), unknown_positions=unknown, history=history
+            user,
+            vids,
+            int(unknown_user.size),
+            int(unknown.size),
+            missing,
+            "history_missing" if missing else None,
+            unknown_positions=unknown,
+            history=history,
         )
 
     # -- events -----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from model import CanonicalRows, FeatureSchema, load_checkpoint, resolve_checkpo
 from model.config import DataConfig
 from model.data import DataError
 from model.data.history import load_event_tables
-from model.features import SequenceSpec
+from model.features import FeatureError, SequenceSpec
 from model.sequences import is_event, pack_events, unpack_events
 from service.store.base import (
     ENTITY_GROUPS,
@@ -453,10 +453,10 @@ class RedisStore:
             meta = self._meta if self._meta is not None else await self.read_meta()
             if meta is None:
                 raise StoreError(f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize`")
-            held = {
-                name: SequenceSpec(name, list(d["labels"]), int(d["max_len"]), "mean", list(d["items"]))
-                for name, d in meta["histories"].items()
-            }
+            try:
+                held = {name: SequenceSpec.of_definition(name, d) for name, d in meta["histories"].items()}
+            except FeatureError as e:
+                raise StoreError(f"Redis key {meta_key(self.prefix)!r}: {e}") from e
             out = EventsResult(appended=dict.fromkeys(held, 0))
             video_codes = await self._event_videos(events, held.values(), meta["layout"].video)
             if self._append_script is None:
