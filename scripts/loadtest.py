@@ -83,9 +83,10 @@ def main() -> int:
             delete_redis_keys(a.redis_url, env["MTRANK_REDIS_PREFIX"])
 
     total = final_stats(a.out / "run")
+    events = total.get("events_requests", 0)
     print(
         f"\n/rank at {total['requests_per_s']:.1f} req/s, {a.candidates} candidates, {a.duration} s: "
-        f"{total['requests']} requests, {total['failures']} failures, "
+        f"{total['requests']} requests ({events} of them /events), {total['failures']} failures, "
         f"p50 {total['p50_ms']} ms, p95 {total['p95_ms']} ms, p99 {total['p99_ms']} ms, max {total['max_ms']:.0f} ms; "
         f"server CPU {cpu * 100:.0f}% of one core, RSS {rss0:.0f} -> {rss1:.0f} MB"
     )
