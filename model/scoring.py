@@ -3,7 +3,8 @@
 ``Ranker.load(path)`` loads a checkpoint; ``Ranker.score(user, videos, context)`` takes canonical
 feature rows (see ``model.features``) for one user, B candidate videos and one context and returns
 per-head scores: probabilities for binary heads, predictions in label units for regression heads.
-``combine_scores`` turns the heads into the one ranking score.
+``combine_scores`` turns the heads into the one ranking score; ``Ranker.combination`` is the
+combination fitted for the checkpoint's ``[objective]`` after training (``model.combination``), if any.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, CorruptCheckpointError, load_checkpoint
 from model.config import Config, TaskConfig
 from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
 from model.nets import RequestBatch
+from model.objective import Combination, combination_from_manifest
 
 Combine = Literal["product", "sum"]
 
@@ -67,6 +69,14 @@ class Ranker:
     def __init__(self, ckpt: Checkpoint) -> None:
         self._ckpt = ckpt
         self.model = ckpt.model.eval()
+        tasks = ckpt.config.tasks
+        try:
+            fitted = combination_from_manifest(ckpt.manifest, [t.name for t in tasks])
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{ckpt.path}: {e}") from None
+        if fitted is not None and fitted.method == "product" and any(t.kind != "binary" for t in tasks):
+            raise CorruptCheckpointError(f"{ckpt.path}: a product combination of non-probability heads")
+        self.combination: Combination | None = fitted  # fitted after training (None: not fitted)
 
     @classmethod
     def load(cls, path: str | Path) -> Ranker:

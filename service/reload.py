@@ -71,8 +71,11 @@ class ActiveModel:
     heads: tuple[str, ...]
     loaded_at: float  # epoch seconds
     source: ReloadSource
-    weights: dict[str, float]  # the combined score's default per-head weights (settings, else 1 per head)
-    combine: Combine  # product or sum (settings, else by the heads' kinds)
+    # the combined score's default per-head weights and method: the settings', else the combination
+    # fitted after training (the checkpoint's), else 1 per head and a product of binary heads / a sum
+    weights: dict[str, float]
+    combine: Combine
+    weights_from: Literal["settings", "fitted", "default"] = "default"
 
     @property
     def version(self) -> str:
@@ -97,6 +100,21 @@ class PointerError(ReloadError):
 def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
     """The combined score's per-head weights: the configured ones, else 1 for every head of the model."""
     return dict(configured) if configured is not None else dict.fromkeys(heads, 1.0)
+
+
+def default_scoring(
+    ranker: Ranker, settings: Settings
+) -> tuple[dict[str, float], Combine, Literal["settings", "fitted", "default"]]:
+    """(weights, combine, where they come from) of a model's combined score. The settings'
+    weights (MTRANK_WEIGHTS) win; else the combination fitted for the model's objective after
+    training, unless MTRANK_COMBINE names another method; else 1 per head (``default_combine``)."""
+    heads = tuple(ranker.task_names)
+    fitted = ranker.combination
+    if settings.weights is not None:
+        return dict(settings.weights), default_combine(ranker, settings.combine), "settings"
+    if fitted is not None and settings.combine in (None, fitted.method):
+        return dict(fitted.weights), fitted.method, "fitted"
+    return default_weights(heads, None), default_combine(ranker, settings.combine), "default"
 
 
 def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
@@ -220,7 +238,7 @@ class ModelHolder:
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
             heads = tuple(ranker.task_names)
-            weights = default_weights(heads, self.settings.weights)
+            weights, combine, weights_from = default_scoring(ranker, self.settings)
             missing = sorted(set(weights) - set(heads))
             if missing:
                 raise ReloadError(
@@ -237,8 +255,7 @@ class ModelHolder:
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
-        combine = default_combine(ranker, self.settings.combine)
-        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine)
+        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine, weights_from)
 
     def _validate(self, ranker: Ranker, columns: ColumnMap) -> None:
         """Warm up, then score a few default rows shaped like the store's: every head finite."""
@@ -258,8 +275,8 @@ class ModelHolder:
                 )
             if task.kind == "binary" and ((y < 0) | (y > 1)).any():
                 raise ReloadError(ranker.version, f"test scoring: head {task.name!r} is not a probability")
-        weights = default_weights(tuple(ranker.task_names), self.settings.weights)
-        score = combine_scores(heads, weights, default_combine(ranker, self.settings.combine))
+        weights, combine, _ = default_scoring(ranker, self.settings)
+        score = combine_scores(heads, weights, combine)
         if not np.isfinite(score).all():
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
@@ -400,11 +417,25 @@ class ModelHolder:
             "scoring": {
                 "combine": active.combine,
                 "weights": active.weights,
+                "weights_from": active.weights_from,
                 "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
+                "fitted": _fitted(manifest),
             },
             "feature_store": self.store.describe(),
             **out,
         }
+
+
+def _fitted(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The combination fitted after training and how it did on the validation lists (None: the
+    checkpoint has none)."""
+    ranking = manifest.get("ranking")
+    if not isinstance(ranking, dict) or not isinstance(ranking.get("combination"), dict):
+        return None
+    out = dict(ranking["combination"])
+    out["objective"] = ranking.get("objective")
+    out["validation"] = ranking.get("validation")
+    return _finite(out)  # type: ignore[no-any-return]
 
 
 def _finite(value: Any) -> Any:

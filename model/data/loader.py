@@ -45,6 +45,8 @@ class Split:
     bias: np.ndarray | None = None  # (N, Cb) logged bias-feature indices (training only)
     times: np.ndarray | None = None  # (N,) the log's time column (orders rows for time-based CV)
     fragments: np.ndarray | None = None  # (N,) the log fragment of each row (streams)
+    gain: np.ndarray | None = None  # (N,) float64 the [objective]'s gain (model.objective)
+    lists: np.ndarray | None = None  # (N,) the [objective]'s list ids (objective.group_by)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -61,6 +63,8 @@ class Split:
             t(self.bias),
             t(self.times),
             t(self.fragments),
+            t(self.gain),
+            t(self.lists),
         )
 
     def parts(self) -> Iterator[Split]:
@@ -76,6 +80,7 @@ class Split:
             *(np.concatenate([getattr(p, k) for p in parts]) for k in ("cats", "nums", "labels", "users"))
         )
         out.bias, out.times, out.fragments = c("bias"), c("times"), c("fragments")
+        out.gain, out.lists = c("gain"), c("lists")
         return out
 
 
@@ -89,6 +94,8 @@ def load_shard(root: Path, info: ShardInfo) -> Split:
         a.get("bias"),
         a.get("times"),
         np.full(info.rows, info.fragment, dtype=np.int32),
+        a.get("gain"),
+        a.get("lists"),
     )
 
 
