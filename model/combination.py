@@ -228,9 +228,9 @@ def fit_ranking(cfg: Config, result: TrainResult, ds: Dataset, *, replica: Repli
             for t, (a, b) in applied.items():
                 i = [task.name for task in cfg.tasks].index(t)
                 seen = ~np.isnan(rows.labels[:, i])
-                after = reliability(rows.labels[seen, i], rows.heads[t][seen])
+                fitted = reliability(rows.labels[seen, i], rows.heads[t][seen])
                 # in-sample: the scaling was fitted on these rows
-                calibration[t]["applied"] = {"method": "platt", "a": a, "b": b, "calibrated": after}
+                calibration[t]["applied"] = {"method": "platt", "a": a, "b": b, "calibrated": fitted}
             calibration["test_before_calibration"] = before
             log.info("calibrated heads (Platt, folded into the output layers): %s", applied)
     if rows is None:
