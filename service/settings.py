@@ -2,7 +2,8 @@
 
 Every field can be set as ``MTRANK_<FIELD>`` (``MTRANK_FEATURE_STORE=redis``,
 ``MTRANK_WEIGHTS='{"<head>": 1, "<other head>": 2}'``); ``mtrank serve`` options override them.
-Nothing here names a task: head names come from the served model (unset ``weights`` = 1 per head).
+Nothing here names a task: head names come from the served model (unset ``weights``: the model's
+fitted combination, else 1 per head).
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ class Settings(BaseSettings):
     )
     combine: Combine | None = Field(
         default=None,
-        description="product or sum of the weighted heads; unset = product when every head of the served "
-        "model is binary (probabilities), else sum (regression heads can be negative)",
+        description="product or sum of the weighted heads; unset = the model's fitted combination, else "
+        "product when every head of the served model is binary (probabilities) and sum otherwise",
     )
     weights: dict[str, float] | None = Field(
         default=None,
-        description="per-head weights of the combined score; unset = 1 for every head of the served model",
+        description="per-head weights of the combined score (replacing the model's fitted combination); "
+        "unset = the fitted weights, else 1 for every head of the served model",
     )
     weight_min: float = 0.0
     weight_max: float = 10.0

@@ -18,7 +18,15 @@ import pytest
 import typer
 from modelkit import ROOT
 
-from model.config import DataConfig, FeatureDecl, ModelConfig, PromotionConfig, TaskConfig, TrainConfig
+from model.config import (
+    DataConfig,
+    FeatureDecl,
+    ModelConfig,
+    ObjectiveConfig,
+    PromotionConfig,
+    TaskConfig,
+    TrainConfig,
+)
 from service.cli import app
 from service.schemas import RankedItem, RankRequest, RankResponse
 from service.settings import Settings
@@ -218,6 +226,7 @@ def test_settings_table_lists_every_setting() -> None:
         ("`[model]`", ModelConfig),
         ("`[train]`", TrainConfig),
         ("`[promotion]`", PromotionConfig),
+        ("`[objective]`", ObjectiveConfig),
     ],
 )
 def test_config_reference_lists_every_key(heading: str, cls: type) -> None:
