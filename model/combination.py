@@ -29,6 +29,7 @@ from model.data.loader import AnySplit
 from model.nets import MultiTaskNet
 from model.objective import (
     METHODS,
+    Combination,
     Lists,
     Method,
     bootstrap_ci,
@@ -39,7 +40,7 @@ from model.objective import (
     reliability,
 )
 from model.replica import Replica
-from model.scoring import head_outputs
+from model.scoring import combine_scores, head_outputs
 
 if TYPE_CHECKING:
     from model.data.loader import Dataset
@@ -236,14 +237,19 @@ def fit_ranking(cfg: Config, result: TrainResult, ds: Dataset, *, replica: Repli
     if rows is None:
         return
     out: dict[str, Any] = {"objective": describe(cfg)}
-    out.update(_fit(cfg, rows))
+    out.update(choose_combination(cfg, rows))
     if calibration:
         out["calibration"] = calibration
     result.ranking = out if len(out) > 1 else None
 
 
-def _fit(cfg: Config, rows: ScoredRows) -> dict[str, Any]:
-    """The served combination fitted on the validation lists, with its NDCG (empty: nothing to fit)."""
+def choose_combination(cfg: Config, rows: ScoredRows) -> dict[str, Any]:
+    """The served combination for the validation lists, with its NDCG (empty: nothing to fit).
+
+    The searched weights are served only when they beat the best simple combination -- one head
+    alone, or every weight 1 -- on the validation lists by more than the lists' noise (the 95%
+    bootstrap interval of the per-list NDCG difference above 0); otherwise that simple one is
+    (a one-standard-error rule: a few hundred lists cannot tell weights apart more finely)."""
     obj, k = cfg.objective, cfg.objective.k
     ls = Lists(rows.lists, rows.gain, k=k, min_size=obj.min_list_size)
     methods = methods_for(cfg)
@@ -256,23 +262,52 @@ def _fit(cfg: Config, rows: ScoredRows) -> dict[str, Any]:
         return {}
     default_method: Method = "product" if all(t.kind == "binary" for t in cfg.tasks) else "sum"
     fit = fit_combination(rows.heads, ls, methods, default_method=default_method)
+    names = list(rows.heads)
+    simple = {"every weight 1": Combination(default_method, dict.fromkeys(names, 1.0))}
+    simple.update(
+        {f"{h} alone": Combination(default_method, {n: float(n == h) for n in names}) for h in names}
+    )
+
+    def per_list(c: Combination) -> np.ndarray:
+        return ls.metrics(combine_scores(rows.heads, c.weights, c.method)).ndcg
+
+    simple_ndcg = {name: per_list(c) for name, c in simple.items()}
+    best_simple = max(simple_ndcg, key=lambda n: (float(simple_ndcg[n].mean()), n == "every weight 1"))
+    diff = per_list(fit.combination) - simple_ndcg[best_simple]
+    low, high = bootstrap_ci(diff, resamples=1000, seed=0)
+    chosen, served = ("search", fit.combination) if low > 0 else (best_simple, simple[best_simple])
+    value = float(per_list(served).mean())
     log.info(
-        "served combination: %s %s, validation NDCG@%d %.4f (every weight 1: %.4f; %d lists)",
-        fit.combination.method,
-        {h: round(w, 4) for h, w in fit.combination.weights.items()},
+        "served combination: %s %s (%s), validation NDCG@%d %.4f (searched %.4f, %s %.4f; %d lists)",
+        served.method,
+        {h: round(w, 4) for h, w in served.weights.items()},
+        chosen,
         k,
+        value,
         fit.ndcg,
-        fit.default,
+        best_simple,
+        float(simple_ndcg[best_simple].mean()),
         ls.n_lists,
     )
     return {
-        "combination": {"method": fit.combination.method, "weights": fit.combination.weights},
+        "combination": {"method": served.method, "weights": served.weights},
         "validation": {
             "lists": ls.n_lists,
             "rows": len(ls.rows),
-            f"ndcg@{k}": fit.ndcg,
+            f"ndcg@{k}": value,
+            "chosen": chosen,
             f"default_ndcg@{k}": fit.default,
             f"heads_ndcg@{k}": fit.heads,
-            f"methods_ndcg@{k}": fit.by_method,
+            "search": {
+                "method": fit.combination.method,
+                "weights": fit.combination.weights,
+                f"ndcg@{k}": fit.ndcg,
+                f"methods_ndcg@{k}": fit.by_method,
+                f"minus_{best_simple.replace(' ', '_')}": {
+                    "mean": float(diff.mean()),
+                    "low": low,
+                    "high": high,
+                },
+            },
         },
     }
