@@ -14,7 +14,7 @@ from modelkit import DATA_DIR, FIXTURE_LOG, tiny_config
 from sklearn.metrics import ndcg_score
 
 from model import load_checkpoint, resolve_checkpoint
-from model.combination import ScoredRows, check_calibration, fold_platt
+from model.combination import ScoredRows, check_calibration, choose_combination, fold_platt
 from model.config import Config, ConfigError, apply_overrides
 from model.data import load_dataset
 from model.objective import (
@@ -127,6 +127,30 @@ def test_fitted_combination_is_what_combine_scores_serves() -> None:
     c = fit.combination
     served = combine_scores({"a": s1, "b": s2}, c.weights, c.method)
     assert lists.ndcg(served) == pytest.approx(fit.ndcg, abs=1e-12)
+
+
+def scored(gain: np.ndarray, ids: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> ScoredRows:
+    n = len(gain)
+    heads = {"engagement": s1, "satisfaction": s2}
+    return ScoredRows(heads, np.zeros((n, 2)), gain, ids, np.zeros(n, np.int32), None)
+
+
+def test_the_searched_combination_is_served_when_it_beats_the_simple_ones() -> None:
+    ids, s1, s2, _ = synthetic_lists(n_lists=600, seed=5)
+    out = choose_combination(tiny_config(), scored(s1 * s2**0.5, ids, s1, s2))
+    v, c = out["validation"], out["combination"]
+    assert v["chosen"] == "search" and c["method"] == "product"
+    assert c["weights"]["satisfaction"] / c["weights"]["engagement"] == pytest.approx(0.5, rel=0.05)
+    (edge,) = (e for key, e in v["search"].items() if key.startswith("minus_"))  # the best simple one
+    assert edge["low"] > 0 and v["ndcg@10"] == pytest.approx(v["search"]["ndcg@10"])
+
+
+def test_a_simple_combination_is_served_when_the_search_gains_nothing() -> None:
+    ids, s1, s2, _ = synthetic_lists(n_lists=600, seed=6)
+    out = choose_combination(tiny_config(), scored(s1, ids, s1, s2))  # the gain follows one head
+    assert out["validation"]["chosen"] == "engagement alone"
+    assert out["combination"] == {"method": "product", "weights": {"engagement": 1.0, "satisfaction": 0.0}}
+    assert out["validation"]["ndcg@10"] == pytest.approx(1.0)
 
 
 def test_manifest_combination_is_checked_against_the_heads() -> None:
