@@ -19,9 +19,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from safetensors import SafetensorError
 
 from model.checkpoint import (
     CheckpointError,
+    io_error_reason,
     list_versions,
     load_checkpoint,
     read_latest,
@@ -146,6 +148,8 @@ def train_cmd(
             )
         except (ConfigError, DataError, FeatureError, CheckpointError) as e:
             raise _fail(str(e)) from None
+        except (OSError, SafetensorError) as e:  # e.g. a full disk under the data cache or run state
+            raise _fail(f"training stopped by an I/O error: {io_error_reason(e)}") from None
     path = result.checkpoint
     assert path is not None
     console.print(
@@ -306,14 +310,34 @@ def synth_cmd(
     from model import synth
 
     out = out or Path("artifacts/synth") / kind
+    if kind not in synth.SYNTH_KINDS:
+        raise _fail(f"unknown synthetic data kind {kind!r} ({' or '.join(synth.SYNTH_KINDS)})")
     if kind == "mmoe":
         paths = synth.make_mmoe_benchmark(
             out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows else {})
         )
-    elif kind == "youtube":
-        paths = synth.make_youtube_log(out, seed=seed, **({"n_impressions": rows} if rows else {}))
     else:
-        raise _fail(f"unknown synthetic data kind {kind!r} (mmoe or youtube)")
+        paths = synth.SYNTH_KINDS[kind](out, seed=seed, **({"n_impressions": rows} if rows else {}))
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
+def scale_cmd(
+    rows: Annotated[int, typer.Option(help="log rows to write")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output dir")],
+    source: Annotated[Path, typer.Option(envvar="MTRANK_DATA_DIR", help="the KuaiRand-Pure folder")] = Path(
+        "../shared/data/kuairand-pure"
+    ),
+    seed: int = 0,
+    file_rows: Annotated[int, typer.Option(help="log rows per Parquet file")] = 1 << 20,
+) -> None:
+    """KuaiRand-Pure replicated to ROWS log rows with fresh user ids (Parquet), for scale benchmarks."""
+    from model.scaledata import scale_kuairand
+
+    try:
+        paths = scale_kuairand(source, out, rows, seed=seed, file_rows=file_rows)
+    except (OSError, ValueError) as e:
+        raise _fail(str(e)) from None
     for name, p in paths.items():
         console.print(f"{name}: {p}")
 
@@ -389,6 +413,7 @@ def register(app: typer.Typer) -> None:
     app.command("tune")(tune_cmd)
     data = typer.Typer(help="data utilities", no_args_is_help=True)
     data.command("synth")(synth_cmd)
+    data.command("scale")(scale_cmd)
     app.add_typer(data, name="data")
 
 

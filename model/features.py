@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -664,8 +664,3 @@ def _natural_key(s: str) -> tuple[int, float | str]:
         return (0, float(s))
     except ValueError:
         return (1, s)
-
-
-def concat_rows(parts: Iterable[CanonicalRows]) -> CanonicalRows:
-    parts = list(parts)
-    return CanonicalRows(np.concatenate([p.cats for p in parts]), np.concatenate([p.nums for p in parts]))

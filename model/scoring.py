@@ -79,8 +79,9 @@ class Ranker:
         self.combination: Combination | None = fitted  # fitted after training (None: not fitted)
 
     @classmethod
-    def load(cls, path: str | Path) -> Ranker:
-        return cls(load_checkpoint(path))
+    def load(cls, path: str | Path, key: bytes | str | None = None) -> Ranker:
+        """Load a version folder (``key``: the deployment key, see ``load_checkpoint``)."""
+        return cls(load_checkpoint(path, key))
 
     # -- description -------------------------------------------------------------------------
     @property

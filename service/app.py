@@ -22,7 +22,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware
 from service.reload import ModelHolder
-from service.schemas import RankRequest
+from service.schemas import rank_request_model
 from service.settings import Settings
 from service.store import open_store
 
@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             # /rank parses its body itself (one pydantic JSON pass); publish the schema it enforces
-            body = RankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            model = rank_request_model(settings.max_candidates)
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(body.pop("$defs", {}))
             components["RankRequest"] = body
@@ -95,8 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def run_server(settings: Settings | None = None) -> None:
-    """Serve ``create_app(settings)`` with uvicorn (one worker, blocking) on settings.host:port."""
+    """Serve ``create_app(settings)`` with uvicorn (one worker, blocking) on settings.host:port,
+    with the settings' HTTP limits (service.server)."""
     import uvicorn
+
+    from service.server import uvicorn_options
 
     settings = settings if settings is not None else Settings()
     logging.getLogger("service").setLevel(settings.log_level)
@@ -107,4 +111,5 @@ def run_server(settings: Settings | None = None) -> None:
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),
     )

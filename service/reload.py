@@ -7,7 +7,7 @@ using that object, so a swap never affects a request in flight and never fails o
 A new version is loaded off the request path: checkpoint load + validation in a worker thread,
 column mapping onto the feature store, warm-up and a test scoring. Only then is it swapped in.
 Anything that fails along the way rejects that version (logged, counted as
-``mtrank_model_reload_total{result="error"}``, shown by ``GET /model``) and the old model keeps
+``mtrank_model_reload_total{result="error"}``, shown by ``GET /admin/model``) and the old model keeps
 serving.
 
 The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
@@ -18,6 +18,18 @@ reload or rollback is loading another version is still acted on once it is done.
 cannot be used (LATEST unreadable, empty, not a version id) is recorded like a rejected version,
 once per change of the pointer, and the watcher keeps polling.
 
+LATEST is read in a daemon thread with a deadline (``latest_read_timeout_s``): a LATEST on a hung
+file system (or a FIFO nobody writes) never blocks the event loop, so health checks and requests
+keep being answered. A read that outlives its deadline is recorded as a rejection; no further
+read starts until it returns.
+
+A version that fails *transiently* (its folder, manifest or a file missing, a file shorter than
+the manifest records: LATEST moved before the copy was complete; the feature store not ready) is
+retried with a doubling backoff (``reload_retry_initial_s`` up to ``reload_retry_max_s``) while
+the pointer keeps naming it. A *permanent* failure (bad digest or signature, corrupt or
+incompatible checkpoint, failed test scoring) is recorded once and not retried until the pointer
+changes (or an admin reload).
+
 A rollback serves the version it names and also points LATEST at it when the artifacts are
 writable; when they are not, the rolled-back version keeps serving until LATEST changes.
 """
@@ -27,20 +39,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from model import (
     CheckpointError,
+    CheckpointNotFoundError,
     Combine,
+    IncompleteCheckpointError,
     Ranker,
     check_version_id,
     combine_scores,
@@ -48,7 +65,7 @@ from model import (
     resolve_checkpoint,
     write_latest,
 )
-from model.checkpoint import LATEST, models_dir
+from model.checkpoint import LATEST, clean_stale_temp, models_dir
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
@@ -62,6 +79,7 @@ ReloadSource = Literal["startup", "latest", "redis", "admin-reload", "rollback"]
 
 # (mtime_ns, inode, size) of models/LATEST; None when it cannot be stat'ed (e.g. it does not exist)
 Signature = tuple[int, int, int] | None
+UNSEEN: Signature = (-1, -1, -1)  # before the first look at LATEST
 
 
 @dataclass(frozen=True)
@@ -83,18 +101,108 @@ class ActiveModel:
 
 
 class ReloadError(Exception):
-    """A model version that cannot be served; ``not_found`` when it does not exist at all."""
+    """A model version that cannot be served; ``not_found`` when it does not exist at all;
+    ``transient`` when trying again later may succeed (files still arriving)."""
 
-    def __init__(self, version: str, message: str, *, not_found: bool = False) -> None:
+    def __init__(
+        self, version: str, message: str, *, not_found: bool = False, transient: bool = False
+    ) -> None:
         super().__init__(message)
-        self.version, self.message, self.not_found = version, message, not_found
+        self.version, self.message, self.not_found, self.transient = version, message, not_found, transient
 
 
 class PointerError(ReloadError):
-    """``models/LATEST`` cannot be used: missing (``not_found``), unreadable, or not a version id."""
+    """``models/LATEST`` cannot be used: missing (``not_found``), unreadable, not a version id, or
+    its read timed out (``transient``)."""
 
-    def __init__(self, message: str, *, not_found: bool = False) -> None:
-        super().__init__(LATEST, message, not_found=not_found)
+    def __init__(self, message: str, *, not_found: bool = False, transient: bool = False) -> None:
+        super().__init__(LATEST, message, not_found=not_found, transient=transient)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A failure that may go away without anyone changing the pointer: a version folder, manifest
+    or file not there (yet), a file shorter than recorded, the feature store not ready."""
+    return isinstance(e, CheckpointNotFoundError | IncompleteCheckpointError | StoreError)
+
+
+@dataclass(frozen=True)
+class Retry:
+    version: str
+    source: ReloadSource
+    attempt: int  # failed attempts so far
+    due: float  # time.monotonic() of the next attempt
+
+
+class BlockingIO:
+    """Blocking file I/O in daemon threads, awaited with a deadline.
+
+    A call blocked in the kernel (a hung network file system, a FIFO) cannot be interrupted: its
+    thread is left to finish on its own (a daemon thread never holds up the process's exit), and
+    no new call starts while one is stuck, so they never pile up.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stuck: list[tuple[threading.Thread, float]] = []  # (thread, when it started)
+
+    def stuck_since(self) -> float | None:
+        self._stuck = [(t, t0) for t, t0 in self._stuck if t.is_alive()]
+        return min((t0 for _, t0 in self._stuck), default=None)
+
+    async def run(self, fn: Callable[[], T], timeout: float) -> T:
+        """``fn()`` in a new daemon thread. TimeoutError after ``timeout`` s, or at once while an
+        earlier call is still stuck."""
+        if self.stuck_since() is not None:
+            raise TimeoutError
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if done.done():  # timed out meanwhile
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, exc = fn(), None
+            except BaseException as e:  # delivered to the awaiting task
+                result, exc = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, result, exc)
+
+        thread = threading.Thread(target=work, name=self.name, daemon=True)
+        started = time.time()
+        thread.start()
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            self._stuck.append((thread, started))
+            raise
+
+
+def _latest_signature(path: Path) -> Signature:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+def probe_latest(
+    artifacts: Path, last: Signature, force: bool
+) -> tuple[Signature, str | CheckpointError | None]:
+    """(signature of LATEST, what it names or why it cannot be used); None instead of a read when
+    the signature is ``last`` and not ``force``. Blocking: runs in a BlockingIO thread."""
+    sig = _latest_signature(models_dir(artifacts) / LATEST)
+    if sig == last and not force:
+        return sig, None
+    try:
+        return sig, read_latest(artifacts)
+    except CheckpointError as e:  # missing, unreadable, not UTF-8, or not a version id
+        return sig, e
 
 
 def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
@@ -137,9 +245,11 @@ class ModelHolder:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._latest_sig: Signature = None  # the LATEST the watcher last acted on
+        self._latest_sig: Signature = UNSEEN  # the LATEST the watcher last acted on
         self._bad_latest: tuple[Signature, str] | None = None  # the unusable LATEST last recorded
         self._pointer_seen: str | None = None
+        self._retry: Retry | None = None  # a version that failed transiently, tried again when due
+        self._latest_io = BlockingIO("mtrank-latest-read")
         self.last_error: dict[str, Any] | None = None
 
     # -- the served model ---------------------------------------------------------------------
@@ -155,6 +265,13 @@ class ModelHolder:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        # leftovers of crashed checkpoint writes: off the loop, never waited for (a hung file system)
+        threading.Thread(
+            target=clean_stale_temp,
+            args=(self.settings.artifacts, self.settings.stale_temp_age_s),
+            name="mtrank-clean-temp",
+            daemon=True,
+        ).start()
         if self.settings.forward_in_thread:
             self._executor = ThreadPoolExecutor(
                 self.settings.forward_workers, thread_name_prefix="mtrank-forward"
@@ -215,10 +332,17 @@ class ModelHolder:
         return self._current.version if self._current else None
 
     def _record_error(self, e: ReloadError) -> None:
-        """A version (or LATEST itself) rejected: /model's last_reload_error, the error counter, a log."""
+        """A version (or LATEST itself) rejected: /admin/model's last_reload_error, the error counter,
+        a log."""
         self.metrics.model_reloads.labels("error").inc()
         repeated = self.last_error is not None and self.last_error["error"] == e.message
-        self.last_error = {"version": e.version, "error": e.message, "at": _iso(time.time())}
+        self.last_error = {
+            "version": e.version,
+            "error": e.message,
+            "at": _iso(time.time()),
+            "transient": e.transient,
+            "next_retry_at": None,
+        }
         serving = self.version_or_none
         if isinstance(e, PointerError) and serving is None:  # e.g. nothing trained yet
             log.log(logging.DEBUG if repeated else logging.WARNING, "no model to serve yet: %s", e.message)
@@ -230,11 +354,13 @@ class ModelHolder:
     async def _load(self, version: str, source: ReloadSource) -> ActiveModel:
         try:
             # check_version_id first: resolve_checkpoint reads LATEST for an empty version
-            path = resolve_checkpoint(self.settings.artifacts, check_version_id(version))
+            check_version_id(version)
+            path = await asyncio.to_thread(resolve_checkpoint, self.settings.artifacts, version)
         except CheckpointError as e:  # no such version (or not a version id at all)
-            raise ReloadError(version, str(e), not_found=True) from e
+            raise ReloadError(version, str(e), not_found=True, transient=is_transient(e)) from e
+        key = self.settings.checkpoint_key
         try:
-            ranker = await asyncio.to_thread(Ranker.load, path)
+            ranker = await asyncio.to_thread(Ranker.load, path, key.get_secret_value() if key else None)
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
             heads = tuple(ranker.task_names)
@@ -251,7 +377,7 @@ class ModelHolder:
         except ReloadError:
             raise
         except (CheckpointError, StoreError) as e:  # incl. a version folder with files missing
-            raise ReloadError(version, str(e)) from e
+            raise ReloadError(version, str(e), transient=is_transient(e)) from e
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
@@ -281,50 +407,99 @@ class ModelHolder:
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
     # -- pointers -------------------------------------------------------------------------------
-    def _latest_signature(self) -> Signature:
+    async def _probe_latest(self, *, force: bool = False) -> tuple[Signature, str | CheckpointError | None]:
+        """``probe_latest`` off the event loop, within ``latest_read_timeout_s``; PointerError
+        (transient) when it times out or an earlier read is still stuck."""
+        timeout = self.settings.latest_read_timeout_s
+        fn = functools.partial(probe_latest, self.settings.artifacts, self._latest_sig, force)
         try:
-            st = os.stat(models_dir(self.settings.artifacts) / LATEST)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_ino, st.st_size)
+            return await self._latest_io.run(fn, timeout)
+        except TimeoutError:
+            path = models_dir(self.settings.artifacts) / LATEST
+            since = self._latest_io.stuck_since()
+            raise PointerError(
+                f"reading {path} timed out after {timeout:g}s (a hung file system, or not a regular file?)"
+                + (f"; blocked since {_iso(since)}" if since is not None else ""),
+                transient=True,
+            ) from None
 
-    def _read_latest(self, sig: Signature, *, explicit: bool = False) -> str:
-        """The version LATEST names. PointerError when it cannot be used, recorded once per
-        distinct bad LATEST (``sig`` is its signature, taken before reading it) unless ``explicit``
-        (an admin request, always recorded)."""
+    def _pointer_error(self, sig: Signature, e: CheckpointError, *, explicit: bool) -> PointerError:
+        """LATEST cannot be used: recorded once per distinct bad LATEST unless ``explicit`` (an
+        admin request, always recorded)."""
+        # not_found: there is no LATEST at all; otherwise it is there but unusable
+        err = PointerError(str(e), not_found=sig is None)
+        if explicit or self._bad_latest != (sig, err.message):
+            self._bad_latest = (sig, err.message)
+            self._record_error(err)
+        return err
+
+    async def _changed_latest(self) -> str | None:
+        """The version LATEST names when it changed since the watcher last acted on it; None when
+        unchanged or unusable (recorded)."""
         try:
-            version = read_latest(self.settings.artifacts)
-        except CheckpointError as e:  # missing, unreadable, not UTF-8, or not a version id
-            # not_found: there is no LATEST at all; otherwise it is there but unusable
-            err = PointerError(str(e), not_found=sig is None)
-            if explicit or self._bad_latest != (sig, err.message):
-                self._bad_latest = (sig, err.message)
-                self._record_error(err)
-            raise err from e
+            sig, named = await self._probe_latest()
+        except PointerError as e:
+            if self._bad_latest != (UNSEEN, "timeout"):  # once per stuck read, not every round
+                self._bad_latest = (UNSEEN, "timeout")
+                self._record_error(e)
+            return None
+        if self._bad_latest == (UNSEEN, "timeout"):
+            self._bad_latest = None  # LATEST answers again
+        if sig == self._latest_sig and named is None:
+            return None
+        self._latest_sig = sig
+        self._retry = None  # a new LATEST: whatever the old one named is not retried
+        if isinstance(named, CheckpointError):
+            self._pointer_error(sig, named, explicit=False)
+            return None
         self._bad_latest = None
-        return version
+        return named
 
     async def check(self) -> None:
-        """One watcher round: activate the version a changed pointer names.
+        """One watcher round: activate the version a changed pointer names, or retry one that
+        failed transiently once its backoff is over.
 
         A change is acted on even when it names the version being served right now: ``activate``
         decides under its lock, after any reload or rollback in progress, whether it is a no-op.
         """
         target: tuple[str, ReloadSource] | None = None
-        sig = self._latest_signature()
-        if sig != self._latest_sig or self._current is None:
-            self._latest_sig = sig
-            with contextlib.suppress(PointerError):  # recorded by _read_latest
-                version = self._read_latest(sig)
-                target = (version, "startup" if self._current is None else "latest")
+        version = await self._changed_latest()
+        if version is not None:
+            target = (version, "startup" if self._current is None else "latest")
         if isinstance(self.store, RedisStore):
             pointer = await self.store.read_pointer()
             if pointer is not None and pointer != self._pointer_seen:
                 self._pointer_seen = pointer
                 target = (pointer, "redis")
+        retry = self._retry
+        if target is None and retry is not None and time.monotonic() >= retry.due:
+            target = (retry.version, retry.source)
         if target is not None:
-            with contextlib.suppress(ReloadError):  # logged and counted by activate
-                await self.activate(*target)
+            await self._try(*target)
+
+    async def _try(self, version: str, source: ReloadSource) -> None:
+        """Activate from a pointer; a transient failure is scheduled for a retry, a permanent one
+        is left for the next pointer change (both recorded by ``activate``)."""
+        try:
+            await self.activate(version, source)
+        except ReloadError as e:
+            self._after_failure(e, version, source)
+            return
+        self._retry = None
+
+    def _after_failure(self, e: ReloadError, version: str, source: ReloadSource) -> None:
+        """Schedule the next try of a transient failure (the wait doubles per failed attempt);
+        forget any retry after a permanent one."""
+        previous = self._retry
+        if not e.transient:
+            self._retry = None
+            return
+        attempt = previous.attempt + 1 if previous is not None and previous.version == version else 1
+        s = self.settings
+        delay = min(s.reload_retry_max_s, s.reload_retry_initial_s * 2 ** min(attempt - 1, 30))
+        self._retry = Retry(version, source, attempt, time.monotonic() + delay)
+        if self.last_error is not None and self.last_error["version"] == version:
+            self.last_error["next_retry_at"] = _iso(time.time() + delay)
 
     async def _watch(self) -> None:
         interval = self.settings.reload_interval_s
@@ -359,11 +534,23 @@ class ModelHolder:
         when the watcher has not acted on a LATEST in the meantime.
         """
         seen = self._latest_sig
-        sig = self._latest_signature()
         try:
-            version = self._read_latest(sig, explicit=True)
+            sig, named = await self._probe_latest(force=True)
+        except PointerError as e:
+            self._record_error(e)
+            raise
+        try:
+            if not isinstance(named, str):  # (never None: force=True always reads)
+                err = named if named is not None else CheckpointError(f"{LATEST} was not read")
+                raise self._pointer_error(sig, err, explicit=True)
+            self._bad_latest = None
             previous = self._current
-            active = await self.activate(version, "admin-reload")
+            try:
+                active = await self.activate(named, "admin-reload")
+            except ReloadError as e:
+                self._after_failure(e, named, "latest")  # files still arriving: retried like the watcher's
+                raise
+            self._retry = None
         finally:
             if self._latest_sig == seen:
                 self._latest_sig = sig
@@ -379,6 +566,7 @@ class ModelHolder:
         """
         previous = self._current
         active = await self.activate(version, "rollback")
+        self._retry = None  # serving what the admin asked for, until a pointer changes
         try:
             await asyncio.to_thread(write_latest, self.settings.artifacts, version)
             updated = True
@@ -397,7 +585,37 @@ class ModelHolder:
         return ok
 
     # -- description ------------------------------------------------------------------------------
+    def public(self) -> dict[str, Any]:
+        """What anyone may see: the served version, whether one is served, and the request contract
+        (heads, the video and context feature names, the weights in force and their bounds).
+        Nothing about files, the store or LATEST."""
+        active = self._current
+        if active is None:
+            return {"version": None, "status": "not_ready", "heads": [], "features": {}, "scoring": None}
+        schema = active.ranker.schema
+        features = {g: [n for cols in schema.columns(g) for n in cols] for g in ("video", "context")}
+        return {
+            "version": active.version,
+            "status": "ready",
+            "heads": list(active.heads),
+            "features": features,
+            "scoring": self._scoring(active),
+        }
+
+    def _scoring(self, active: ActiveModel) -> dict[str, Any]:
+        """The combination in force, where it comes from (``fitted``, ``settings`` or ``default``),
+        the weight bounds, and the combination fitted after training with its validation NDCG."""
+        return {
+            "combine": active.combine,
+            "weights": active.weights,
+            "weights_from": active.weights_from,
+            "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
+            "fitted": _fitted(active.ranker.manifest),
+        }
+
     def describe(self) -> dict[str, Any]:
+        """Everything about the served model, its store and the last rejection (admin only: file
+        paths, the store's address, what LATEST named)."""
         active = self._current
         out: dict[str, Any] = {"last_reload_error": self.last_error}
         if active is None:
@@ -414,13 +632,7 @@ class ModelHolder:
             "source": active.source,
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
-            "scoring": {
-                "combine": active.combine,
-                "weights": active.weights,
-                "weights_from": active.weights_from,
-                "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
-                "fitted": _fitted(manifest),
-            },
+            "scoring": self._scoring(active),
             "feature_store": self.store.describe(),
             **out,
         }

@@ -196,17 +196,25 @@ def run_replay(
 ) -> dict[str, Any]:
     """Replay a split through the service (in process, or at ``url``) and judge every policy.
 
-    The data (log, split, objective) is the model's config, or ``config`` when given (e.g. the
-    server's data lives elsewhere)."""
+    The data (log, split, objective) is the model's config (with ``url``: the config of the version
+    the server serves, from ``artifacts``), or ``config`` when given."""
     t0 = time.perf_counter()
     local: str | None = None
     if url is not None:
-        info = server_model(url)
-        cfg = config if config is not None else Config.from_dict(info["config"])
+        info = server_model(url)  # the public view: version, heads, scoring (no config)
         try:
             local = resolve_checkpoint(artifacts, info["version"]).name
         except CheckpointError:  # the server's version is not in these artifacts: no offline parity
             local = None
+        if config is not None:
+            cfg = config
+        elif local is not None:
+            cfg = load_checkpoint(resolve_checkpoint(artifacts, local)).config
+        else:
+            raise ReplayError(
+                f"{url} serves model {info['version']}, which is not under {artifacts}: pass the artifacts "
+                "holding it, or --config with its data and objective"
+            )
     else:
         path = resolve_checkpoint(artifacts, version)
         cfg, local = config if config is not None else load_checkpoint(path).config, path.name

@@ -14,6 +14,7 @@ from modelkit import DATA_DIR, FIXTURE_LOG, tiny_config
 from sklearn.metrics import ndcg_score
 
 from model import load_checkpoint, resolve_checkpoint
+from model.checkpoint import seal_manifest
 from model.combination import ScoredRows, check_calibration, choose_combination, fold_platt
 from model.config import Config, ConfigError, apply_overrides
 from model.data import load_dataset
@@ -182,7 +183,7 @@ def test_a_checkpoint_with_a_malformed_combination_is_rejected(
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["ranking"]["combination"]["weights"] = {"nosuchhead": 1.0}
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))  # a fresh digest
     with pytest.raises(CorruptCheckpointError, match="nosuchhead"):
         Ranker.load(dst)
 

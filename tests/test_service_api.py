@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from modelkit import default_row_heads, served_default, served_score, service_settings
+from modelkit import default_row_heads, model_details, served_default, served_score, service_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import Ranker, read_latest, resolve_checkpoint, write_latest
@@ -148,8 +148,9 @@ def test_weight_override_with_the_sum_combination(trained_artifacts: Path) -> No
 
 
 def test_weights_change_the_order(client: TestClient) -> None:
-    by_eng = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights={"satisfaction": 0})["items"]]
-    by_sat = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights={"engagement": 0})["items"]]
+    eng, sat = {"engagement": 1, "satisfaction": 0}, {"engagement": 0, "satisfaction": 1}
+    by_eng = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights=eng)["items"]]
+    by_sat = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights=sat)["items"]]
     assert by_eng != by_sat
 
 
@@ -486,7 +487,13 @@ def test_health_model_and_docs(client: TestClient, trained_artifacts: Path) -> N
     assert client.get("/healthz").json() == {"status": "ok"}
     version = read_latest(trained_artifacts)
     assert client.get("/readyz").json() == {"status": "ready", "model_version": version}
-    info = client.get("/model").json()
+    public = client.get("/model").json()  # the details are GET /admin/model
+    assert public["version"] == version and public["status"] == "ready" and "config" not in public
+    assert (
+        public["scoring"]["weights_from"] == "fitted"
+        and "ndcg@10" in public["scoring"]["fitted"]["validation"]
+    )
+    info = model_details(client)  # GET /admin/model
     assert info["version"] == version and info["arch"] == "mmoe"
     assert [t["name"] for t in info["tasks"]] == ["engagement", "satisfaction"]
     assert "test/engagement/auc" in info["metrics"]

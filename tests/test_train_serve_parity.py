@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import TrainTiny
 from fastapi.testclient import TestClient
-from modelkit import service_settings
+from modelkit import model_details, service_settings
 from typer.testing import CliRunner
 
 from model import load_checkpoint, resolve_checkpoint
@@ -111,5 +111,5 @@ def test_redis_store_serves_what_training_evaluates(
         redis_timeout_ms=2000.0,  # parity, not outages: a loaded machine must not degrade a request
     )
     with TestClient(create_app(settings)) as c:
-        assert c.get("/model").json()["feature_store"]["kind"] == "redis"
+        assert model_details(c)["feature_store"]["kind"] == "redis"
         assert_serving_matches_offline(c, artifacts)
