@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PRIORS: tuple[float, ...] = tuple(float(a * 10**e) for e in range(5) for a in (1, 2, 5))  # 1 .. 50000
 POPULARITY, RANDOM, SERVED = "popularity", "random", "served"
+UNFITTED = "every weight 1"  # the heads' product (binary heads) or sum with weight 1 each
 
 
 def json_id(value: Any) -> int | str | None:

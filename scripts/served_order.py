@@ -8,6 +8,7 @@ rewritten after every run (``served_order.json``) and printed as a markdown tabl
 
     python scripts/served_order.py                                          # MMoE + shared-bottom, seeds 0-2
     python scripts/served_order.py --configs configs/kuairand_mmoe.toml --seeds 0 --resamples 200
+    python scripts/served_order.py --replay-only      # replay the versions trained before (same --out)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.checkpoint import list_versions, models_dir, read_manifest  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.replay import POPULARITY, SERVED  # noqa: E402
 from model.train import train  # noqa: E402
@@ -58,7 +60,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     policies = list(rows[0]["ndcg"])
-    head = ["config", "seed", "served", *policies, f"served - {POPULARITY}"]
+    head = ["config", "seed", "served combination", *policies, f"served - {POPULARITY}"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r["served"]
@@ -88,6 +90,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("artifacts/served_order"))
     ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument(
+        "--replay-only", action="store_true", help="replay the versions already trained under --out"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MTRANK_CACHE_DIR", str(args.out / "cache"))
@@ -98,13 +103,18 @@ def main() -> None:
             cfg.train.seed = seed
             artifacts = args.out / f"{Path(config).stem}-seed{seed}"
             t0 = time.perf_counter()
-            result = train(cfg, artifacts, set_latest=False)
-            assert result.checkpoint is not None
-            rep = run_replay(artifacts=artifacts, version=result.checkpoint.name, resamples=args.resamples)
+            if args.replay_only:
+                (version,) = list_versions(artifacts)
+                ranking = read_manifest(models_dir(artifacts) / version).get("ranking")
+            else:
+                result = train(cfg, artifacts, set_latest=False)
+                assert result.checkpoint is not None
+                version, ranking = result.checkpoint.name, result.ranking
+            rep = run_replay(artifacts=artifacts, version=version, resamples=args.resamples)
             reports = artifacts / "reports"
             reports.mkdir(parents=True, exist_ok=True)
             (reports / f"replay-{rep['version']}-test.json").write_text(json.dumps(rep, indent=1))
-            rows.append(summary_row(config, seed, rep, result.ranking))
+            rows.append(summary_row(config, seed, rep, ranking))
             logging.info("%s seed %d done in %.0fs", config, seed, time.perf_counter() - t0)
             (args.out / "served_order.json").write_text(json.dumps(rows, indent=1))
     print(markdown(rows))

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-from model import CheckpointError, load_checkpoint, resolve_checkpoint
+from model import CheckpointError, combine_scores, load_checkpoint, resolve_checkpoint
 from model.config import Config
 from model.data import prepare_data
 from model.data.loader import sharded
@@ -35,6 +35,7 @@ from model.replay import (
     POPULARITY,
     RANDOM,
     SERVED,
+    UNFITTED,
     LoggedLists,
     judge,
     logged_lists,
@@ -233,6 +234,10 @@ def run_replay(
         )
         via = "the service's ranking path in process (embedded store)"
     policies: dict[str, np.ndarray] = {SERVED: served.scores}
+    binary = all(t.kind == "binary" for t in cfg.tasks)  # every weight 1: the unfitted default
+    policies[UNFITTED] = combine_scores(
+        served.heads, dict.fromkeys(served.heads, 1.0), "product" if binary else "sum"
+    )
     policies.update({f"head:{h}": s for h, s in served.heads.items()})
     policies[POPULARITY] = lists.popularity
     policies[RANDOM] = random_scores(lists.rows, seed)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from model import load_checkpoint, resolve_checkpoint
 from model.config import Config
-from model.replay import POPULARITY, RANDOM, SERVED, LoggedLists, judge, logged_lists
+from model.replay import POPULARITY, RANDOM, SERVED, UNFITTED, LoggedLists, judge, logged_lists
 from model.scoring import combine_scores
 from service.cli import app as cli
 from service.replay import offline_heads, run_replay, serve_in_process, serve_url
@@ -163,7 +163,14 @@ def test_cli_replay_writes_a_report_that_mtrank_report_shows(artifacts: Path, tm
     )
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert set(rep["policies"]) == {SERVED, "head:engagement", "head:satisfaction", POPULARITY, RANDOM}
+    assert set(rep["policies"]) == {
+        SERVED,
+        UNFITTED,
+        "head:engagement",
+        "head:satisfaction",
+        POPULARITY,
+        RANDOM,
+    }
     assert rep["counts"]["lists"] == 30 and rep["objective"]["group_by"] == ["user_id", "date", "tab"]
     assert rep["served"]["weights_from"] == "fitted"
     assert max(rep["parity"]["max_abs_diff"].values()) < 1e-5
