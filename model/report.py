@@ -330,8 +330,16 @@ def plot_reliability(m: Mapping[str, Any], path: Path) -> bool:
         y = [b["positive_rate"] for b in curve]
         top = max(max(x), max(y)) * 1.05
         ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
-        ax.plot(x, y, marker="o")
-        ax.set(title=f"{head}: ECE {cal[head]['served']['ece']:.4f}", xlabel="mean prediction", ylabel="rate")
+        ax.plot(x, y, marker="o", label="as trained")
+        title = f"{head}: ECE {cal[head]['served']['ece']:.4f}"
+        after = (cal[head].get("applied") or {}).get("calibrated") or {}
+        if after.get("reliability"):
+            xs = [b["mean_prediction"] for b in after["reliability"]]
+            ys = [b["positive_rate"] for b in after["reliability"]]
+            ax.plot(xs, ys, marker=".", label="Platt-scaled (fitted on these rows)")
+            ax.legend(fontsize=7)
+            title += f" -> {after['ece']:.4f}"
+        ax.set(title=title, xlabel="mean prediction", ylabel="rate")
     fig.suptitle(f"{_label(m)}: reliability on the validation split", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
