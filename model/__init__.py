@@ -19,7 +19,7 @@ from model.checkpoint import (
     write_latest,
 )
 from model.features import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec, stable_hash
-from model.scoring import Combine, Ranker, combine_scores
+from model.scoring import Combine, Ranker, combine_for, combine_scores
 
 __all__ = [
     "CanonicalRows",
@@ -36,6 +36,7 @@ __all__ = [
     "Ranker",
     "TamperedCheckpointError",
     "check_version_id",
+    "combine_for",
     "combine_scores",
     "list_versions",
     "load_checkpoint",

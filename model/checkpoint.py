@@ -57,13 +57,22 @@ from typing import Any, Literal, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from model.config import DATA_DIR_ENV, Config, ConfigError
-from model.features import FeatureError, FeatureSchema
+from model.features import FeatureError, FeatureSchema, schema_from_arrays, schema_to_arrays
+from model.files import sha256_file
 from model.nets import MultiTaskNet, build_model
 
 FORMAT_VERSION = 1
+# A vocabulary longer than this is stored in VOCAB (hashes and strings as arrays) instead of the
+# manifest's JSON; such a checkpoint has format version 2, which older builds refuse cleanly.
+VOCAB_INLINE_MAX = 100_000
+VOCAB = "vocab.safetensors"
+SIDECAR_FORMAT_VERSION = 2
+READ_FORMAT_VERSIONS = (FORMAT_VERSION, SIDECAR_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 LATEST = "LATEST"
@@ -140,14 +149,6 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -306,12 +307,21 @@ def save_checkpoint(
         with wpath.open("rb") as f:
             os.fsync(f.fileno())
         weights = _file_entry(wpath)
+        files = {WEIGHTS: weights}
+        schema_json, vocab_arrays = schema_to_arrays(schema, above=VOCAB_INLINE_MAX)
+        if vocab_arrays:
+            vpath = tmp / VOCAB
+            save_numpy(vocab_arrays, str(vpath))
+            os.chmod(vpath, 0o666 & ~_umask())
+            with vpath.open("rb") as f:
+                os.fsync(f.fileno())
+            files[VOCAB] = _file_entry(vpath)
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": SIDECAR_FORMAT_VERSION if vocab_arrays else FORMAT_VERSION,
             "version": version,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "config": _portable_config(config),
-            "feature_schema": schema.to_dict(),
+            "feature_schema": schema_json,
             "metrics": metrics or {},
             "data_fingerprint": data_fingerprint or {},
             "weights": {
@@ -321,7 +331,7 @@ def save_checkpoint(
             },
             "software": {"torch": torch.__version__},
             **(extra or {}),
-            FILES: {WEIGHTS: weights},
+            FILES: files,
         }
         manifest = seal_manifest(manifest, key)
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False).encode())
@@ -652,9 +662,9 @@ def read_manifest(path: Path, key: bytes | str | None = None) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise CorruptCheckpointError(f"{mpath}: manifest must be a JSON object")
     fv = manifest.get("format_version")
-    if type(fv) is not int or fv != FORMAT_VERSION:
+    if type(fv) is not int or fv not in READ_FORMAT_VERSIONS:
         raise IncompatibleCheckpointError(
-            f"{mpath}: format_version {fv!r}, this build reads {FORMAT_VERSION}"
+            f"{mpath}: format_version {fv!r}, this build reads {' and '.join(map(str, READ_FORMAT_VERSIONS))}"
         )
     _check_seal(mpath, manifest, checkpoint_key(key))
     for k in ("version", "config", "feature_schema", "weights"):
@@ -677,7 +687,14 @@ def _parse_parts(path: Path, manifest: dict[str, Any]) -> tuple[Config, FeatureS
     """The manifest's config and fitted feature schema, their values validated."""
     try:
         config = Config.from_dict(manifest["config"])
-        schema = FeatureSchema.from_dict(manifest["feature_schema"])
+        if VOCAB in (manifest.get(FILES) or {}):  # the large vocabularies (listed, so digest-checked)
+            try:
+                arrays = load_numpy(str(path / VOCAB))
+            except (SafetensorError, OSError) as e:
+                raise CorruptCheckpointError(f"{path / VOCAB}: unreadable ({e})") from e
+            schema = schema_from_arrays(manifest["feature_schema"], arrays)
+        else:
+            schema = FeatureSchema.from_dict(manifest["feature_schema"])
     except (ConfigError, FeatureError) as e:
         raise IncompatibleCheckpointError(f"{path}: manifest config/schema unusable: {e}") from e
     except _VALUE_ERRORS as e:

@@ -133,6 +133,23 @@ def to_float(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
 
 
+def numeric_column(col: pd.Series, name: str, where: str, row0: int = 0) -> np.ndarray:
+    """A numeric feature's column as float32 (NaN for missing values); a value that is present but
+    not a number is a FeatureError naming the column, the value and its row (``row0`` + position,
+    1-based), as ``/rank`` refuses one, instead of a silently missing value."""
+    x = to_float(col)
+    if col.dtype.kind not in "biuf":  # numeric dtypes hold numbers or NaN only
+        bad = np.flatnonzero(np.isnan(x) & col.notna().to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise FeatureError(
+                f"numeric feature {name!r} holds {_short(col.iloc[i])} in row {row0 + i + 1} of {where} "
+                f"({len(bad)} such value(s) in that batch): not a number; declare the feature "
+                '`kind = "categorical"`, or clean the column'
+            )
+    return x
+
+
 @dataclass
 class CanonicalRows:
     """Canonical rows of one group: ``cats`` (N, C) int64 hashes, ``nums`` (N, F) float32."""
@@ -610,14 +627,15 @@ def arrays_to_strings(raw: np.ndarray, offsets: np.ndarray) -> list[str]:
     return out
 
 
-def schema_to_arrays(schema: FeatureSchema) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The schema as JSON without its vocabularies, plus the vocabularies as arrays (feature i's
-    ``i.codes`` (V,) int64 in index order, ``i.bytes`` and ``i.offsets`` its strings), so a
-    vocabulary of millions is a compact binary file and not a JSON list."""
+def schema_to_arrays(schema: FeatureSchema, above: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The schema as JSON without its vocabularies of more than ``above`` values, plus those
+    vocabularies as arrays (feature i's ``i.codes`` (V,) int64 in index order, ``i.bytes`` and
+    ``i.offsets`` its strings), so a vocabulary of millions is a compact binary file and not a
+    JSON list."""
     d = schema.to_dict()
     arrays: dict[str, np.ndarray] = {}
     for i, (f, fd) in enumerate(zip(schema.features, d["features"], strict=True)):
-        if f.kind == "categorical" and f.vocab is not None:
+        if f.kind == "categorical" and f.vocab is not None and len(f.vocab) > above:
             arrays[f"{i}.codes"] = f.vocab_codes()
             arrays[f"{i}.bytes"], arrays[f"{i}.offsets"] = strings_to_arrays(f.vocab)
             fd["vocab"] = None

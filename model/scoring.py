@@ -63,6 +63,13 @@ def combine_scores(
     raise ValueError(f"unknown combine method {method!r}")
 
 
+def combine_for(tasks: list[TaskConfig]) -> Combine:
+    """How a model's heads combine when nobody says: the product of probabilities when every head is
+    binary, the sum otherwise (a regression head's prediction can be 0 or negative: no product of
+    powers)."""
+    return "product" if all(t.kind == "binary" for t in tasks) else "sum"
+
+
 class Ranker:
     """A loaded, validated model ready to score. Immutable; safe to share between threads."""
 

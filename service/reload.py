@@ -60,6 +60,7 @@ from model import (
     IncompleteCheckpointError,
     Ranker,
     check_version_id,
+    combine_for,
     combine_scores,
     read_latest,
     resolve_checkpoint,
@@ -228,9 +229,7 @@ def default_scoring(
 def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
     """The configured combination, else the product of probabilities when every head is binary and
     the sum otherwise (a regression head's prediction can be 0 or negative: no product of powers)."""
-    if configured is not None:
-        return configured
-    return "product" if all(t.kind == "binary" for t in ranker.tasks) else "sum"
+    return configured if configured is not None else combine_for(ranker.tasks)
 
 
 def _iso(ts: float) -> str:

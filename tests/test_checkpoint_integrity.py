@@ -112,25 +112,25 @@ def test_the_digest_covers_content_not_formatting(version_dir: Path) -> None:
 
 
 def test_every_listed_payload_file_is_checked(version_dir: Path) -> None:
-    """A further payload file (e.g. a future vocab.safetensors) is covered by being listed."""
-    extra = version_dir / "vocab.safetensors"
+    """A further payload file (e.g. the large vocabularies) is covered by being listed."""
+    extra = version_dir / "notes.bin"
     extra.write_bytes(b"\x01" * 1000)
     m = read(version_dir)
-    m["files"]["vocab.safetensors"] = {"sha256": ck.sha256_file(extra), "bytes": 1000}
+    m["files"]["notes.bin"] = {"sha256": ck.sha256_file(extra), "bytes": 1000}
     write(version_dir, ck.seal_manifest(m))
     load_checkpoint(version_dir)
 
     extra.write_bytes(b"\x02" + b"\x01" * 999)  # same size, other bytes
-    with pytest.raises(CorruptCheckpointError, match="vocab.safetensors: SHA-256"):
+    with pytest.raises(CorruptCheckpointError, match="notes.bin: SHA-256"):
         load_checkpoint(version_dir)
     extra.write_bytes(b"\x01" * 400)  # still being copied: transient
     with pytest.raises(ck.IncompleteCheckpointError, match="400 of 1000 bytes"):
         load_checkpoint(version_dir)
     extra.unlink()
-    with pytest.raises(CheckpointNotFoundError, match="no vocab.safetensors"):
+    with pytest.raises(CheckpointNotFoundError, match="no notes.bin"):
         load_checkpoint(version_dir)
     # a listed name is a plain file name in the folder, never a path
-    del m["files"]["vocab.safetensors"]
+    del m["files"]["notes.bin"]
     m["files"]["../weights.safetensors"] = m["files"]["weights.safetensors"]
     write(version_dir, ck.seal_manifest(m))
     with pytest.raises(CorruptCheckpointError, match="not a payload file name"):

@@ -34,8 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import secrets
 import shutil
 import tempfile
 from collections import defaultdict
@@ -65,11 +63,12 @@ from model.features import (
     SchemaFitter,
     StringMap,
     hash_column,
+    numeric_column,
     schema_from_arrays,
     schema_to_arrays,
     stable_hash,
-    to_float,
 )
+from model.files import replace_atomically
 from model.objective import ObjectiveError, gain_columns, row_gain
 
 log = logging.getLogger(__name__)
@@ -156,6 +155,18 @@ def check_same_features(fitted: FeatureSchema, declared: FeatureSchema) -> None:
             "the config's features differ from the checkpoint's feature schema: "
             f"{sig(declared)} vs {sig(fitted)}"
         )
+
+
+def derived_columns(d: DataConfig, columns: Sequence[str]) -> list[str]:
+    """Columns the source adds to the log's: KuaiRand's ``hour`` (from ``hourmin``)."""
+    return ["hour"] if d.source == "kuairand" and "hourmin" in columns else []
+
+
+def add_derived(df: pd.DataFrame, derived: Sequence[str]) -> pd.DataFrame:
+    """A log batch with the ``derived_columns`` added (``hour = hourmin // 100``)."""
+    if "hour" in derived:
+        df = df.assign(hour=(df["hourmin"] // 100).astype("int64"))
+    return df
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,15 +431,12 @@ def cache_key(cfg: Config, source: LogSource, tables: Sequence[Path], schema: Fe
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj, default=str))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, default=str)))
 
 
 def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    os.replace(tmp, path)
+    contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    replace_atomically(path, lambda tmp: save_file(contiguous, str(tmp)))
 
 
 def load_prepared(root: Path) -> Prepared | None:
@@ -516,7 +524,7 @@ class Preparer:
         video_cols = set(self.tables["video"].columns) if "video" in self.tables else set()
         if group_clash := sorted(user_cols & video_cols):
             raise DataError(f"features {group_clash} are columns of both the users and the videos table")
-        self.derived = ["hour"] if self.d.source == "kuairand" and "hourmin" in self.log_columns else []
+        self.derived = derived_columns(self.d, self.log_columns)
         have = set(self.log_columns) | set(self.derived)
         for g in ALL_GROUPS:
             table_of = self.tables.get(g) if g != BIAS else None
@@ -586,9 +594,7 @@ class Preparer:
         return keep
 
     def derive(self, df: pd.DataFrame) -> pd.DataFrame:
-        if self.derived:
-            df = df.assign(hour=(df["hourmin"] // 100).astype("int64"))
-        return df
+        return add_derived(df, self.derived)
 
     # -- pass 1 ------------------------------------------------------------------------------
     def scan(self, tmp: Path) -> ScanResult:
@@ -598,7 +604,10 @@ class Preparer:
         if dedup:
             cols = None  # every column: duplicates are rows identical in all of them
         else:
-            cols = [c for c in (self.d.split_column, self.d.time_column) if c in self.log_columns]
+            # (a day column may be the time column too: each column once)
+            cols = list(
+                dict.fromkeys(c for c in (self.d.split_column, self.d.time_column) if c in self.log_columns)
+            )
             cols = cols or self.log_columns[:1]
         spill: dict[int, Any] = {}
         try:
@@ -765,7 +774,7 @@ class Preparer:
 
     def _bucket_times(self, shift: int, in_train: set[Any], *buckets: int) -> np.ndarray:
         out = []
-        cols = [self.d.split_column, self.d.time_column]
+        cols = list(dict.fromkeys([self.d.split_column, self.d.time_column]))
         for frag, row0, df in self.batches(cols):
             keys, ok = time_keys(df[self.d.time_column])
             in_split = np.isin(
@@ -803,7 +812,7 @@ class Preparer:
                 assert rows is not None
                 nums[:, j] = table.num_values(spec.name, rows)
             else:
-                nums[:, j] = to_float(df[spec.name])
+                nums[:, j] = numeric_column(df[spec.name], spec.name, "the log")
         return cats, nums
 
     # -- pass 2 ------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ key (``EntityTable``), with memory bounded by the table, not the log.
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from model.config import DataConfig
-from model.features import NULL_CODE, StringMap, hash_column, to_float
+from model.features import NULL_CODE, StringMap, hash_column, numeric_column
+from model.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,7 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def resolve_files(cfg: DataConfig) -> list[Path]:
@@ -141,6 +138,9 @@ class LogSource:
             else:
                 self._columns[path] = self._probe_csv(path)
                 self.fragments.append(Fragment(len(self.fragments), path, None, None))
+            repeated = sorted(c for c, k in Counter(self._columns[path]).items() if k > 1)
+            if repeated:
+                raise DataError(f"{path.name}: column name(s) {repeated} appear more than once")
 
     # -- schema ------------------------------------------------------------------------------
     def columns(self) -> list[str]:
@@ -186,6 +186,13 @@ class LogSource:
     # -- reading -----------------------------------------------------------------------------
     def batches(self, frag: Fragment, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
         """The fragment's rows in order, as frames of at most ``batch_rows`` rows (CSV: one block)."""
+        for rb in self.record_batches(frag, columns):
+            yield rb.to_pandas()
+
+    def record_batches(
+        self, frag: Fragment, columns: Sequence[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """``batches`` as Arrow record batches (the file's own column types)."""
         have = self._columns[frag.path]
         self.read_fragments.add(frag.index)
         if columns is not None:
@@ -195,10 +202,9 @@ class LogSource:
         try:
             if frag.row_group is not None:
                 pf = pq.ParquetFile(frag.path)
-                for rb in pf.iter_batches(
+                yield from pf.iter_batches(
                     batch_size=self.batch_rows, row_groups=[frag.row_group], columns=list(columns or have)
-                ):
-                    yield rb.to_pandas()
+                )
                 return
             types = self._csv_types[frag.path]
             with pacsv.open_csv(
@@ -208,7 +214,7 @@ class LogSource:
             ) as reader:
                 for rb in reader:
                     for start in range(0, rb.num_rows, self.batch_rows):
-                        yield rb.slice(start, self.batch_rows).to_pandas()
+                        yield rb.slice(start, self.batch_rows)
         except pa.ArrowInvalid as e:
             m = re.search(r"column #(\d+)", str(e))
             col = f" (column {have[int(m.group(1))]!r})" if m and int(m.group(1)) < len(have) else ""
@@ -266,7 +272,7 @@ class EntityTable:
             small = np.min_scalar_type(max(len(values) - 1, 0))
             self._codes[c] = (inverse.astype(small), values)
             self.names[c] = StringMap.of(h)
-        self.nums: dict[str, np.ndarray] = {c: to_float(df[c]) for c in self.num_names}
+        self.nums: dict[str, np.ndarray] = {c: numeric_column(df[c], c, path.name) for c in self.num_names}
 
     @staticmethod
     def _columns(path: Path) -> list[str]:
