@@ -119,7 +119,6 @@ def observed_tasks(labels: Tensor) -> Tensor:
     return (~torch.isnan(labels)).any(dim=0).cpu()
 
 
-@torch.inference_mode()
 @dataclass
 class Scored:
     """A split's rows as scored by a model: per-head scores, labels, list groups and fragments (in
