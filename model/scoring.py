@@ -8,7 +8,8 @@ per-head scores: probabilities for binary heads, predictions in label units for 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,10 @@ from model.config import Config, TaskConfig
 from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
 from model.nets import RequestBatch
 
+log = logging.getLogger(__name__)
+
 Combine = Literal["product", "sum"]
+Backend = Literal["onnx", "eager"]
 
 
 def head_outputs(raw: Mapping[str, torch.Tensor], tasks: list[TaskConfig]) -> dict[str, np.ndarray]:
@@ -67,6 +71,9 @@ class Ranker:
     def __init__(self, ckpt: Checkpoint) -> None:
         self._ckpt = ckpt
         self.model = ckpt.model.eval()
+        self._compiled: Callable[[RequestBatch], Mapping[str, torch.Tensor]] | None = None
+        self.backend: Backend = "eager"
+        self.backend_info: dict[str, Any] = {"backend": "eager"}
 
     @classmethod
     def load(cls, path: str | Path) -> Ranker:
@@ -100,6 +107,29 @@ class Ranker:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    # -- compiled forward ----------------------------------------------------------------------
+    def compile(self, backend: Backend = "onnx", threads: int = 1) -> None:
+        """Serve the request forward through ``backend`` (``model.compiled``) from now on, once it
+        matched the eager forward on probe requests; on any failure the eager forward stays (the
+        reason is in ``backend_info`` and the log). Call before the ranker is shared."""
+        if backend == "eager":
+            return
+        from model.compiled import CompileError, OnnxForward
+
+        try:
+            onnx = OnnxForward.build(self.model, self.schema, threads=threads)
+        except CompileError as e:
+            log.warning("model %s: the ONNX Runtime forward is not used, eager instead: %s", self.version, e)
+            self.backend_info = {"backend": "eager", "wanted": backend, "fallback_reason": str(e)}
+            return
+        self._compiled, self.backend = onnx, "onnx"
+        self.backend_info = {
+            "backend": "onnx",
+            "build_seconds": round(onnx.build_seconds, 3),
+            "max_abs_diff_vs_eager": onnx.max_abs_diff,
+        }
+        log.info("model %s: ONNX Runtime forward built in %.1fs", self.version, onnx.build_seconds)
 
     # -- scoring -----------------------------------------------------------------------------
     def score_encoded(self, cats: np.ndarray, nums: np.ndarray) -> dict[str, np.ndarray]:
@@ -137,7 +167,7 @@ class Ranker:
         )
         batch = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn))
         with torch.inference_mode():
-            raw = self.model.forward_request(batch)
+            raw = self._compiled(batch) if self._compiled is not None else self.model.forward_request(batch)
         return head_outputs(raw, self.tasks)
 
     def warmup(self, n: int = 512, rounds: int = 3) -> None:

@@ -67,6 +67,9 @@ def serve_cmd(
         Path | None, typer.Option(help="embedded store: tables directory [MTRANK_DATA_DIR]")
     ] = None,
     torch_threads: Annotated[int | None, typer.Option(help="torch threads [MTRANK_TORCH_THREADS]")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes sharing the port [MTRANK_WORKERS, default 1]")
+    ] = None,
     wait: Annotated[
         bool | None,
         typer.Option(
@@ -76,7 +79,7 @@ def serve_cmd(
         ),
     ] = None,
 ) -> None:
-    """Serve the ranking API (uvicorn, one worker). Every option also reads MTRANK_* env vars.
+    """Serve the ranking API (uvicorn; --workers processes). Every option also reads MTRANK_* env vars.
 
     Exits with code 1 at once when there is no model to serve (no models/LATEST under the artifacts
     dir), unless told to wait for one (--wait).
@@ -93,6 +96,7 @@ def serve_cmd(
         redis_prefix=redis_prefix,
         data_dir=data_dir,
         torch_threads=torch_threads,
+        workers=workers,
         wait_for_model=wait,
     )
     if not settings.wait_for_model:

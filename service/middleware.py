@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prometheus_client import Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, service_error_response
+from service.errors import Overloaded, PayloadTooLarge, service_error_response
 
 
 class BodyLimitMiddleware:
@@ -47,3 +48,44 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited, send)
+
+
+class AdmissionMiddleware:
+    """Admission control for ``path``: at most ``limit`` requests in flight in this process; one
+    more is answered 503 (``overloaded``, ``Retry-After``) at once, before its body is read, and
+    ``on_shed()`` is told. Queueing a request the worker cannot start soon only makes it late:
+    answered fast, the client can retry elsewhere, and the admitted requests keep their latency.
+    ``gauge`` (a prometheus Gauge) follows the number admitted."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        path: str = "/rank",
+        on_shed: Callable[[], None] | None = None,
+        gauge: Gauge | None = None,
+    ) -> None:
+        self.app, self.limit, self.path, self.on_shed, self.gauge = app, limit, path, on_shed, gauge
+        self.in_flight = 0
+        self._error = Overloaded(
+            f"too many requests in flight ({limit} per worker process, max_in_flight): retry shortly"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            if self.on_shed is not None:
+                self.on_shed()
+            await service_error_response(self._error)(scope, receive, send)
+            return
+        self.in_flight += 1
+        if self.gauge is not None:
+            self.gauge.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.gauge is not None:
+                self.gauge.dec()

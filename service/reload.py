@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import math
 import os
@@ -107,6 +108,19 @@ def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
     return "product" if all(t.kind == "binary" for t in ranker.tasks) else "sum"
 
 
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (the app, the loaded models, the feature tables:
+    hundreds of thousands of them) into the permanent generation, which the cyclic garbage
+    collector no longer traverses: without it each full collection walked them all, 130-250 ms
+    with the event loop stopped (docs/performance.md). Called after every model switch; objects
+    of a replaced model are still freed by reference counting (they hold no cycles the collector
+    would be needed for)."""
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.debug("gc: %d objects frozen in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
+
+
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
@@ -129,9 +143,11 @@ class ModelHolder:
     def current(self) -> ActiveModel | None:
         return self._current
 
-    async def run_scoring(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU-bound scoring in the forward thread pool (or inline, per settings)."""
-        if self._executor is None:
+    async def run_scoring(self, candidates: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound scoring in the forward thread pool; inline (on the event loop) when the
+        settings say so, and for requests of at most ``inline_max_candidates`` candidates, whose
+        forward costs less than the hop to a thread and back."""
+        if self._executor is None or candidates <= self.settings.inline_max_candidates:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -180,6 +196,7 @@ class ModelHolder:
             # request sees the new tables with the old model or the other way round
             self.store.commit(active.columns)
             self._current = active  # the swap: one reference assignment
+            freeze_heap()
             self.metrics.model_reloads.labels("ok").inc()
             self.metrics.set_model(active.version, active.ranker.config.model.arch, active.loaded_at)
             log.info(
@@ -219,6 +236,10 @@ class ModelHolder:
             ranker = await asyncio.to_thread(Ranker.load, path)
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
+            # the compiled forward (model.compiled), checked against eager; eager when it fails
+            await asyncio.to_thread(
+                ranker.compile, self.settings.forward_backend, self.settings.torch_threads
+            )
             heads = tuple(ranker.task_names)
             weights = default_weights(heads, self.settings.weights)
             missing = sorted(set(weights) - set(heads))
@@ -397,6 +418,7 @@ class ModelHolder:
             "source": active.source,
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
+            "forward": r.backend_info,
             "scoring": {
                 "combine": active.combine,
                 "weights": active.weights,
