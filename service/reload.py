@@ -10,16 +10,26 @@ Anything that fails along the way rejects that version (logged, counted as
 ``mtrank_model_reload_total{result="error"}``, shown by ``GET /model``) and the old model keeps
 serving.
 
-The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
-Redis store it also watches ``{prefix}model:current`` and wakes up on its pub/sub channel. A
-pointer change activates the version it names (the most recent change wins): whether that is
-already the served version is decided under the activation lock, so a change seen while an admin
-reload or rollback is loading another version is still acted on once it is done. A pointer that
-cannot be used (LATEST unreadable, empty, not a version id) is recorded like a rejected version,
-once per change of the pointer, and the watcher keeps polling.
+The served version has one source of truth, decided by ``served_version`` the same way in every
+replica and worker, at start-up and at every watcher round:
 
-A rollback serves the version it names and also points LATEST at it when the artifacts are
-writable; when they are not, the rolled-back version keeps serving until LATEST changes.
+- without Redis: the version ``models/LATEST`` names;
+- with the Redis store: ``{prefix}model:current`` once an admin reload or rollback set it (it
+  records the version and what LATEST named at that moment), unless LATEST has moved since then
+  (a newer training run): then LATEST's version, and the replica that notices moves
+  ``model:current`` to it, so the fleet follows one pointer again.
+
+The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
+Redis store it also reads ``model:current`` and wakes up on its pub/sub channel. When the decided
+version changes (or nothing is served yet) it is activated: whether that is already the served
+version is decided under the activation lock, so a change seen while an admin reload or rollback is
+loading another version is still acted on once it is done. A LATEST that cannot be used
+(unreadable, empty, not a version id) is recorded like a rejected version, once per change, and the
+watcher keeps polling. While Redis cannot be asked, the last pointer read stands.
+
+A rollback serves the version it names and points LATEST at it when the artifacts are writable, and
+with Redis announces it in ``model:current``. Without Redis, LATEST is the only shared record, so a
+rollback of read-only artifacts is refused (409) rather than served by one worker only.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -53,6 +64,7 @@ from model.checkpoint import LATEST, models_dir
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
+from service.store.redis_store import FleetPointer
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +107,33 @@ class PointerError(ReloadError):
         super().__init__(LATEST, message, not_found=not_found)
 
 
+class RollbackRefused(ReloadError):
+    """A rollback that could not be made durable for the whole fleet (nothing was changed)."""
+
+
+def served_version(
+    latest: str | None, pointer: FleetPointer | None
+) -> tuple[str, ReloadSource, bool] | None:
+    """The version to serve: (version, source, whether it overrides ``model:current``), or None.
+
+    ``latest``: what models/LATEST names (None: missing or unusable); ``pointer``: Redis'
+    ``model:current`` (None: no Redis, or never set). The pointer wins while LATEST still names
+    what it named when the pointer was set (a pointer of an older release, without that record,
+    always wins); a LATEST moved since is a newer decision (a training run promoted a version).
+    """
+    if pointer is None:
+        return (latest, "latest", False) if latest is not None else None
+    if pointer.latest is None or latest is None or latest == pointer.latest:
+        return pointer.version, "redis", False
+    return latest, "latest", True
+
+
+def _latest_writable(artifacts: Path) -> bool:
+    folder = models_dir(artifacts)
+    latest = folder / LATEST
+    return os.access(folder, os.W_OK) and (not latest.exists() or os.access(latest, os.W_OK))
+
+
 def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
     """The combined score's per-head weights: the configured ones, else 1 for every head of the model."""
     return dict(configured) if configured is not None else dict.fromkeys(heads, 1.0)
@@ -135,7 +174,9 @@ class ModelHolder:
         self._executor: ThreadPoolExecutor | None = None
         self._latest_sig: Signature = None  # the LATEST the watcher last acted on
         self._bad_latest: tuple[Signature, str] | None = None  # the unusable LATEST last recorded
-        self._pointer_seen: str | None = None
+        self._latest_version: str | None = None  # what the LATEST of _latest_sig names (None: unusable)
+        self._pointer: FleetPointer | None = None  # model:current, as last read
+        self._acted_on: tuple[Any, ...] | None = None  # (LATEST, pointer) the watcher last acted on
         self.last_error: dict[str, Any] | None = None
 
     # -- the served model ---------------------------------------------------------------------
@@ -157,8 +198,6 @@ class ModelHolder:
             self._executor = ThreadPoolExecutor(
                 self.settings.forward_workers, thread_name_prefix="mtrank-forward"
             )
-        if isinstance(self.store, RedisStore):
-            self._pointer_seen = await self.store.read_pointer()  # an existing pointer is not a change
         try:
             await self.check()
         except Exception:  # never fail startup: stay unready, the watcher keeps trying
@@ -309,26 +348,36 @@ class ModelHolder:
         return version
 
     async def check(self) -> None:
-        """One watcher round: activate the version a changed pointer names.
+        """One watcher round: activate the version ``served_version`` decides when LATEST or
+        ``model:current`` changed (or nothing is served yet); with Redis, move ``model:current``
+        along when LATEST overrode it.
 
         A change is acted on even when it names the version being served right now: ``activate``
         decides under its lock, after any reload or rollback in progress, whether it is a no-op.
         """
-        target: tuple[str, ReloadSource] | None = None
         sig = self._latest_signature()
         if sig != self._latest_sig or self._current is None:
             self._latest_sig = sig
-            with contextlib.suppress(PointerError):  # recorded by _read_latest
-                version = self._read_latest(sig)
-                target = (version, "startup" if self._current is None else "latest")
+            try:
+                self._latest_version = self._read_latest(sig)
+            except PointerError:  # recorded by _read_latest
+                self._latest_version = None
         if isinstance(self.store, RedisStore):
-            pointer = await self.store.read_pointer()
-            if pointer is not None and pointer != self._pointer_seen:
-                self._pointer_seen = pointer
-                target = (pointer, "redis")
-        if target is not None:
-            with contextlib.suppress(ReloadError):  # logged and counted by activate
-                await self.activate(*target)
+            answered, pointer = await self.store.read_pointer()
+            if answered:
+                self._pointer = pointer
+        decided = served_version(self._latest_version, self._pointer)
+        inputs = (self._latest_sig, self._latest_version, self._pointer)
+        if decided is None or (inputs == self._acted_on and self._current is not None):
+            return
+        self._acted_on = inputs
+        version, source, overrides_pointer = decided
+        try:
+            await self.activate(version, "startup" if self._current is None else source)
+        except ReloadError:  # logged and counted by activate
+            return
+        if overrides_pointer:
+            await self.announce(version)
 
     async def _watch(self) -> None:
         interval = self.settings.reload_interval_s
@@ -364,40 +413,55 @@ class ModelHolder:
         """
         seen = self._latest_sig
         sig = self._latest_signature()
+        version: str | None = None
         try:
             version = self._read_latest(sig, explicit=True)
             previous = self._current
             active = await self.activate(version, "admin-reload")
         finally:
-            if self._latest_sig == seen:
-                self._latest_sig = sig
+            if self._latest_sig == seen and version is not None:
+                self._latest_sig, self._latest_version = sig, version
         return active, previous
 
     async def rollback(self, version: str) -> tuple[ActiveModel, ActiveModel | None, bool]:
         """Activate an existing version and point LATEST at it (when the artifacts are writable).
 
-        Returns (active, previous, latest_updated). The watcher's view of LATEST is left alone:
-        LATEST rewritten here names the served version (a no-op for the watcher), one rewritten by
-        anyone else meanwhile is a newer change it acts on, and when LATEST cannot be written the
-        rolled-back version keeps serving until LATEST changes.
+        Returns (active, previous, latest_updated). Without Redis, LATEST is the one record every
+        worker and replica follows: a rollback it cannot be written for is refused
+        (``RollbackRefused``) before anything changes. The watcher's view of LATEST is left alone:
+        LATEST rewritten here names the served version (a no-op for the watcher), and one rewritten
+        by anyone else meanwhile is a newer change it acts on.
         """
+        shared = isinstance(self.store, RedisStore)  # model:current carries the decision
+        if not shared and not _latest_writable(self.settings.artifacts):
+            raise RollbackRefused(
+                version,
+                f"{models_dir(self.settings.artifacts) / LATEST} is not writable, and without the Redis "
+                "store it is the only record every worker and replica follows: roll back where the "
+                "artifacts are writable (`mtrank rollback`), or serve from Redis (model:current)",
+            )
         previous = self._current
         active = await self.activate(version, "rollback")
         try:
             await asyncio.to_thread(write_latest, self.settings.artifacts, version)
             updated = True
         except (OSError, CheckpointError) as e:
-            log.warning("rollback to %s: LATEST not updated (%s); a restart would serve LATEST", version, e)
+            log.warning("rollback to %s: LATEST not updated (%s); model:current decides", version, e)
             updated = False
         return active, previous, updated
 
     async def announce(self, version: str) -> bool | None:
-        """Tell other replicas (Redis mode): set model:current + publish. None without Redis."""
+        """Tell other replicas and workers (Redis mode): set model:current (with what LATEST names
+        now) + publish. None without Redis."""
         if not isinstance(self.store, RedisStore):
             return None
-        ok = await self.store.announce(version)
+        try:
+            latest: str | None = await asyncio.to_thread(read_latest, self.settings.artifacts)
+        except CheckpointError:
+            latest = None
+        ok = await self.store.announce(version, latest)
         if ok:
-            self._pointer_seen = version
+            self._pointer = FleetPointer(version, latest)
         return ok
 
     # -- description ------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Keys (``P`` = the prefix, default ``mtrank:``)::
     P u:<user id>       user row:  little-endian int64 categoricals, then float32 numerics
     P v:<video id>      video row: same layout
     P meta              JSON: format, column layout (names per group), model version, counts
-    P model:current     version id the fleet should serve (set by /admin/reload and /admin/rollback)
+    P model:current     JSON {"version", "latest"}: the version the fleet serves, set by /admin/reload
+                        and /admin/rollback, and what models/LATEST named then (service.reload)
     P model:events      pub/sub channel: a version id is published when model:current changes
 
 ``materialize`` writes them (pipelined MSET in chunks; the layout comes from the model's feature
@@ -86,6 +87,34 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class FleetPointer:
+    """``model:current``: the version an admin reload or rollback chose for the fleet, and what
+    ``models/LATEST`` named at that moment (``latest``; None in a pointer written as a bare version
+    id by an older release). service.reload decides with it which version every replica serves."""
+
+    version: str
+    latest: str | None
+
+    def dump(self) -> str:
+        return json.dumps({"version": self.version, "latest": self.latest})
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> FleetPointer | None:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(text, None) if text else None  # an older release's bare version id
+        try:
+            d = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("version"), str):
+            return None
+        latest = d.get("latest")
+        return cls(d["version"], latest if isinstance(latest, str) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,22 +418,22 @@ class RedisStore:
         return dict(self._unknown.rates)
 
     # -- model pointer ------------------------------------------------------------------------
-    async def read_pointer(self) -> str | None:
-        """``model:current``, or None when unset or Redis is unreachable."""
+    async def read_pointer(self) -> tuple[bool, FleetPointer | None]:
+        """(answered, ``model:current``): (True, None) when it is unset, (False, None) when Redis
+        cannot be asked (the caller keeps what it knew)."""
         try:
             raw = await asyncio.wait_for(self._control.get(pointer_key(self.prefix)), CONTROL_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("cannot read %s: %s", pointer_key(self.prefix), e)
-            return None
-        if raw is None:
-            return None
-        return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()
+            return False, None
+        return True, None if raw is None else FleetPointer.parse(raw)
 
-    async def announce(self, version: str) -> bool:
-        """Set ``model:current`` and publish it; False when Redis is unreachable."""
+    async def announce(self, version: str, latest: str | None) -> bool:
+        """Set ``model:current`` to ``version`` (and what LATEST names now) and publish it; False
+        when Redis is unreachable."""
         try:
             async with self._control.pipeline(transaction=False) as pipe:
-                pipe.set(pointer_key(self.prefix), version)
+                pipe.set(pointer_key(self.prefix), FleetPointer(version, latest).dump())
                 pipe.publish(events_channel(self.prefix), version)
                 await asyncio.wait_for(pipe.execute(), CONTROL_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError) as e:
