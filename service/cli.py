@@ -129,8 +129,12 @@ def materialize_cmd(
     replace: Annotated[
         bool, typer.Option("--replace", help="rewrite a prefix that holds another column layout")
     ] = False,
+    cluster_buckets: Annotated[
+        int, typer.Option(min=1, max=16384, help="Redis Cluster: hash-tag buckets of the keys")
+    ] = 16,
 ) -> None:
-    """Write the user and video feature rows of a model's tables into Redis (one key per entity)."""
+    """Write the user and video feature rows of a model's tables into Redis (one key per entity;
+    on a Redis Cluster, in hash-tag buckets so that a request reads few slots)."""
     from redis.exceptions import RedisError
 
     from model import CheckpointError
@@ -147,6 +151,8 @@ def materialize_cmd(
             data_dir=data_dir,
             chunk_size=chunk_size,
             replace=replace,
+            cluster=settings.redis_cluster,
+            cluster_buckets=cluster_buckets,
         )
     except (CheckpointError, StoreError, RedisError, OSError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -111,9 +111,7 @@ class RollbackRefused(ReloadError):
     """A rollback that could not be made durable for the whole fleet (nothing was changed)."""
 
 
-def served_version(
-    latest: str | None, pointer: FleetPointer | None
-) -> tuple[str, ReloadSource, bool] | None:
+def served_version(latest: str | None, pointer: FleetPointer | None) -> tuple[str, ReloadSource, bool] | None:
     """The version to serve: (version, source, whether it overrides ``model:current``), or None.
 
     ``latest``: what models/LATEST names (None: missing or unusable); ``pointer``: Redis'
