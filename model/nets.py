@@ -146,12 +146,14 @@ def split_weight(w: Tensor, idx: Tensor, dim: int) -> Tensor:
     cache: dict[tuple[int, int], tuple[int, Tensor, Tensor]] | None = _SPLIT_CACHE.get(w)
     if cache is None:
         cache = _SPLIT_CACHE[w] = {}
+    # (a tensor made under inference_mode has no version counter; nothing trains it either)
+    version = -1 if w.is_inference() else w._version
     hit = cache.get((id(idx), dim))
-    if hit is not None and hit[0] == w._version and hit[1] is idx:
+    if hit is not None and hit[0] == version and hit[1] is idx:
         return hit[2]
     with torch.no_grad():
         gathered = w.detach().index_select(dim, idx).contiguous()
-    cache[(id(idx), dim)] = (w._version, idx, gathered)
+    cache[(id(idx), dim)] = (version, idx, gathered)
     return gathered
 
 

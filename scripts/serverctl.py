@@ -30,13 +30,25 @@ def ensure_model(artifacts: Path, config: Path) -> None:
 
 
 def start_server(
-    artifacts: Path, env_extra: dict[str, str], timeout: float = 120
+    artifacts: Path, env_extra: dict[str, str], timeout: float = 180, workers: int = 1
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`mtrank serve` on a free loopback port; returns once /readyz answers 200."""
+    """`mtrank serve` on a free loopback port; returns once /readyz answers 200 (and, with
+    ``workers``, once every worker serves a model)."""
     port = free_port()
     env = {**os.environ, "MTRANK_ARTIFACTS": str(artifacts), "MTRANK_LOG_LEVEL": "WARNING", **env_extra}
     proc = subprocess.Popen(
-        [MTRANK, "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1", "--port", str(port)],
+        [
+            MTRANK,
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
     )
@@ -46,13 +58,35 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"mtrank serve exited with {proc.returncode}")
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200 and (
+                workers == 1 or _workers_serving(url) >= workers
+            ):
                 return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     stop_server(proc)
     raise RuntimeError(f"server did not become ready in {timeout:.0f} s")
+
+
+def _workers_serving(url: str) -> int:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(
+        1 for line in text.splitlines() if line.startswith("mtrank_model_info{") and line.endswith(" 1.0")
+    )
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children (the workers of `mtrank serve --workers N`)."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += cpu_seconds(int(stat.parent.name))
+    return total
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
