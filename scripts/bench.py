@@ -345,28 +345,30 @@ def print_interleaved(res: dict[str, Any], servers: list[str], reps: int, calls:
 
 
 def sweep(
-    url: str, proc_pid: int, bodies: list[bytes], rates: list[float], seconds: float, label: str
-) -> list[dict[str, Any]]:
-    """Rising rates until two in a row miss the SLO; each point with the server's CPU."""
-    port, out, misses = port_of(url), [], 0
-    open_loop("127.0.0.1", port, bodies, 20, 2.0)  # warm-up
+    servers: dict[str, tuple[Any, str]], bodies: list[bytes], rates: list[float], seconds: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Each rate against every server in turn (interleaved), each point with the server's CPU."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for _, url in servers.values():
+        open_loop("127.0.0.1", port_of(url), bodies, 20, 2.0)  # warm-up
     for i, rate in enumerate(rates):
-        cpu0, t0 = tree_cpu_seconds(proc_pid), time.perf_counter()
-        res: dict[str, Any] = dict(open_loop("127.0.0.1", port, bodies, rate, seconds, seed=i).summary())
-        res["server_cpu"] = (tree_cpu_seconds(proc_pid) - cpu0) / (time.perf_counter() - t0)
-        res["passes"] = res["p99_ms"] <= SLO_P99_MS and res["shed"] == 0 and res["errors"] == 0
-        res["load"] = loadavg()
-        out.append(res)
-        print(
-            f"  {label} {rate:5.0f}/s: ok {res['ok_rps']:6.1f}/s p50 {res['p50_ms']:6.1f} p99 {res['p99_ms']:7.1f} "
-            f"max {res['max_ms']:7.1f} shed {res['shed']:4d} err {res['errors']} "
-            f"server CPU {res['server_cpu']:.2f} generator CPU {res['generator_cpu']:.2f} "
-            f"{'PASS' if res['passes'] else 'miss'}",
-            flush=True,
-        )
-        misses = 0 if res["passes"] else misses + 1
-        if misses == 2:
-            break
+        for name, (proc, url) in servers.items():
+            cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
+            res: dict[str, Any] = dict(
+                open_loop("127.0.0.1", port_of(url), bodies, rate, seconds, seed=i).summary()
+            )
+            res["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - t0)
+            res["passes"] = res["p99_ms"] <= SLO_P99_MS and res["shed"] == 0 and res["errors"] == 0
+            res["load"] = loadavg()
+            out[name].append(res)
+            print(
+                f"  {name:12s} {rate:5.0f}/s: ok {res['ok_rps']:6.1f}/s p50 {res['p50_ms']:6.1f} "
+                f"p99 {res['p99_ms']:7.1f} max {res['max_ms']:7.1f} shed {res['shed']:4d} "
+                f"(p99 {res['shed_p99_ms']:5.1f}) err {res['errors']} server CPU {res['server_cpu']:.2f} "
+                f"generator CPU {res['generator_cpu']:.2f} load {res['load']} "
+                f"{'PASS' if res['passes'] else 'miss'}",
+                flush=True,
+            )
     return out
 
 
@@ -390,6 +392,19 @@ def main() -> None:
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-redis", action="store_true", help="no Redis / Redis Cluster rows")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[40, 60, 80, 100, 120, 140, 160, 200],
+        help="sweep rates (req/s)",
+    )
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="a checkout of an earlier revision: its `mtrank serve` (one worker) joins the sweep, interleaved",
+    )
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow to build)")
     ap.add_argument("--archs-only", action="store_true", help="only the per-architecture forward table")
     a = ap.parse_args()
@@ -461,31 +476,26 @@ def main() -> None:
 
     if not a.skip_sweep:
         bodies500 = request_bodies(ckpt, 500, 200, seed=7)
-        report["sweep"] = {}
-        plans: list[tuple[int, list[float]]] = [
-            (1, [40.0, 60, 80, 100, 120, 140, 160]),
-            (2, [80.0, 100, 120, 140, 160, 180, 200, 240]),
-        ]
-        for workers, rates in plans:
-            proc, url = start_server(a.artifacts, {"MTRANK_FEATURE_STORE": "embedded"}, workers=workers)
-            try:
-                print(f"\nopen-loop sweep, 500 candidates, {workers} worker(s), load {loadavg()}", flush=True)
-                points = sweep(url, proc.pid, bodies500, rates, a.sweep_seconds, f"w{workers}")
-                entry: dict[str, Any] = {"points": points, "best_rps_p99_le_50ms": best_rate(points)}
-                if workers == 2:
-                    # overload: twice the rate the workers sustain (or the last rate tried)
-                    sat = best_rate(points) or points[-1]["offered_rps"]
-                    print(f"  overload at 2 x {sat:.0f}/s", flush=True)
-                    entry["overload"] = sweep(
-                        url, proc.pid, bodies500, [2 * sat], a.sweep_seconds, "w2 overload"
-                    )
-                report["sweep"][f"workers_{workers}"] = entry
-            finally:
+        embedded = {"MTRANK_FEATURE_STORE": "embedded"}
+        swept: dict[str, tuple[Any, str]] = {}
+        try:
+            if a.baseline_tree is not None:
+                swept["before_w1"] = start_server(a.artifacts, embedded, source_tree=a.baseline_tree)
+            swept["w1"] = start_server(a.artifacts, embedded)
+            swept["w2"] = start_server(a.artifacts, embedded, workers=2)
+            print(f"\nopen-loop sweep, 500 candidates ({', '.join(swept)}), load {loadavg()}", flush=True)
+            points = sweep(swept, bodies500, a.rates, a.sweep_seconds)
+            best = {name: best_rate(p) for name, p in points.items()}
+            report["sweep"] = {"points": points, "best_rps_p99_le_50ms": best}
+            # overload: twice the best rate of the two-worker service, against it and the others
+            sat = best["w2"] or a.rates[0]
+            print(f"\noverload at 2 x {sat:.0f}/s", flush=True)
+            report["sweep"]["overload"] = sweep(swept, bodies500, [2 * sat], a.sweep_seconds)
+        finally:
+            for proc, _ in swept.values():
                 stop_server(proc)
-        for key, entry in report["sweep"].items():
-            print(
-                f"{key}: highest rate with p99 <= {SLO_P99_MS:.0f} ms and nothing shed: {entry['best_rps_p99_le_50ms']:.0f}/s"
-            )
+        for name, rate in report["sweep"]["best_rps_p99_le_50ms"].items():
+            print(f"{name}: highest rate with p99 <= {SLO_P99_MS:.0f} ms and nothing shed: {rate:.0f}/s")
 
     report["load_after"] = loadavg()
     print(f"\nload average before {report['load_before']}, after {report['load_after']}")

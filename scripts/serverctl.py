@@ -30,28 +30,24 @@ def ensure_model(artifacts: Path, config: Path) -> None:
 
 
 def start_server(
-    artifacts: Path, env_extra: dict[str, str], timeout: float = 180, workers: int = 1
+    artifacts: Path,
+    env_extra: dict[str, str],
+    timeout: float = 180,
+    workers: int = 1,
+    source_tree: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`mtrank serve` on a free loopback port; returns once /readyz answers 200 (and, with
-    ``workers``, once every worker serves a model)."""
+    ``workers``, once every worker serves a model). ``source_tree``: serve the code of another
+    checkout (e.g. an earlier revision, for a before/after comparison) instead of this one."""
     port = free_port()
     env = {**os.environ, "MTRANK_ARTIFACTS": str(artifacts), "MTRANK_LOG_LEVEL": "WARNING", **env_extra}
-    proc = subprocess.Popen(
-        [
-            MTRANK,
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    cmd = [MTRANK, "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1", "--port", str(port)]
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
+    if source_tree is not None:
+        cmd = [sys.executable, "-m", "service.cli", *cmd[1:]]
+        env["PYTHONPATH"] = str(source_tree)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, cwd=source_tree)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:

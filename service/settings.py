@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     max_candidates: int = Field(default=2000, ge=1, le=100_000)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_in_flight: int = Field(
-        default=8,
+        default=4,
         ge=1,
         le=10_000,
         description="per worker process: /rank requests admitted at once; more are answered 503 at once "
