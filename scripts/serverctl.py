@@ -72,17 +72,27 @@ def _workers_serving(url: str) -> int:
     )
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and its children (the workers of `mtrank serve --workers N`)."""
-    total = cpu_seconds(pid)
+def children(pid: int) -> list[int]:
+    """Direct child processes (the workers of `mtrank serve --workers N`)."""
+    out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:
-            total += cpu_seconds(int(stat.parent.name))
-    return total
+            out.append(int(stat.parent.name))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children."""
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children."""
+    return rss_mb(pid) + sum(rss_mb(c) for c in children(pid))
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
