@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run train serve test lint bench loadtest soak clean report
+.PHONY: setup run train serve test lint bench bench-scale bench-ids loadtest soak clean report
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || \
@@ -51,6 +51,15 @@ lint: setup
 # BENCH_ARGS="--skip-redis" where no redis-server runs on 127.0.0.1:6379 (the Redis rows need one)
 bench: setup
 	$(BIN)/python scripts/bench.py --artifacts $(ART) $(BENCH_ARGS)
+
+# training at scale: peak RSS at 5M and 50M log rows (KuaiRand-Pure replicated; ~25 GB of disk and
+# about an hour), and the step cost at 27k vs 16M user-id rows
+SCALE_ROWS ?= 5000000 50000000
+bench-scale: setup
+	$(BIN)/python scripts/bench_scale.py memory --rows $(SCALE_ROWS) --artifacts $(ART)
+
+bench-ids: setup
+	$(BIN)/python scripts/bench_scale.py ids --reps 3
 
 loadtest: setup
 	$(BIN)/python scripts/loadtest.py --artifacts $(ART)

@@ -9,6 +9,8 @@ from model.checkpoint import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    IncompleteCheckpointError,
+    TamperedCheckpointError,
     check_version_id,
     list_versions,
     load_checkpoint,
@@ -17,7 +19,7 @@ from model.checkpoint import (
     write_latest,
 )
 from model.features import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec, stable_hash
-from model.scoring import Combine, Ranker, combine_scores
+from model.scoring import Combine, Ranker, combine_for, combine_scores
 
 __all__ = [
     "CanonicalRows",
@@ -30,8 +32,11 @@ __all__ = [
     "FeatureSchema",
     "FeatureSpec",
     "IncompatibleCheckpointError",
+    "IncompleteCheckpointError",
     "Ranker",
+    "TamperedCheckpointError",
     "check_version_id",
+    "combine_for",
     "combine_scores",
     "list_versions",
     "load_checkpoint",

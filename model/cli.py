@@ -6,22 +6,27 @@ the online commands beside them. Console output (rich) is allowed here, not in l
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from safetensors import SafetensorError
 
 from model.checkpoint import (
     CheckpointError,
+    io_error_reason,
     list_versions,
     load_checkpoint,
     read_latest,
@@ -33,8 +38,12 @@ from model.config import ConfigError, load_config
 from model.data import DataError, load_dataset, prepare_data
 from model.data.loader import sharded
 from model.features import FeatureError
+from model.scaffold import ScaffoldError
+from model.tune import TuneError
 
 console = Console(stderr=True)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML config file", exists=False)]
 ArtifactsOpt = Annotated[
@@ -43,8 +52,41 @@ ArtifactsOpt = Annotated[
 
 
 def _fail(msg: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {msg}")
+    # the message is text, not markup (it may hold "[data]" or paths); one line however narrow the
+    # terminal, so that it can be grepped from a log
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     return typer.Exit(code=2)
+
+
+# what bad input raises: a command answers each with one "error: ..." line and exit code 2
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    FeatureError,
+    CheckpointError,
+    ScaffoldError,
+    TuneError,
+    OSError,
+)
+
+
+def _clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """A command whose bad-input exceptions become an error line and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise _fail(_describe(e)) from None
+
+    return run
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
 
 
 def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
@@ -146,6 +188,8 @@ def train_cmd(
             )
         except (ConfigError, DataError, FeatureError, CheckpointError) as e:
             raise _fail(str(e)) from None
+        except (OSError, SafetensorError) as e:  # e.g. a full disk under the data cache or run state
+            raise _fail(f"training stopped by an I/O error: {io_error_reason(e)}") from None
     path = result.checkpoint
     assert path is not None
     console.print(
@@ -255,6 +299,8 @@ def models_cmd(
 
     Prints to stdout: a table on a terminal, tab-separated lines when piped, JSON with --json.
     """
+    if not artifacts.is_dir():
+        raise _fail(f"no artifacts directory {artifacts}")
     rows = model_rows(artifacts)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
@@ -306,14 +352,39 @@ def synth_cmd(
     from model import synth
 
     out = out or Path("artifacts/synth") / kind
-    if kind == "mmoe":
-        paths = synth.make_mmoe_benchmark(
-            out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows else {})
-        )
-    elif kind == "youtube":
-        paths = synth.make_youtube_log(out, seed=seed, **({"n_impressions": rows} if rows else {}))
-    else:
-        raise _fail(f"unknown synthetic data kind {kind!r} (mmoe or youtube)")
+    if kind not in synth.SYNTH_KINDS:
+        raise _fail(f"unknown synthetic data kind {kind!r} ({' or '.join(synth.SYNTH_KINDS)})")
+    try:
+        if kind == "mmoe":
+            paths = synth.make_mmoe_benchmark(
+                out, correlation=correlation, seed=seed, **({"n_rows": rows} if rows is not None else {})
+            )
+        else:
+            paths = synth.SYNTH_KINDS[kind](
+                out, seed=seed, **({"n_impressions": rows} if rows is not None else {})
+            )
+    except ValueError as e:  # the generators' parameter checks
+        raise _fail(str(e)) from None
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
+def scale_cmd(
+    rows: Annotated[int, typer.Option(help="log rows to write")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output dir")],
+    source: Annotated[Path, typer.Option(envvar="MTRANK_DATA_DIR", help="the KuaiRand-Pure folder")] = Path(
+        "../shared/data/kuairand-pure"
+    ),
+    seed: int = 0,
+    file_rows: Annotated[int, typer.Option(help="log rows per Parquet file")] = 1 << 20,
+) -> None:
+    """KuaiRand-Pure replicated to ROWS log rows with fresh user ids (Parquet), for scale benchmarks."""
+    from model.scaledata import scale_kuairand
+
+    try:
+        paths = scale_kuairand(source, out, rows, seed=seed, file_rows=file_rows)
+    except (OSError, ValueError) as e:
+        raise _fail(str(e)) from None
     for name, p in paths.items():
         console.print(f"{name}: {p}")
 
@@ -325,7 +396,9 @@ def report_cmd(
     """Write PNG plots and an HTML page: training curves, test metrics, gate utilisation, experiments."""
     from model.report import write_report
 
-    console.print(f"wrote [bold]{write_report(artifacts, out)}[/]")
+    if not artifacts.is_dir():
+        raise _fail(f"no artifacts directory {artifacts}")
+    console.print(f"wrote [bold]{escape(str(write_report(artifacts, out)))}[/]")
 
 
 def tune_cmd(
@@ -352,17 +425,18 @@ def tune_cmd(
     bad = sorted(set(param or ()) - set(tune.SPACE))
     if bad:
         raise _fail(f"--param {', '.join(bad)}: not searchable; choose from {', '.join(tune.SPACE)}")
-    try:
-        cfg = load_config(config)
-        if epochs is not None:
-            cfg.train.epochs = epochs
-        ds = load_dataset(cfg)
-    except (ConfigError, DataError, FeatureError) as e:
-        raise _fail(str(e)) from None
+    if trials < 1:
+        raise _fail(f"--trials must be >= 1, got {trials}")
+    cfg = load_config(config)
+    if epochs is not None:
+        if epochs < 1:
+            raise _fail(f"--epochs must be >= 1, got {epochs}")
+        cfg.train.epochs = epochs
+    ds = load_dataset(cfg)
 
     def show(t: Mapping[str, Any]) -> None:
         console.print(
-            f"trial {t['trial']}: {cfg.train.monitor}={t['value']:.4f} "
+            f"trial {t['trial']}: {cfg.monitor}={t['value']:.4f} "
             + json.dumps({k: v for k, v in t.items() if k not in ("trial", "value", "folds")})
         )
 
@@ -380,15 +454,132 @@ def tune_cmd(
     console.print(f"best {res.monitor}={res.best_value:.4f} with {res.best_params}; wrote {out}")
 
 
+def init_cmd(
+    log: Annotated[
+        Path, typer.Option("--log", help="the log: one row per impression (CSV, CSV.gz, Parquet)")
+    ],
+    users: Annotated[Path | None, typer.Option("--users", help="users table (one row per user)")] = None,
+    videos: Annotated[Path | None, typer.Option("--videos", help="videos table (one row per item)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="config file to write")] = Path("config.toml"),
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="a label column (repeatable): 0/1 or numeric, or COLUMN=VALUE for text; default: every "
+            "0/1 column of the log",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="config name (default: the log's file name)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists")] = False,
+) -> None:
+    """Write a starting config from the files' schema: keys, labels, features, split, each explained
+    by a comment. Train it with `mtrank train --config OUT`."""
+    from model.scaffold import scaffold, write_config
+
+    result = scaffold(log, users, videos, labels=label or (), name=name)
+    write_config(result.text, out, force=force)
+    feats = ", ".join(f"{len(v)} {g}" for g, v in result.features.items() if v)
+    console.print(
+        f"wrote [bold]{escape(str(out))}[/]: heads {', '.join(result.tasks)}; features {feats}; "
+        f"{result.split} split"
+        + (
+            f"; keys {', '.join(k for k in (result.user_key, result.video_key) if k)}"
+            if result.user_key or result.video_key
+            else ""
+        )
+        + f"\nread its comments, then `mtrank train --config {escape(str(out))}`",
+        soft_wrap=True,
+    )
+
+
+def predict_cmd(
+    input: Annotated[Path, typer.Option("--input", "-i", help="rows to score (CSV, CSV.gz, Parquet)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="scores file (.parquet, .csv, .csv.gz)")],
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    version: Annotated[str | None, typer.Option(help="model version (default: LATEST)")] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option("--keep", help="input column to copy to the output (repeatable; default: all)"),
+    ] = None,
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--weight", help="HEAD=W weight of a head in the combined score (repeatable; default 1)"
+        ),
+    ] = None,
+    combine: Annotated[
+        str | None, typer.Option(help="product or sum (default: product when every head is binary)")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="users / videos tables' folder (default: the model's data config)")
+    ] = None,
+    batch_rows: Annotated[int, typer.Option(help="rows per batch read, scored and written")] = 1 << 16,
+) -> None:
+    """Score a file offline: per-head scores and the combined score of every row, as /rank scores it
+    (entity features joined from the model's tables by key, the other features from the file)."""
+    from model.batch import predict_file
+    from model.scoring import Ranker
+
+    if combine not in (None, "product", "sum"):
+        raise _fail(f"--combine must be product or sum, got {combine!r}")
+    weights: dict[str, float] | None = None
+    if weight:
+        weights = {}
+        for w in weight:
+            head, sep, value = w.partition("=")
+            try:
+                weights[head.strip()] = float(value)
+            except ValueError:
+                raise _fail(f"--weight {w!r}: want HEAD=NUMBER") from None
+            if not sep or not math.isfinite(weights[head.strip()]) or weights[head.strip()] < 0:
+                raise _fail(f"--weight {w!r}: want HEAD=NUMBER (a finite number >= 0)")
+    if not input.exists() and not glob.has_magic(str(input)):
+        raise _fail(f"--input {input}: no such file")
+    ranker = Ranker(load_checkpoint(resolve_checkpoint(artifacts, version)))
+    report = predict_file(
+        ranker,
+        input,
+        output,
+        keep=keep,
+        weights=weights,
+        combine=combine,  # type: ignore[arg-type]  # checked above
+        batch_rows=batch_rows,
+        data_dir=data_dir,
+    )
+    if report.missing:
+        console.print(
+            f"[yellow]warning:[/] {input.name} lacks feature column(s) {escape(', '.join(report.missing))}:"
+            " scored as missing values",
+            soft_wrap=True,
+        )
+    for g, n in report.unknown_keys.items():
+        console.print(
+            f"{n} of {report.rows} rows have a {g} key the {g}s table lacks (default {g} features)",
+            soft_wrap=True,
+        )
+    console.print(
+        f"scored {report.rows} rows with model {ranker.version} "
+        f"({', '.join(report.heads)}; score = {report.combine}) into [bold]{escape(str(output))}[/] "
+        f"in {report.seconds:.1f}s",
+        soft_wrap=True,
+    )
+
+
 def register(app: typer.Typer) -> None:
-    app.command("train")(train_cmd)
-    app.command("evaluate")(evaluate_cmd)
-    app.command("models")(models_cmd)
-    app.command("rollback")(rollback_cmd)
-    app.command("report")(report_cmd)
-    app.command("tune")(tune_cmd)
+    for name, cmd in (
+        ("init", init_cmd),
+        ("train", train_cmd),
+        ("evaluate", evaluate_cmd),
+        ("predict", predict_cmd),
+        ("models", models_cmd),
+        ("rollback", rollback_cmd),
+        ("report", report_cmd),
+        ("tune", tune_cmd),
+    ):
+        app.command(name)(_clean_errors(cmd))
     data = typer.Typer(help="data utilities", no_args_is_help=True)
-    data.command("synth")(synth_cmd)
+    data.command("synth")(_clean_errors(synth_cmd))
+    data.command("scale")(_clean_errors(scale_cmd))
     app.add_typer(data, name="data")
 
 

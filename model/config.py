@@ -304,6 +304,11 @@ class Config:
         for key in ("worst_case_reference", "gradnorm_reference"):
             if getattr(tr, key) not in ("constant", "initial"):
                 raise ConfigError(f'train.{key} must be "constant" or "initial", got {getattr(tr, key)!r}')
+        for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("patience", 0)):
+            if getattr(tr, key) < least:
+                raise ConfigError(f"train.{key} must be >= {least}, got {getattr(tr, key)}")
+        if not tr.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
         if tr.log_every < 0:
             raise ConfigError(f"train.log_every must be >= 0 (0 = no step log), got {tr.log_every}")
         if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -131,6 +131,23 @@ def hash_column(col: pd.Series) -> HashedColumn:
 def to_float(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
     """Numeric canonical form: float32, NaN for missing or unparsable values."""
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
+
+
+def numeric_column(col: pd.Series, name: str, where: str, row0: int = 0) -> np.ndarray:
+    """A numeric feature's column as float32 (NaN for missing values); a value that is present but
+    not a number is a FeatureError naming the column, the value and its row (``row0`` + position,
+    1-based), as ``/rank`` refuses one, instead of a silently missing value."""
+    x = to_float(col)
+    if col.dtype.kind not in "biuf":  # numeric dtypes hold numbers or NaN only
+        bad = np.flatnonzero(np.isnan(x) & col.notna().to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise FeatureError(
+                f"numeric feature {name!r} holds {_short(col.iloc[i])} in row {row0 + i + 1} of {where} "
+                f"({len(bad)} such value(s) in that batch): not a number; declare the feature "
+                '`kind = "categorical"`, or clean the column'
+            )
+    return x
 
 
 @dataclass
@@ -610,14 +627,15 @@ def arrays_to_strings(raw: np.ndarray, offsets: np.ndarray) -> list[str]:
     return out
 
 
-def schema_to_arrays(schema: FeatureSchema) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The schema as JSON without its vocabularies, plus the vocabularies as arrays (feature i's
-    ``i.codes`` (V,) int64 in index order, ``i.bytes`` and ``i.offsets`` its strings), so a
-    vocabulary of millions is a compact binary file and not a JSON list."""
+def schema_to_arrays(schema: FeatureSchema, above: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The schema as JSON without its vocabularies of more than ``above`` values, plus those
+    vocabularies as arrays (feature i's ``i.codes`` (V,) int64 in index order, ``i.bytes`` and
+    ``i.offsets`` its strings), so a vocabulary of millions is a compact binary file and not a
+    JSON list."""
     d = schema.to_dict()
     arrays: dict[str, np.ndarray] = {}
     for i, (f, fd) in enumerate(zip(schema.features, d["features"], strict=True)):
-        if f.kind == "categorical" and f.vocab is not None:
+        if f.kind == "categorical" and f.vocab is not None and len(f.vocab) > above:
             arrays[f"{i}.codes"] = f.vocab_codes()
             arrays[f"{i}.bytes"], arrays[f"{i}.offsets"] = strings_to_arrays(f.vocab)
             fd["vocab"] = None
@@ -664,8 +682,3 @@ def _natural_key(s: str) -> tuple[int, float | str]:
         return (0, float(s))
     except ValueError:
         return (1, s)
-
-
-def concat_rows(parts: Iterable[CanonicalRows]) -> CanonicalRows:
-    parts = list(parts)
-    return CanonicalRows(np.concatenate([p.cats for p in parts]), np.concatenate([p.nums for p in parts]))

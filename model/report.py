@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from model.checkpoint import MANIFEST, list_versions, models_dir
+from model.checkpoint import CheckpointError, list_versions, models_dir, read_manifest
 from model.promotion import data_set_name, head_metric_keys
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ def load_manifests(artifacts: Path) -> list[dict[str, Any]]:
     out = []
     for v in list_versions(artifacts):
         try:
-            out.append(json.loads((models_dir(artifacts) / v / MANIFEST).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            out.append(read_manifest(models_dir(artifacts) / v))
+        except CheckpointError as e:
             log.warning("skipping %s: %s", v, e)
     return out
 
@@ -303,7 +303,11 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
         p = artifacts / "reports" / name
         if not p.is_file():
             continue
-        data = json.loads(p.read_text())
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("skipping %s: %s", p, e)
+            continue
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if plot is None:
             if isinstance(data, dict) and data.get("overrides"):

@@ -65,6 +65,13 @@ def combine_scores(
     raise ValueError(f"unknown combine method {method!r}")
 
 
+def combine_for(tasks: list[TaskConfig]) -> Combine:
+    """How a model's heads combine when nobody says: the product of probabilities when every head is
+    binary, the sum otherwise (a regression head's prediction can be 0 or negative: no product of
+    powers)."""
+    return "product" if all(t.kind == "binary" for t in tasks) else "sum"
+
+
 class Ranker:
     """A loaded, validated model ready to score. Immutable; safe to share between threads."""
 
@@ -76,8 +83,9 @@ class Ranker:
         self.backend_info: dict[str, Any] = {"backend": "eager"}
 
     @classmethod
-    def load(cls, path: str | Path) -> Ranker:
-        return cls(load_checkpoint(path))
+    def load(cls, path: str | Path, key: bytes | str | None = None) -> Ranker:
+        """Load a version folder (``key``: the deployment key, see ``load_checkpoint``)."""
+        return cls(load_checkpoint(path, key))
 
     # -- description -------------------------------------------------------------------------
     @property

@@ -769,6 +769,8 @@ def fit(
         log.info("resuming after epoch %d from %s", state["epoch"], state_dir)
         if done:
             start = tc.epochs + 1
+    elif resume:
+        log.warning("--resume: no interrupted run of this config to resume: training from the first epoch")
     for epoch in range(start, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()

@@ -58,6 +58,10 @@ SPACE: tuple[str, ...] = (
 DEFAULT_SPACE: tuple[str, ...] = tuple(n for n in SPACE if n != "embed_batch_l2")
 
 
+class TuneError(ValueError):
+    """A search that cannot run on this data or with these options (too few users for the folds, ...)."""
+
+
 def _take(s: Split, idx: np.ndarray) -> Split:
     return Split(
         s.cats[idx],
@@ -76,11 +80,14 @@ def _bias(s: Split, like: np.ndarray) -> np.ndarray:
 def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
     """k (train, valid) datasets from the train + valid rows: by user, or forward in time."""
     if cv not in CVS:
-        raise ValueError(f"cv must be one of {CVS}, got {cv!r}")
+        raise TuneError(f"cv must be one of {CVS}, got {cv!r}")
     if k < 2:
-        raise ValueError(f"need at least 2 folds, got {k}")
+        raise TuneError(f"need at least 2 folds, got {k}")
     if not isinstance(ds.train, Split) or not isinstance(ds.valid, Split):
-        raise ValueError("cross-validation folds need the data in memory (load_dataset)")
+        raise TuneError("cross-validation folds need the data in memory (load_dataset)")
+    rows = len(ds.train) + len(ds.valid)
+    if rows < k:
+        raise TuneError(f"{k} folds need at least {k} train rows, the train split has {rows}")
     pool = Split(
         np.concatenate([ds.train.cats, ds.valid.cats]),
         np.concatenate([ds.train.nums, ds.valid.nums]),
@@ -101,10 +108,16 @@ def folds(ds: Dataset, k: int, cv: CV = "time") -> list[Dataset]:
         return valid
 
     if cv == "user":
+        users = len(np.unique(pool.users))
+        if users < k:
+            raise TuneError(
+                f"--cv user: {k} folds need at least {k} users (list groups: data.group_by, by default "
+                f"the user key), the train split has {users}; use --cv time or fewer --folds"
+            )
         splits = list(GroupKFold(n_splits=k).split(pool.labels, groups=pool.users))
     else:
         if pool.times is None:
-            raise ValueError('cv="time" needs the rows\' times (Split.times)')
+            raise TuneError("--cv time needs the rows' times: the log has no data.time_column; use --cv user")
         order = np.argsort(pool.times, kind="stable")
         splits = [(order[tr], order[va]) for tr, va in TimeSeriesSplit(n_splits=k).split(order)]
     return [Dataset(ds.schema, _take(pool, tr), held_out(tr, va), empty, ds.fingerprint) for tr, va in splits]
@@ -156,8 +169,10 @@ def tune(
 ) -> TuneResult:
     unknown = sorted(set(params or ()) - set(SPACE))
     if unknown or (params is not None and not params):
-        raise ValueError(f"params must be a non-empty subset of {', '.join(SPACE)}; got {unknown or params}")
-    monitor = cfg.train.monitor
+        raise TuneError(f"params must be a non-empty subset of {', '.join(SPACE)}; got {unknown or params}")
+    if n_trials < 1:
+        raise TuneError(f"need at least 1 trial, got {n_trials}")
+    monitor = cfg.monitor
     higher = higher_is_better(monitor)
     cv_sets = folds(ds, k, cv)
 

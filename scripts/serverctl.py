@@ -41,7 +41,16 @@ def start_server(
     checkout (e.g. an earlier revision, for a before/after comparison) instead of this one."""
     port = free_port()
     env = {**os.environ, "MTRANK_ARTIFACTS": str(artifacts), "MTRANK_LOG_LEVEL": "WARNING", **env_extra}
-    cmd = [MTRANK, "serve", "--artifacts", str(Path(artifacts).resolve()), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        MTRANK,
+        "serve",
+        "--artifacts",
+        str(Path(artifacts).resolve()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if workers != 1:
         cmd += ["--workers", str(workers)]
     if source_tree is not None:

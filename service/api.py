@@ -30,6 +30,7 @@ from service.schemas import (
     ADMIN_ERROR_RESPONSES,
     ERROR_RESPONSES,
     Health,
+    ModelStatus,
     ModelSwitch,
     RankResponse,
     RollbackRequest,
@@ -83,7 +84,7 @@ async def rank(
     outcome = "error"
     try:
         _check_json(request)
-        req = parse_rank_request(await request.body())
+        req = parse_rank_request(await request.body(), settings.max_candidates)
         active = holder.current  # read once: a hot swap never changes the model mid-request
         if active is None:
             raise NotReady("no model loaded yet")
@@ -126,17 +127,18 @@ async def readyz(holder: RankerDep, store: StoreDep) -> Health:
     """Ready once a model is loaded, validated and warmed up, while the feature store holds its
     data (not ready when Redis was wiped or evicted: its meta key or sampled rows are gone)."""
     active = holder.current
+    # why not is admin information (GET /admin/model): it names paths, keys and LATEST
     if active is None:
-        err = holder.last_error
-        raise NotReady("no model loaded yet" + (f" (last error: {err['error']})" if err else ""))
+        raise NotReady("no model loaded yet")
     if store.problem is not None:
-        raise NotReady(f"feature store {store.problem}: {store.problem_detail}")
+        raise NotReady(f"feature store {store.problem} (details: GET /admin/model)")
     return Health(status="ready", model_version=active.version)
 
 
-@router.get("/model", tags=["ops"], summary="The served model: version, config, metrics")
-async def model_info(holder: RankerDep) -> Response:
-    return _json_response(orjson.dumps(holder.describe(), default=str))
+@router.get("/model", response_model=ModelStatus, tags=["ops"], summary="The served model version")
+async def model_info(holder: RankerDep) -> ModelStatus:
+    """The version served and the status; the details are ``GET /admin/model`` (admin token)."""
+    return ModelStatus(**holder.public())
 
 
 @router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
@@ -154,6 +156,11 @@ def _reload_error(e: ReloadError, serving: str | None) -> ServiceError:
     what = "the LATEST pointer" if isinstance(e, PointerError) else f"model {e.version}"
     still = "still serving the previous model" if serving is not None else "no model is being served"
     return Conflict(f"{what} rejected, {still}: {e.message}")
+
+
+@admin_router.get("/model", summary="The served model: version, config, metrics, store, last rejection")
+async def admin_model_info(holder: RankerDep) -> Response:
+    return _json_response(orjson.dumps(holder.describe(), default=str))
 
 
 @admin_router.post("/reload", response_model=ModelSwitch, summary="Load the version LATEST names now")

@@ -27,7 +27,7 @@ from service.errors import install_error_handlers
 from service.metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
 from service.middleware import AdmissionMiddleware, BodyLimitMiddleware
 from service.reload import ModelHolder
-from service.schemas import RankRequest
+from service.schemas import rank_request_model
 from service.settings import Settings
 from service.store import open_store
 
@@ -97,7 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             # /rank parses its body itself (one pydantic JSON pass); publish the schema it enforces
-            body = RankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            model = rank_request_model(settings.max_candidates)
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(body.pop("$defs", {}))
             components["RankRequest"] = body
@@ -133,8 +134,11 @@ def run_server(settings: Settings | None = None) -> None:
     """Serve on settings.host:port with uvicorn, blocking: ``create_app(settings)`` in this process
     for one worker; for ``workers`` > 1, uvicorn's supervisor with that many worker processes
     sharing the socket (each loads and reloads the model on its own; a dead one is replaced), and
-    the metrics in prometheus_client's multiprocess mode (service.metrics)."""
+    the metrics in prometheus_client's multiprocess mode (service.metrics). Either way with the
+    settings' HTTP limits (service.server)."""
     import uvicorn
+
+    from service.server import WorkerH11Protocol, uvicorn_options
 
     settings = settings if settings is not None else Settings()
     logging.getLogger("service").setLevel(settings.log_level)
@@ -145,9 +149,13 @@ def run_server(settings: Settings | None = None) -> None:
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": 10,
     }
+    options = uvicorn_options(settings)  # the HTTP limits (service.server)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings), **common, **options)
         return
+    # uvicorn pickles its config to the worker processes: a protocol class importable by name,
+    # which reads its deadlines from the settings exported below
+    options["http"] = WorkerH11Protocol
     export_settings(settings)
     with contextlib.ExitStack() as stack:
         shared = multiprocess_dir()
@@ -166,4 +174,5 @@ def run_server(settings: Settings | None = None) -> None:
             workers=settings.workers,
             timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
             **common,
+            **options,
         )

@@ -19,21 +19,35 @@ from pydantic import ValidationError
 from model import CanonicalRows, Combine, FeatureError, FeatureSchema, combine_scores
 from service.errors import ValidationFailed, describe_validation_errors
 from service.reload import ActiveModel
-from service.schemas import RANK_ERROR_HINTS, RANK_MODEL_TAGS, Candidate, RankRequest
+from service.schemas import (
+    DEFAULT_MAX_CANDIDATES,
+    RANK_ERROR_HINTS,
+    RANK_MODEL_TAGS,
+    Candidate,
+    RankRequest,
+    rank_request_model,
+)
 from service.settings import Settings
 from service.store import Fetched
 from service.store.tables import entity_id
 
 
-def parse_rank_request(body: bytes) -> RankRequest:
-    """JSON bytes -> RankRequest in one pass of pydantic's JSON parser; 422 with a clear message."""
+def parse_rank_request(body: bytes, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> RankRequest:
+    """JSON bytes -> RankRequest in one pass of pydantic's JSON parser; 422 with a clear message.
+
+    At most ``max_candidates`` candidates (a longer list is refused before its items are looked
+    at); validation stops at the first bad item of a list or dict (see service.schemas).
+    """
     try:
-        return RankRequest.model_validate_json(body)
+        return rank_request_model(max_candidates).model_validate_json(body)
     except ValidationError as e:
+        errors = e.errors(include_input=False, include_url=False)
+        if any(err["type"] == "too_long" and tuple(err["loc"]) == ("candidates",) for err in errors):
+            raise ValidationFailed(
+                f"candidates: too many (more than {max_candidates}); at most {max_candidates} per request"
+            ) from None
         message, details = describe_validation_errors(
-            e.errors(include_input=False, include_url=False),
-            hints=RANK_ERROR_HINTS,
-            model_tags=RANK_MODEL_TAGS,
+            errors, hints=RANK_ERROR_HINTS, model_tags=RANK_MODEL_TAGS
         )
         raise ValidationFailed(message, details=details) from None
 

@@ -7,7 +7,7 @@ using that object, so a swap never affects a request in flight and never fails o
 A new version is loaded off the request path: checkpoint load + validation in a worker thread,
 column mapping onto the feature store, warm-up and a test scoring. Only then is it swapped in.
 Anything that fails along the way rejects that version (logged, counted as
-``mtrank_model_reload_total{result="error"}``, shown by ``GET /model``) and the old model keeps
+``mtrank_model_reload_total{result="error"}``, shown by ``GET /admin/model``) and the old model keeps
 serving.
 
 The served version has one source of truth, decided by ``served_version`` the same way in every
@@ -27,6 +27,18 @@ loading another version is still acted on once it is done. A LATEST that cannot 
 (unreadable, empty, not a version id) is recorded like a rejected version, once per change, and the
 watcher keeps polling. While Redis cannot be asked, the last pointer read stands.
 
+LATEST is read in a daemon thread with a deadline (``latest_read_timeout_s``): a LATEST on a hung
+file system (or a FIFO nobody writes) never blocks the event loop, so health checks and requests
+keep being answered. A read that outlives its deadline is recorded as a rejection; no further
+read starts until it returns.
+
+A version that fails *transiently* (its folder, manifest or a file missing, a file shorter than
+the manifest records: LATEST moved before the copy was complete; the feature store not ready) is
+retried with a doubling backoff (``reload_retry_initial_s`` up to ``reload_retry_max_s``) while
+the pointer keeps naming it. A *permanent* failure (bad digest or signature, corrupt or
+incompatible checkpoint, failed test scoring) is recorded once and not retried until the pointer
+changes (or an admin reload).
+
 A rollback serves the version it names and points LATEST at it when the artifacts are writable, and
 with Redis announces it in ``model:current``. Without Redis, LATEST is the only shared record, so a
 rollback of read-only artifacts is refused (409) rather than served by one worker only.
@@ -37,10 +49,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import gc
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,15 +66,18 @@ import numpy as np
 
 from model import (
     CheckpointError,
+    CheckpointNotFoundError,
     Combine,
+    IncompleteCheckpointError,
     Ranker,
     check_version_id,
+    combine_for,
     combine_scores,
     read_latest,
     resolve_checkpoint,
     write_latest,
 )
-from model.checkpoint import LATEST, models_dir
+from model.checkpoint import LATEST, clean_stale_temp, models_dir
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
@@ -75,6 +92,7 @@ ReloadSource = Literal["startup", "latest", "redis", "admin-reload", "rollback"]
 
 # (mtime_ns, inode, size) of models/LATEST; None when it cannot be stat'ed (e.g. it does not exist)
 Signature = tuple[int, int, int] | None
+UNSEEN: Signature = (-1, -1, -1)  # before the first look at LATEST
 
 
 @dataclass(frozen=True)
@@ -93,18 +111,108 @@ class ActiveModel:
 
 
 class ReloadError(Exception):
-    """A model version that cannot be served; ``not_found`` when it does not exist at all."""
+    """A model version that cannot be served; ``not_found`` when it does not exist at all;
+    ``transient`` when trying again later may succeed (files still arriving)."""
 
-    def __init__(self, version: str, message: str, *, not_found: bool = False) -> None:
+    def __init__(
+        self, version: str, message: str, *, not_found: bool = False, transient: bool = False
+    ) -> None:
         super().__init__(message)
-        self.version, self.message, self.not_found = version, message, not_found
+        self.version, self.message, self.not_found, self.transient = version, message, not_found, transient
 
 
 class PointerError(ReloadError):
-    """``models/LATEST`` cannot be used: missing (``not_found``), unreadable, or not a version id."""
+    """``models/LATEST`` cannot be used: missing (``not_found``), unreadable, not a version id, or
+    its read timed out (``transient``)."""
 
-    def __init__(self, message: str, *, not_found: bool = False) -> None:
-        super().__init__(LATEST, message, not_found=not_found)
+    def __init__(self, message: str, *, not_found: bool = False, transient: bool = False) -> None:
+        super().__init__(LATEST, message, not_found=not_found, transient=transient)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A failure that may go away without anyone changing the pointer: a version folder, manifest
+    or file not there (yet), a file shorter than recorded, the feature store not ready."""
+    return isinstance(e, CheckpointNotFoundError | IncompleteCheckpointError | StoreError)
+
+
+@dataclass(frozen=True)
+class Retry:
+    version: str
+    source: ReloadSource
+    attempt: int  # failed attempts so far
+    due: float  # time.monotonic() of the next attempt
+
+
+class BlockingIO:
+    """Blocking file I/O in daemon threads, awaited with a deadline.
+
+    A call blocked in the kernel (a hung network file system, a FIFO) cannot be interrupted: its
+    thread is left to finish on its own (a daemon thread never holds up the process's exit), and
+    no new call starts while one is stuck, so they never pile up.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stuck: list[tuple[threading.Thread, float]] = []  # (thread, when it started)
+
+    def stuck_since(self) -> float | None:
+        self._stuck = [(t, t0) for t, t0 in self._stuck if t.is_alive()]
+        return min((t0 for _, t0 in self._stuck), default=None)
+
+    async def run(self, fn: Callable[[], T], timeout: float) -> T:
+        """``fn()`` in a new daemon thread. TimeoutError after ``timeout`` s, or at once while an
+        earlier call is still stuck."""
+        if self.stuck_since() is not None:
+            raise TimeoutError
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if done.done():  # timed out meanwhile
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, exc = fn(), None
+            except BaseException as e:  # delivered to the awaiting task
+                result, exc = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, result, exc)
+
+        thread = threading.Thread(target=work, name=self.name, daemon=True)
+        started = time.time()
+        thread.start()
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            self._stuck.append((thread, started))
+            raise
+
+
+def _latest_signature(path: Path) -> Signature:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+def probe_latest(
+    artifacts: Path, last: Signature, force: bool
+) -> tuple[Signature, str | CheckpointError | None]:
+    """(signature of LATEST, what it names or why it cannot be used); None instead of a read when
+    the signature is ``last`` and not ``force``. Blocking: runs in a BlockingIO thread."""
+    sig = _latest_signature(models_dir(artifacts) / LATEST)
+    if sig == last and not force:
+        return sig, None
+    try:
+        return sig, read_latest(artifacts)
+    except CheckpointError as e:  # missing, unreadable, not UTF-8, or not a version id
+        return sig, e
 
 
 class RollbackRefused(ReloadError):
@@ -140,9 +248,7 @@ def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None)
 def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
     """The configured combination, else the product of probabilities when every head is binary and
     the sum otherwise (a regression head's prediction can be 0 or negative: no product of powers)."""
-    if configured is not None:
-        return configured
-    return "product" if all(t.kind == "binary" for t in ranker.tasks) else "sum"
+    return configured if configured is not None else combine_for(ranker.tasks)
 
 
 def freeze_heap() -> None:
@@ -170,11 +276,13 @@ class ModelHolder:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._latest_sig: Signature = None  # the LATEST the watcher last acted on
+        self._latest_sig: Signature = UNSEEN  # the LATEST the watcher last acted on
         self._bad_latest: tuple[Signature, str] | None = None  # the unusable LATEST last recorded
         self._latest_version: str | None = None  # what the LATEST of _latest_sig names (None: unusable)
         self._pointer: FleetPointer | None = None  # model:current, as last read
         self._acted_on: tuple[Any, ...] | None = None  # (LATEST, pointer) the watcher last acted on
+        self._retry: Retry | None = None  # a version that failed transiently, tried again when due
+        self._latest_io = BlockingIO("mtrank-latest-read")
         self.last_error: dict[str, Any] | None = None
 
     # -- the served model ---------------------------------------------------------------------
@@ -192,6 +300,13 @@ class ModelHolder:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        # leftovers of crashed checkpoint writes: off the loop, never waited for (a hung file system)
+        threading.Thread(
+            target=clean_stale_temp,
+            args=(self.settings.artifacts, self.settings.stale_temp_age_s),
+            name="mtrank-clean-temp",
+            daemon=True,
+        ).start()
         if self.settings.forward_in_thread:
             self._executor = ThreadPoolExecutor(
                 self.settings.forward_workers, thread_name_prefix="mtrank-forward"
@@ -251,10 +366,17 @@ class ModelHolder:
         return self._current.version if self._current else None
 
     def _record_error(self, e: ReloadError) -> None:
-        """A version (or LATEST itself) rejected: /model's last_reload_error, the error counter, a log."""
+        """A version (or LATEST itself) rejected: /admin/model's last_reload_error, the error counter,
+        a log."""
         self.metrics.model_reloads.labels("error").inc()
         repeated = self.last_error is not None and self.last_error["error"] == e.message
-        self.last_error = {"version": e.version, "error": e.message, "at": _iso(time.time())}
+        self.last_error = {
+            "version": e.version,
+            "error": e.message,
+            "at": _iso(time.time()),
+            "transient": e.transient,
+            "next_retry_at": None,
+        }
         serving = self.version_or_none
         if isinstance(e, PointerError) and serving is None:  # e.g. nothing trained yet
             log.log(logging.DEBUG if repeated else logging.WARNING, "no model to serve yet: %s", e.message)
@@ -266,11 +388,13 @@ class ModelHolder:
     async def _load(self, version: str, source: ReloadSource) -> ActiveModel:
         try:
             # check_version_id first: resolve_checkpoint reads LATEST for an empty version
-            path = resolve_checkpoint(self.settings.artifacts, check_version_id(version))
+            check_version_id(version)
+            path = await asyncio.to_thread(resolve_checkpoint, self.settings.artifacts, version)
         except CheckpointError as e:  # no such version (or not a version id at all)
-            raise ReloadError(version, str(e), not_found=True) from e
+            raise ReloadError(version, str(e), not_found=True, transient=is_transient(e)) from e
+        key = self.settings.checkpoint_key
         try:
-            ranker = await asyncio.to_thread(Ranker.load, path)
+            ranker = await asyncio.to_thread(Ranker.load, path, key.get_secret_value() if key else None)
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
             # the compiled forward (model.compiled), checked against eager; eager when it fails
@@ -291,7 +415,7 @@ class ModelHolder:
         except ReloadError:
             raise
         except (CheckpointError, StoreError) as e:  # incl. a version folder with files missing
-            raise ReloadError(version, str(e)) from e
+            raise ReloadError(version, str(e), transient=is_transient(e)) from e
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
@@ -322,60 +446,109 @@ class ModelHolder:
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
     # -- pointers -------------------------------------------------------------------------------
-    def _latest_signature(self) -> Signature:
+    async def _probe_latest(self, *, force: bool = False) -> tuple[Signature, str | CheckpointError | None]:
+        """``probe_latest`` off the event loop, within ``latest_read_timeout_s``; PointerError
+        (transient) when it times out or an earlier read is still stuck."""
+        timeout = self.settings.latest_read_timeout_s
+        fn = functools.partial(probe_latest, self.settings.artifacts, self._latest_sig, force)
         try:
-            st = os.stat(models_dir(self.settings.artifacts) / LATEST)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_ino, st.st_size)
+            return await self._latest_io.run(fn, timeout)
+        except TimeoutError:
+            path = models_dir(self.settings.artifacts) / LATEST
+            since = self._latest_io.stuck_since()
+            raise PointerError(
+                f"reading {path} timed out after {timeout:g}s (a hung file system, or not a regular file?)"
+                + (f"; blocked since {_iso(since)}" if since is not None else ""),
+                transient=True,
+            ) from None
 
-    def _read_latest(self, sig: Signature, *, explicit: bool = False) -> str:
-        """The version LATEST names. PointerError when it cannot be used, recorded once per
-        distinct bad LATEST (``sig`` is its signature, taken before reading it) unless ``explicit``
-        (an admin request, always recorded)."""
+    def _pointer_error(self, sig: Signature, e: CheckpointError, *, explicit: bool) -> PointerError:
+        """LATEST cannot be used: recorded once per distinct bad LATEST unless ``explicit`` (an
+        admin request, always recorded)."""
+        # not_found: there is no LATEST at all; otherwise it is there but unusable
+        err = PointerError(str(e), not_found=sig is None)
+        if explicit or self._bad_latest != (sig, err.message):
+            self._bad_latest = (sig, err.message)
+            self._record_error(err)
+        return err
+
+    async def _changed_latest(self) -> str | None:
+        """The version LATEST names when it changed since the watcher last acted on it; None when
+        unchanged or unusable (recorded). Keeps ``_latest_version``: what the LATEST of
+        ``_latest_sig`` names (None when unusable)."""
         try:
-            version = read_latest(self.settings.artifacts)
-        except CheckpointError as e:  # missing, unreadable, not UTF-8, or not a version id
-            # not_found: there is no LATEST at all; otherwise it is there but unusable
-            err = PointerError(str(e), not_found=sig is None)
-            if explicit or self._bad_latest != (sig, err.message):
-                self._bad_latest = (sig, err.message)
-                self._record_error(err)
-            raise err from e
+            sig, named = await self._probe_latest()
+        except PointerError as e:
+            if self._bad_latest != (UNSEEN, "timeout"):  # once per stuck read, not every round
+                self._bad_latest = (UNSEEN, "timeout")
+                self._record_error(e)
+            return None
+        if self._bad_latest == (UNSEEN, "timeout"):
+            self._bad_latest = None  # LATEST answers again
+        if sig == self._latest_sig and named is None:
+            return None
+        self._latest_sig = sig
+        self._retry = None  # a new LATEST: whatever the old one named is not retried
+        if isinstance(named, CheckpointError):
+            self._latest_version = None
+            self._pointer_error(sig, named, explicit=False)
+            return None
         self._bad_latest = None
-        return version
+        self._latest_version = named
+        return named
 
     async def check(self) -> None:
         """One watcher round: activate the version ``served_version`` decides when LATEST or
-        ``model:current`` changed (or nothing is served yet); with Redis, move ``model:current``
-        along when LATEST overrode it.
+        ``model:current`` changed, or retry one that failed transiently once its backoff is over;
+        with Redis, move ``model:current`` along when LATEST overrode it.
 
         A change is acted on even when it names the version being served right now: ``activate``
         decides under its lock, after any reload or rollback in progress, whether it is a no-op.
         """
-        sig = self._latest_signature()
-        if sig != self._latest_sig or self._current is None:
-            self._latest_sig = sig
-            try:
-                self._latest_version = self._read_latest(sig)
-            except PointerError:  # recorded by _read_latest
-                self._latest_version = None
+        await self._changed_latest()  # updates _latest_sig and _latest_version
         if isinstance(self.store, RedisStore):
             answered, pointer = await self.store.read_pointer()
             if answered:
                 self._pointer = pointer
+        target: tuple[str, ReloadSource, bool] | None = None
         decided = served_version(self._latest_version, self._pointer)
         inputs = (self._latest_sig, self._latest_version, self._pointer)
-        if decided is None or (inputs == self._acted_on and self._current is not None):
-            return
-        self._acted_on = inputs
-        version, source, overrides_pointer = decided
+        if decided is not None and inputs != self._acted_on:
+            self._acted_on = inputs
+            self._retry = None  # a new decision: whatever failed before is not retried
+            target = decided
+        retry = self._retry
+        if target is None and retry is not None and time.monotonic() >= retry.due:
+            target = (retry.version, retry.source, False)
+        if target is not None:
+            version, source, overrides_pointer = target
+            if await self._try(version, "startup" if self._current is None else source) and overrides_pointer:
+                await self.announce(version)
+
+    async def _try(self, version: str, source: ReloadSource) -> bool:
+        """Activate from a pointer; a transient failure is scheduled for a retry, a permanent one
+        is left for the next pointer change (both recorded by ``activate``). True when served."""
         try:
-            await self.activate(version, "startup" if self._current is None else source)
-        except ReloadError:  # logged and counted by activate
+            await self.activate(version, source)
+        except ReloadError as e:
+            self._after_failure(e, version, source)
+            return False
+        self._retry = None
+        return True
+
+    def _after_failure(self, e: ReloadError, version: str, source: ReloadSource) -> None:
+        """Schedule the next try of a transient failure (the wait doubles per failed attempt);
+        forget any retry after a permanent one."""
+        previous = self._retry
+        if not e.transient:
+            self._retry = None
             return
-        if overrides_pointer:
-            await self.announce(version)
+        attempt = previous.attempt + 1 if previous is not None and previous.version == version else 1
+        s = self.settings
+        delay = min(s.reload_retry_max_s, s.reload_retry_initial_s * 2 ** min(attempt - 1, 30))
+        self._retry = Retry(version, source, attempt, time.monotonic() + delay)
+        if self.last_error is not None and self.last_error["version"] == version:
+            self.last_error["next_retry_at"] = _iso(time.time() + delay)
 
     async def _watch(self) -> None:
         interval = self.settings.reload_interval_s
@@ -410,15 +583,26 @@ class ModelHolder:
         when the watcher has not acted on a LATEST in the meantime.
         """
         seen = self._latest_sig
-        sig = self._latest_signature()
-        version: str | None = None
         try:
-            version = self._read_latest(sig, explicit=True)
+            sig, named = await self._probe_latest(force=True)
+        except PointerError as e:
+            self._record_error(e)
+            raise
+        try:
+            if not isinstance(named, str):  # (never None: force=True always reads)
+                err = named if named is not None else CheckpointError(f"{LATEST} was not read")
+                raise self._pointer_error(sig, err, explicit=True)
+            self._bad_latest = None
             previous = self._current
-            active = await self.activate(version, "admin-reload")
+            try:
+                active = await self.activate(named, "admin-reload")
+            except ReloadError as e:
+                self._after_failure(e, named, "latest")  # files still arriving: retried like the watcher's
+                raise
+            self._retry = None
         finally:
-            if self._latest_sig == seen and version is not None:
-                self._latest_sig, self._latest_version = sig, version
+            if self._latest_sig == seen:
+                self._latest_sig, self._latest_version = sig, named if isinstance(named, str) else None
         return active, previous
 
     async def rollback(self, version: str) -> tuple[ActiveModel, ActiveModel | None, bool]:
@@ -440,6 +624,7 @@ class ModelHolder:
             )
         previous = self._current
         active = await self.activate(version, "rollback")
+        self._retry = None  # serving what the admin asked for, until a pointer changes
         try:
             await asyncio.to_thread(write_latest, self.settings.artifacts, version)
             updated = True
@@ -454,16 +639,43 @@ class ModelHolder:
         if not isinstance(self.store, RedisStore):
             return None
         try:
-            latest: str | None = await asyncio.to_thread(read_latest, self.settings.artifacts)
-        except CheckpointError:
-            latest = None
+            _, named = await self._probe_latest(force=True)
+        except PointerError:  # LATEST does not answer: the pointer then always wins (served_version)
+            named = None
+        latest = named if isinstance(named, str) else None
         ok = await self.store.announce(version, latest)
         if ok:
             self._pointer = FleetPointer(version, latest)
         return ok
 
     # -- description ------------------------------------------------------------------------------
+    def public(self) -> dict[str, Any]:
+        """What anyone may see: the served version, whether one is served, and the request contract
+        (heads, the video and context feature names, the weights in force and their bounds).
+        Nothing about files, the store or LATEST."""
+        active = self._current
+        if active is None:
+            return {"version": None, "status": "not_ready", "heads": [], "features": {}, "scoring": None}
+        schema = active.ranker.schema
+        features = {g: [n for cols in schema.columns(g) for n in cols] for g in ("video", "context")}
+        return {
+            "version": active.version,
+            "status": "ready",
+            "heads": list(active.heads),
+            "features": features,
+            "scoring": self._scoring(active),
+        }
+
+    def _scoring(self, active: ActiveModel) -> dict[str, Any]:
+        return {
+            "combine": active.combine,
+            "weights": active.weights,
+            "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
+        }
+
     def describe(self) -> dict[str, Any]:
+        """Everything about the served model, its store and the last rejection (admin only: file
+        paths, the store's address, what LATEST named)."""
         active = self._current
         out: dict[str, Any] = {"last_reload_error": self.last_error}
         if active is None:
@@ -481,11 +693,7 @@ class ModelHolder:
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
             "forward": r.backend_info,
-            "scoring": {
-                "combine": active.combine,
-                "weights": active.weights,
-                "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
-            },
+            "scoring": self._scoring(active),
             "feature_store": self.store.describe(),
             **out,
         }

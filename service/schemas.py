@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import functools
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -14,6 +15,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    create_model,
 )
 
 # ids: KuaiRand's are ints; any non-empty string works too. Internally both are strings (str(int)).
@@ -44,6 +46,22 @@ CANDIDATE_HINT = (
 )
 VALUE_HINT = "must be a string, a finite number (within the float range), a boolean or null"
 
+# Every list and dict of a request is capped (candidates: at the settings' max_candidates), and
+# validated fail-fast: the first bad item ends validation. A body of invalid items (up to
+# max_body_bytes of them) would otherwise build one error per item and union member: seconds of
+# CPU on the event loop for a 1 MB body. The cost of a body is thus bounded by its size, which
+# max_body_bytes bounds.
+MAX_FEATURES = 256  # inline features per candidate; context features
+MAX_KEY_CHARS = 128  # a feature name
+MAX_WEIGHTS = 64  # per-head weight overrides
+DEFAULT_MAX_CANDIDATES = 2000  # Settings.max_candidates' default; create_app builds the app's cap
+CANDIDATES_DESCRIPTION = (
+    "video ids, or objects with inline features; at most max_candidates. Every video id at most "
+    'once: ids compare as strings, so the integer 5, the string "5" and {"video_id": 5} are the '
+    "same id (a repeated id is a 422)"
+)
+FeatureName = Annotated[str, Field(max_length=MAX_KEY_CHARS)]
+
 
 class Candidate(BaseModel):
     """A candidate with inline features; they override the feature store's values for it."""
@@ -51,9 +69,10 @@ class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     video_id: EntityId = Field(validation_alias=AliasChoices("video_id", "id"))
-    features: dict[Annotated[str, Field(max_length=128)], RawValue] = Field(
+    features: dict[FeatureName, RawValue] = Field(
         default_factory=dict,
-        max_length=256,
+        max_length=MAX_FEATURES,
+        fail_fast=True,
         description="raw values of the model's video features (GET /model lists them)",
     )
 
@@ -72,21 +91,50 @@ class RankRequest(BaseModel):
     user_id: EntityId
     candidates: list[EntityId | Candidate] = Field(
         min_length=1,
-        description="video ids, or objects with inline features; at most max_candidates, no duplicates",
+        max_length=DEFAULT_MAX_CANDIDATES,
+        fail_fast=True,
+        json_schema_extra={"uniqueItems": True},
+        description=CANDIDATES_DESCRIPTION,
     )
-    context: dict[Annotated[str, Field(max_length=128)], RawValue] = Field(
+    context: dict[FeatureName, RawValue] = Field(
         default_factory=dict,
-        max_length=256,
+        max_length=MAX_FEATURES,
+        fail_fast=True,
         description="raw values of the model's context features (GET /model lists them)",
     )
     top_k: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="return the best k (1..number of candidates); default: all"
     )
-    weights: dict[Annotated[str, Field(max_length=128)], Number] | None = Field(
+    weights: dict[FeatureName, Number] | None = Field(
         default=None,
-        max_length=64,
+        max_length=MAX_WEIGHTS,
+        fail_fast=True,
         description="per-head weights (the served model's heads) overriding the service's, within its bounds",
     )
+
+
+@functools.cache
+def rank_request_model(max_candidates: int) -> type[RankRequest]:
+    """RankRequest with ``candidates`` capped at ``max_candidates`` (a service's setting): a longer
+    list is refused by the parser itself, before any item is validated."""
+    if max_candidates == DEFAULT_MAX_CANDIDATES:
+        return RankRequest
+    field = RankRequest.model_fields["candidates"]
+    capped: type[RankRequest] = create_model(
+        "RankRequest",
+        __base__=RankRequest,
+        candidates=(
+            list[EntityId | Candidate],
+            Field(
+                min_length=1,
+                max_length=max_candidates,
+                fail_fast=True,
+                json_schema_extra=field.json_schema_extra,
+                description=field.description,
+            ),
+        ),
+    )
+    return capped
 
 
 # hints for describe_validation_errors: a value that fits no member of a union
@@ -151,6 +199,25 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model_version: str | None = None
+
+
+class Scoring(BaseModel):
+    combine: str = Field(description="product or sum")
+    weights: dict[str, float] = Field(description="the default weight of each head")
+    weight_bounds: tuple[float, float] = Field(description="the range every weight must lie in")
+
+
+class ModelStatus(BaseModel):
+    """What a client may know of the served model: its version and the request contract (the heads
+    ``weights`` may name, the features ``candidates[].features`` and ``context`` may carry)."""
+
+    version: str | None = Field(description="the served model version; null while none is served")
+    status: Literal["ready", "not_ready"]
+    heads: list[str] = Field(description="the heads each item is scored by (empty while none is served)")
+    features: dict[str, list[str]] = Field(
+        description="feature names a request may send inline, by group: video, context"
+    )
+    scoring: Scoring | None = Field(description="how the heads are combined (null while none is served)")
 
 
 class RollbackRequest(BaseModel):

@@ -50,6 +50,23 @@ class Settings(BaseSettings):
         description="requests with at most this many candidates are scored on the event loop, without "
         "the hop to the forward thread (which costs more than it saves for them)",
     )
+    checkpoint_key: SecretStr | None = Field(
+        default=None,
+        description="deployment key: load only checkpoints whose manifest is signed with it (HMAC-SHA256); "
+        "`mtrank train` signs with the same MTRANK_CHECKPOINT_KEY",
+    )
+    latest_read_timeout_s: float = Field(
+        default=2.0, gt=0, le=600, description="deadline of one read of models/LATEST (off the event loop)"
+    )
+    reload_retry_initial_s: float = Field(
+        default=1.0, gt=0, description="first retry of a version that failed transiently (files missing)"
+    )
+    reload_retry_max_s: float = Field(
+        default=60.0, gt=0, description="longest wait between retries (the wait doubles up to it)"
+    )
+    stale_temp_age_s: float = Field(
+        default=3600.0, ge=0, description="at start, remove temp checkpoint files/folders older than this"
+    )
 
     # -- feature store -----------------------------------------------------------------------
     feature_store: StoreKind = "embedded"
@@ -128,7 +145,22 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = False
 
-    @field_validator("admin_token", mode="before")
+    # -- HTTP limits of `mtrank serve` ---------------------------------------------------------
+    http_max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, le=1 << 20, description="request line + headers; a larger head gets 400"
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="from connection (or first byte of a request) to its last header"
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0, gt=0, description="from the last header to the last byte of the body"
+    )
+    http_keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections close after")
+    http_max_connections: int = Field(
+        default=1000, ge=1, description="open connections (and requests in flight); beyond it: 503"
+    )
+
+    @field_validator("admin_token", "checkpoint_key", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, v: object) -> object:
         if v is None or (isinstance(v, str) and v.strip() == ""):

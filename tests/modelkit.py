@@ -95,3 +95,13 @@ def default_row_heads(
         videos.cats[:, j] = [stable_hash(v) for v in video_ids]
     ctx = s.canonicalize_records("context", [dict(context)])
     return ranker.score_encoded(*ranker.encode(user, videos, ctx))
+
+
+def model_details(client: Any) -> dict[str, Any]:
+    """What ``GET /admin/model`` answers (the served model, its store, the last rejection: details
+    the public ``/model`` leaves out), read from the app's model holder as that route renders it;
+    the test apps mostly run without an admin token."""
+    import orjson
+
+    out: dict[str, Any] = orjson.loads(orjson.dumps(client.app.state.holder.describe(), default=str))
+    return out

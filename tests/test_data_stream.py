@@ -316,3 +316,43 @@ def test_a_monitor_that_names_no_metric_is_a_config_error(tmp_path):
         cfg.check_monitor()
     cfg.train.monitor = ""
     assert cfg.monitor == "valid/loss"  # the default fits every config
+
+
+# --------------------------------------------------------------------------------------------
+# the scaled-data generator (benchmarks)
+
+
+def test_scaled_kuairand_has_fresh_user_ids_and_keeps_duplicates(tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    out = tmp_path / "scaled"
+    res = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "scale",
+            "--rows",
+            "500000",
+            "--out",
+            str(out),
+            "--source",
+            str(DATA_DIR),
+            "--file-rows",
+            "200000",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    src = pd.read_csv(DATA_DIR / "log_standard_20220425_to_20220508_pure.csv.gz")
+    log = pd.read_parquet(out / "log")
+    assert len(log) == 500_000 and len(list((out / "log").glob("*.parquet"))) == 3
+    copies = math.ceil(500_000 / len(src))
+    assert log["user_id"].nunique() == sum(
+        src.iloc[: min(len(src), 500_000 - c * len(src))]["user_id"].nunique() for c in range(copies)
+    )  # every copy's users are new users
+    assert (log["time_ms"].to_numpy()[: len(src)] - src["time_ms"].to_numpy()).__abs__().max() <= 30_000
+    dup_src = src.duplicated().sum()
+    assert log.iloc[: len(src)].duplicated().sum() == dup_src  # duplicate artefacts stay duplicates
+    users = pd.read_parquet(out / "user_features.parquet")
+    assert set(log["user_id"]) <= set(users["user_id"])

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -71,6 +72,12 @@ def _copy(path, tmp_path):
     return dst
 
 
+def _rewrite_manifest(path, m):
+    """Write an edited manifest with a fresh digest, so the load gets past the digest check to the
+    check under test (tests/test_checkpoint_integrity.py covers the digest itself)."""
+    (path / "manifest.json").write_text(json.dumps(ck.seal_manifest(m)))
+
+
 def test_tampered_weights_are_rejected(trained, tmp_path):
     p = _copy(trained[1], tmp_path)
     data = bytearray((p / "weights.safetensors").read_bytes())
@@ -100,11 +107,11 @@ def test_mismatched_manifest_is_rejected(trained, tmp_path):
     p = _copy(trained[1], tmp_path)
     m = json.loads((p / "manifest.json").read_text())
     m["config"]["model"]["embed_dim"] = 7
-    (p / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(p, m)
     with pytest.raises(IncompatibleCheckpointError, match="do not fit"):
         load_checkpoint(p)
     m["format_version"] = 99
-    (p / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(p, m)
     with pytest.raises(IncompatibleCheckpointError, match="format_version"):
         load_checkpoint(p)
 
@@ -126,7 +133,7 @@ def test_crash_mid_write_leaves_latest_and_versions_intact(trained, tmp_path, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(ck, "_write_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ck.CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, res.model, cfg, ds.schema)
     monkeypatch.undo()
     assert read_latest(tmp_path) == first.name
@@ -326,7 +333,7 @@ def test_malformed_manifest_is_a_checkpoint_error(trained, tmp_path, case):
     p = _copy(trained[1], tmp_path)
     m = json.loads((p / "manifest.json").read_text())
     mutate(m)
-    (p / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(p, m)
     with pytest.raises(error, match=match) as info:
         load_checkpoint(p)
     assert type(info.value) is error
@@ -383,7 +390,7 @@ def test_huge_dims_are_rejected_without_allocating(trained, tmp_path, monkeypatc
     p = _copy(trained[1], tmp_path)
     m = json.loads((p / "manifest.json").read_text())
     mutate(m)
-    (p / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(p, m)
     devices = []
     real_build = ck.build_model
 
@@ -407,7 +414,7 @@ def test_overflowing_dims_are_corrupt(trained, tmp_path):
     p = _copy(trained[1], tmp_path)
     m = json.loads((p / "manifest.json").read_text())
     m["config"]["model"]["embed_dim"] = 10**30
-    (p / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(p, m)
     with pytest.raises(CorruptCheckpointError, match="builds no network") as info:
         load_checkpoint(p)
     assert "\n" not in str(info.value)  # torch's C++ stack trace is left out of the message
@@ -455,7 +462,7 @@ def test_every_arch_is_checked_on_the_meta_device(tmp_path, arch, bias):
     m["config"]["model"][key] = [10**6, 10**6]
     if bias:
         m["config"]["model"]["bias_dims"] = [10**6, 10**6]
-    (path / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(path, m)
     with pytest.raises(IncompatibleCheckpointError, match="do not fit"):
         load_checkpoint(path)
 
@@ -472,15 +479,18 @@ def test_every_arch_is_checked_on_the_meta_device(tmp_path, arch, bias):
         (b".tmp-20990101-000000-abcdef", "not a model version id"),
         (b"two words\n", "not a model version id"),
         (b"x" * 10_000, "longer than 256 bytes"),
-        (None, "cannot read"),  # LATEST is a directory
+        (None, "cannot read.*a directory"),  # LATEST is a directory
+        ("fifo", "cannot read.*a FIFO"),  # opening it would wait for a writer
     ],
-    ids=["not utf-8", "a path", "empty", "a temp folder", "two words", "huge", "a directory"],
+    ids=["not utf-8", "a path", "empty", "a temp folder", "two words", "huge", "a directory", "a fifo"],
 )
 def test_unusable_latest_is_corrupt(tmp_path, content, match):
     latest = tmp_path / "models" / "LATEST"
     latest.parent.mkdir()
     if content is None:
         latest.mkdir()
+    elif content == "fifo":
+        os.mkfifo(latest)
     else:
         latest.write_bytes(content)
     with pytest.raises(CorruptCheckpointError, match=match):

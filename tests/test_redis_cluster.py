@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from modelkit import ROOT, service_settings
+from modelkit import ROOT, model_details, service_settings
 from typer.testing import CliRunner
 
 from service.app import create_app
@@ -90,7 +90,7 @@ def test_materialize_writes_bucketed_keys_and_the_cluster_scores_like_the_embedd
         for x, y in zip(ja["items"], jb["items"], strict=True):
             assert x["score"] == pytest.approx(y["score"], rel=1e-12, abs=0)
             assert x["unknown_video"] is y["unknown_video"]
-        store = b.get("/model").json()["feature_store"]
+        store = model_details(b)["feature_store"]
         assert store["cluster"] is True and store["key_buckets"] == CLUSTER_BUCKETS
         assert b.get("/readyz").status_code == 200
 

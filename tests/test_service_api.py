@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from modelkit import default_row_heads, service_settings
+from modelkit import default_row_heads, model_details, service_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import Ranker, read_latest, resolve_checkpoint, write_latest
@@ -485,7 +485,9 @@ def test_health_model_and_docs(client: TestClient, trained_artifacts: Path) -> N
     assert client.get("/healthz").json() == {"status": "ok"}
     version = read_latest(trained_artifacts)
     assert client.get("/readyz").json() == {"status": "ready", "model_version": version}
-    info = client.get("/model").json()
+    public = client.get("/model").json()  # the details are GET /admin/model
+    assert public["version"] == version and public["status"] == "ready" and "config" not in public
+    info = model_details(client)  # GET /admin/model
     assert info["version"] == version and info["arch"] == "mmoe"
     assert [t["name"] for t in info["tasks"]] == ["engagement", "satisfaction"]
     assert "test/engagement/auc" in info["metrics"]

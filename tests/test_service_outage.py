@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from modelkit import default_row_heads, metric
+from modelkit import default_row_heads, metric, model_details
 from typer.testing import CliRunner
 
 from model import Ranker, resolve_checkpoint
@@ -112,7 +112,7 @@ def test_frozen_redis_degrades_via_the_deadline_and_recovers(
         # Redis answers nothing until thawed: every answer here was produced by the fetch deadline
         # (the first BREAKER_FAILURES) or by the open circuit breaker, without Redis
         bodies = [rank_once(client) for _ in range(n)]
-        assert client.get("/model").json()["feature_store"]["breaker_open"] is True
+        assert model_details(client)["feature_store"]["breaker_open"] is True
     after = degraded_counts(client)
     assert all(b["degraded"] is True for b in bodies)
     assert after["timeout"] >= before["timeout"] + BREAKER_FAILURES

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from modelkit import service_settings
+from modelkit import model_details, service_settings
 from typer.testing import CliRunner
 
 from model import load_checkpoint, read_latest, resolve_checkpoint, write_latest
@@ -113,7 +113,7 @@ def test_embedded_and_redis_stores_score_identically(
         for c in (a, b):
             text = c.get("/metrics").text
             assert "mtrank_unknown_videos_total 2.0" in text
-        info = b.get("/model").json()["feature_store"]
+        info = model_details(b)["feature_store"]
         assert info["kind"] == "redis" and info["prefix"] == materialized
         assert info["meta"]["model_version"] == read_latest(trained_artifacts)
 
@@ -149,8 +149,8 @@ def test_redis_store_needs_materialized_features(
     s = redis_settings(trained_artifacts, redis_url, redis_prefix)
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz")
-        assert r.status_code == 503
-        assert "run `mtrank materialize`" in r.json()["error"]["message"]
+        assert r.status_code == 503 and r.json()["error"]["message"] == "no model loaded yet"
+        assert "run `mtrank materialize`" in model_details(c)["last_reload_error"]["error"]  # /admin/model
 
 
 def test_materialize_refuses_another_layout_unless_replace(
@@ -189,7 +189,7 @@ def test_model_needing_a_column_redis_lacks_is_rejected(
     with TestClient(create_app(s)) as c:
         new = train_tiny(artifacts_copy, seed=3, configure=_with_extra_video_feature)
         deadline = time.monotonic() + 20
-        while (err := c.get("/model").json()["last_reload_error"]) is None:
+        while (err := model_details(c)["last_reload_error"]) is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert err["version"] == new
@@ -205,11 +205,11 @@ def test_embedded_store_grows_for_a_model_with_a_new_column(artifacts_copy: Path
         new = train_tiny(artifacts_copy, seed=4, configure=_with_extra_video_feature)
         deadline = time.monotonic() + 20
         while c.get("/model").json()["version"] != new:
-            assert time.monotonic() < deadline, c.get("/model").json()["last_reload_error"]
+            assert time.monotonic() < deadline, model_details(c)["last_reload_error"]
             time.sleep(0.05)
         assert new != old
         assert c.post("/rank", json=REQUEST).json()["model_version"] == new
-        cols = c.get("/model").json()["feature_store"]["tables"]["video"]["columns"]["nums"]
+        cols = model_details(c)["feature_store"]["tables"]["video"]["columns"]["nums"]
         assert cols[-1] == "visible_status"
 
 
@@ -252,7 +252,7 @@ def test_replicas_follow_model_current_via_pubsub(
         while b.get("/model").json()["version"] != v0:
             assert time.monotonic() < deadline, "the replica did not follow model:current"
             time.sleep(0.05)
-        assert b.get("/model").json()["source"] == "redis"
+        assert model_details(b)["source"] == "redis"
         # and forward again with /admin/reload (LATEST -> v1)
         write_latest(artifacts, v1)
         r = a.post("/admin/reload", headers=auth)
@@ -290,7 +290,7 @@ def test_every_replica_serves_model_current_across_restarts_until_latest_moves(
     with TestClient(create_app(s)) as a:
         with TestClient(create_app(s)) as b:
             assert versions(a, b) == [v0, v0]
-            assert a.get("/model").json()["source"] == "startup"
+            assert model_details(a)["source"] == "startup"
         with TestClient(create_app(s)) as b:  # replica b restarted: still the fleet's version
             assert versions(a, b) == [v0, v0] and read_latest(artifacts) == v1
         v2 = train_tiny(artifacts, seed=5)  # a training run promotes v2: a newer decision
@@ -324,7 +324,7 @@ def test_an_unreadable_latest_does_not_stop_the_redis_pointer(
         finally:
             client.close()
         c.portal.call(c.app.state.holder.check)  # one round: LATEST is an error, the pointer still moves
-        info = c.get("/model").json()
+        info = model_details(c)
         assert info["version"] == v0 and info["source"] == "redis"
         assert info["last_reload_error"]["version"] == "LATEST"
         assert c.post("/rank", json=REQUEST).json()["model_version"] == v0

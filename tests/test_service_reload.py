@@ -18,10 +18,11 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from modelkit import model_details
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import load_checkpoint, read_latest, write_latest
-from model.checkpoint import LATEST, WEIGHTS, list_versions, models_dir, save_checkpoint
+from model.checkpoint import LATEST, WEIGHTS, list_versions, models_dir, save_checkpoint, seal_manifest
 from model.config import Config, FeatureDecl
 from service.app import create_app
 from service.metrics import Metrics
@@ -65,7 +66,7 @@ def copy_version(artifacts: Path, source: str, new: str) -> Path:
     shutil.copytree(models_dir(artifacts) / source, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["version"] = new
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))  # a new digest: a real copy
     return dst
 
 
@@ -173,7 +174,7 @@ def live(artifacts_copy: Path) -> Iterator[TestClient]:
 
 
 @pytest.mark.parametrize(
-    "damage", ["truncated weights", "manifest not JSON", "missing weights", "wrong tensors"]
+    "damage", ["altered weights", "manifest not JSON", "missing weights", "wrong tensors"]
 )
 def test_bad_checkpoint_is_rejected_and_old_model_keeps_serving(
     live: TestClient, artifacts_copy: Path, damage: str
@@ -181,9 +182,10 @@ def test_bad_checkpoint_is_rejected_and_old_model_keeps_serving(
     old = read_latest(artifacts_copy)
     bad = "20991231-000000-bad001"
     path = copy_version(artifacts_copy, old, bad)
-    if damage == "truncated weights":
-        data = (path / WEIGHTS).read_bytes()
-        (path / WEIGHTS).write_bytes(data[: len(data) // 2])
+    if damage == "altered weights":  # (cut short they are a copy in progress: test_service_hardening)
+        data = bytearray((path / WEIGHTS).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (path / WEIGHTS).write_bytes(bytes(data))
         expect = "SHA-256"
     elif damage == "manifest not JSON":
         (path / "manifest.json").write_text("{not json")
@@ -194,18 +196,18 @@ def test_bad_checkpoint_is_rejected_and_old_model_keeps_serving(
     else:  # consistent file, but the network it describes does not fit the weights
         manifest = json.loads((path / "manifest.json").read_text())
         manifest["config"]["model"]["expert_dims"] = [7]
-        (path / "manifest.json").write_text(json.dumps(manifest))
+        (path / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
         expect = "weights do not fit"
     errors0 = reload_errors(live)
     write_latest(artifacts_copy, bad)
-    wait_for(lambda: live.get("/model").json()["last_reload_error"] is not None, what="the rejection")
-    err = live.get("/model").json()["last_reload_error"]
+    wait_for(lambda: model_details(live)["last_reload_error"] is not None, what="the rejection")
+    err = model_details(live)["last_reload_error"]
     assert err["version"] == bad and expect in err["error"], err
     assert reload_errors(live) == errors0 + 1
     assert live.get("/readyz").status_code == 200
     r = live.post("/rank", json=REQUEST)
     assert r.status_code == 200 and r.json()["model_version"] == old
-    time.sleep(0.3)  # not retried every poll while LATEST stays the same
+    time.sleep(0.3)  # not retried every poll (missing weights: only after reload_retry_initial_s, 1 s)
     assert reload_errors(live) == errors0 + 1
     # an explicit reload of the bad LATEST reports the rejection, still serving the old model
     r = live.post("/admin/reload", headers=AUTH)
@@ -220,7 +222,7 @@ def test_a_good_model_after_a_bad_one_is_picked_up(
     bad = copy_version(artifacts_copy, old, "20991231-000000-bad002")
     (bad / WEIGHTS).write_bytes(b"garbage")
     write_latest(artifacts_copy, bad.name)
-    wait_for(lambda: live.get("/model").json()["last_reload_error"] is not None, what="the rejection")
+    wait_for(lambda: model_details(live)["last_reload_error"] is not None, what="the rejection")
     new = train_tiny(artifacts_copy, seed=5)
     wait_for(lambda: live.get("/model").json()["version"] == new, what="the good model")
     assert live.post("/rank", json=REQUEST).json()["model_version"] == new
@@ -273,7 +275,7 @@ def test_admin_reload_and_rollback(live: TestClient, artifacts_copy: Path, train
     assert read_latest(artifacts_copy) == v0  # durable: a restart serves v0 too
     assert live.post("/rank", json=REQUEST).json()["model_version"] == v0
     time.sleep(0.3)  # the watcher sees LATEST = v0 = served: nothing changes
-    info = live.get("/model").json()
+    info = model_details(live)
     assert info["version"] == v0 and info["source"] == "rollback"
 
 
@@ -344,7 +346,7 @@ def wide_copy(wide_artifacts: Path, tmp_path: Path) -> tuple[Path, str, str]:
 
 def video_columns(client: TestClient) -> dict[str, list[str]]:
     """The embedded store's live video columns: {"cats": [...], "nums": [...]}."""
-    cols = client.get("/model").json()["feature_store"]["tables"]["video"]["columns"]
+    cols = model_details(client)["feature_store"]["tables"]["video"]["columns"]
     return {"cats": cols["cats"], "nums": cols["nums"]}
 
 
@@ -364,8 +366,8 @@ def test_a_rejected_wider_model_leaves_the_serving_model_untouched(wide_copy: tu
         assert "music_id" not in before["cats"] and rank_ok(c) == narrow
         errors0 = reload_errors(c)
         write_latest(artifacts, bad)
-        wait_for(lambda: c.get("/model").json()["last_reload_error"] is not None, what="the rejection")
-        err = c.get("/model").json()["last_reload_error"]
+        wait_for(lambda: model_details(c)["last_reload_error"] is not None, what="the rejection")
+        err = model_details(c)["last_reload_error"]
         assert err["version"] == bad and "finite" in err["error"], err
         assert reload_errors(c) == errors0 + 1
         for _ in range(3):  # the old model keeps serving, with the tables it was serving from
@@ -538,10 +540,10 @@ def test_an_unusable_latest_is_recorded_once_and_never_a_500(
     errors0 = reload_errors(live)
     caplog.set_level(logging.INFO, logger="service.reload")
     put_latest(artifacts_copy, raw)
-    wait_for(lambda: live.get("/model").json()["last_reload_error"] is not None, what="the error")
+    wait_for(lambda: model_details(live)["last_reload_error"] is not None, what="the error")
     for _ in range(3):  # more watcher rounds: recorded once per bad LATEST, not once per poll
         live.portal.call(holder.check)
-    err = live.get("/model").json()["last_reload_error"]
+    err = model_details(live)["last_reload_error"]
     assert err["version"] == names, err
     assert reload_errors(live) == errors0 + 1
     logged = [r for r in caplog.records if r.levelno >= logging.WARNING and "rejected" in r.getMessage()]

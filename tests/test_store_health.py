@@ -18,7 +18,7 @@ import pytest
 import redis
 from conftest import RedisServer, delete_keys
 from fastapi.testclient import TestClient
-from modelkit import metric, service_settings
+from modelkit import metric, model_details, service_settings
 from typer.testing import CliRunner
 
 from service.app import create_app
@@ -95,7 +95,8 @@ def test_a_wiped_prefix_is_degraded_and_not_ready_until_materialised_again(
             assert delete_keys(redis_url, redis_prefix) > 0  # what FLUSHALL does to this prefix
             wait_for(lambda: client.get("/readyz").status_code == 503, "/readyz to fail")
         ready = client.get("/readyz").json()["error"]["message"]
-        assert "meta_missing" in ready and "mtrank materialize" in ready
+        assert "meta_missing" in ready and redis_prefix not in ready  # what to do: /admin/model
+        assert "mtrank materialize" in model_details(client)["feature_store"]["health"]["detail"]
         assert any("meta_missing" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
         before = metric(client, "mtrank_degraded_requests_total", reason="meta_missing")
         out = rank(client)
@@ -131,7 +132,7 @@ def test_most_keys_evicted_is_degraded_and_not_ready(
         assert out["degraded"] is True and out["degraded_reason"] == "evicted"
         assert metric(client, "mtrank_feature_store_problem", problem="evicted") == 1
         assert 0.2 < metric(client, "mtrank_feature_store_sampled_keys_present_ratio") < 0.6
-        assert client.get("/model").json()["feature_store"]["health"]["problem"] == "evicted"
+        assert model_details(client)["feature_store"]["health"]["problem"] == "evicted"
 
 
 def test_an_empty_restart_of_redis_is_noticed(trained_artifacts: Path, redis_server: RedisServer) -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import TrainTiny
 from fastapi.testclient import TestClient
-from modelkit import service_settings
+from modelkit import model_details, service_settings
 from typer.testing import CliRunner
 
 from model import load_checkpoint, resolve_checkpoint
@@ -111,5 +111,49 @@ def test_redis_store_serves_what_training_evaluates(
         redis_timeout_ms=2000.0,  # parity, not outages: a loaded machine must not degrade a request
     )
     with TestClient(create_app(settings)) as c:
-        assert c.get("/model").json()["feature_store"]["kind"] == "redis"
+        assert model_details(c)["feature_store"]["kind"] == "redis"
         assert_serving_matches_offline(c, artifacts)
+
+
+def test_predict_scores_a_log_file_as_evaluation_and_rank_do(artifacts: Path, tmp_path: Path) -> None:
+    """`mtrank predict` on the raw test rows of the log (keys, context, labels; no entity features):
+    user and video features joined from the checkpoint's tables by key, context from the file, as
+    offline evaluation scores every row and /rank the sampled ones. Two rows with ids the tables lack
+    score as /rank scores unknown entities."""
+    ckpt = load_checkpoint(resolve_checkpoint(artifacts))
+    cfg = ckpt.config
+    offline = predict(ckpt.model, load_dataset(cfg, schema=ckpt.schema).test, cfg.tasks)
+    log = pd.read_csv(cfg.data.path(cfg.data.log)).drop_duplicates().reset_index(drop=True)
+    lo, hi = cfg.data.test_range
+    test = log[(log["date"] >= lo) & (log["date"] <= hi)].reset_index(drop=True)
+    strangers = test.iloc[:2].assign(user_id=[10**9, 10**9 + 1], video_id=[10**9 + 2, 10**9 + 3])
+    rows = pd.concat([test, strangers], ignore_index=True)
+    rows.to_parquet(tmp_path / "rows.parquet")
+
+    out_path = tmp_path / "scores.csv"
+    args = ["predict", "--input", tmp_path / "rows.parquet", "--output", out_path, "--artifacts", artifacts]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "2 of" in result.output and "user key the users table lacks" in result.output
+    out = pd.read_csv(out_path)
+    assert len(out) == len(rows) and (out["user_id"] == rows["user_id"]).all()
+    for head, want in offline.items():
+        np.testing.assert_allclose(out[f"score_{head}"][: len(test)], want, atol=1e-5, rtol=1e-4)
+
+    requests, _ = logged_test_rows(artifacts)
+    picks = np.linspace(0, len(test) - 1, N_ROWS).round().astype(int)
+    unknown = [
+        {
+            "user_id": int(r.user_id),
+            "candidates": [int(r.video_id)],
+            "context": {"tab": int(r.tab), "hour": int(r.hourmin) // 100},
+        }
+        for r in strangers.itertuples()
+    ]
+    with TestClient(create_app(service_settings(artifacts))) as client:
+        for i, body in zip([*picks, len(test), len(test) + 1], [*requests, *unknown], strict=True):
+            (item,) = client.post("/rank", json=body).json()["items"]
+            for head, got in item["heads"].items():
+                assert abs(out.at[i, f"score_{head}"] - got) < 1e-5, (body, head)
+            assert abs(out.at[i, "score"] - item["score"]) < 1e-5
+        assert item["unknown_video"] is True

@@ -64,10 +64,10 @@ from model.features import (
     SchemaFitter,
     StringMap,
     hash_column,
+    numeric_column,
     schema_from_arrays,
     schema_to_arrays,
     stable_hash,
-    to_float,
 )
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,18 @@ def check_same_features(fitted: FeatureSchema, declared: FeatureSchema) -> None:
             "the config's features differ from the checkpoint's feature schema: "
             f"{sig(declared)} vs {sig(fitted)}"
         )
+
+
+def derived_columns(d: DataConfig, columns: Sequence[str]) -> list[str]:
+    """Columns the source adds to the log's: KuaiRand's ``hour`` (from ``hourmin``)."""
+    return ["hour"] if d.source == "kuairand" and "hourmin" in columns else []
+
+
+def add_derived(df: pd.DataFrame, derived: Sequence[str]) -> pd.DataFrame:
+    """A log batch with the ``derived_columns`` added (``hour = hourmin // 100``)."""
+    if "hour" in derived:
+        df = df.assign(hour=(df["hourmin"] // 100).astype("int64"))
+    return df
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +525,7 @@ class Preparer:
         video_cols = set(self.tables["video"].columns) if "video" in self.tables else set()
         if group_clash := sorted(user_cols & video_cols):
             raise DataError(f"features {group_clash} are columns of both the users and the videos table")
-        self.derived = ["hour"] if self.d.source == "kuairand" and "hourmin" in self.log_columns else []
+        self.derived = derived_columns(self.d, self.log_columns)
         have = set(self.log_columns) | set(self.derived)
         for g in ALL_GROUPS:
             table_of = self.tables.get(g) if g != BIAS else None
@@ -577,9 +589,7 @@ class Preparer:
         return keep
 
     def derive(self, df: pd.DataFrame) -> pd.DataFrame:
-        if self.derived:
-            df = df.assign(hour=(df["hourmin"] // 100).astype("int64"))
-        return df
+        return add_derived(df, self.derived)
 
     # -- pass 1 ------------------------------------------------------------------------------
     def scan(self, tmp: Path) -> ScanResult:
@@ -589,7 +599,10 @@ class Preparer:
         if dedup:
             cols = None  # every column: duplicates are rows identical in all of them
         else:
-            cols = [c for c in (self.d.split_column, self.d.time_column) if c in self.log_columns]
+            # (a day column may be the time column too: each column once)
+            cols = list(
+                dict.fromkeys(c for c in (self.d.split_column, self.d.time_column) if c in self.log_columns)
+            )
             cols = cols or self.log_columns[:1]
         spill: dict[int, Any] = {}
         try:
@@ -756,7 +769,7 @@ class Preparer:
 
     def _bucket_times(self, shift: int, in_train: set[Any], *buckets: int) -> np.ndarray:
         out = []
-        cols = [self.d.split_column, self.d.time_column]
+        cols = list(dict.fromkeys([self.d.split_column, self.d.time_column]))
         for frag, row0, df in self.batches(cols):
             keys, ok = time_keys(df[self.d.time_column])
             in_split = np.isin(
@@ -794,14 +807,19 @@ class Preparer:
                 assert rows is not None
                 nums[:, j] = table.num_values(spec.name, rows)
             else:
-                nums[:, j] = to_float(df[spec.name])
+                nums[:, j] = numeric_column(df[spec.name], spec.name, "the log")
         return cats, nums
 
     # -- pass 2 ------------------------------------------------------------------------------
-    def fit(self) -> tuple[dict[int, SchemaFitter], dict[int, list[Moments]]]:
-        """Per fragment: a fitter over its train rows, and per-task label moments."""
+    def fit(
+        self,
+    ) -> tuple[SchemaFitter, dict[int, dict[tuple[AnyGroup, str], Moments]], dict[int, list[Moments]]]:
+        """The train rows' value counts (one counter per feature: counts add up in any order), and
+        per fragment the numeric features' and the labels' moments (merged in fragment order later,
+        so the statistics do not depend on which rank read which fragment)."""
         assert self.plan is not None
-        fitters: dict[int, SchemaFitter] = {}
+        counts = SchemaFitter(self.declared)
+        moments: dict[int, dict[tuple[AnyGroup, str], Moments]] = {}
         labels: dict[int, list[Moments]] = {}
         cols = self.needed_columns()
         for frag, row0, df in self.batches(cols):
@@ -811,24 +829,25 @@ class Preparer:
             if not m.any():
                 continue
             df = df.loc[m].reset_index(drop=True)
-            fitter = fitters.setdefault(frag.index, SchemaFitter(self.declared))
+            fm = moments.setdefault(frag.index, {})
             for g in ALL_GROUPS:
                 if not self.declared.cats(g) and not self.declared.nums(g):
                     continue
                 cats, nums = self.group_columns(g, df, self.declared, names=True)
                 for spec, (codes, names) in zip(self.declared.cats(g), cats, strict=True):
-                    assert names is not None
-                    fitter.update_counts(g, spec.name, codes, names)
+                    if spec.hash_buckets is None:  # a hashed feature has no vocabulary to count
+                        assert names is not None
+                        counts.update_counts(g, spec.name, codes, names)
                 for j, spec in enumerate(self.declared.nums(g)):
                     x = nums[:, j].astype(np.float64)
                     if spec.log1p:
                         x = np.log1p(np.clip(x, 0.0, None))
-                    fitter.moments[(g, spec.name)].add(x)
+                    fm.setdefault((g, spec.name), Moments()).add(x)
             y = build_labels(df, self.cfg.tasks).astype(np.float64)
             lm = labels.setdefault(frag.index, [Moments() for _ in self.cfg.tasks])
             for t in range(y.shape[1]):
                 lm[t].add(y[:, t])
-        return fitters, labels
+        return counts, moments, labels
 
     # -- pass 3 ------------------------------------------------------------------------------
     def encode(self, schema: FeatureSchema) -> tuple[list[ShardInfo], np.ndarray, dict[str, int]]:
@@ -917,13 +936,6 @@ class Preparer:
         return out.view(np.int64)
 
 
-def _merge_fitters(declared: FeatureSchema, per_frag: Mapping[int, SchemaFitter]) -> SchemaFitter:
-    out = SchemaFitter(declared)
-    for k in sorted(per_frag):
-        out.merge(per_frag[k])
-    return out
-
-
 def prepare(
     cfg: Config,
     cache_dir: str | Path,
@@ -946,6 +958,14 @@ def prepare(
     ):
         log.info("data: reusing the encoded shards in %s", root)
         return cached
+    if ex.world > 1 and len(source.fragments) < ex.world:
+        log.warning(
+            "the log has %d fragment(s) (Parquet row groups / CSV files) for %d ranks: ranks without one "
+            "only pad every step; write the log as at least %d Parquet files or row groups",
+            len(source.fragments),
+            ex.world,
+            ex.world,
+        )
     root.mkdir(parents=True, exist_ok=True)
     prep = Preparer(cfg, root, schema, ex, source)
     tmp = Path(tempfile.mkdtemp(prefix=f".scan-r{ex.rank}-", dir=root))
@@ -956,13 +976,19 @@ def prepare(
         prep.plan = prep.plan_split(scans)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fitters, label_moments = prep.fit()
-    all_fitters: dict[int, SchemaFitter] = {}
+    value_counts, moments, label_moments = prep.fit()
+    fitter = SchemaFitter(prep.declared)
+    all_moments: dict[int, dict[tuple[AnyGroup, str], Moments]] = {}
     all_labels: dict[int, list[Moments]] = {}
-    for f, lm in ex.all_gather((fitters, label_moments)):
-        all_fitters.update(f)
+    for c, fm, lm in ex.all_gather((value_counts, moments, label_moments)):
+        for key, counter in c.counters.items():
+            fitter.counters[key].merge(counter)
+        all_moments.update(fm)
         all_labels.update(lm)
-    fitted = _merge_fitters(prep.declared, all_fitters).result()
+    for k in sorted(all_moments):  # fragment order: the same statistics whoever read the fragment
+        for key, m in all_moments[k].items():
+            fitter.moments[key].merge(m)
+    fitted = fitter.result()
     if schema is not None:
         bias = fitted.bias if [f.name for f in schema.bias] != list(cfg.model.bias_features) else schema.bias
         fitted = FeatureSchema(

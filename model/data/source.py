@@ -19,6 +19,7 @@ import glob
 import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from model.config import DataConfig
-from model.features import NULL_CODE, HashedColumn, StringMap, hash_column, to_float
+from model.features import NULL_CODE, StringMap, hash_column, numeric_column
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ class LogSource:
             else:
                 self._columns[path] = self._probe_csv(path)
                 self.fragments.append(Fragment(len(self.fragments), path, None, None))
+            repeated = sorted(c for c, k in Counter(self._columns[path]).items() if k > 1)
+            if repeated:
+                raise DataError(f"{path.name}: column name(s) {repeated} appear more than once")
 
     # -- schema ------------------------------------------------------------------------------
     def columns(self) -> list[str]:
@@ -186,6 +190,13 @@ class LogSource:
     # -- reading -----------------------------------------------------------------------------
     def batches(self, frag: Fragment, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
         """The fragment's rows in order, as frames of at most ``batch_rows`` rows (CSV: one block)."""
+        for rb in self.record_batches(frag, columns):
+            yield rb.to_pandas()
+
+    def record_batches(
+        self, frag: Fragment, columns: Sequence[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """``batches`` as Arrow record batches (the file's own column types)."""
         have = self._columns[frag.path]
         self.read_fragments.add(frag.index)
         if columns is not None:
@@ -195,10 +206,9 @@ class LogSource:
         try:
             if frag.row_group is not None:
                 pf = pq.ParquetFile(frag.path)
-                for rb in pf.iter_batches(
+                yield from pf.iter_batches(
                     batch_size=self.batch_rows, row_groups=[frag.row_group], columns=list(columns or have)
-                ):
-                    yield rb.to_pandas()
+                )
                 return
             types = self._csv_types[frag.path]
             with pacsv.open_csv(
@@ -208,7 +218,7 @@ class LogSource:
             ) as reader:
                 for rb in reader:
                     for start in range(0, rb.num_rows, self.batch_rows):
-                        yield rb.slice(start, self.batch_rows).to_pandas()
+                        yield rb.slice(start, self.batch_rows)
         except pa.ArrowInvalid as e:
             m = re.search(r"column #(\d+)", str(e))
             col = f" (column {have[int(m.group(1))]!r})" if m and int(m.group(1)) < len(have) else ""
@@ -241,27 +251,52 @@ class EntityTable:
     """A user or video table, joined to log batches by the hash of its key.
 
     Only the features declared for the table's group that are columns of the table are read
-    (the key itself comes from the log). Duplicate keys keep the last row, as before."""
+    (the key itself comes from the log). Duplicate keys keep the last row, as before. Each
+    categorical column is kept as small integers into its distinct values' hashes, so a table of
+    millions of users costs a few bytes per user and feature."""
 
     def __init__(self, path: Path, key: str, cat_names: Sequence[str], num_names: Sequence[str]) -> None:
-        df = read_table(path)
-        if key not in df.columns:
+        columns = self._columns(path)
+        if key not in columns:
             raise DataError(f"table {path.name} has no key column {key!r}")
         self.path, self.key = path, key
-        self.cat_names = [c for c in cat_names if c in df.columns and c != key]
-        self.num_names = [c for c in num_names if c in df.columns and c != key]
+        self.cat_names = [c for c in cat_names if c in columns and c != key]
+        self.num_names = [c for c in num_names if c in columns and c != key]
+        df = read_table(path, columns=list(dict.fromkeys([key, *self.cat_names, *self.num_names])))
         df = df.drop_duplicates(subset=[key], keep="last").reset_index(drop=True)
         self.rows = len(df)
         keys = hash_column(df[key]).codes
         order = np.argsort(keys, kind="stable")
         self._keys, self._pos = keys[order], order
-        self.cats: dict[str, HashedColumn] = {c: hash_column(df[c]) for c in self.cat_names}
-        self.names: dict[str, StringMap] = {c: StringMap.of(h) for c, h in self.cats.items()}
-        self.nums: dict[str, np.ndarray] = {c: to_float(df[c]) for c in self.num_names}
+        self._codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # (row -> value index, value hashes)
+        self.names: dict[str, StringMap] = {}
+        for c in self.cat_names:
+            h = hash_column(df[c])
+            values, inverse = np.unique(h.codes, return_inverse=True)
+            small = np.min_scalar_type(max(len(values) - 1, 0))
+            self._codes[c] = (inverse.astype(small), values)
+            self.names[c] = StringMap.of(h)
+        self.nums: dict[str, np.ndarray] = {c: numeric_column(df[c], c, path.name) for c in self.num_names}
+
+    @staticmethod
+    def _columns(path: Path) -> list[str]:
+        if not path.is_file():
+            read_table(path)  # the not-found error with its hint
+        try:
+            if file_kind(path) == "parquet":
+                return list(pq.ParquetFile(path).schema_arrow.names)
+            return list(pd.read_csv(path, nrows=0).columns)
+        except (ValueError, OSError, pa.ArrowException) as e:
+            raise DataError(f"cannot read {path}: {e}") from e
 
     @property
     def columns(self) -> list[str]:
         return self.cat_names + self.num_names
+
+    @property
+    def cats(self) -> dict[str, None]:
+        """The table's categorical features (membership tests)."""
+        return dict.fromkeys(self.cat_names)
 
     def locate(self, key_codes: np.ndarray) -> np.ndarray:
         """Row of each key (N,) in the table, -1 where the table has none."""
@@ -272,8 +307,8 @@ class EntityTable:
         return np.where(hit, self._pos[pos], -1)
 
     def cat_codes(self, name: str, rows: np.ndarray) -> np.ndarray:
-        codes = self.cats[name].codes
-        return np.where(rows >= 0, codes[rows.clip(0)], NULL_CODE)
+        inverse, values = self._codes[name]
+        return np.where(rows >= 0, values[inverse[rows.clip(0)]], NULL_CODE)
 
     def num_values(self, name: str, rows: np.ndarray) -> np.ndarray:
         x = self.nums[name]
