@@ -40,26 +40,43 @@ def _parse_head(head: bytes) -> tuple[int, int]:
 
 
 class RawClient:
-    """One kept-alive connection, blocking; ``send`` returns (status, body)."""
+    """One kept-alive connection, blocking; ``send`` returns (status, body). A connection the
+    server closed while idle (its keep-alive timeout) is opened again."""
 
     def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.address, self.timeout = (host, port), timeout
+        self._connect()
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(self.address, timeout=self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 
     def send(self, request: bytes) -> tuple[int, bytes]:
+        try:
+            return self._send(request)
+        except (ConnectionError, BrokenPipeError) as e:
+            if self.buf or "mid-response" in str(e):
+                raise
+            self.sock.close()  # closed while idle: once more on a new connection
+            self._connect()
+            return self._send(request)
+
+    def _send(self, request: bytes) -> tuple[int, bytes]:
         self.sock.sendall(request)
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(65536)
             if not chunk:
-                raise ConnectionError("connection closed by the server")
+                raise ConnectionError(
+                    "connection closed by the server" + (" mid-response" if self.buf else "")
+                )
             self.buf += chunk
         end = self.buf.index(b"\r\n\r\n") + 4
         status, length = _parse_head(self.buf[:end])
         while len(self.buf) < end + length:
             chunk = self.sock.recv(65536)
             if not chunk:
-                raise ConnectionError("connection closed by the server")
+                raise ConnectionError("connection closed by the server mid-response")
             self.buf += chunk
         body, self.buf = self.buf[end : end + length], self.buf[end + length :]
         return status, body
@@ -69,15 +86,36 @@ class RawClient:
 
 
 class _AsyncConn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    """One kept-alive connection; reopened when the server closed it while idle."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def send(self, request: bytes) -> int:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        if self.writer is None or self.reader.at_eof():
+            await self._open()
+        assert self.writer is not None
+        try:
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                raise
+            await self._open()  # closed while idle (keep-alive timeout): once more
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
         status, length = _parse_head(head)
         await self.reader.readexactly(length)
         return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 @dataclass
@@ -114,9 +152,7 @@ async def _open_loop(
     pool: asyncio.Queue[_AsyncConn] = asyncio.Queue()
     opened = []
     for _ in range(conns):
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _AsyncConn(reader, writer)
+        conn = _AsyncConn(host, port)
         opened.append(conn)
         pool.put_nowait(conn)
     rng = np.random.default_rng(seed)
@@ -131,7 +167,9 @@ async def _open_loop(
             status = await conn.send(request)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             res.errors += 1
-            return  # the connection is dropped from the pool
+            conn.close()
+            pool.put_nowait(_AsyncConn(host, port))
+            return
         pool.put_nowait(conn)
         ms = (loop.time() - scheduled) * 1e3
         if status == 200:
@@ -154,7 +192,7 @@ async def _open_loop(
     wall = loop.time() - t0
     res.generator_cpu = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
     for conn in opened:
-        conn.writer.close()
+        conn.close()
     return res
 
 
