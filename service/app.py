@@ -87,7 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=rejected)
     # outermost: a shed request costs no body read and no route
     app.add_middleware(
-        AdmissionMiddleware, limit=settings.max_in_flight, on_shed=shed, gauge=metrics.in_flight
+        AdmissionMiddleware,
+        limit=settings.max_in_flight,
+        max_age_s=settings.max_in_flight_age_ms / 1000 or None,
+        on_shed=shed,
+        gauge=metrics.in_flight,
     )
     app.include_router(router)
     if settings.admin_token is not None:

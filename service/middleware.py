@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
 
 from prometheus_client import Gauge
@@ -51,41 +53,59 @@ class BodyLimitMiddleware:
 
 
 class AdmissionMiddleware:
-    """Admission control for ``path``: at most ``limit`` requests in flight in this process; one
-    more is answered 503 (``overloaded``, ``Retry-After``) at once, before its body is read, and
-    ``on_shed()`` is told. Queueing a request the worker cannot start soon only makes it late:
-    answered fast, the client can retry elsewhere, and the admitted requests keep their latency.
-    ``gauge`` (a prometheus Gauge) follows the number admitted."""
+    """Admission control for ``path``, per process. A request is refused at once, before its body
+    is read, with 503 (``overloaded``, ``Retry-After``) when ``limit`` requests are in flight, or
+    when the oldest request in flight has been so for more than ``max_age_s`` (the worker has
+    fallen behind: a request admitted now would wait too); ``on_shed()`` is told. Queueing a
+    request the worker cannot start soon only makes it late: answered fast, the client can retry
+    elsewhere, and the admitted requests keep their latency. ``gauge`` (a prometheus Gauge)
+    follows the number admitted."""
 
     def __init__(
         self,
         app: ASGIApp,
         limit: int,
+        max_age_s: float | None = None,
         path: str = "/rank",
         on_shed: Callable[[], None] | None = None,
         gauge: Gauge | None = None,
     ) -> None:
-        self.app, self.limit, self.path, self.on_shed, self.gauge = app, limit, path, on_shed, gauge
-        self.in_flight = 0
+        self.app, self.limit, self.max_age_s, self.path = app, limit, max_age_s, path
+        self.on_shed, self.gauge = on_shed, gauge
+        self._admitted: dict[int, float] = {}  # request -> when admitted; insertion order: oldest first
+        self._seq = itertools.count()
         self._error = Overloaded(
-            f"too many requests in flight ({limit} per worker process, max_in_flight): retry shortly"
+            "too many requests in flight on this worker (max_in_flight, max_in_flight_age_ms): retry shortly"
         )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._admitted)
+
+    def _full(self, now: float) -> bool:
+        if len(self._admitted) >= self.limit:
+            return True
+        if self.max_age_s is None or not self._admitted:
+            return False
+        return now - next(iter(self._admitted.values())) > self.max_age_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        now = time.monotonic()
+        if self._full(now):
             if self.on_shed is not None:
                 self.on_shed()
             await service_error_response(self._error)(scope, receive, send)
             return
-        self.in_flight += 1
+        key = next(self._seq)
+        self._admitted[key] = now
         if self.gauge is not None:
             self.gauge.inc()
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            del self._admitted[key]
             if self.gauge is not None:
                 self.gauge.dec()

@@ -110,11 +110,18 @@ class Settings(BaseSettings):
     max_candidates: int = Field(default=2000, ge=1, le=100_000)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_in_flight: int = Field(
-        default=4,
+        default=16,
         ge=1,
         le=10_000,
         description="per worker process: /rank requests admitted at once; more are answered 503 at once "
         "(with Retry-After) instead of queueing",
+    )
+    max_in_flight_age_ms: float = Field(
+        default=30.0,
+        ge=0,
+        le=60_000,
+        description="per worker process: /rank requests are answered 503 at once while the oldest one in "
+        "flight has been so for longer than this (the worker is behind); 0 = only max_in_flight",
     )
     strict_features: bool = Field(
         default=True,

@@ -91,3 +91,37 @@ def test_admission_control_answers_503_with_retry_after_at_once_when_full() -> N
         assert entered.count("/rank") == 3 and shed == [1] and gauge._value.get() == 0
 
     asyncio.run(scenario())
+
+
+def test_admission_control_sheds_while_the_oldest_request_in_flight_is_too_old() -> None:
+    """A worker that has fallen behind (its oldest request in flight older than the limit) refuses
+    new requests even below the count limit, and admits again once it caught up."""
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        entered.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = AdmissionMiddleware(app, limit=100, max_age_s=2.0)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=guarded)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
+            first = asyncio.create_task(client.post("/rank", content=b"{}"))
+            while not entered:
+                await asyncio.sleep(0.001)
+            second = asyncio.create_task(client.post("/rank", content=b"{}"))  # the first is young
+            while len(entered) < 2:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(2.2)  # now the oldest in flight is older than max_age_s
+            r = await client.post("/rank", content=b"{}")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            release.set()
+            assert [(await t).status_code for t in (first, second)] == [200, 200]
+            assert (await client.post("/rank", content=b"{}")).status_code == 200  # caught up
+        assert len(entered) == 3 and guarded.in_flight == 0
+
+    asyncio.run(scenario())
