@@ -92,6 +92,20 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _check_widths(net: MultiTaskNet, schema: FeatureSchema) -> None:
+    """CompileError for a request whose candidate part or whose request-constant part (user +
+    context) has no columns at all: ONNX Runtime's MatMul with an empty inner dimension stops the
+    process (SIGFPE) instead of raising, so such a graph is never run; eager serves it."""
+    dims = {m.emb.embedding_dim for m in net.feature_embeddings()} or {0}
+    d = max(dims)
+
+    def width(*groups: str) -> int:
+        return sum(len(schema.columns(g)[0]) * d + len(schema.columns(g)[1]) for g in groups)  # type: ignore[arg-type]
+
+    if width("video") == 0 or width("user", "context") == 0:
+        raise CompileError("the request has no candidate or no user/context columns: eager serves it")
+
+
 class OnnxForward:
     """A network's request forward in an ONNX Runtime session. Thread-safe (``run`` is)."""
 
@@ -110,6 +124,7 @@ class OnnxForward:
         except ImportError as e:
             raise CompileError(f"onnxruntime is not installed ({e})") from None
         t0 = time.perf_counter()
+        _check_widths(net, schema)
         graph = _RequestGraph(net).eval()
         gen = torch.Generator().manual_seed(0)
         example = batch_arrays(probe_request(schema, 32, gen))

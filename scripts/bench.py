@@ -146,26 +146,37 @@ class Floors:
         return out
 
 
-def bench_torch_compile(ckpt: Path, reps: int) -> dict[str, Any]:
-    """torch.compile (inductor, dynamic shapes) of the same request forward: build time and p50
-    per size, next to ONNX Runtime's (the reason the service uses ONNX Runtime)."""
+def bench_torch_compile(ckpt: Path, reps: int, rounds: int = 5) -> dict[str, Any]:
+    """torch.compile (inductor, dynamic shapes, frozen weights) of the same request forward against
+    the ONNX Runtime graph and eager, interleaved per size: build times and p50s (the reason the
+    service uses ONNX Runtime)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights as constants, as ONNX Runtime folds them
     torch.set_num_threads(1)
     r = Ranker.load(ckpt)
     users, videos = _tables(r)
     reqs = {n: _request(r, users, videos, n)[3] for n in SIZES}
-    t0 = time.perf_counter()
-    compiled = torch.compile(r.model.forward_request, dynamic=True)
+    out: dict[str, Any] = {}
     with torch.inference_mode():
+        t0 = time.perf_counter()
+        compiled = torch.compile(r.model.forward_request, dynamic=True)
         compiled(reqs[500])
-        build = time.perf_counter() - t0
-        out: dict[str, Any] = {"build_s": build}
+        out["compile_build_s"] = time.perf_counter() - t0
+        onnx = Ranker.load(ckpt)
+        t0 = time.perf_counter()
+        onnx.compile("onnx")
+        out["onnx_build_s"] = time.perf_counter() - t0
+        assert onnx._compiled is not None
+        variants = {"eager": r.model.forward_request, "torch_compile": compiled, "onnx": onnx._compiled}
         for n, req in reqs.items():
-            compiled(req)
-            out[str(n)] = summary(timed(partial(compiled, req), reps))
-    onnx = Ranker.load(ckpt)
-    t0 = time.perf_counter()
-    onnx.compile("onnx")
-    out["onnx_build_s"] = time.perf_counter() - t0
+            p50s: dict[str, list[float]] = {k: [] for k in variants}
+            for fn in variants.values():
+                fn(req)
+            for _ in range(rounds):
+                for k, fn in variants.items():
+                    p50s[k].append(pct(timed(partial(fn, req), reps), 50))
+            out[str(n)] = {k: median(v) for k, v in p50s.items()}
     return out
 
 
@@ -414,8 +425,12 @@ def main() -> None:
         help="a checkout of an earlier revision: its `mtrank serve` (one worker) joins the sweep, interleaved",
     )
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow to build)")
+    ap.add_argument(
+        "--torch-compile-only", action="store_true", help="the forward backends' comparison alone"
+    )
     ap.add_argument("--archs-only", action="store_true", help="only the per-architecture forward table")
     a = ap.parse_args()
+    a.torch_compile = a.torch_compile or a.torch_compile_only
 
     ensure_model(a.artifacts, a.config)
     ckpt = resolve_checkpoint(a.artifacts)
@@ -429,8 +444,16 @@ def main() -> None:
         report["training"] = bench_training(a.config)
         print(f"training: {report['training']}", flush=True)
     if a.torch_compile:
-        report["torch_compile"] = bench_torch_compile(ckpt, 200)
-        print(f"torch.compile: {report['torch_compile']}", flush=True)
+        report["torch_compile"] = tc = bench_torch_compile(ckpt, 40)
+        print(
+            f"\nbuild: torch.compile {tc['compile_build_s']:.1f} s, ONNX Runtime {tc['onnx_build_s']:.1f} s"
+        )
+        print("| candidates | eager p50 ms | torch.compile p50 ms | ONNX Runtime p50 ms |\n|---|---|---|---|")
+        for n in SIZES:
+            x = tc[str(n)]
+            print(f"| {n} | {x['eager']:.2f} | {x['torch_compile']:.2f} | {x['onnx']:.2f} |", flush=True)
+        if a.torch_compile_only:
+            return
     report["gc"] = bench_gc(a.artifacts)
     print(f"gc: {report['gc']}", flush=True)
 

@@ -12,7 +12,7 @@ import torch
 
 import model.compiled
 from model import Ranker, resolve_checkpoint
-from model.compiled import OnnxForward, probe_request
+from model.compiled import CompileError, OnnxForward, probe_request
 from model.config import ModelConfig, TaskConfig
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import build_model, split_weight
@@ -111,3 +111,14 @@ def test_split_weight_is_gathered_once_and_again_after_an_update() -> None:
     again = split_weight(w, idx, 1)
     assert again is not first
     torch.testing.assert_close(again, w.detach()[:, [4, 0]])
+
+
+def test_a_request_without_user_or_context_columns_is_left_to_eager() -> None:
+    """ONNX Runtime stops the process on a MatMul over an empty dimension: such a graph is never
+    built or run (a table without users or context: all its features are the candidates')."""
+    s = FeatureSchema(
+        [FeatureSpec("v", "video", "categorical", vocab=["1", "2"]), FeatureSpec("d", "video", "numeric")]
+    )
+    net = build_model(ModelConfig(arch="mmoe", embed_dim=4, expert_dims=[8], tower_dims=[4]), s, TASKS).eval()
+    with pytest.raises(CompileError, match="no candidate or no user/context columns"):
+        OnnxForward.build(net, s)
