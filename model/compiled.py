@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.features import GROUPS, FeatureSchema
+from model.features import GROUPS, FeatureSchema, Group
 from model.nets import MultiTaskNet, RequestBatch
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ def _check_widths(net: MultiTaskNet, schema: FeatureSchema) -> None:
     dims = {m.emb.embedding_dim for m in net.feature_embeddings()} or {0}
     d = max(dims)
 
-    def width(*groups: str) -> int:
-        return sum(len(schema.columns(g)[0]) * d + len(schema.columns(g)[1]) for g in groups)  # type: ignore[arg-type]
+    def width(*groups: Group) -> int:
+        return sum(len(schema.columns(g)[0]) * d + len(schema.columns(g)[1]) for g in groups)
 
     if width("video") == 0 or width("user", "context") == 0:
         raise CompileError("the request has no candidate or no user/context columns: eager serves it")

@@ -55,8 +55,10 @@ class BodyLimitMiddleware:
 class AdmissionMiddleware:
     """Admission control for ``path``, per process. A request is refused at once, before its body
     is read, with 503 (``overloaded``, ``Retry-After``) when ``limit`` requests are in flight, or
-    when the oldest request in flight has been so for more than ``max_age_s`` (the worker has
-    fallen behind: a request admitted now would wait too); ``on_shed()`` is told. Queueing a
+    when at least ``age_min_in_flight`` are and the oldest of them has been so for more than
+    ``max_age_s`` (the worker has fallen behind: a request admitted now would wait too; a few slow
+    requests, or a pause such as a model swap, with little traffic are no reason to refuse one);
+    ``on_shed()`` is told. Queueing a
     request the worker cannot start soon only makes it late: answered fast, the client can retry
     elsewhere, and the admitted requests keep their latency. ``gauge`` (a prometheus Gauge)
     follows the number admitted."""
@@ -69,8 +71,10 @@ class AdmissionMiddleware:
         path: str = "/rank",
         on_shed: Callable[[], None] | None = None,
         gauge: Gauge | None = None,
+        age_min_in_flight: int = 4,
     ) -> None:
         self.app, self.limit, self.max_age_s, self.path = app, limit, max_age_s, path
+        self.age_min_in_flight = age_min_in_flight
         self.on_shed, self.gauge = on_shed, gauge
         self._admitted: dict[int, float] = {}  # request -> when admitted; insertion order: oldest first
         self._seq = itertools.count()
@@ -85,7 +89,7 @@ class AdmissionMiddleware:
     def _full(self, now: float) -> bool:
         if len(self._admitted) >= self.limit:
             return True
-        if self.max_age_s is None or not self._admitted:
+        if self.max_age_s is None or len(self._admitted) < max(self.age_min_in_flight, 1):
             return False
         return now - next(iter(self._admitted.values())) > self.max_age_s
 

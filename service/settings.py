@@ -120,8 +120,9 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0,
         le=60_000,
-        description="per worker process: /rank requests are answered 503 at once while the oldest one in "
-        "flight has been so for longer than this (the worker is behind); 0 = only max_in_flight",
+        description="per worker process: /rank requests are answered 503 at once while 4 or more are in "
+        "flight and the oldest has been so for longer than this (the worker is behind); 0 = only "
+        "max_in_flight",
     )
     strict_features: bool = Field(
         default=True,

@@ -105,7 +105,7 @@ def test_admission_control_sheds_while_the_oldest_request_in_flight_is_too_old()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guarded = AdmissionMiddleware(app, limit=100, max_age_s=2.0)
+    guarded = AdmissionMiddleware(app, limit=100, max_age_s=2.0, age_min_in_flight=2)
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=guarded)
@@ -116,7 +116,7 @@ def test_admission_control_sheds_while_the_oldest_request_in_flight_is_too_old()
             second = asyncio.create_task(client.post("/rank", content=b"{}"))  # the first is young
             while len(entered) < 2:
                 await asyncio.sleep(0.001)
-            await asyncio.sleep(2.2)  # now the oldest in flight is older than max_age_s
+            await asyncio.sleep(2.2)  # now the oldest of the 2 in flight is older than max_age_s
             r = await client.post("/rank", content=b"{}")
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
             release.set()
