@@ -63,6 +63,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import DATA_DIR_ENV, Config, ConfigError
 from model.features import FeatureError, FeatureSchema, schema_from_arrays, schema_to_arrays
+from model.files import sha256_file
 from model.nets import MultiTaskNet, build_model
 
 FORMAT_VERSION = 1
@@ -148,14 +149,6 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _umask() -> int:

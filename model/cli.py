@@ -123,6 +123,9 @@ def train_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue this config's interrupted run after its last epoch")
     ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="override train.device: auto (a GPU when present), cpu, cuda, cuda:1")
+    ] = None,
 ) -> None:
     """Fit a model from a config and write a versioned checkpoint; LATEST moves to it if it passes the
     promotion gate against the current LATEST ([promotion] in the config; --force overrides)."""
@@ -134,6 +137,7 @@ def train_cmd(
         sets = [f"train.seed={seed}"] if seed is not None else []
         sets += [f"train.epochs={epochs}"] if epochs is not None else []
         sets += [f'model.arch="{arch}"'] if arch is not None else []
+        sets += [f'train.device="{device}"'] if device is not None else []
         if sets or set_:
             cfg = apply_overrides(cfg, sets + list(set_ or []))
     except ConfigError as e:

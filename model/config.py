@@ -235,7 +235,7 @@ class TrainConfig:
     # data streams (0 = the world size): stream s reads the fragments i with i % streams == s; one
     # process with streams = N reproduces an N-rank torchrun run step for step
     streams: int = 0
-    device: str = "cpu"  # "auto" = a GPU when one is present
+    device: str = "auto"  # a GPU when one is present, else the CPU; or "cpu", "cuda", "cuda:1"
     save_state: bool = True  # write the resumable training state after every epoch (with artifacts)
 
 

@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from model.config import ConfigError
 from model.data import Exchange
 
 T = TypeVar("T")
@@ -56,7 +57,10 @@ def resolve_device(name: str) -> torch.device:
     """``train.device``: "auto" (a GPU when one is present), "cpu", "cuda", "cuda:1", ..."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device = {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device = {name!r}, but no CUDA device is available")
+        raise ConfigError(f"train.device = {name!r}, but no CUDA device is available")
     return dev

@@ -118,50 +118,57 @@ def observed_tasks(labels: Tensor) -> Tensor:
     return (~torch.isnan(labels)).any(dim=0).cpu()
 
 
+@dataclass
+class Scored:
+    """A split's rows as scored by a model: per-head scores, labels, list groups and fragments (in
+    row order), and per task the summed loss over the observed labels and their count."""
+
+    heads: dict[str, np.ndarray]
+    labels: np.ndarray
+    groups: np.ndarray
+    fragments: np.ndarray
+    loss_sums: np.ndarray
+    loss_counts: np.ndarray
+
+
 @torch.inference_mode()
-def _score(
-    model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Per-head scores of every row of a split (in order), and per task the sum of the loss over
-    the observed labels and their count (2, T)."""
+def score_split(model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int) -> Scored:
+    """One pass over a split (read part by part into preallocated arrays: a test split of tens of
+    millions of rows costs its outputs, not twice them)."""
     model.eval()
     device = next(model.parameters()).device
-    parts: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+    n = len(split)
+    heads = {t.name: np.empty(n) for t in tasks}
+    labels = np.empty((n, len(tasks)), dtype=np.float32)
+    groups = np.empty(n, dtype=np.int64)
+    frags = np.zeros(n, dtype=np.int32)
     sums, counts = np.zeros(len(tasks)), np.zeros(len(tasks))
+    at = 0
     for b in iter_batches(split, batch_size):
+        end = at + len(b)
         raw = model(
             torch.from_numpy(np.asarray(b.cats, dtype=np.int64)).to(device),
             torch.from_numpy(b.nums).to(device),
         )
         for k, v in head_outputs(raw, tasks).items():
-            parts[k].append(v)
+            heads[k][at:end] = v
+        labels[at:end], groups[at:end] = b.labels, b.users
+        if b.fragments is not None:
+            frags[at:end] = b.fragments
         y = torch.from_numpy(b.labels).to(device)
         for t, task in enumerate(tasks):
             seen = ~torch.isnan(y[:, t])
             sums[t] += float(_loss(raw[task.name][seen], y[seen, t], task.kind, "sum"))
             counts[t] += int(seen.sum())
-    heads = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    return heads, sums, counts
+        at = end
+    return Scored(heads, labels, groups, frags, sums, counts)
 
 
 def predict(
     model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int = 8192
 ) -> dict[str, np.ndarray]:
     """Per-head scores in label space for every row of a split."""
-    return _score(model, split, tasks, batch_size)[0]
-
-
-def _split_columns(split: AnySplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, group ids, fragment of each row) of a split, in row order."""
-    parts = list(split.parts())
-    if not parts:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    frags = [p.fragments if p.fragments is not None else np.zeros(len(p), np.int32) for p in parts]
-    return (
-        np.concatenate([p.labels for p in parts]),
-        np.concatenate([p.users for p in parts]),
-        np.concatenate(frags),
-    )
+    return score_split(model, split, tasks, batch_size).heads
 
 
 def evaluate_split(
@@ -178,8 +185,16 @@ def evaluate_split(
     group; GAUC too), and the static objective's ``loss`` (each task's loss is its mean over the
     split's observed labels, whatever the batch size). Data parallel: each rank scores its own rows,
     rank 0 gathers them (in fragment order, as one process reads them) and alone returns metrics."""
-    heads, sums, counts = _score(model, split, tasks, batch_size)
-    labels, groups, frags = _split_columns(split)
+    sc = score_split(model, split, tasks, batch_size)
+    heads, labels, groups, frags, sums, counts = (
+        sc.heads,
+        sc.labels,
+        sc.groups,
+        sc.fragments,
+        sc.loss_sums,
+        sc.loss_counts,
+    )
+    del sc
     if replica is not None and replica.distributed:
         gathered = replica.gather_to_root((heads, labels, groups, frags, sums, counts))
         if gathered is None:
@@ -975,6 +990,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed")
     parser.add_argument("--streams", type=int, default=None, help="override train.streams")
+    parser.add_argument("--device", default=None, help="override train.device (auto, cpu, cuda, ...)")
     parser.add_argument("--init-from", default=None, help="fine-tune from a checkpoint folder or version")
     parser.add_argument("--resume", action="store_true", help="continue this config's interrupted run")
     parser.add_argument("--force", action="store_true", help="move LATEST even if the promotion gate says no")
@@ -993,6 +1009,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg.train.seed = args.seed
         if args.streams is not None:
             cfg.train.streams = args.streams
+        if args.device is not None:
+            cfg.train.device = args.device
         if world > 1:
             from model.distributed import train_distributed
 

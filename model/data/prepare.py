@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import secrets
 import shutil
 import tempfile
 from collections import defaultdict
@@ -69,6 +67,7 @@ from model.features import (
     schema_to_arrays,
     stable_hash,
 )
+from model.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -429,15 +428,12 @@ def cache_key(cfg: Config, source: LogSource, tables: Sequence[Path], schema: Fe
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj, default=str))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, default=str)))
 
 
 def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    os.replace(tmp, path)
+    contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    replace_atomically(path, lambda tmp: save_file(contiguous, str(tmp)))
 
 
 def load_prepared(root: Path) -> Prepared | None:

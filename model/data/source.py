@@ -16,7 +16,6 @@ key (``EntityTable``), with memory bounded by the table, not the log.
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 
 from model.config import DataConfig
 from model.features import NULL_CODE, StringMap, hash_column, numeric_column
+from model.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,7 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def resolve_files(cfg: DataConfig) -> list[Path]:
