@@ -9,7 +9,8 @@ combination fitted for the checkpoint's ``[objective]`` after training (``model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,10 @@ from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
 from model.nets import RequestBatch
 from model.objective import Combination, combination_from_manifest
 
+log = logging.getLogger(__name__)
+
 Combine = Literal["product", "sum"]
+Backend = Literal["onnx", "eager"]
 
 
 def head_outputs(raw: Mapping[str, torch.Tensor], tasks: list[TaskConfig]) -> dict[str, np.ndarray]:
@@ -84,6 +88,9 @@ class Ranker:
         if fitted is not None and fitted.method == "product" and any(t.kind != "binary" for t in tasks):
             raise CorruptCheckpointError(f"{ckpt.path}: a product combination of non-probability heads")
         self.combination: Combination | None = fitted  # fitted after training (None: not fitted)
+        self._compiled: Callable[[RequestBatch], Mapping[str, torch.Tensor]] | None = None
+        self.backend: Backend = "eager"
+        self.backend_info: dict[str, Any] = {"backend": "eager"}
 
     @classmethod
     def load(cls, path: str | Path, key: bytes | str | None = None) -> Ranker:
@@ -118,6 +125,29 @@ class Ranker:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    # -- compiled forward ----------------------------------------------------------------------
+    def compile(self, backend: Backend = "onnx", threads: int = 1) -> None:
+        """Serve the request forward through ``backend`` (``model.compiled``) from now on, once it
+        matched the eager forward on probe requests; on any failure the eager forward stays (the
+        reason is in ``backend_info`` and the log). Call before the ranker is shared."""
+        if backend == "eager":
+            return
+        from model.compiled import CompileError, OnnxForward
+
+        try:
+            onnx = OnnxForward.build(self.model, self.schema, threads=threads)
+        except CompileError as e:
+            log.warning("model %s: the ONNX Runtime forward is not used, eager instead: %s", self.version, e)
+            self.backend_info = {"backend": "eager", "wanted": backend, "fallback_reason": str(e)}
+            return
+        self._compiled, self.backend = onnx, "onnx"
+        self.backend_info = {
+            "backend": "onnx",
+            "build_seconds": round(onnx.build_seconds, 3),
+            "max_abs_diff_vs_eager": onnx.max_abs_diff,
+        }
+        log.info("model %s: ONNX Runtime forward built in %.1fs", self.version, onnx.build_seconds)
 
     # -- scoring -----------------------------------------------------------------------------
     def score_encoded(self, cats: np.ndarray, nums: np.ndarray) -> dict[str, np.ndarray]:
@@ -155,7 +185,7 @@ class Ranker:
         )
         batch = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn))
         with torch.inference_mode():
-            raw = self.model.forward_request(batch)
+            raw = self._compiled(batch) if self._compiled is not None else self.model.forward_request(batch)
         return head_outputs(raw, self.tasks)
 
     def warmup(self, n: int = 512, rounds: int = 3) -> None:

@@ -67,6 +67,9 @@ def serve_cmd(
         Path | None, typer.Option(help="embedded store: tables directory [MTRANK_DATA_DIR]")
     ] = None,
     torch_threads: Annotated[int | None, typer.Option(help="torch threads [MTRANK_TORCH_THREADS]")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes sharing the port [MTRANK_WORKERS, default 1]")
+    ] = None,
     wait: Annotated[
         bool | None,
         typer.Option(
@@ -76,7 +79,7 @@ def serve_cmd(
         ),
     ] = None,
 ) -> None:
-    """Serve the ranking API (uvicorn, one worker). Every option also reads MTRANK_* env vars.
+    """Serve the ranking API (uvicorn; --workers processes). Every option also reads MTRANK_* env vars.
 
     Exits with code 1 at once when there is no model to serve (no models/LATEST under the artifacts
     dir), unless told to wait for one (--wait).
@@ -93,6 +96,7 @@ def serve_cmd(
         redis_prefix=redis_prefix,
         data_dir=data_dir,
         torch_threads=torch_threads,
+        workers=workers,
         wait_for_model=wait,
     )
     if not settings.wait_for_model:
@@ -125,8 +129,12 @@ def materialize_cmd(
     replace: Annotated[
         bool, typer.Option("--replace", help="rewrite a prefix that holds another column layout")
     ] = False,
+    cluster_buckets: Annotated[
+        int, typer.Option(min=1, max=16384, help="Redis Cluster: hash-tag buckets of the keys")
+    ] = 16,
 ) -> None:
-    """Write the user and video feature rows of a model's tables into Redis (one key per entity)."""
+    """Write the user and video feature rows of a model's tables into Redis (one key per entity;
+    on a Redis Cluster, in hash-tag buckets so that a request reads few slots)."""
     from redis.exceptions import RedisError
 
     from model import CheckpointError
@@ -143,6 +151,8 @@ def materialize_cmd(
             data_dir=data_dir,
             chunk_size=chunk_size,
             replace=replace,
+            cluster=settings.redis_cluster,
+            cluster_buckets=cluster_buckets,
         )
     except (CheckpointError, StoreError, RedisError, OSError) as e:
         typer.echo(f"error: {e}", err=True)

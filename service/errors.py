@@ -97,6 +97,16 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class Overloaded(ServiceError):
+    """Admission control: the worker already has as many /rank requests in flight as it may."""
+
+    http_status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 # --------------------------------------------------------------------------------------------
 # responses
 

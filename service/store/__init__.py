@@ -5,7 +5,7 @@ from __future__ import annotations
 from service.settings import Settings
 from service.store.base import ColumnMap, FeatureStore, Fetched, StoreError, StoreLayout
 from service.store.embedded import EmbeddedStore
-from service.store.redis_store import RedisStore
+from service.store.redis_store import RedisStore, is_cluster
 
 __all__ = [
     "ColumnMap",
@@ -31,5 +31,8 @@ def open_store(settings: Settings) -> EmbeddedStore | RedisStore:
             min_present=settings.store_min_present,
             unknown_rate_window=settings.unknown_rate_window,
             unknown_rate_margin=settings.unknown_rate_margin,
+            cluster=settings.redis_cluster
+            if settings.redis_cluster is not None
+            else is_cluster(settings.redis_url),
         )
     return EmbeddedStore(settings.data_dir)

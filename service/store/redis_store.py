@@ -5,7 +5,8 @@ Keys (``P`` = the prefix, default ``mtrank:``)::
     P u:<user id>       user row:  little-endian int64 categoricals, then float32 numerics
     P v:<video id>      video row: same layout
     P meta              JSON: format, column layout (names per group), model version, counts
-    P model:current     version id the fleet should serve (set by /admin/reload and /admin/rollback)
+    P model:current     JSON {"version", "latest"}: the version the fleet serves, set by /admin/reload
+                        and /admin/rollback, and what models/LATEST named then (service.reload)
     P model:events      pub/sub channel: a version id is published when model:current changes
 
 ``materialize`` writes them (pipelined MSET in chunks; the layout comes from the model's feature
@@ -24,6 +25,7 @@ import json
 import logging
 import random
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import redis
 import redis.asyncio as aioredis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -60,11 +64,35 @@ META_FORMAT = 1
 PIPELINE_CHUNKS = 8  # MSETs per round trip when materializing
 CONTROL_TIMEOUT_S = 2.0  # meta / model pointer / pub-sub: off the request path
 HEALTH_SAMPLE = 100  # entity keys per group that materialize records for the health check
+CLUSTER_BUCKETS = 16  # hash-tag buckets of the keys on a Redis Cluster (entity_key)
 _GROUP_TAG: dict[EntityGroup, str] = {"user": "u", "video": "v"}
 
 
-def entity_key(prefix: str, group: EntityGroup, entity_id: str) -> str:
+def bucket_of(entity_id: str, buckets: int) -> int:
+    return zlib.crc32(entity_id.encode()) % buckets
+
+
+def entity_key(prefix: str, group: EntityGroup, entity_id: str, buckets: int = 0) -> str:
+    """``P u:<id>``; with ``buckets`` (a Redis Cluster layout) ``P u:{<bucket>}:<id>``, the bucket
+    a hash tag: all keys of a bucket share one cluster slot, so a request reads at most
+    ``buckets`` + 1 slots, one MGET each, instead of one slot per key."""
+    if buckets:
+        return f"{prefix}{_GROUP_TAG[group]}:{{{bucket_of(entity_id, buckets)}}}:{entity_id}"
     return f"{prefix}{_GROUP_TAG[group]}:{entity_id}"
+
+
+def is_cluster(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``url`` names a Redis Cluster node (INFO cluster); False when it cannot be asked."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except (RedisError, OSError) as e:
+        log.warning(
+            "cannot ask %s whether it is a Redis Cluster (%s): taken as a single server", redact_url(url), e
+        )
+        return False
+    finally:
+        client.close()
 
 
 def meta_key(prefix: str) -> str:
@@ -86,6 +114,34 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class FleetPointer:
+    """``model:current``: the version an admin reload or rollback chose for the fleet, and what
+    ``models/LATEST`` named at that moment (``latest``; None in a pointer written as a bare version
+    id by an older release). service.reload decides with it which version every replica serves."""
+
+    version: str
+    latest: str | None
+
+    def dump(self) -> str:
+        return json.dumps({"version": self.version, "latest": self.latest})
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> FleetPointer | None:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(text, None) if text else None  # an older release's bare version id
+        try:
+            d = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("version"), str):
+            return None
+        latest = d.get("latest")
+        return cls(d["version"], latest if isinstance(latest, str) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,15 +224,16 @@ def parse_meta(raw: bytes | str, where: str) -> dict[str, Any]:
 RedisClient = Any
 
 
-def _async_client(url: str, timeout_s: float) -> RedisClient:
-    """redis.asyncio client with explicit socket timeouts and redis-py's retries disabled."""
-    opts: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": AsyncRetry(NoBackoff(), 0),
-        "retry_on_timeout": False,
-        "health_check_interval": 0,
-    }
+def _async_client(url: str, timeout_s: float, cluster: bool = False) -> RedisClient:
+    """redis.asyncio client with explicit socket timeouts and redis-py's retries disabled; for a
+    cluster, a RedisCluster client that follows the slot map (one retry: a MOVED reply or a failed
+    node makes it re-read the map, e.g. after a failover)."""
+    opts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if cluster:
+        return RedisCluster.from_url(
+            url, retry=AsyncRetry(NoBackoff(), 1), require_full_coverage=False, **opts
+        )
+    opts |= {"retry": AsyncRetry(NoBackoff(), 0), "retry_on_timeout": False, "health_check_interval": 0}
     return aioredis.Redis.from_url(url, **opts)
 
 
@@ -232,11 +289,15 @@ class RedisStore:
         min_present: float = 0.5,
         unknown_rate_window: int = 200,
         unknown_rate_margin: float = 0.3,
+        cluster: bool = False,
     ) -> None:
         self.url, self.prefix = url, prefix
+        self.cluster = cluster
         self._timeout = timeout_s
-        self._fast = _async_client(url, timeout_s)  # the request path: the deadline below is the contract
-        self._control = _async_client(url, CONTROL_TIMEOUT_S)  # meta, model pointer, pub/sub
+        # the request path: the deadline below is the contract
+        self._fast = _async_client(url, timeout_s, cluster)
+        self._control = _async_client(url, CONTROL_TIMEOUT_S, cluster)  # meta, model pointer, pub/sub
+        self._buckets = 0  # the key layout's hash-tag buckets (meta key_buckets), read with the meta
         self._user_prefix = f"{prefix}{_GROUP_TAG['user']}:"
         self._video_prefix = f"{prefix}{_GROUP_TAG['video']}:"
         self._layouts: dict[str, StoreLayout] = {}  # layout_id -> layout, for every mapped model
@@ -273,6 +334,7 @@ class RedisStore:
                 f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize` (prefix {self.prefix!r})"
             )
         layout: StoreLayout = meta["layout"]
+        self._buckets = _buckets(meta)
         self._expected = _expected_rates(meta.get("expected_unknown"))
         columns = build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
         self._layouts[columns.layout_id] = layout
@@ -286,10 +348,8 @@ class RedisStore:
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         if time.monotonic() < self._open_until:
             return self._degraded(user_id, video_ids, columns, "breaker_open")
-        vp = self._video_prefix
-        keys = [self._user_prefix + user_id, *[vp + v for v in video_ids]]
         try:
-            values: list[bytes | None] = await asyncio.wait_for(self._fast.mget(keys), self._timeout)
+            values = await asyncio.wait_for(self._read_rows(user_id, video_ids), self._timeout)
         except (TimeoutError, RedisTimeoutError):
             return self._failed(user_id, video_ids, columns, "timeout")
         except (RedisConnectionError, OSError):
@@ -314,6 +374,21 @@ class RedisStore:
         self._unknown.add(n_user, len(video_ids), n_videos, self._expected)
         reason = self.problem or ("unknown_rate" if self._unknown.alarm else None)
         return Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown)
+
+    async def _read_rows(self, user_id: str, video_ids: Sequence[str]) -> list[bytes | None]:
+        """The user's row, then every video's, in order (None: no such key). One MGET on a single
+        server; on a cluster one MGET per slot (hash-tag bucket), all of them in one pipeline that
+        redis-py sends to each node at once."""
+        if not self.cluster:
+            up, vp = self._user_prefix, self._video_prefix
+            return list(await self._fast.mget([up + user_id, *[vp + v for v in video_ids]]))
+        return await _mget_by_slot(
+            self._fast,
+            [
+                entity_key(self.prefix, "user", user_id, self._buckets),
+                *[entity_key(self.prefix, "video", v, self._buckets) for v in video_ids],
+            ],
+        )
 
     def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
         self._failures += 1
@@ -348,10 +423,11 @@ class RedisStore:
         try:
             meta = await self.read_meta()
             sample = meta.get("sample") if meta is not None else None
-            keys = [entity_key(self.prefix, g, str(i)) for g, ids in _sample_ids(sample) for i in ids]
-            present = (
-                int(await asyncio.wait_for(self._control.exists(*keys), CONTROL_TIMEOUT_S)) if keys else 0
-            )
+            buckets = _buckets(meta) if meta is not None else 0
+            keys = [
+                entity_key(self.prefix, g, str(i), buckets) for g, ids in _sample_ids(sample) for i in ids
+            ]
+            present = await asyncio.wait_for(self._count_present(keys), CONTROL_TIMEOUT_S) if keys else 0
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("feature store health check skipped: %s", e)
             return self.problem
@@ -384,27 +460,32 @@ class RedisStore:
         self.problem, self.problem_detail = problem, detail
         return problem
 
+    async def _count_present(self, keys: Sequence[str]) -> int:
+        if not self.cluster:
+            return int(await self._control.exists(*keys))
+        return sum(v is not None for v in await _mget_by_slot(self._control, keys))
+
     def unknown_rates(self) -> dict[str, float]:
         """Unknown users / videos of the last complete window of requests."""
         return dict(self._unknown.rates)
 
     # -- model pointer ------------------------------------------------------------------------
-    async def read_pointer(self) -> str | None:
-        """``model:current``, or None when unset or Redis is unreachable."""
+    async def read_pointer(self) -> tuple[bool, FleetPointer | None]:
+        """(answered, ``model:current``): (True, None) when it is unset, (False, None) when Redis
+        cannot be asked (the caller keeps what it knew)."""
         try:
             raw = await asyncio.wait_for(self._control.get(pointer_key(self.prefix)), CONTROL_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("cannot read %s: %s", pointer_key(self.prefix), e)
-            return None
-        if raw is None:
-            return None
-        return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()
+            return False, None
+        return True, None if raw is None else FleetPointer.parse(raw)
 
-    async def announce(self, version: str) -> bool:
-        """Set ``model:current`` and publish it; False when Redis is unreachable."""
+    async def announce(self, version: str, latest: str | None) -> bool:
+        """Set ``model:current`` to ``version`` (and what LATEST names now) and publish it; False
+        when Redis is unreachable."""
         try:
             async with self._control.pipeline(transaction=False) as pipe:
-                pipe.set(pointer_key(self.prefix), version)
+                pipe.set(pointer_key(self.prefix), FleetPointer(version, latest).dump())
                 pipe.publish(events_channel(self.prefix), version)
                 await asyncio.wait_for(pipe.execute(), CONTROL_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError) as e:
@@ -446,6 +527,8 @@ class RedisStore:
             "kind": self.kind,
             "url": redact_url(self.url),
             "prefix": self.prefix,
+            "cluster": self.cluster,
+            "key_buckets": self._buckets,
             "timeout_ms": self._timeout * 1000,
             "meta": meta,
             "columns": layout.to_dict() if isinstance(layout, StoreLayout) else None,
@@ -464,6 +547,17 @@ class RedisStore:
         for client in (self._fast, self._control):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+
+
+async def _mget_by_slot(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET on a cluster (a multi-key command must stay in one slot): redis-py's mget_nonatomic
+    sends one MGET per slot, in one pipeline per node, to all nodes at once."""
+    return list(await client.mget_nonatomic(keys))
+
+
+def _buckets(meta: dict[str, Any]) -> int:
+    k = meta.get("key_buckets", 0)
+    return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else 0
 
 
 def _sample_ids(sample: Any) -> list[tuple[EntityGroup, list[Any]]]:
@@ -517,17 +611,28 @@ def materialize(
     data_dir: Path | None = None,
     chunk_size: int = 1000,
     replace: bool = False,
+    cluster: bool | None = None,
+    cluster_buckets: int = CLUSTER_BUCKETS,
 ) -> MaterializeReport:
     """Write every user and video row of a model's tables into Redis, then the meta key.
 
     The column layout is the model's (``schema.columns(group)``). A prefix that already holds a
     different layout is refused unless ``replace`` (which first deletes the prefix's entity keys).
+    On a Redis Cluster (``cluster``; None = ask the server) the keys carry ``cluster_buckets``
+    hash-tag buckets (``entity_key``), recorded in the meta as ``key_buckets``.
     Raises CheckpointError, StoreError or redis errors.
     """
     t0 = time.perf_counter()
     ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
     layout = StoreLayout.of_schema(ckpt.schema)
-    client: RedisClient = redis.Redis.from_url(redis_url, socket_timeout=60, socket_connect_timeout=5)
+    cluster = is_cluster(redis_url) if cluster is None else cluster
+    buckets = cluster_buckets if cluster else 0
+    opts: dict[str, Any] = {"socket_timeout": 60, "socket_connect_timeout": 5}
+    client: RedisClient = (
+        redis.cluster.RedisCluster.from_url(redis_url, **opts)
+        if cluster
+        else redis.Redis.from_url(redis_url, **opts)
+    )
     try:
         raw = client.get(meta_key(prefix))
         if raw is not None and not replace:
@@ -548,19 +653,25 @@ def materialize(
             ent = load_entity_rows(ckpt.config.data, g, layout.group(g), data_dir)
             entity_ids[g] = ent.ids
             values = pack_rows(ent.rows, layout.group(g))
-            pipe = client.pipeline(transaction=False)
+            pipe = None if cluster else client.pipeline(transaction=False)
             for n, i in enumerate(range(0, len(values), chunk_size), start=1):
-                keys = [entity_key(prefix, g, k) for k in ent.ids[i : i + chunk_size]]
-                pipe.mset(dict(zip(keys, values[i : i + chunk_size], strict=True)))
+                keys = [entity_key(prefix, g, k, buckets) for k in ent.ids[i : i + chunk_size]]
+                chunk = dict(zip(keys, values[i : i + chunk_size], strict=True))
+                if pipe is None:
+                    client.mset_nonatomic(chunk)  # one MSET per slot, pipelined per node
+                    continue
+                pipe.mset(chunk)
                 if n % PIPELINE_CHUNKS == 0:
                     pipe.execute()
-            pipe.execute()
+            if pipe is not None:
+                pipe.execute()
             counts[g + "s"] = len(values)
             log.info("materialized %d %ss from %s", len(values), g, ent.source)
         meta = {
             "format": META_FORMAT,
             "layout": layout.to_dict(),
             "layout_id": layout.layout_id,
+            "key_buckets": buckets,
             "model_version": ckpt.version,
             "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "counts": counts,
