@@ -15,11 +15,12 @@ store serves them:
   of that name; a feature the file lacks is missing (scored as ``/rank`` scores an absent key).
 
 The rows are then encoded with the checkpoint's fitted schema (``Ranker.encode``), scored by the
-network, and combined into one score as the service combines them (weights 1 per head by default,
-the product of probabilities when every head is binary, else the sum). The output holds the input's
-columns (all, or ``keep``), then ``score`` and one ``score_<head>`` column per head, row for row;
-it is written to a temporary file renamed into place at the end, so a failed run leaves no partial
-output.
+network, and combined into one score as the service combines them (by default the combination
+fitted for the model's objective after training; without one, or with another ``combine``, weight 1
+per head and the product of probabilities when every head is binary, else the sum). The output
+holds the input's columns (all, or ``keep``), then ``score`` and one ``score_<head>`` column per
+head, row for row; it is written to a temporary file renamed into place at the end, so a failed run
+leaves no partial output.
 """
 
 from __future__ import annotations
@@ -209,6 +210,9 @@ def predict_file(
     derived = derived_columns(d, have)
     columns = set(have) | set(derived)
     heads = ranker.task_names
+    fitted = ranker.combination  # the service's default: the combination fitted after training
+    if weights is None and fitted is not None and combine in (None, fitted.method):
+        weights, combine = fitted.weights, fitted.method
     weights = dict(weights) if weights is not None else dict.fromkeys(heads, 1.0)
     unknown = sorted(set(weights) - set(heads))
     if unknown:

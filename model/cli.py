@@ -508,11 +508,13 @@ def predict_cmd(
     weight: Annotated[
         list[str] | None,
         typer.Option(
-            "--weight", help="HEAD=W weight of a head in the combined score (repeatable; default 1)"
+            "--weight",
+            help="HEAD=W weight of a head in the combined score (repeatable; default: the fitted ones)",
         ),
     ] = None,
     combine: Annotated[
-        str | None, typer.Option(help="product or sum (default: product when every head is binary)")
+        str | None,
+        typer.Option(help="product or sum (default: the fitted one, else product when every head is binary)"),
     ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="users / videos tables' folder (default: the model's data config)")

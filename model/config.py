@@ -1,12 +1,13 @@
 """Dataclass configs for data, tasks, model and training, loaded from one TOML file.
 
-A config file has the sections ``[data]``, ``[[data.features]]``, ``[[tasks]]``, ``[model]`` and
-``[train]``; see ``configs/*.toml``. Unknown keys are errors (a typo must not silently fall back to
-a default).
+A config file has the sections ``[data]``, ``[[data.features]]``, ``[[tasks]]``, ``[model]``,
+``[train]``, ``[objective]`` and ``[promotion]``; see ``configs/*.toml``. Unknown keys are errors (a
+typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -319,6 +320,45 @@ class PromotionConfig:
             )
 
 
+Fit = Literal["auto", "product", "sum", "off"]
+FITS: tuple[str, ...] = ("auto", "product", "sum", "off")
+
+
+@dataclass
+class ObjectiveConfig:
+    """``[objective]``: what a good ranking is (``model.objective``). After training, the served
+    combination of the heads is fitted on the validation split to maximise NDCG@k of ``gain`` over
+    the lists ``group_by`` makes; ``mtrank replay`` judges the served order by the same measure."""
+
+    # a row's gain: sum of weight * value over log columns (missing = 0); empty = the sum of the
+    # binary tasks' labels. Columns need not be task labels (e.g. { long_view = 1, is_like = 5 })
+    gain: dict[str, float] = field(default_factory=dict)
+    # the lists (one request's candidates): rows sharing these log columns; None = data.group_by
+    group_by: list[str] | None = None
+    k: int = 10  # NDCG@k, recall@k, mean gain of the top k
+    min_list_size: int = 2  # shorter lists have no order to judge
+    # the served combination to fit: "auto" = the better of product (all heads binary) and sum on
+    # the validation split; "off" = none (the service's own defaults apply)
+    fit: Fit = "auto"
+    # Platt-scale a binary head (folded into its output layer) when that lowers the log loss of
+    # held-out validation rows (model.combination.check_calibration); false: measure only
+    calibrate: bool = True
+
+    def lists(self, data: DataConfig) -> list[str]:
+        return list(self.group_by) if self.group_by is not None else data.groups
+
+    def check(self) -> None:
+        bad = {c: w for c, w in self.gain.items() if not (isinstance(w, int | float) and 0 <= w < math.inf)}
+        if bad:
+            raise ConfigError(f"objective.gain: weights must be finite numbers >= 0, got {bad}")
+        if self.gain and not any(w > 0 for w in self.gain.values()):
+            raise ConfigError("objective.gain: at least one column needs a weight > 0")
+        if self.k < 1 or self.min_list_size < 1:
+            raise ConfigError("objective.k and objective.min_list_size must be >= 1")
+        if self.fit not in FITS:
+            raise ConfigError(f"objective.fit must be one of {', '.join(FITS)}, got {self.fit!r}")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -327,6 +367,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = "mtrank"
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -395,6 +436,9 @@ class Config:
         if tr.lr_scale <= 0 or not 0.0 < tr.layer_lr_decay <= 1.0:
             raise ConfigError("train: lr_scale must be > 0 and layer_lr_decay in (0, 1]")
         self.data.check()
+        self.objective.check()
+        if self.objective.fit == "product" and any(t.kind != "binary" for t in self.tasks):
+            raise ConfigError('objective.fit = "product" multiplies probabilities: every task must be binary')
         for t in self.tasks:
             if isinstance(t.label, dict):
                 if set(t.label) != {"column", "equals"} or not isinstance(t.label["column"], str):
@@ -447,6 +491,7 @@ class Config:
             train=_build(TrainConfig, d.pop("train", {}), "train"),
             name=str(d.pop("name", "mtrank")),
             promotion=_build(PromotionConfig, d.pop("promotion", {}), "promotion"),
+            objective=_build(ObjectiveConfig, d.pop("objective", {}), "objective"),
         )
         if d:
             raise ConfigError(f"unknown top-level config keys: {sorted(d)}")

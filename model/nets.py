@@ -46,10 +46,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from model.config import ModelConfig, TaskConfig
 from model.features import FeatureSchema
@@ -152,6 +154,14 @@ class SequencePooling(nn.Module):
         )
         self.out_dim = len(self.layouts) * (embed_dim + 1)
 
+    def blocks(self) -> list[tuple[int, int, bool]]:
+        """(offset, width, varies per candidate) of each output block, in ``parts``' order."""
+        out = []
+        for i, lay in enumerate(self.layouts):
+            at = i * (self.dim + 1)
+            out += [(at, self.dim, lay.pooling == "attention"), (at + self.dim, 1, False)]
+        return out
+
     def parts(
         self, emb: nn.Embedding, e: Tensor, shift: int, hist: History | None, rows: int
     ) -> list[tuple[Tensor, int, bool]]:
@@ -205,6 +215,7 @@ class FeatureEmbedding(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.05)
         self.seq = SequencePooling(sequences, embed_dim, self.offsets) if sequences else None
         self.out_dim = len(cardinalities) * embed_dim + n_nums + (self.seq.out_dim if self.seq else 0)
+        self._split_indices: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
 
     def forward(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:
         e = self.emb(cats + self.offsets)  # (B, C, D)
@@ -228,17 +239,51 @@ class FeatureEmbedding(nn.Module):
         e_v = e_v3.flatten(1)  # (B, Cv*D)
         e_c = self.emb(r.context_cats + off[cu + cv :]).flatten(1)  # (1, Cc*D)
         var, const = [e_v, r.video_nums], [e_u, e_c, r.user_nums, r.context_nums]
-        d_u, d_v, d_cat = e_u.shape[1], e_v.shape[1], e_u.shape[1] + e_v.shape[1] + e_c.shape[1]
-        idx = torch.arange(self.out_dim)
-        var_parts = [idx[d_u : d_u + d_v], idx[d_cat + fu : d_cat + fu + fv]]
-        const_parts = [idx[:d_u], idx[d_u + d_v : d_cat], idx[d_cat : d_cat + fu], idx[d_cat + fu + fv :]]
-        if self.seq is not None:
-            base = self.out_dim - self.seq.out_dim
-            const_parts[-1] = idx[d_cat + fu + fv : base]
-            for t, at, varies in self.seq.parts(self.emb, e_v3, cu, r.history, 1):
+        if self.seq is not None:  # the attention-pooled histories vary per candidate, the rest not
+            for t, _, varies in self.seq.parts(self.emb, e_v3, cu, r.history, 1):
                 (var if varies else const).append(t)
-                (var_parts if varies else const_parts).append(idx[base + at : base + at + t.shape[1]])
-        return torch.cat(var, dim=1), torch.cat(const, dim=1), torch.cat(var_parts), torch.cat(const_parts)
+        var_idx, const_idx = self._split_index(e_u.shape[1], e_v.shape[1], e_c.shape[1], fu, fv)
+        return torch.cat(var, dim=1), torch.cat(const, dim=1), var_idx, const_idx
+
+    def _split_index(self, d_u: int, d_v: int, d_c: int, fu: int, fv: int) -> tuple[Tensor, Tensor]:
+        """The varying and the constant columns of x; the same for every request of a model, so
+        they are built once per shape (a new tensor per call would also defeat ``split_weight``)."""
+        key = (d_u, d_v, d_c, fu, fv)
+        cached = self._split_indices.get(key)
+        if cached is None:
+            d_cat = d_u + d_v + d_c
+            idx = torch.arange(self.out_dim)
+            base = self.out_dim - (self.seq.out_dim if self.seq is not None else 0)
+            var_parts = [idx[d_u : d_u + d_v], idx[d_cat + fu : d_cat + fu + fv]]
+            const_parts = [idx[:d_u], idx[d_u + d_v : d_cat], idx[d_cat : d_cat + fu], idx[d_cat + fu + fv : base]]
+            if self.seq is not None:  # in the order of SequencePooling.parts
+                for at, width, varies in self.seq.blocks():
+                    (var_parts if varies else const_parts).append(idx[base + at : base + at + width])
+            cached = self._split_indices[key] = (torch.cat(var_parts), torch.cat(const_parts))
+        return cached
+
+
+def split_weight(w: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """``w.index_select(dim, idx)`` for serving, gathered once per weight and index and reused
+    while the weight is unchanged (its version counter moves with every in-place update, e.g. an
+    optimizer step). Without it every request gathered the same columns again."""
+    cache: dict[tuple[int, int], tuple[int, Tensor, Tensor]] | None = _SPLIT_CACHE.get(w)
+    if cache is None:
+        cache = _SPLIT_CACHE[w] = {}
+    # (a tensor made under inference_mode has no version counter; nothing trains it either)
+    version = -1 if w.is_inference() else w._version
+    hit = cache.get((id(idx), dim))
+    if hit is not None and hit[0] == version and hit[1] is idx:
+        return hit[2]
+    with torch.no_grad():
+        gathered = w.detach().index_select(dim, idx).contiguous()
+    cache[(id(idx), dim)] = (version, idx, gathered)
+    return gathered
+
+
+# weight -> {(id(index), dim): (weight version, index, gathered)}, by the weight's identity and
+# weakly: a dropped model frees its entries
+_SPLIT_CACHE: Any = WeakIdKeyDictionary()
 
 
 def split_linear(
@@ -246,8 +291,12 @@ def split_linear(
 ) -> Tensor:
     """layer(x) for x = x_var and x_const interleaved: the constant part is computed once."""
     w = layer.weight  # (H, D)
-    const = x_const @ w[:, const_idx].T + layer.bias  # (1, H)
-    out: Tensor = x_var @ w[:, var_idx].T + const  # (B, H)
+    if torch.is_grad_enabled() and w.requires_grad:  # training / autograd: gather as part of the graph
+        w_const, w_var = w[:, const_idx], w[:, var_idx]
+    else:
+        w_const, w_var = split_weight(w, const_idx, 1), split_weight(w, var_idx, 1)
+    const = x_const @ w_const.T + layer.bias  # (1, H)
+    out: Tensor = x_var @ w_var.T + const  # (B, H)
     return out
 
 
@@ -525,8 +574,12 @@ class Experts(nn.Module):
     def first_split(self, x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor) -> Tensor:
         """The first layer's pre-activation (B, E, H1), the request-constant part computed once."""
         w = self.weights[0]  # (E, D, H1)
-        const = torch.einsum("bd,edh->beh", x_const, w[:, const_idx]) + self.biases[0]  # (1, E, H1)
-        h: Tensor = torch.einsum("bd,edh->beh", x_var, w[:, var_idx]) + const  # (B, E, H1)
+        if torch.is_grad_enabled() and w.requires_grad:
+            w_const, w_var = w[:, const_idx], w[:, var_idx]
+        else:  # serving: the gathered columns are cached (split_weight)
+            w_const, w_var = split_weight(w, const_idx, 1), split_weight(w, var_idx, 1)
+        const = torch.einsum("bd,edh->beh", x_const, w_const) + self.biases[0]  # (1, E, H1)
+        h: Tensor = torch.einsum("bd,edh->beh", x_var, w_var) + const  # (B, E, H1)
         return h
 
 

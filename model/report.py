@@ -1,9 +1,11 @@
 """``mtrank report``: PNG plots and one HTML page about the trained models.
 
 Reads every checkpoint manifest under ``artifacts/models`` (training history, step log, test
-metrics, expert utilisation) and, when present, the experiment results under ``artifacts/reports``
-(``compare_mtl.json`` from scripts/compare_mtl.py, ``mmoe_synthetic.json`` from
-scripts/mmoe_synthetic.py), and writes ``artifacts/reports/report.html`` with its PNG figures.
+metrics, expert utilisation, the fitted served combination and the heads' calibration), the saved
+``mtrank replay`` reports (``artifacts/reports/replay-*.json``) and, when present, the experiment
+results under ``artifacts/reports`` (``compare_mtl.json`` from scripts/compare_mtl.py,
+``mmoe_synthetic.json`` from scripts/mmoe_synthetic.py), and writes ``artifacts/reports/report.html``
+with its PNG figures.
 """
 
 from __future__ import annotations
@@ -281,6 +283,101 @@ def models_table(manifests: Sequence[Mapping[str, Any]]) -> str:
     return _table(rows, ["version", "arch", "weighting", "data set", *labels, "NDCG@10", "best epoch"])
 
 
+def ranking_table(manifests: Sequence[Mapping[str, Any]]) -> str:
+    """One row per version with a fitted combination (``model.combination``): the combination, its
+    validation NDCG@k against every weight 1, and each binary head's validation ECE (and whether a
+    Platt scaling was applied)."""
+    rows = []
+    for m in manifests:
+        r = m.get("ranking")
+        if not isinstance(r, dict) or not isinstance(r.get("combination"), dict):
+            continue
+        c, v, k = r["combination"], r.get("validation") or {}, (r.get("objective") or {}).get("k", 10)
+        weights = ", ".join(f"{h} {w:.3g}" for h, w in c.get("weights", {}).items())
+        cal = []
+        for head, e in (r.get("calibration") or {}).items():
+            if isinstance(e, dict) and isinstance(e.get("served"), dict):
+                mark = " (Platt applied)" if e.get("applied") else ""
+                cal.append(f"{head} {e['served'].get('ece', float('nan')):.4f}{mark}")
+        rows.append(
+            [
+                m["version"],
+                m["config"]["model"]["arch"],
+                f"{c.get('method')}: {weights}",
+                _fmt(v.get(f"ndcg@{k}")),
+                _fmt(v.get(f"default_ndcg@{k}")),
+                v.get("lists", "-"),
+                "; ".join(cal) or "-",
+            ]
+        )
+    header = ["version", "arch", "served combination", "valid NDCG", "every weight 1", "lists", "valid ECE"]
+    return _table(rows, header) if rows else ""
+
+
+def plot_reliability(m: Mapping[str, Any], path: Path) -> bool:
+    """Reliability curves of the binary heads on the validation split (as trained)."""
+    cal = (m.get("ranking") or {}).get("calibration") or {}
+    curves = {
+        h: e["served"]["reliability"]
+        for h, e in cal.items()
+        if isinstance(e, dict) and isinstance(e.get("served"), dict) and e["served"].get("reliability")
+    }
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+    for ax, (head, curve) in zip(axes[0], curves.items(), strict=True):
+        x = [b["mean_prediction"] for b in curve]
+        y = [b["positive_rate"] for b in curve]
+        top = max(max(x), max(y)) * 1.05
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
+        ax.plot(x, y, marker="o", label="as trained")
+        title = f"{head}: ECE {cal[head]['served']['ece']:.4f}"
+        after = (cal[head].get("applied") or {}).get("calibrated") or {}
+        if after.get("reliability"):
+            xs = [b["mean_prediction"] for b in after["reliability"]]
+            ys = [b["positive_rate"] for b in after["reliability"]]
+            ax.plot(xs, ys, marker=".", label="Platt-scaled (fitted on these rows)")
+            ax.legend(fontsize=7)
+            title += f" -> {after['ece']:.4f}"
+        ax.set(title=title, xlabel="mean prediction", ylabel="rate")
+    fig.suptitle(f"{_label(m)}: reliability on the validation split", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def replay_section(artifacts: Path) -> list[str]:
+    """The saved ``mtrank replay`` reports (``reports/replay-*.json``): one table each."""
+    from model.replay import table_header, table_rows
+
+    parts = []
+    for p in sorted((artifacts / "reports").glob("replay-*.json")):
+        try:
+            rep = json.loads(p.read_text())
+            rows, header = table_rows(rep), table_header(rep)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("skipping %s: %s", p, e)
+            continue
+        c, obj = rep.get("counts", {}), rep.get("objective", {})
+        gain = " + ".join(f"{w:g}·{col}" for col, w in obj.get("gain", {}).items())
+        served = rep.get("served") or {}
+        par = rep.get("parity")
+        parts.append(
+            f"<h3>{html.escape(str(rep.get('version')))} ({html.escape(str(rep.get('arch')))}), "
+            f"{html.escape(str(rep.get('split')))} split</h3>"
+            f"<p>{c.get('lists')} lists ({html.escape(' x '.join(obj.get('group_by', [])))}), "
+            f"{c.get('rows')} rows; "
+            f"gain {html.escape(gain)}; via {html.escape(str(rep.get('via')))}; served "
+            f"{html.escape(str(served.get('combine')))} of {html.escape(str(served.get('weights')))} "
+            f"({html.escape(str(served.get('weights_from')))})"
+            + (f"; parity max |served - offline| {html.escape(str(par.get('max_abs_diff')))}" if par else "")
+            + "</p>"
+        )
+        parts.append(_table(rows, header))
+    return parts
+
+
 def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write all figures and ``report.html``; returns the HTML path."""
     artifacts = Path(artifacts)
@@ -295,6 +392,13 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
     parts += ["<h2>Models</h2>", models_table(manifests)]
     if plot_test_metrics(manifests, out / "test_auc.png"):
         parts.append('<img src="test_auc.png">')
+    if ranking := ranking_table(manifests):
+        parts += ["<h2>Served combination and calibration (validation split)</h2>", ranking]
+        for m in manifests:
+            if plot_reliability(m, out / f"reliability_{m['version']}.png"):
+                parts.append(f'<img src="reliability_{m["version"]}.png">')
+    if replay := replay_section(artifacts):
+        parts += ["<h2>Served order replayed (mtrank replay)</h2>", *replay]
 
     for name, title, plot in (
         ("compare_mtl.json", "Architectures x task weighting (KuaiRand-Pure)", None),

@@ -3,25 +3,31 @@
 ``Ranker.load(path)`` loads a checkpoint; ``Ranker.score(user, videos, context)`` takes canonical
 feature rows (see ``model.features``) for one user, B candidate videos and one context and returns
 per-head scores: probabilities for binary heads, predictions in label units for regression heads.
-``combine_scores`` turns the heads into the one ranking score.
+``combine_scores`` turns the heads into the one ranking score; ``Ranker.combination`` is the
+combination fitted for the checkpoint's ``[objective]`` after training (``model.combination``), if any.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, CorruptCheckpointError, load_checkpoint
 from model.config import Config, TaskConfig
 from model.features import GROUPS, CanonicalRows, FeatureSchema, Group
 from model.nets import History, RequestBatch
+from model.objective import Combination, combination_from_manifest
 from model.sequences import encode_events
 
+log = logging.getLogger(__name__)
+
 Combine = Literal["product", "sum"]
+Backend = Literal["onnx", "eager"]
 
 
 def head_outputs(raw: Mapping[str, torch.Tensor], tasks: list[TaskConfig]) -> dict[str, np.ndarray]:
@@ -75,6 +81,17 @@ class Ranker:
     def __init__(self, ckpt: Checkpoint) -> None:
         self._ckpt = ckpt
         self.model = ckpt.model.eval()
+        tasks = ckpt.config.tasks
+        try:
+            fitted = combination_from_manifest(ckpt.manifest, [t.name for t in tasks])
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{ckpt.path}: {e}") from None
+        if fitted is not None and fitted.method == "product" and any(t.kind != "binary" for t in tasks):
+            raise CorruptCheckpointError(f"{ckpt.path}: a product combination of non-probability heads")
+        self.combination: Combination | None = fitted  # fitted after training (None: not fitted)
+        self._compiled: Callable[[RequestBatch], Mapping[str, torch.Tensor]] | None = None
+        self.backend: Backend = "eager"
+        self.backend_info: dict[str, Any] = {"backend": "eager"}
 
     @classmethod
     def load(cls, path: str | Path, key: bytes | str | None = None) -> Ranker:
@@ -109,6 +126,29 @@ class Ranker:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    # -- compiled forward ----------------------------------------------------------------------
+    def compile(self, backend: Backend = "onnx", threads: int = 1) -> None:
+        """Serve the request forward through ``backend`` (``model.compiled``) from now on, once it
+        matched the eager forward on probe requests; on any failure the eager forward stays (the
+        reason is in ``backend_info`` and the log). Call before the ranker is shared."""
+        if backend == "eager":
+            return
+        from model.compiled import CompileError, OnnxForward
+
+        try:
+            onnx = OnnxForward.build(self.model, self.schema, threads=threads)
+        except CompileError as e:
+            log.warning("model %s: the ONNX Runtime forward is not used, eager instead: %s", self.version, e)
+            self.backend_info = {"backend": "eager", "wanted": backend, "fallback_reason": str(e)}
+            return
+        self._compiled, self.backend = onnx, "onnx"
+        self.backend_info = {
+            "backend": "onnx",
+            "build_seconds": round(onnx.build_seconds, 3),
+            "max_abs_diff_vs_eager": onnx.max_abs_diff,
+        }
+        log.info("model %s: ONNX Runtime forward built in %.1fs", self.version, onnx.build_seconds)
 
     # -- scoring -----------------------------------------------------------------------------
     def score_encoded(
@@ -177,7 +217,7 @@ class Ranker:
         )
         batch = RequestBatch(t(uc), t(vc), t(cc), t(un), t(vn), t(cn), hist)
         with torch.inference_mode():
-            raw = self.model.forward_request(batch)
+            raw = self._compiled(batch) if self._compiled is not None else self.model.forward_request(batch)
         return head_outputs(raw, self.tasks)
 
     def warmup(self, n: int = 512, rounds: int = 3) -> None:

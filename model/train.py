@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from model import promotion
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from model.combination import fit_ranking
 from model.config import Config, ConfigError, TaskConfig, TrainConfig, load_config
 from model.data import DataError, Dataset, Split, prepare_data
 from model.data.loader import (
@@ -255,6 +256,7 @@ class TrainResult:
     samples_per_sec: float = 0.0
     checkpoint: Path | None = None
     steps: list[dict[str, float]] = field(default_factory=list)  # every train.log_every steps
+    ranking: dict[str, Any] | None = None  # the fitted served combination (model.combination)
 
 
 # --------------------------------------------------------------------------------------------
@@ -968,6 +970,7 @@ def train(
         if artifacts is not None:
             state_dir = run_dir(artifacts, cfg, str(source.path) if source is not None else None)
         result = fit(cfg, ds, progress, init_from=source, replica=replica, state_dir=state_dir, resume=resume)
+        fit_ranking(cfg, result, ds, replica=replica)  # calibration and the served combination
         if artifacts is not None and replica.rank == 0:
             save_result(artifacts, result, cfg, ds, set_latest=set_latest, force=force)
         replica.barrier()
@@ -998,7 +1001,12 @@ def save_result(
         ds.schema,
         metrics=result.metrics,
         data_fingerprint=ds.fingerprint,
-        extra={"history": result.history, "step_log": result.steps, **promotion.manifest_entry(decision)},
+        extra={
+            "history": result.history,
+            "step_log": result.steps,
+            **promotion.manifest_entry(decision),
+            **({"ranking": result.ranking} if result.ranking else {}),
+        },
         set_latest=promotion.promoted(decision),
     )
     log.info("wrote %s", result.checkpoint)

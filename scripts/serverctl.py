@@ -30,29 +30,78 @@ def ensure_model(artifacts: Path, config: Path) -> None:
 
 
 def start_server(
-    artifacts: Path, env_extra: dict[str, str], timeout: float = 120
+    artifacts: Path,
+    env_extra: dict[str, str],
+    timeout: float = 180,
+    workers: int = 1,
+    source_tree: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`mtrank serve` on a free loopback port; returns once /readyz answers 200."""
+    """`mtrank serve` on a free loopback port; returns once /readyz answers 200 (and, with
+    ``workers``, once every worker serves a model). ``source_tree``: serve the code of another
+    checkout (e.g. an earlier revision, for a before/after comparison) instead of this one."""
     port = free_port()
     env = {**os.environ, "MTRANK_ARTIFACTS": str(artifacts), "MTRANK_LOG_LEVEL": "WARNING", **env_extra}
-    proc = subprocess.Popen(
-        [MTRANK, "serve", "--artifacts", str(artifacts), "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    cmd = [
+        MTRANK,
+        "serve",
+        "--artifacts",
+        str(Path(artifacts).resolve()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
+    if source_tree is not None:
+        cmd = [sys.executable, "-m", "service.cli", *cmd[1:]]
+        env["PYTHONPATH"] = str(source_tree)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, cwd=source_tree)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mtrank serve exited with {proc.returncode}")
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200 and (
+                workers == 1 or _workers_serving(url) >= workers
+            ):
                 return proc, url
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     stop_server(proc)
     raise RuntimeError(f"server did not become ready in {timeout:.0f} s")
+
+
+def _workers_serving(url: str) -> int:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(
+        1 for line in text.splitlines() if line.startswith("mtrank_model_info{") and line.endswith(" 1.0")
+    )
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes (the workers of `mtrank serve --workers N`)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children."""
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children."""
+    return rss_mb(pid) + sum(rss_mb(c) for c in children(pid))
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

@@ -106,7 +106,7 @@ async def rank(
             metrics.degraded_requests.labels(fetched.degraded_reason or "error").inc()
         apply_inline_features(fetched.videos, plan, active.ranker.schema)
 
-        scored = await holder.run_scoring(score_plan, active, fetched, plan, active.combine)
+        scored = await holder.run_scoring(len(plan.ids), score_plan, active, fetched, plan, active.combine)
         metrics.model_forward_seconds.observe(scored.seconds)
         metrics.candidates_scored.inc(len(plan.ids))
         body = render_response(active, plan, scored, fetched)

@@ -67,6 +67,9 @@ def serve_cmd(
         Path | None, typer.Option(help="embedded store: tables directory [MTRANK_DATA_DIR]")
     ] = None,
     torch_threads: Annotated[int | None, typer.Option(help="torch threads [MTRANK_TORCH_THREADS]")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes sharing the port [MTRANK_WORKERS, default 1]")
+    ] = None,
     wait: Annotated[
         bool | None,
         typer.Option(
@@ -76,7 +79,7 @@ def serve_cmd(
         ),
     ] = None,
 ) -> None:
-    """Serve the ranking API (uvicorn, one worker). Every option also reads MTRANK_* env vars.
+    """Serve the ranking API (uvicorn; --workers processes). Every option also reads MTRANK_* env vars.
 
     Exits with code 1 at once when there is no model to serve (no models/LATEST under the artifacts
     dir), unless told to wait for one (--wait).
@@ -93,6 +96,7 @@ def serve_cmd(
         redis_prefix=redis_prefix,
         data_dir=data_dir,
         torch_threads=torch_threads,
+        workers=workers,
         wait_for_model=wait,
     )
     if not settings.wait_for_model:
@@ -125,8 +129,12 @@ def materialize_cmd(
     replace: Annotated[
         bool, typer.Option("--replace", help="rewrite a prefix that holds another column layout")
     ] = False,
+    cluster_buckets: Annotated[
+        int, typer.Option(min=1, max=16384, help="Redis Cluster: hash-tag buckets of the keys")
+    ] = 16,
 ) -> None:
-    """Write the user and video feature rows of a model's tables into Redis (one key per entity)."""
+    """Write the user and video feature rows of a model's tables into Redis (one key per entity;
+    on a Redis Cluster, in hash-tag buckets so that a request reads few slots)."""
     from redis.exceptions import RedisError
 
     from model import CheckpointError
@@ -143,6 +151,8 @@ def materialize_cmd(
             data_dir=data_dir,
             chunk_size=chunk_size,
             replace=replace,
+            cluster=settings.redis_cluster,
+            cluster_buckets=cluster_buckets,
         )
     except (CheckpointError, StoreError, RedisError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -152,6 +162,98 @@ def materialize_cmd(
         f"materialized {counts} for model {report.version} into {redact_url(settings.redis_url)} "
         f"(prefix {report.prefix!r}, layout {report.layout.layout_id}) in {report.seconds:.1f}s"
     )
+
+
+@app.command("replay")
+def replay_cmd(
+    artifacts: Annotated[
+        Path, typer.Option("--artifacts", "-a", envvar="MTRANK_ARTIFACTS", help="artifacts dir")
+    ] = Path("artifacts"),
+    version: Annotated[str | None, typer.Option(help="model version (default: LATEST)")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="replay against a running server (http://host:port) instead of in process"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="read the log / objective from this config (default: the model's)")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, valid or test")] = "test",
+    resamples: Annotated[int, typer.Option(min=100, help="bootstrap resamples (over lists)")] = 1000,
+    seed: Annotated[int, typer.Option(help="bootstrap, tie-break and random-policy seed")] = 0,
+    max_lists: Annotated[int | None, typer.Option(min=1, help="replay only the first N lists")] = None,
+    parity: Annotated[
+        bool, typer.Option("--parity/--no-parity", help="compare served and offline scores row by row")
+    ] = True,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="report JSON (default ARTIFACTS/reports/replay-<version>-<split>.json)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+) -> None:
+    """Replay a split's logged impressions as /rank requests (one per list of the model's
+    [objective], e.g. user x day x tab) through the service's own ranking path, and report NDCG@k,
+    recall@k and the mean gain of the top k -- for the served default, each head alone, popularity
+    and random -- with bootstrap intervals over lists. `mtrank report` shows the saved reports."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from model import CheckpointError
+    from model.config import ConfigError, load_config
+    from model.data import DataError
+    from model.replay import table_header, table_rows
+    from service.replay import ReplayError, run_replay
+
+    settings = _settings(artifacts=artifacts)
+    console = Console(stderr=True)
+
+    def progress(done: int, total: int) -> None:
+        console.print(f"replayed {done}/{total} lists", highlight=False)
+
+    try:
+        cfg = load_config(config) if config is not None else None
+        rep = run_replay(
+            artifacts=artifacts,
+            version=version,
+            url=url,
+            config=cfg,
+            settings=settings,
+            split=split,
+            resamples=resamples,
+            seed=seed,
+            max_lists=max_lists,
+            check_parity=parity,
+            progress=progress,
+        )
+    except (CheckpointError, ConfigError, DataError, ReplayError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    suffix = "-url" if url is not None else ""
+    path = out or artifacts / "reports" / f"replay-{rep['version']}-{split}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=1))
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1))
+        return
+    c = rep["counts"]
+    table = Table(
+        title=f"replay of model {rep['version']} ({rep['arch']}) on the {split} split: {c['lists']} lists, "
+        f"{c['rows']} rows"
+    )
+    for col in table_header(rep):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for row in table_rows(rep):
+        table.add_row(*row)
+    Console().print(table)
+    scoring = rep["served"]
+    typer.echo(
+        f"served: {scoring.get('combine')} of {scoring.get('weights')} ({scoring.get('weights_from')})"
+    )
+    if rep["parity"] is not None:
+        par = rep["parity"]
+        typer.echo(f"parity over {par['rows']} rows, max |served - offline|: {par['max_abs_diff']}")
+    typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,16 @@ class EventsNotRecorded(ServiceError):
     code = "events_not_recorded"
 
 
+class Overloaded(ServiceError):
+    """Admission control: the worker already has as many /rank requests in flight as it may."""
+
+    http_status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 # --------------------------------------------------------------------------------------------
 # responses
 

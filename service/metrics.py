@@ -1,9 +1,28 @@
-"""Prometheus metrics, one registry per app (``create_app`` can be called many times, e.g. in tests)."""
+"""Prometheus metrics, one registry per app (``create_app`` can be called many times, e.g. in tests).
+
+With several worker processes (``mtrank serve --workers N``) the metrics are in prometheus_client's
+multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set before the workers start, every process
+writes its values to files there, and ``/metrics`` (whichever worker answers) adds up the counters
+and histograms of all of them. Gauges are combined per their ``multiprocess_mode``: one sample per
+live worker (``pid`` label) for the served model, the sum for requests in flight, the worst for the
+feature store's health.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode, when this process is in it."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
 
 # /rank takes a few milliseconds: resolve 0.5 ms .. 1 s
 LATENCY_BUCKETS = (
@@ -24,7 +43,7 @@ LATENCY_BUCKETS = (
     1.0,
 )
 
-RANK_OUTCOMES = ("ok", "invalid", "unavailable", "error")
+RANK_OUTCOMES = ("ok", "invalid", "unavailable", "shed", "error")
 DEGRADED_REASONS = (
     "timeout",
     "connection",
@@ -43,6 +62,8 @@ STORE_PROBLEMS = ("meta_missing", "evicted")
 
 class Metrics:
     def __init__(self) -> None:
+        self._multiproc = multiprocess_dir()
+        self._model_labels: list[tuple[str, str]] = []
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.request_seconds = Histogram(
             "mtrank_request_seconds",
@@ -84,27 +105,44 @@ class Metrics:
             "mtrank_model_reload", "Model (re)load attempts by result", ["result"], registry=r
         )
         self.model_info = Gauge(
-            "mtrank_model_info", "The model being served (value 1)", ["version", "arch"], registry=r
+            "mtrank_model_info",
+            "The model being served (value 1; with workers one sample per worker, 0 for a version it "
+            "no longer serves)",
+            ["version", "arch"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.model_loaded_timestamp = Gauge(
-            "mtrank_model_loaded_timestamp_seconds", "When the served model was activated", registry=r
+            "mtrank_model_loaded_timestamp_seconds",
+            "When the served model was activated",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.in_flight = Gauge(
+            "mtrank_in_flight_requests",
+            "/rank requests admitted and not answered yet (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.store_problem = Gauge(
             "mtrank_feature_store_problem",
             "1 while the feature store has this data problem (wiped, evicted): the service is not ready",
             ["problem"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.store_sample_present = Gauge(
             "mtrank_feature_store_sampled_keys_present_ratio",
             "Share of the entity keys sampled at materialisation that exist in Redis (last check)",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.unknown_rate = Gauge(
             "mtrank_unknown_rate",
             "Unknown users / videos (no row in the feature store) over the last window of requests",
             ["group"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.events = Counter(
             "mtrank_events",
@@ -135,7 +173,12 @@ class Metrics:
             self.events_requests.labels(outcome)
 
     def set_model(self, version: str, arch: str, loaded_at: float) -> None:
-        self.model_info.clear()
+        if self._multiproc is None:
+            self.model_info.clear()
+        else:  # values live in files there, clear() would not drop them: the old version goes to 0
+            for old in self._model_labels:
+                self.model_info.labels(*old).set(0)
+        self._model_labels = [(version, arch)]
         self.model_info.labels(version, arch).set(1)
         self.model_loaded_timestamp.set(loaded_at)
 
@@ -147,4 +190,13 @@ class Metrics:
             self.unknown_rate.labels(group).set(rate)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self._multiproc is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()  # every worker's values, from the shared directory
+        MultiProcessCollector(registry, path=self._multiproc)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """This worker stops: its live gauges leave the multiprocess view."""
+        if self._multiproc is not None:
+            mark_process_dead(os.getpid(), self._multiproc)  # type: ignore[no-untyped-call]

@@ -10,13 +10,22 @@ Anything that fails along the way rejects that version (logged, counted as
 ``mtrank_model_reload_total{result="error"}``, shown by ``GET /admin/model``) and the old model keeps
 serving.
 
+The served version has one source of truth, decided by ``served_version`` the same way in every
+replica and worker, at start-up and at every watcher round:
+
+- without Redis: the version ``models/LATEST`` names;
+- with the Redis store: ``{prefix}model:current`` once an admin reload or rollback set it (it
+  records the version and what LATEST named at that moment), unless LATEST has moved since then
+  (a newer training run): then LATEST's version, and the replica that notices moves
+  ``model:current`` to it, so the fleet follows one pointer again.
+
 The watcher task polls ``models/LATEST`` (mtime + content) every ``reload_interval_s``; with the
-Redis store it also watches ``{prefix}model:current`` and wakes up on its pub/sub channel. A
-pointer change activates the version it names (the most recent change wins): whether that is
-already the served version is decided under the activation lock, so a change seen while an admin
-reload or rollback is loading another version is still acted on once it is done. A pointer that
-cannot be used (LATEST unreadable, empty, not a version id) is recorded like a rejected version,
-once per change of the pointer, and the watcher keeps polling.
+Redis store it also reads ``model:current`` and wakes up on its pub/sub channel. When the decided
+version changes (or nothing is served yet) it is activated: whether that is already the served
+version is decided under the activation lock, so a change seen while an admin reload or rollback is
+loading another version is still acted on once it is done. A LATEST that cannot be used
+(unreadable, empty, not a version id) is recorded like a rejected version, once per change, and the
+watcher keeps polling. While Redis cannot be asked, the last pointer read stands.
 
 LATEST is read in a daemon thread with a deadline (``latest_read_timeout_s``): a LATEST on a hung
 file system (or a FIFO nobody writes) never blocks the event loop, so health checks and requests
@@ -30,8 +39,9 @@ the pointer keeps naming it. A *permanent* failure (bad digest or signature, cor
 incompatible checkpoint, failed test scoring) is recorded once and not retried until the pointer
 changes (or an admin reload).
 
-A rollback serves the version it names and also points LATEST at it when the artifacts are
-writable; when they are not, the rolled-back version keeps serving until LATEST changes.
+A rollback serves the version it names and points LATEST at it when the artifacts are writable, and
+with Redis announces it in ``model:current``. Without Redis, LATEST is the only shared record, so a
+rollback of read-only artifacts is refused (409) rather than served by one worker only.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import gc
 import logging
 import math
 import os
@@ -70,6 +81,7 @@ from model.checkpoint import LATEST, clean_stale_temp, models_dir
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
+from service.store.redis_store import FleetPointer
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +102,11 @@ class ActiveModel:
     heads: tuple[str, ...]
     loaded_at: float  # epoch seconds
     source: ReloadSource
-    weights: dict[str, float]  # the combined score's default per-head weights (settings, else 1 per head)
-    combine: Combine  # product or sum (settings, else by the heads' kinds)
+    # the combined score's default per-head weights and method: the settings', else the combination
+    # fitted after training (the checkpoint's), else 1 per head and a product of binary heads / a sum
+    weights: dict[str, float]
+    combine: Combine
+    weights_from: Literal["settings", "fitted", "default"] = "default"
 
     @property
     def version(self) -> str:
@@ -203,15 +218,68 @@ def probe_latest(
         return sig, e
 
 
+class RollbackRefused(ReloadError):
+    """A rollback that could not be made durable for the whole fleet (nothing was changed)."""
+
+
+def served_version(latest: str | None, pointer: FleetPointer | None) -> tuple[str, ReloadSource, bool] | None:
+    """The version to serve: (version, source, whether it overrides ``model:current``), or None.
+
+    ``latest``: what models/LATEST names (None: missing or unusable); ``pointer``: Redis'
+    ``model:current`` (None: no Redis, or never set). The pointer wins while LATEST still names
+    what it named when the pointer was set (a pointer of an older release, without that record,
+    always wins); a LATEST moved since is a newer decision (a training run promoted a version).
+    """
+    if pointer is None:
+        return (latest, "latest", False) if latest is not None else None
+    if pointer.latest is None or latest is None or latest == pointer.latest:
+        return pointer.version, "redis", False
+    return latest, "latest", True
+
+
+def _latest_writable(artifacts: Path) -> bool:
+    folder = models_dir(artifacts)
+    latest = folder / LATEST
+    return os.access(folder, os.W_OK) and (not latest.exists() or os.access(latest, os.W_OK))
+
+
 def default_weights(heads: tuple[str, ...], configured: dict[str, float] | None) -> dict[str, float]:
     """The combined score's per-head weights: the configured ones, else 1 for every head of the model."""
     return dict(configured) if configured is not None else dict.fromkeys(heads, 1.0)
+
+
+def default_scoring(
+    ranker: Ranker, settings: Settings
+) -> tuple[dict[str, float], Combine, Literal["settings", "fitted", "default"]]:
+    """(weights, combine, where they come from) of a model's combined score. The settings'
+    weights (MTRANK_WEIGHTS) win; else the combination fitted for the model's objective after
+    training, unless MTRANK_COMBINE names another method; else 1 per head (``default_combine``)."""
+    heads = tuple(ranker.task_names)
+    fitted = ranker.combination
+    if settings.weights is not None:
+        return dict(settings.weights), default_combine(ranker, settings.combine), "settings"
+    if fitted is not None and settings.combine in (None, fitted.method):
+        return dict(fitted.weights), fitted.method, "fitted"
+    return default_weights(heads, None), default_combine(ranker, settings.combine), "default"
 
 
 def default_combine(ranker: Ranker, configured: Combine | None) -> Combine:
     """The configured combination, else the product of probabilities when every head is binary and
     the sum otherwise (a regression head's prediction can be 0 or negative: no product of powers)."""
     return configured if configured is not None else combine_for(ranker.tasks)
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (the app, the loaded models, the feature tables:
+    hundreds of thousands of them) into the permanent generation, which the cyclic garbage
+    collector no longer traverses: without it each full collection walked them all, 130-250 ms
+    with the event loop stopped (docs/performance.md). Called after every model switch; objects
+    of a replaced model are still freed by reference counting (they hold no cycles the collector
+    would be needed for)."""
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.debug("gc: %d objects frozen in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
 
 
 def _iso(ts: float) -> str:
@@ -228,7 +296,9 @@ class ModelHolder:
         self._executor: ThreadPoolExecutor | None = None
         self._latest_sig: Signature = UNSEEN  # the LATEST the watcher last acted on
         self._bad_latest: tuple[Signature, str] | None = None  # the unusable LATEST last recorded
-        self._pointer_seen: str | None = None
+        self._latest_version: str | None = None  # what the LATEST of _latest_sig names (None: unusable)
+        self._pointer: FleetPointer | None = None  # model:current, as last read
+        self._acted_on: tuple[Any, ...] | None = None  # (LATEST, pointer) the watcher last acted on
         self._retry: Retry | None = None  # a version that failed transiently, tried again when due
         self._latest_io = BlockingIO("mtrank-latest-read")
         self.last_error: dict[str, Any] | None = None
@@ -238,9 +308,11 @@ class ModelHolder:
     def current(self) -> ActiveModel | None:
         return self._current
 
-    async def run_scoring(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU-bound scoring in the forward thread pool (or inline, per settings)."""
-        if self._executor is None:
+    async def run_scoring(self, candidates: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound scoring in the forward thread pool; inline (on the event loop) when the
+        settings say so, and for requests of at most ``inline_max_candidates`` candidates, whose
+        forward costs less than the hop to a thread and back."""
+        if self._executor is None or candidates <= self.settings.inline_max_candidates:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -257,8 +329,6 @@ class ModelHolder:
             self._executor = ThreadPoolExecutor(
                 self.settings.forward_workers, thread_name_prefix="mtrank-forward"
             )
-        if isinstance(self.store, RedisStore):
-            self._pointer_seen = await self.store.read_pointer()  # an existing pointer is not a change
         try:
             await self.check()
         except Exception:  # never fail startup: stay unready, the watcher keeps trying
@@ -296,6 +366,7 @@ class ModelHolder:
             # request sees the new tables with the old model or the other way round
             self.store.commit(active.columns)
             self._current = active  # the swap: one reference assignment
+            freeze_heap()
             self.metrics.model_reloads.labels("ok").inc()
             self.metrics.set_model(active.version, active.ranker.config.model.arch, active.loaded_at)
             log.info(
@@ -344,8 +415,12 @@ class ModelHolder:
             ranker = await asyncio.to_thread(Ranker.load, path, key.get_secret_value() if key else None)
             if ranker.version != version:
                 raise ReloadError(version, f"folder {version} holds a manifest for version {ranker.version}")
+            # the compiled forward (model.compiled), checked against eager; eager when it fails
+            await asyncio.to_thread(
+                ranker.compile, self.settings.forward_backend, self.settings.torch_threads
+            )
             heads = tuple(ranker.task_names)
-            weights = default_weights(heads, self.settings.weights)
+            weights, combine, weights_from = default_scoring(ranker, self.settings)
             missing = sorted(set(weights) - set(heads))
             if missing:
                 raise ReloadError(
@@ -362,8 +437,7 @@ class ModelHolder:
         except Exception as e:  # a bad checkpoint must never take the watcher down
             log.exception("unexpected error loading model %s", version)
             raise ReloadError(version, f"{type(e).__name__}: {e}") from e
-        combine = default_combine(ranker, self.settings.combine)
-        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine)
+        return ActiveModel(ranker, columns, heads, time.time(), source, weights, combine, weights_from)
 
     def _validate(self, ranker: Ranker, columns: ColumnMap) -> None:
         """Warm up, then score a few default rows shaped like the store's: every head finite."""
@@ -383,8 +457,8 @@ class ModelHolder:
                 )
             if task.kind == "binary" and ((y < 0) | (y > 1)).any():
                 raise ReloadError(ranker.version, f"test scoring: head {task.name!r} is not a probability")
-        weights = default_weights(tuple(ranker.task_names), self.settings.weights)
-        score = combine_scores(heads, weights, default_combine(ranker, self.settings.combine))
+        weights, combine, _ = default_scoring(ranker, self.settings)
+        score = combine_scores(heads, weights, combine)
         if not np.isfinite(score).all():
             raise ReloadError(ranker.version, "test scoring: combined scores are not finite")
 
@@ -417,7 +491,8 @@ class ModelHolder:
 
     async def _changed_latest(self) -> str | None:
         """The version LATEST names when it changed since the watcher last acted on it; None when
-        unchanged or unusable (recorded)."""
+        unchanged or unusable (recorded). Keeps ``_latest_version``: what the LATEST of
+        ``_latest_sig`` names (None when unusable)."""
         try:
             sig, named = await self._probe_latest()
         except PointerError as e:
@@ -432,42 +507,51 @@ class ModelHolder:
         self._latest_sig = sig
         self._retry = None  # a new LATEST: whatever the old one named is not retried
         if isinstance(named, CheckpointError):
+            self._latest_version = None
             self._pointer_error(sig, named, explicit=False)
             return None
         self._bad_latest = None
+        self._latest_version = named
         return named
 
     async def check(self) -> None:
-        """One watcher round: activate the version a changed pointer names, or retry one that
-        failed transiently once its backoff is over.
+        """One watcher round: activate the version ``served_version`` decides when LATEST or
+        ``model:current`` changed, or retry one that failed transiently once its backoff is over;
+        with Redis, move ``model:current`` along when LATEST overrode it.
 
         A change is acted on even when it names the version being served right now: ``activate``
         decides under its lock, after any reload or rollback in progress, whether it is a no-op.
         """
-        target: tuple[str, ReloadSource] | None = None
-        version = await self._changed_latest()
-        if version is not None:
-            target = (version, "startup" if self._current is None else "latest")
+        await self._changed_latest()  # updates _latest_sig and _latest_version
         if isinstance(self.store, RedisStore):
-            pointer = await self.store.read_pointer()
-            if pointer is not None and pointer != self._pointer_seen:
-                self._pointer_seen = pointer
-                target = (pointer, "redis")
+            answered, pointer = await self.store.read_pointer()
+            if answered:
+                self._pointer = pointer
+        target: tuple[str, ReloadSource, bool] | None = None
+        decided = served_version(self._latest_version, self._pointer)
+        inputs = (self._latest_sig, self._latest_version, self._pointer)
+        if decided is not None and inputs != self._acted_on:
+            self._acted_on = inputs
+            self._retry = None  # a new decision: whatever failed before is not retried
+            target = decided
         retry = self._retry
         if target is None and retry is not None and time.monotonic() >= retry.due:
-            target = (retry.version, retry.source)
+            target = (retry.version, retry.source, False)
         if target is not None:
-            await self._try(*target)
+            version, source, overrides_pointer = target
+            if await self._try(version, "startup" if self._current is None else source) and overrides_pointer:
+                await self.announce(version)
 
-    async def _try(self, version: str, source: ReloadSource) -> None:
+    async def _try(self, version: str, source: ReloadSource) -> bool:
         """Activate from a pointer; a transient failure is scheduled for a retry, a permanent one
-        is left for the next pointer change (both recorded by ``activate``)."""
+        is left for the next pointer change (both recorded by ``activate``). True when served."""
         try:
             await self.activate(version, source)
         except ReloadError as e:
             self._after_failure(e, version, source)
-            return
+            return False
         self._retry = None
+        return True
 
     def _after_failure(self, e: ReloadError, version: str, source: ReloadSource) -> None:
         """Schedule the next try of a transient failure (the wait doubles per failed attempt);
@@ -535,17 +619,26 @@ class ModelHolder:
             self._retry = None
         finally:
             if self._latest_sig == seen:
-                self._latest_sig = sig
+                self._latest_sig, self._latest_version = sig, named if isinstance(named, str) else None
         return active, previous
 
     async def rollback(self, version: str) -> tuple[ActiveModel, ActiveModel | None, bool]:
         """Activate an existing version and point LATEST at it (when the artifacts are writable).
 
-        Returns (active, previous, latest_updated). The watcher's view of LATEST is left alone:
-        LATEST rewritten here names the served version (a no-op for the watcher), one rewritten by
-        anyone else meanwhile is a newer change it acts on, and when LATEST cannot be written the
-        rolled-back version keeps serving until LATEST changes.
+        Returns (active, previous, latest_updated). Without Redis, LATEST is the one record every
+        worker and replica follows: a rollback it cannot be written for is refused
+        (``RollbackRefused``) before anything changes. The watcher's view of LATEST is left alone:
+        LATEST rewritten here names the served version (a no-op for the watcher), and one rewritten
+        by anyone else meanwhile is a newer change it acts on.
         """
+        shared = isinstance(self.store, RedisStore)  # model:current carries the decision
+        if not shared and not _latest_writable(self.settings.artifacts):
+            raise RollbackRefused(
+                version,
+                f"{models_dir(self.settings.artifacts) / LATEST} is not writable, and without the Redis "
+                "store it is the only record every worker and replica follows: roll back where the "
+                "artifacts are writable (`mtrank rollback`), or serve from Redis (model:current)",
+            )
         previous = self._current
         active = await self.activate(version, "rollback")
         self._retry = None  # serving what the admin asked for, until a pointer changes
@@ -553,17 +646,23 @@ class ModelHolder:
             await asyncio.to_thread(write_latest, self.settings.artifacts, version)
             updated = True
         except (OSError, CheckpointError) as e:
-            log.warning("rollback to %s: LATEST not updated (%s); a restart would serve LATEST", version, e)
+            log.warning("rollback to %s: LATEST not updated (%s); model:current decides", version, e)
             updated = False
         return active, previous, updated
 
     async def announce(self, version: str) -> bool | None:
-        """Tell other replicas (Redis mode): set model:current + publish. None without Redis."""
+        """Tell other replicas and workers (Redis mode): set model:current (with what LATEST names
+        now) + publish. None without Redis."""
         if not isinstance(self.store, RedisStore):
             return None
-        ok = await self.store.announce(version)
+        try:
+            _, named = await self._probe_latest(force=True)
+        except PointerError:  # LATEST does not answer: the pointer then always wins (served_version)
+            named = None
+        latest = named if isinstance(named, str) else None
+        ok = await self.store.announce(version, latest)
         if ok:
-            self._pointer_seen = version
+            self._pointer = FleetPointer(version, latest)
         return ok
 
     # -- description ------------------------------------------------------------------------------
@@ -585,10 +684,14 @@ class ModelHolder:
         }
 
     def _scoring(self, active: ActiveModel) -> dict[str, Any]:
+        """The combination in force, where it comes from (``fitted``, ``settings`` or ``default``),
+        the weight bounds, and the combination fitted after training with its validation NDCG."""
         return {
             "combine": active.combine,
             "weights": active.weights,
+            "weights_from": active.weights_from,
             "weight_bounds": [self.settings.weight_min, self.settings.weight_max],
+            "fitted": _fitted(active.ranker.manifest),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -610,10 +713,23 @@ class ModelHolder:
             "source": active.source,
             "metrics": _finite(manifest.get("metrics", {})),
             "config": r.config.to_dict(),
+            "forward": r.backend_info,
             "scoring": self._scoring(active),
             "feature_store": self.store.describe(),
             **out,
         }
+
+
+def _fitted(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The combination fitted after training and how it did on the validation lists (None: the
+    checkpoint has none)."""
+    ranking = manifest.get("ranking")
+    if not isinstance(ranking, dict) or not isinstance(ranking.get("combination"), dict):
+        return None
+    out = dict(ranking["combination"])
+    out["objective"] = ranking.get("objective")
+    out["validation"] = ranking.get("validation")
+    return _finite(out)  # type: ignore[no-any-return]
 
 
 def _finite(value: Any) -> Any:

@@ -263,10 +263,31 @@ class Health(BaseModel):
     model_version: str | None = None
 
 
+class FittedCombination(BaseModel):
+    """The head combination fitted for the model's [objective] after training."""
+
+    method: str = Field(description="product or sum")
+    weights: dict[str, float] = Field(description="the fitted weight of each head (the largest 1)")
+    objective: dict[str, Any] | None = Field(
+        default=None, description="what it was fitted for: gain (column weights), group_by (the lists), k"
+    )
+    validation: dict[str, Any] | None = Field(
+        default=None,
+        description="on the validation lists: its ndcg@k, every weight 1's (default_ndcg@k), each head's "
+        "alone, which was chosen (the searched weights or a simple combination) and the search's result",
+    )
+
+
 class Scoring(BaseModel):
     combine: str = Field(description="product or sum")
     weights: dict[str, float] = Field(description="the default weight of each head")
+    weights_from: Literal["fitted", "settings", "default"] = Field(
+        description="fitted: the model's fitted combination; settings: MTRANK_WEIGHTS; default: 1 per head"
+    )
     weight_bounds: tuple[float, float] = Field(description="the range every weight must lie in")
+    fitted: FittedCombination | None = Field(
+        default=None, description="the combination fitted after training (null: the model has none)"
+    )
 
 
 class ModelStatus(BaseModel):

@@ -17,6 +17,7 @@ body, sees a client disconnect).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -81,6 +82,23 @@ class LimitedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+
+class WorkerH11Protocol(LimitedH11Protocol):
+    """LimitedH11Protocol for the processes of ``mtrank serve --workers N``: uvicorn pickles the
+    protocol class to them, so it must be importable by name; its deadlines come from the
+    MTRANK_* environment the parent exported (service.app.export_settings)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = _environment_settings()
+        self.header_timeout_s = settings.http_header_timeout_s
+        self.body_timeout_s = settings.http_body_timeout_s
+        super().__init__(*args, **kwargs)
+
+
+@functools.cache
+def _environment_settings() -> Settings:
+    return Settings()
 
 
 def protocol_for(settings: Settings) -> type[LimitedH11Protocol]:

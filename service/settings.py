@@ -2,7 +2,8 @@
 
 Every field can be set as ``MTRANK_<FIELD>`` (``MTRANK_FEATURE_STORE=redis``,
 ``MTRANK_WEIGHTS='{"<head>": 1, "<other head>": 2}'``); ``mtrank serve`` options override them.
-Nothing here names a task: head names come from the served model (unset ``weights`` = 1 per head).
+Nothing here names a task: head names come from the served model (unset ``weights``: the model's
+fitted combination, else 1 per head).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Combine = Literal["product", "sum"]
 StoreKind = Literal["embedded", "redis"]
+ForwardBackend = Literal["onnx", "eager"]
 
 
 class Settings(BaseSettings):
@@ -37,6 +39,18 @@ class Settings(BaseSettings):
         default=True, description="run encode + forward in a worker thread (keeps the event loop responsive)"
     )
     forward_workers: int = Field(default=2, ge=1, le=64, description="threads for model forward passes")
+    forward_backend: ForwardBackend = Field(
+        default="onnx",
+        description="onnx: the request graph runs in ONNX Runtime, built at every model load and checked "
+        "against eager first (eager when that fails); eager: plain torch",
+    )
+    inline_max_candidates: int = Field(
+        default=128,
+        ge=0,
+        le=100_000,
+        description="requests with at most this many candidates are scored on the event loop, without "
+        "the hop to the forward thread (which costs more than it saves for them)",
+    )
     checkpoint_key: SecretStr | None = Field(
         default=None,
         description="deployment key: load only checkpoints whose manifest is signed with it (HMAC-SHA256); "
@@ -62,6 +76,10 @@ class Settings(BaseSettings):
         description="embedded store: directory of the user/video tables (default: the checkpoint's)",
     )
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool | None = Field(
+        default=None,
+        description="redis_url names a Redis Cluster node; unset = asked at start (INFO cluster)",
+    )
     redis_prefix: str = Field(default="mtrank:", min_length=1, max_length=200)
     redis_timeout_ms: float = Field(
         default=30.0, gt=0, le=60_000, description="deadline of one feature fetch"
@@ -104,6 +122,21 @@ class Settings(BaseSettings):
     # -- request handling --------------------------------------------------------------------
     max_candidates: int = Field(default=2000, ge=1, le=100_000)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_in_flight: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="per worker process: /rank requests admitted at once; more are answered 503 at once "
+        "(with Retry-After) instead of queueing",
+    )
+    max_in_flight_age_ms: float = Field(
+        default=30.0,
+        ge=0,
+        le=60_000,
+        description="per worker process: /rank requests are answered 503 at once while 4 or more are in "
+        "flight and the oldest has been so for longer than this (the worker is behind); 0 = only "
+        "max_in_flight",
+    )
     strict_features: bool = Field(
         default=True,
         description="422 for context keys and inline feature names the model does not declare "
@@ -111,12 +144,13 @@ class Settings(BaseSettings):
     )
     combine: Combine | None = Field(
         default=None,
-        description="product or sum of the weighted heads; unset = product when every head of the served "
-        "model is binary (probabilities), else sum (regression heads can be negative)",
+        description="product or sum of the weighted heads; unset = the model's fitted combination, else "
+        "product when every head of the served model is binary (probabilities) and sum otherwise",
     )
     weights: dict[str, float] | None = Field(
         default=None,
-        description="per-head weights of the combined score; unset = 1 for every head of the served model",
+        description="per-head weights of the combined score (replacing the model's fitted combination); "
+        "unset = the fitted weights, else 1 for every head of the served model",
     )
     weight_min: float = 0.0
     weight_max: float = 10.0
@@ -127,6 +161,9 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(
+        default=1, ge=1, le=64, description="`mtrank serve`: worker processes sharing the port"
+    )
     log_level: str = "INFO"
     access_log: bool = False
 

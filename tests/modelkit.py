@@ -68,6 +68,23 @@ def service_settings(artifacts: Path, **overrides: Any) -> Any:
     return Settings(**{**base, **overrides})
 
 
+def served_default(artifacts: Path) -> tuple[str, dict[str, float]]:
+    """(method, weights) of the combination fitted after training for LATEST (its manifest): what
+    the service serves by default."""
+    from model import read_latest, resolve_checkpoint
+    from model.checkpoint import read_manifest
+
+    fitted = read_manifest(resolve_checkpoint(artifacts, read_latest(artifacts)))["ranking"]["combination"]
+    return str(fitted["method"]), {k: float(v) for k, v in fitted["weights"].items()}
+
+
+def served_score(heads: Mapping[str, float], method: str, weights: Mapping[str, float]) -> float:
+    """One candidate's combined score, written out: prod_i s_i ** w_i or sum_i w_i * s_i."""
+    if method == "product":
+        return float(np.prod([heads[h] ** w for h, w in weights.items()]))
+    return float(sum(w * heads[h] for h, w in weights.items()))
+
+
 def metric(client: Any, name: str, **labels: str) -> float:
     """One sample of the app's /metrics (``client``: a TestClient), e.g. a counter's ``<name>_total``."""
     for family in text_string_to_metric_families(client.get("/metrics").text):

@@ -276,6 +276,16 @@ CASES: list[tuple[str, list[str], int, str]] = [
         2,
         r"No such file",
     ),
+    # replay
+    ("replay-no-model", ["replay", "--artifacts", "{f}/empty_artifacts"], 2, r"no LATEST"),
+    ("replay-bad-split", ["replay", "--artifacts", "{a}", "--split", "later"], 2, r"split must be one of"),
+    (
+        "replay-no-server",
+        ["replay", "--artifacts", "{a}", "--url", "http://127.0.0.1:9"],  # nothing listens on port 9
+        2,
+        r"GET /model: .*(refused|connect)",
+    ),
+    ("replay-bad-url", ["replay", "--artifacts", "{a}", "--url", "localhost:8000"], 2, r"--url must be http"),
     # serve, materialize
     ("serve-no-model", ["serve", "--artifacts", "{f}/empty_artifacts"], 1, r"nothing to serve"),
     ("serve-bad-settings", ["serve", "--feature-store", "nope"], 2, r"invalid settings"),

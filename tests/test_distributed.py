@@ -225,6 +225,13 @@ def test_two_process_run_over_parquet_shards_matches_one_process(tmp_path):
 
     params, probs = differences(a, b)
     assert params < TOL and probs < TOL, (params, probs)
+    # calibration and the served combination, fitted on the validation rows of both ranks
+    ra, rb = a.manifest["ranking"], b.manifest["ranking"]
+    assert rb["validation"]["lists"] == ra["validation"]["lists"] > 0
+    assert rb["combination"]["method"] == ra["combination"]["method"]
+    assert rb["combination"]["weights"] == pytest.approx(ra["combination"]["weights"], rel=1e-3)
+    applied = [h for h, e in ra["calibration"].items() if isinstance(e, dict) and e.get("applied")]
+    assert applied == [h for h, e in rb["calibration"].items() if isinstance(e, dict) and e.get("applied")]
     ha, hb = a.manifest["history"], b.manifest["history"]
     assert [h["epoch"] for h in ha] == [h["epoch"] for h in hb] == [1, 2]
     for x, y in zip(ha, hb, strict=True):
@@ -311,7 +318,10 @@ def test_every_training_feature_matches_one_process_on_two_ranks(tmp_path):
         {"name": "finetune", "set": {"train.lr_scale": 0.5}, "init_from": str(resolve_checkpoint(source))},
     ]
     for v in variants:
-        v["set"] = {**v["set"], "train.epochs": 1}  # type: ignore[dict-item]
+        # no calibration step: a Platt scaling folded into an output layer multiplies its weights (by
+        # ~50 for a one-epoch model's rare head), magnifying float differences between equal runs;
+        # test_two_process_run_over_parquet_shards_matches_one_process covers it data parallel
+        v["set"] = {**v["set"], "train.epochs": 1, "objective.calibrate": False}  # type: ignore[dict-item]
     run(
         [
             *TORCHRUN,

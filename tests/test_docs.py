@@ -22,6 +22,7 @@ from model.config import (
     DataConfig,
     FeatureDecl,
     ModelConfig,
+    ObjectiveConfig,
     PromotionConfig,
     SequenceDecl,
     TaskConfig,
@@ -227,6 +228,7 @@ def test_settings_table_lists_every_setting() -> None:
         ("`[model]`", ModelConfig),
         ("`[train]`", TrainConfig),
         ("`[promotion]`", PromotionConfig),
+        ("`[objective]`", ObjectiveConfig),
     ],
 )
 def test_config_reference_lists_every_key(heading: str, cls: type) -> None:

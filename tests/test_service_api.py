@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from modelkit import default_row_heads, model_details, service_settings
+from modelkit import default_row_heads, model_details, served_default, served_score, service_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import Ranker, read_latest, resolve_checkpoint, write_latest
@@ -67,6 +67,7 @@ def rank(client: TestClient, **body: Any) -> dict[str, Any]:
 
 def test_rank_returns_every_candidate_sorted_with_heads(client: TestClient, trained_artifacts: Path) -> None:
     cands = VIDEOS[:30]
+    method, weights = served_default(trained_artifacts)
     out = rank(client, candidates=cands)
     assert out["model_version"] == read_latest(trained_artifacts)
     assert out["degraded"] is False
@@ -79,8 +80,8 @@ def test_rank_returns_every_candidate_sorted_with_heads(client: TestClient, trai
     for i in items:
         assert set(i["heads"]) == {"engagement", "satisfaction"}
         assert all(0.0 <= v <= 1.0 for v in i["heads"].values())
-        # default weights 1/1, product: score = engagement * satisfaction
-        assert i["score"] == pytest.approx(i["heads"]["engagement"] * i["heads"]["satisfaction"], rel=1e-6)
+        # by default the combination fitted after training (the checkpoint's manifest)
+        assert i["score"] == pytest.approx(served_score(i["heads"], method, weights), rel=1e-6)
     assert len({round(s, 12) for s in scores}) > 1  # the model distinguishes the candidates
 
 
@@ -147,8 +148,9 @@ def test_weight_override_with_the_sum_combination(trained_artifacts: Path) -> No
 
 
 def test_weights_change_the_order(client: TestClient) -> None:
-    by_eng = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights={"satisfaction": 0})["items"]]
-    by_sat = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights={"engagement": 0})["items"]]
+    eng, sat = {"engagement": 1, "satisfaction": 0}, {"engagement": 0, "satisfaction": 1}
+    by_eng = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights=eng)["items"]]
+    by_sat = [i["video_id"] for i in rank(client, candidates=VIDEOS, weights=sat)["items"]]
     assert by_eng != by_sat
 
 
@@ -487,17 +489,28 @@ def test_health_model_and_docs(client: TestClient, trained_artifacts: Path) -> N
     assert client.get("/readyz").json() == {"status": "ready", "model_version": version}
     public = client.get("/model").json()  # the details are GET /admin/model
     assert public["version"] == version and public["status"] == "ready" and "config" not in public
+    assert (
+        public["scoring"]["weights_from"] == "fitted"
+        and "ndcg@10" in public["scoring"]["fitted"]["validation"]
+    )
     info = model_details(client)  # GET /admin/model
     assert info["version"] == version and info["arch"] == "mmoe"
     assert [t["name"] for t in info["tasks"]] == ["engagement", "satisfaction"]
     assert "test/engagement/auc" in info["metrics"]
     assert info["config"]["model"]["arch"] == "mmoe"
     assert info["loaded_at"] and info["source"] == "startup" and info["last_reload_error"] is None
-    assert info["scoring"] == {
-        "combine": "product",
-        "weights": {"engagement": 1.0, "satisfaction": 1.0},
+    method, weights = served_default(trained_artifacts)
+    scoring = info["scoring"]
+    assert {k: scoring[k] for k in ("combine", "weights", "weights_from", "weight_bounds")} == {
+        "combine": method,
+        "weights": weights,
+        "weights_from": "fitted",
         "weight_bounds": [0.0, 10.0],
     }
+    fitted = scoring["fitted"]
+    assert fitted["method"] == method and fitted["weights"] == weights
+    assert fitted["validation"]["ndcg@10"] >= fitted["validation"]["default_ndcg@10"]
+    assert fitted["objective"]["group_by"] == ["user_id", "date", "tab"]
     store = info["feature_store"]
     assert store["kind"] == "embedded" and store["tables"]["user"]["rows"] > 20_000
     spec = client.get("/openapi.json").json()

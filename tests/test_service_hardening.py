@@ -426,7 +426,8 @@ def test_public_endpoints_show_no_deployment_details(trained_artifacts: Path, tm
         assert public["version"] == version and public["status"] == "ready"
         assert public["heads"] == ["engagement", "satisfaction"]
         assert "video_duration" in public["features"]["video"] and "tab" in public["features"]["context"]
-        assert set(public["scoring"]) == {"combine", "weights", "weight_bounds"}
+        assert set(public["scoring"]) == {"combine", "weights", "weights_from", "weight_bounds", "fitted"}
+        assert set(public["scoring"]["fitted"]) == {"method", "weights", "objective", "validation"}
         assert str(ROOT.parent) not in json.dumps(public) and "/" not in json.dumps(public["features"])
         details = _details(c)
         assert details["version"] == version and details["config"]["model"]["arch"] == "mmoe"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from modelkit import default_row_heads, metric, model_details
+from modelkit import default_row_heads, metric, model_details, served_default, served_score
 from typer.testing import CliRunner
 
 from model import Ranker, resolve_checkpoint
@@ -162,5 +162,6 @@ def test_degraded_scores_are_valid_rankings(
     assert s == sorted(s, reverse=True) and all(0 <= x <= 1 for x in s)
     assert [i["rank"] for i in body["items"]] == list(range(1, len(s) + 1))
     assert_default_features(body, trained_artifacts)
-    for i in body["items"]:  # default weights 1/1, product
-        assert i["score"] == pytest.approx(i["heads"]["engagement"] * i["heads"]["satisfaction"], rel=1e-9)
+    method, weights = served_default(trained_artifacts)
+    for i in body["items"]:  # the fitted default combination
+        assert i["score"] == pytest.approx(served_score(i["heads"], method, weights), rel=1e-9)

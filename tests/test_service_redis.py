@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,15 +221,13 @@ def two_versions(artifacts_copy: Path, train_tiny: Any) -> Iterator[tuple[Path, 
 
 
 def test_replicas_follow_model_current_via_pubsub(
-    two_versions: tuple[Path, str, str], tmp_path: Path, redis_url: str, redis_prefix: str
+    two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str
 ) -> None:
     artifacts, v0, v1 = two_versions
     assert materialize(artifacts, redis_url, redis_prefix).exit_code == 0
-    other = tmp_path / "replica-artifacts"  # the replica's LATEST never changes: only the pointer can move it
-    shutil.copytree(artifacts, other)
     leader = redis_settings(artifacts, redis_url, redis_prefix, admin_token="s3cret")
     # a long poll interval: only the pub/sub message can make the replica look again in time
-    follower = redis_settings(other, redis_url, redis_prefix, reload_interval_s=60.0)
+    follower = redis_settings(artifacts, redis_url, redis_prefix, reload_interval_s=60.0)
     auth = {"Authorization": "Bearer s3cret"}
     with TestClient(create_app(leader)) as a, TestClient(create_app(follower)) as b:
         assert a.get("/model").json()["version"] == b.get("/model").json()["version"] == v1
@@ -240,7 +237,6 @@ def test_replicas_follow_model_current_via_pubsub(
         while dict(probe.pubsub_numsub(channel)).get(channel.encode(), 0) < 2:  # both apps listen
             assert time.monotonic() < deadline, "the apps did not subscribe to the model channel"
             time.sleep(0.05)
-        probe.close()
         r = a.post("/admin/rollback", json={"version": v0}, headers=auth)
         assert r.status_code == 200, r.text
         assert r.json() == {
@@ -250,7 +246,8 @@ def test_replicas_follow_model_current_via_pubsub(
             "latest_updated": True,
             "announced": True,
         }
-        assert read_latest(artifacts) == v0 and read_latest(other) == v1
+        assert read_latest(artifacts) == v0
+        assert json.loads(probe.get(redis_prefix + "model:current")) == {"version": v0, "latest": v0}
         deadline = time.monotonic() + 10
         while b.get("/model").json()["version"] != v0:
             assert time.monotonic() < deadline, "the replica did not follow model:current"
@@ -264,9 +261,49 @@ def test_replicas_follow_model_current_via_pubsub(
         while b.get("/model").json()["version"] != v1:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        assert json.loads(probe.get(redis_prefix + "model:current")) == {"version": v1, "latest": v1}
+        probe.close()
+
+
+def set_pointer(url: str, prefix: str, version: str, latest: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        client.set(prefix + "model:current", json.dumps({"version": version, "latest": latest}))
+    finally:
+        client.close()
+
+
+def test_every_replica_serves_model_current_across_restarts_until_latest_moves(
+    two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str, train_tiny: Any
+) -> None:
+    """One source of truth: model:current (what an admin rollback of read-only artifacts records:
+    v0 chosen while LATEST named v1) is served by every replica, a new or restarted one too, until
+    a training run moves LATEST; then LATEST wins everywhere and model:current follows it."""
+    artifacts, v0, v1 = two_versions
+    assert materialize(artifacts, redis_url, redis_prefix).exit_code == 0
+    set_pointer(redis_url, redis_prefix, v0, latest=v1)
+    s = redis_settings(artifacts, redis_url, redis_prefix, reload_interval_s=0.1)
+
+    def versions(*clients: TestClient) -> list[str]:
+        return [c.post("/rank", json=REQUEST).json()["model_version"] for c in clients]
+
+    with TestClient(create_app(s)) as a:
+        with TestClient(create_app(s)) as b:
+            assert versions(a, b) == [v0, v0]
+            assert model_details(a)["source"] == "startup"
+        with TestClient(create_app(s)) as b:  # replica b restarted: still the fleet's version
+            assert versions(a, b) == [v0, v0] and read_latest(artifacts) == v1
+        v2 = train_tiny(artifacts, seed=5)  # a training run promotes v2: a newer decision
+        with TestClient(create_app(s)) as b:
+            deadline = time.monotonic() + 20
+            while versions(a, b) != [v2, v2]:
+                assert time.monotonic() < deadline, versions(a, b)
+                time.sleep(0.1)
     client = redis.Redis.from_url(redis_url)
-    assert client.get(redis_prefix + "model:current") == v1.encode()
+    assert json.loads(client.get(redis_prefix + "model:current")) == {"version": v2, "latest": v2}
     client.close()
+    with TestClient(create_app(s)) as b:  # and a restart after that serves v2 as well
+        assert versions(b) == [v2]
 
 
 def test_an_unreadable_latest_does_not_stop_the_redis_pointer(

@@ -45,6 +45,8 @@ class Split:
     bias: np.ndarray | None = None  # (N, Cb) logged bias-feature indices (training only)
     times: np.ndarray | None = None  # (N,) the log's time column (orders rows for time-based CV)
     fragments: np.ndarray | None = None  # (N,) the log fragment of each row (streams)
+    gain: np.ndarray | None = None  # (N,) float64 the [objective]'s gain (model.objective)
+    lists: np.ndarray | None = None  # (N,) the [objective]'s list ids (objective.group_by)
     # user histories (model.data.history): seq.<name>.items (N, L, K) int32, seq.<name>.len (N,)
     seqs: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -63,6 +65,8 @@ class Split:
             t(self.bias),
             t(self.times),
             t(self.fragments),
+            t(self.gain),
+            t(self.lists),
             {k: v[idx] for k, v in self.seqs.items()},
         )
 
@@ -80,6 +84,7 @@ class Split:
         )
         out = Split(cats, nums, labels, users)
         out.bias, out.times, out.fragments = c("bias"), c("times"), c("fragments")
+        out.gain, out.lists = c("gain"), c("lists")
         out.seqs = {k: np.concatenate([p.seqs[k] for p in parts]) for k in parts[0].seqs} if parts else {}
         return out
 
@@ -94,6 +99,8 @@ def load_shard(root: Path, info: ShardInfo) -> Split:
         a.get("bias"),
         a.get("times"),
         np.full(info.rows, info.fragment, dtype=np.int32),
+        a.get("gain"),
+        a.get("lists"),
         {k: v for k, v in a.items() if k.startswith("seq.")},
     )
 

@@ -10,7 +10,8 @@ Memory is bounded by the vocabularies and the entity tables, never by the log:
    (fine-tuning).
 3. **encode** -- every used row encoded with the fitted schema into shards per split
    (``<cache>/<key>/<split>-f<fragment>-<k>.safetensors``: cats int32, nums, labels, groups,
-   times, bias), plus the training rows per embedding row.
+   times, bias, and the ``[objective]``'s gain and list ids), plus the training rows per embedding
+   row.
 
 The cache key covers the data config, the tasks, the fitted schema given, and every log and
 table file's size and mtime: later epochs, retrains and restarts stream from the same shards.
@@ -70,6 +71,7 @@ from model.features import (
     stable_hash,
 )
 from model.files import replace_atomically
+from model.objective import ObjectiveError, gain_columns, row_gain
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +443,7 @@ def cache_key(cfg: Config, source: LogSource, tables: Sequence[Path], schema: Fe
         "format": CACHE_FORMAT,
         "data": data,
         "tasks": [dataclasses.asdict(t) for t in cfg.tasks],
+        "objective": dataclasses.asdict(cfg.objective),
         "bias": list(cfg.model.bias_features),
         "schema": schema.to_dict() if schema is not None else None,
         "files": stat,
@@ -563,6 +566,11 @@ class Preparer:
         missing_labels = [c for c in label_columns(cfg.tasks) if c not in self.log_columns]
         if missing_labels:
             raise DataError(f"label / mask_by columns {missing_labels} are not columns of the log")
+        missing_objective = [c for c in self.objective_columns() if c not in self.log_columns]
+        if missing_objective:
+            raise DataError(
+                f"objective.gain / group_by columns {missing_objective} are not columns of the log"
+            )
         if self.d.sequences:
             tables = [c for t in self.tables.values() for c in t.columns]
             check_columns(self.d, self.declared.sequences, self.log_columns, tables)
@@ -578,6 +586,7 @@ class Preparer:
             c for g in ALL_GROUPS for part in self.declared.columns(g) for c in part if c in self.log_columns
         ]
         cols += [t.key for t in self.tables.values()] + label_columns(self.cfg.tasks) + self.d.groups
+        cols += self.objective_columns()
         if self.d.split in ("time", "column"):
             cols.append(self.d.split_column)
         if self.timed:
@@ -920,6 +929,7 @@ class Preparer:
             nums = np.concatenate(nums_parts, axis=1)
             bias = schema.encode(BIAS, self.canonical(BIAS, df, schema))[0] if schema.bias else None
             groups = self.group_ids(df)
+            gain, lists = self.objective_arrays(df, labels)
             hist = self.histories.arrays(frag.index, row0, len(df)) if self.histories is not None else {}
             times = (
                 pd.to_numeric(df[self.d.time_column], errors="coerce").to_numpy(dtype=np.float64)
@@ -936,6 +946,8 @@ class Preparer:
                     "nums": nums[m],
                     "labels": labels[m],
                     "groups": groups[m],
+                    "gain": gain[m],
+                    "lists": lists[m],
                 }
                 if bias is not None:
                     part["bias"] = bias[m].astype(np.int32)
@@ -952,8 +964,19 @@ class Preparer:
                 flush(current, sid, final=True)
         return shards, row_counts, dict(counts)
 
-    def group_ids(self, df: pd.DataFrame) -> np.ndarray:
-        cols = self.d.groups
+    def objective_columns(self) -> list[str]:
+        return gain_columns(self.cfg.objective) + self.cfg.objective.lists(self.d)
+
+    def objective_arrays(self, df: pd.DataFrame, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: the objective's gain (float64) and list id (``model.objective``)."""
+        try:
+            gain = row_gain(df, self.cfg, labels)
+        except ObjectiveError as e:
+            raise DataError(str(e)) from None
+        return gain, self.group_ids(df, self.cfg.objective.lists(self.d))
+
+    def group_ids(self, df: pd.DataFrame, columns: Sequence[str] | None = None) -> np.ndarray:
+        cols = self.d.groups if columns is None else list(columns)
         if not cols:
             return np.zeros(len(df), dtype=np.int64)
         out = hash_column(df[cols[0]]).codes.astype(np.uint64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from service.settings import Settings
 from service.store.base import ColumnMap, Event, EventsResult, FeatureStore, Fetched, StoreError, StoreLayout
 from service.store.embedded import EmbeddedStore
-from service.store.redis_store import RedisStore
+from service.store.redis_store import RedisStore, is_cluster
 
 __all__ = [
     "ColumnMap",
@@ -33,6 +33,9 @@ def open_store(settings: Settings) -> EmbeddedStore | RedisStore:
             min_present=settings.store_min_present,
             unknown_rate_window=settings.unknown_rate_window,
             unknown_rate_margin=settings.unknown_rate_margin,
+            cluster=settings.redis_cluster
+            if settings.redis_cluster is not None
+            else is_cluster(settings.redis_url),
             event_id_ttl_s=settings.event_id_ttl_s,
         )
     return EmbeddedStore(settings.data_dir, settings.event_ids)

@@ -9,7 +9,8 @@ Keys (``P`` = the prefix, default ``mtrank:``)::
     P e:<event id>      an event id seen by ``POST /events`` (expires after ``event_id_ttl_s``)
     P meta              JSON: format, column layout (names per group), model version, counts, the
                         histories held (name -> labels, items, max_len)
-    P model:current     version id the fleet should serve (set by /admin/reload and /admin/rollback)
+    P model:current     JSON {"version", "latest"}: the version the fleet serves, set by /admin/reload
+                        and /admin/rollback, and what models/LATEST named then (service.reload)
     P model:events      pub/sub channel: a version id is published when model:current changes
 
 ``materialize`` writes them (pipelined MSET in chunks; the layout comes from the model's feature
@@ -24,6 +25,9 @@ outage costs no deadline per request; it closes by itself.
 one Lua script per chunk of events: per event, ``SET P e:<id> NX EX ttl`` and, only when the id is
 new, per history it qualifies for, ``ZADD`` + ``ZREMRANGEBYRANK`` (trim to max_len). A script runs
 atomically, so a reader sees a history before or after an event, never a half-trimmed one.
+ On a Redis Cluster a user's history keys and the
+event ids carry the hash-tag bucket of the user's row (``P h:{<bucket>}:<name>:<user>``), so one
+script's keys share one slot; ``fetch`` then reads the rows and the histories concurrently.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import json
 import logging
 import random
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +49,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import redis
 import redis.asyncio as aioredis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -78,18 +85,48 @@ META_FORMAT = 1
 PIPELINE_CHUNKS = 8  # MSETs per round trip when materializing
 CONTROL_TIMEOUT_S = 2.0  # meta / model pointer / pub-sub: off the request path
 HEALTH_SAMPLE = 100  # entity keys per group that materialize records for the health check
+CLUSTER_BUCKETS = 16  # hash-tag buckets of the keys on a Redis Cluster (entity_key)
 _GROUP_TAG: dict[EntityGroup, str] = {"user": "u", "video": "v"}
 
 
-def entity_key(prefix: str, group: EntityGroup, entity_id: str) -> str:
+def bucket_of(entity_id: str, buckets: int) -> int:
+    return zlib.crc32(entity_id.encode()) % buckets
+
+
+def entity_key(prefix: str, group: EntityGroup, entity_id: str, buckets: int = 0) -> str:
+    """``P u:<id>``; with ``buckets`` (a Redis Cluster layout) ``P u:{<bucket>}:<id>``, the bucket
+    a hash tag: all keys of a bucket share one cluster slot, so a request reads at most
+    ``buckets`` + 1 slots, one MGET each, instead of one slot per key."""
+    if buckets:
+        return f"{prefix}{_GROUP_TAG[group]}:{{{bucket_of(entity_id, buckets)}}}:{entity_id}"
     return f"{prefix}{_GROUP_TAG[group]}:{entity_id}"
 
 
-def history_key(prefix: str, name: str, user_id: str) -> str:
+def is_cluster(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``url`` names a Redis Cluster node (INFO cluster); False when it cannot be asked."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except (RedisError, OSError) as e:
+        log.warning(
+            "cannot ask %s whether it is a Redis Cluster (%s): taken as a single server", redact_url(url), e
+        )
+        return False
+    finally:
+        client.close()
+
+
+def history_key(prefix: str, name: str, user_id: str, buckets: int = 0) -> str:
+    """``P h:<name>:<user>``; on a cluster layout in the bucket (slot) of the user's row."""
+    if buckets:
+        return f"{prefix}h:{{{bucket_of(user_id, buckets)}}}:{name}:{user_id}"
     return f"{prefix}h:{name}:{user_id}"
 
 
-def event_key(prefix: str, event_id: str) -> str:
+def event_key(prefix: str, event_id: str, user_id: str, buckets: int = 0) -> str:
+    """``P e:<event id>``; on a cluster layout in the bucket of the event's user."""
+    if buckets:
+        return f"{prefix}e:{{{bucket_of(user_id, buckets)}}}:{event_id}"
     return f"{prefix}e:{event_id}"
 
 
@@ -112,6 +149,34 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class FleetPointer:
+    """``model:current``: the version an admin reload or rollback chose for the fleet, and what
+    ``models/LATEST`` named at that moment (``latest``; None in a pointer written as a bare version
+    id by an older release). service.reload decides with it which version every replica serves."""
+
+    version: str
+    latest: str | None
+
+    def dump(self) -> str:
+        return json.dumps({"version": self.version, "latest": self.latest})
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> FleetPointer | None:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(text, None) if text else None  # an older release's bare version id
+        try:
+            d = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("version"), str):
+            return None
+        latest = d.get("latest")
+        return cls(d["version"], latest if isinstance(latest, str) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,15 +290,16 @@ EVENTS_PER_SCRIPT = 200  # events per script run: bounds how long Redis is busy 
 RedisClient = Any
 
 
-def _async_client(url: str, timeout_s: float) -> RedisClient:
-    """redis.asyncio client with explicit socket timeouts and redis-py's retries disabled."""
-    opts: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": AsyncRetry(NoBackoff(), 0),
-        "retry_on_timeout": False,
-        "health_check_interval": 0,
-    }
+def _async_client(url: str, timeout_s: float, cluster: bool = False) -> RedisClient:
+    """redis.asyncio client with explicit socket timeouts and redis-py's retries disabled; for a
+    cluster, a RedisCluster client that follows the slot map (one retry: a MOVED reply or a failed
+    node makes it re-read the map, e.g. after a failover)."""
+    opts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if cluster:
+        return RedisCluster.from_url(
+            url, retry=AsyncRetry(NoBackoff(), 1), require_full_coverage=False, **opts
+        )
+    opts |= {"retry": AsyncRetry(NoBackoff(), 0), "retry_on_timeout": False, "health_check_interval": 0}
     return aioredis.Redis.from_url(url, **opts)
 
 
@@ -289,14 +355,18 @@ class RedisStore:
         min_present: float = 0.5,
         unknown_rate_window: int = 200,
         unknown_rate_margin: float = 0.3,
+        cluster: bool = False,
         event_id_ttl_s: int = 7 * 24 * 3600,
     ) -> None:
         self.url, self.prefix = url, prefix
         self._event_ttl = event_id_ttl_s
         self._append_script: Any = None
+        self.cluster = cluster
         self._timeout = timeout_s
-        self._fast = _async_client(url, timeout_s)  # the request path: the deadline below is the contract
-        self._control = _async_client(url, CONTROL_TIMEOUT_S)  # meta, model pointer, pub/sub
+        # the request path: the deadline below is the contract
+        self._fast = _async_client(url, timeout_s, cluster)
+        self._control = _async_client(url, CONTROL_TIMEOUT_S, cluster)  # meta, model pointer, pub/sub
+        self._buckets = 0  # the key layout's hash-tag buckets (meta key_buckets), read with the meta
         self._user_prefix = f"{prefix}{_GROUP_TAG['user']}:"
         self._video_prefix = f"{prefix}{_GROUP_TAG['video']}:"
         self._layouts: dict[str, StoreLayout] = {}  # layout_id -> layout, for every mapped model
@@ -333,6 +403,7 @@ class RedisStore:
                 f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize` (prefix {self.prefix!r})"
             )
         layout: StoreLayout = meta["layout"]
+        self._buckets = _buckets(meta)
         self._expected = _expected_rates(meta.get("expected_unknown"))
         columns = build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
         held = meta["histories"]
@@ -353,16 +424,10 @@ class RedisStore:
     async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
         if time.monotonic() < self._open_until:
             return self._degraded(user_id, video_ids, columns, "breaker_open")
-        vp = self._video_prefix
-        keys = [self._user_prefix + user_id, *[vp + v for v in video_ids]]
-        members: list[list[bytes]] = []
         try:
-            if columns.sequences:  # the histories in the same round trip
-                values, members = await asyncio.wait_for(
-                    self._fetch_with_history(keys, user_id, columns.sequences), self._timeout
-                )
-            else:
-                values = await asyncio.wait_for(self._fast.mget(keys), self._timeout)
+            values, members = await asyncio.wait_for(
+                self._read(user_id, video_ids, columns.sequences), self._timeout
+            )
         except (TimeoutError, RedisTimeoutError):
             return self._failed(user_id, video_ids, columns, "timeout")
         except (RedisConnectionError, OSError):
@@ -391,16 +456,27 @@ class RedisStore:
         reason = self.problem or ("unknown_rate" if self._unknown.alarm else None)
         return Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown, history)
 
-    async def _fetch_with_history(
-        self, keys: list[str], user_id: str, sequences: Sequence[SequenceSpec]
+    async def _read(
+        self, user_id: str, video_ids: Sequence[str], sequences: Sequence[SequenceSpec]
     ) -> tuple[list[bytes | None], list[list[bytes]]]:
-        """MGET of the rows and ZRANGE of each history's latest max_len events, pipelined."""
+        """The rows (``_read_rows``) and each history's latest max_len events: on one server in the
+        same pipelined round trip; on a cluster concurrently."""
+        if not sequences:
+            return await self._read_rows(user_id, video_ids), []
+        keys = [history_key(self.prefix, q.name, user_id, self._buckets) for q in sequences]
+        if self.cluster:
+            rows, *members = await asyncio.gather(
+                self._read_rows(user_id, video_ids),
+                *(self._fast.zrange(k, -q.max_len, -1) for q, k in zip(sequences, keys, strict=True)),
+            )
+            return rows, [list(m) for m in members]
+        up, vp = self._user_prefix, self._video_prefix
         pipe = self._fast.pipeline(transaction=False)
-        pipe.mget(keys)
-        for q in sequences:
-            pipe.zrange(history_key(self.prefix, q.name, user_id), -q.max_len, -1)
+        pipe.mget([up + user_id, *[vp + v for v in video_ids]])
+        for q, k in zip(sequences, keys, strict=True):
+            pipe.zrange(k, -q.max_len, -1)
         out = await pipe.execute()
-        return out[0], out[1:]
+        return list(out[0]), [list(m) for m in out[1:]]
 
     def _histories(
         self, members: list[list[bytes]], sequences: Sequence[SequenceSpec]
@@ -420,6 +496,21 @@ class RedisStore:
             self._layout_warned = True
             log.warning("history members of another layout than the model's: served empty histories")
         return out, broken
+
+    async def _read_rows(self, user_id: str, video_ids: Sequence[str]) -> list[bytes | None]:
+        """The user's row, then every video's, in order (None: no such key). One MGET on a single
+        server; on a cluster one MGET per slot (hash-tag bucket), all of them in one pipeline that
+        redis-py sends to each node at once."""
+        if not self.cluster:
+            up, vp = self._user_prefix, self._video_prefix
+            return list(await self._fast.mget([up + user_id, *[vp + v for v in video_ids]]))
+        return await _mget_by_slot(
+            self._fast,
+            [
+                entity_key(self.prefix, "user", user_id, self._buckets),
+                *[entity_key(self.prefix, "video", v, self._buckets) for v in video_ids],
+            ],
+        )
 
     def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
         self._failures += 1
@@ -457,44 +548,63 @@ class RedisStore:
                 held = {name: SequenceSpec.of_definition(name, d) for name, d in meta["histories"].items()}
             except FeatureError as e:
                 raise StoreError(f"Redis key {meta_key(self.prefix)!r}: {e}") from e
+            buckets = _buckets(meta)
             out = EventsResult(appended=dict.fromkeys(held, 0))
-            video_codes = await self._event_videos(events, held.values(), meta["layout"].video)
+            video_codes = await self._event_videos(events, held.values(), meta["layout"].video, buckets)
             if self._append_script is None:
                 self._append_script = self._control.register_script(APPEND_EVENTS_LUA)
-            for i in range(0, len(events), EVENTS_PER_SCRIPT):
-                keys, argv = [], [str(self._event_ttl)]
-                for ev in events[i : i + EVENTS_PER_SCRIPT]:
-                    entries = []
-                    for q in held.values():
-                        if is_event(ev.labels, q.labels):
-                            codes = event_codes(q, ev, video_codes.get(ev.video_id, {}))
-                            (member,) = pack_events(np.array([ev.timestamp]), codes[None, :])
-                            entries.append((history_key(self.prefix, q.name, ev.user_id), q, member))
-                    keys.append(event_key(self.prefix, ev.event_id))
-                    argv.append(str(len(entries)))
-                    for key, q, member in entries:
-                        keys.append(key)
-                        argv += [str(q.max_len), repr(float(ev.timestamp)), member]  # type: ignore[list-item]
-                        out.appended[q.name] += 1
-                fresh, dup = await asyncio.wait_for(
-                    self._append_script(keys=keys, args=argv), CONTROL_TIMEOUT_S
-                )
-                out.accepted, out.duplicates = out.accepted + int(fresh), out.duplicates + int(dup)
+            by_slot: dict[int, list[Event]] = {}  # one script's keys share a slot on a cluster
+            for ev in events:
+                by_slot.setdefault(bucket_of(ev.user_id, buckets) if buckets else 0, []).append(ev)
+            for group in by_slot.values():
+                for i in range(0, len(group), EVENTS_PER_SCRIPT):
+                    keys, argv = self._script_args(
+                        group[i : i + EVENTS_PER_SCRIPT], held, video_codes, buckets, out
+                    )
+                    fresh, dup = await asyncio.wait_for(
+                        self._append_script(keys=keys, args=argv), CONTROL_TIMEOUT_S
+                    )
+                    out.accepted, out.duplicates = out.accepted + int(fresh), out.duplicates + int(dup)
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"Redis did not take the events ({e or type(e).__name__})") from e
         return out
 
+    def _script_args(
+        self,
+        events: Sequence[Event],
+        held: dict[str, SequenceSpec],
+        video_codes: dict[str, dict[str, int]],
+        buckets: int,
+        out: EventsResult,
+    ) -> tuple[list[str], list[Any]]:
+        keys: list[str] = []
+        argv: list[Any] = [str(self._event_ttl)]
+        for ev in events:
+            entries = []
+            for q in held.values():
+                if is_event(ev.labels, q.labels):
+                    codes = event_codes(q, ev, video_codes.get(ev.video_id, {}))
+                    (member,) = pack_events(np.array([ev.timestamp]), codes[None, :])
+                    entries.append((history_key(self.prefix, q.name, ev.user_id, buckets), q, member))
+            keys.append(event_key(self.prefix, ev.event_id, ev.user_id, buckets))
+            argv.append(str(len(entries)))
+            for key, q, member in entries:
+                keys.append(key)
+                argv += [str(q.max_len), repr(float(ev.timestamp)), member]
+                out.appended[q.name] += 1
+        return keys, argv
+
     async def _event_videos(
-        self, events: Sequence[Event], held: Iterable[SequenceSpec], layout: GroupLayout
+        self, events: Sequence[Event], held: Iterable[SequenceSpec], layout: GroupLayout, buckets: int
     ) -> dict[str, dict[str, int]]:
         """The canonical side-feature codes of the events' videos, from their rows (one MGET)."""
         side = sorted({c for q in held for c in q.items[1:] if c in layout.cats})
         if not side:
             return {}
         ids = list(dict.fromkeys(ev.video_id for ev in events))
-        raw = await asyncio.wait_for(
-            self._control.mget([self._video_prefix + v for v in ids]), CONTROL_TIMEOUT_S
-        )
+        keys = [entity_key(self.prefix, "video", v, buckets) for v in ids]
+        read = _mget_by_slot(self._control, keys) if self.cluster else self._control.mget(keys)
+        raw = await asyncio.wait_for(read, CONTROL_TIMEOUT_S)
         dtype, size = row_dtype(layout), layout.row_bytes
         out: dict[str, dict[str, int]] = {}
         for v, value in zip(ids, raw, strict=True):
@@ -514,10 +624,11 @@ class RedisStore:
         try:
             meta = await self.read_meta()
             sample = meta.get("sample") if meta is not None else None
-            keys = [entity_key(self.prefix, g, str(i)) for g, ids in _sample_ids(sample) for i in ids]
-            present = (
-                int(await asyncio.wait_for(self._control.exists(*keys), CONTROL_TIMEOUT_S)) if keys else 0
-            )
+            buckets = _buckets(meta) if meta is not None else 0
+            keys = [
+                entity_key(self.prefix, g, str(i), buckets) for g, ids in _sample_ids(sample) for i in ids
+            ]
+            present = await asyncio.wait_for(self._count_present(keys), CONTROL_TIMEOUT_S) if keys else 0
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("feature store health check skipped: %s", e)
             return self.problem
@@ -550,27 +661,32 @@ class RedisStore:
         self.problem, self.problem_detail = problem, detail
         return problem
 
+    async def _count_present(self, keys: Sequence[str]) -> int:
+        if not self.cluster:
+            return int(await self._control.exists(*keys))
+        return sum(v is not None for v in await _mget_by_slot(self._control, keys))
+
     def unknown_rates(self) -> dict[str, float]:
         """Unknown users / videos of the last complete window of requests."""
         return dict(self._unknown.rates)
 
     # -- model pointer ------------------------------------------------------------------------
-    async def read_pointer(self) -> str | None:
-        """``model:current``, or None when unset or Redis is unreachable."""
+    async def read_pointer(self) -> tuple[bool, FleetPointer | None]:
+        """(answered, ``model:current``): (True, None) when it is unset, (False, None) when Redis
+        cannot be asked (the caller keeps what it knew)."""
         try:
             raw = await asyncio.wait_for(self._control.get(pointer_key(self.prefix)), CONTROL_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("cannot read %s: %s", pointer_key(self.prefix), e)
-            return None
-        if raw is None:
-            return None
-        return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()
+            return False, None
+        return True, None if raw is None else FleetPointer.parse(raw)
 
-    async def announce(self, version: str) -> bool:
-        """Set ``model:current`` and publish it; False when Redis is unreachable."""
+    async def announce(self, version: str, latest: str | None) -> bool:
+        """Set ``model:current`` to ``version`` (and what LATEST names now) and publish it; False
+        when Redis is unreachable."""
         try:
             async with self._control.pipeline(transaction=False) as pipe:
-                pipe.set(pointer_key(self.prefix), version)
+                pipe.set(pointer_key(self.prefix), FleetPointer(version, latest).dump())
                 pipe.publish(events_channel(self.prefix), version)
                 await asyncio.wait_for(pipe.execute(), CONTROL_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError) as e:
@@ -612,6 +728,8 @@ class RedisStore:
             "kind": self.kind,
             "url": redact_url(self.url),
             "prefix": self.prefix,
+            "cluster": self.cluster,
+            "key_buckets": self._buckets,
             "timeout_ms": self._timeout * 1000,
             "meta": meta,
             "columns": layout.to_dict() if isinstance(layout, StoreLayout) else None,
@@ -630,6 +748,17 @@ class RedisStore:
         for client in (self._fast, self._control):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+
+
+async def _mget_by_slot(client: RedisClient, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET on a cluster (a multi-key command must stay in one slot): redis-py's mget_nonatomic
+    sends one MGET per slot, in one pipeline per node, to all nodes at once."""
+    return list(await client.mget_nonatomic(keys))
+
+
+def _buckets(meta: dict[str, Any]) -> int:
+    k = meta.get("key_buckets", 0)
+    return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else 0
 
 
 def _sample_ids(sample: Any) -> list[tuple[EntityGroup, list[Any]]]:
@@ -662,7 +791,13 @@ def _glob_escape(s: str) -> str:
 
 
 def _write_histories(
-    client: RedisClient, prefix: str, data: DataConfig, q: SequenceSpec, data_dir: Path | None, chunk: int
+    client: RedisClient,
+    prefix: str,
+    data: DataConfig,
+    q: SequenceSpec,
+    data_dir: Path | None,
+    chunk: int,
+    buckets: int,
 ) -> int:
     """Each user's latest events of one history from the log, merged into their sorted sets (an
     event already held is the same member: written once) and trimmed; returns the users written."""
@@ -673,7 +808,7 @@ def _write_histories(
     pipe = client.pipeline(transaction=False)
     for i, user in enumerate(table.users):
         h = table.history(i)
-        key = history_key(prefix, q.name, user)
+        key = history_key(prefix, q.name, user, buckets)
         pipe.zadd(key, dict(zip(pack_events(h.times, h.codes), h.times.tolist(), strict=True)))
         pipe.zremrangebyrank(key, 0, -(q.max_len + 1))
         if (i + 1) % chunk == 0:
@@ -705,17 +840,28 @@ def materialize(
     data_dir: Path | None = None,
     chunk_size: int = 1000,
     replace: bool = False,
+    cluster: bool | None = None,
+    cluster_buckets: int = CLUSTER_BUCKETS,
 ) -> MaterializeReport:
     """Write every user and video row of a model's tables into Redis, then the meta key.
 
     The column layout is the model's (``schema.columns(group)``). A prefix that already holds a
     different layout is refused unless ``replace`` (which first deletes the prefix's entity keys).
+    On a Redis Cluster (``cluster``; None = ask the server) the keys carry ``cluster_buckets``
+    hash-tag buckets (``entity_key``), recorded in the meta as ``key_buckets``.
     Raises CheckpointError, StoreError or redis errors.
     """
     t0 = time.perf_counter()
     ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
     layout = StoreLayout.of_schema(ckpt.schema)
-    client: RedisClient = redis.Redis.from_url(redis_url, socket_timeout=60, socket_connect_timeout=5)
+    cluster = is_cluster(redis_url) if cluster is None else cluster
+    buckets = cluster_buckets if cluster else 0
+    opts: dict[str, Any] = {"socket_timeout": 60, "socket_connect_timeout": 5}
+    client: RedisClient = (
+        redis.cluster.RedisCluster.from_url(redis_url, **opts)
+        if cluster
+        else redis.Redis.from_url(redis_url, **opts)
+    )
     try:
         raw = client.get(meta_key(prefix))
         held: dict[str, Any] = {}
@@ -746,24 +892,30 @@ def materialize(
             ent = load_entity_rows(ckpt.config.data, g, layout.group(g), data_dir)
             entity_ids[g] = ent.ids
             values = pack_rows(ent.rows, layout.group(g))
-            pipe = client.pipeline(transaction=False)
+            pipe = None if cluster else client.pipeline(transaction=False)
             for n, i in enumerate(range(0, len(values), chunk_size), start=1):
-                keys = [entity_key(prefix, g, k) for k in ent.ids[i : i + chunk_size]]
-                pipe.mset(dict(zip(keys, values[i : i + chunk_size], strict=True)))
+                keys = [entity_key(prefix, g, k, buckets) for k in ent.ids[i : i + chunk_size]]
+                chunk = dict(zip(keys, values[i : i + chunk_size], strict=True))
+                if pipe is None:
+                    client.mset_nonatomic(chunk)  # one MSET per slot, pipelined per node
+                    continue
+                pipe.mset(chunk)
                 if n % PIPELINE_CHUNKS == 0:
                     pipe.execute()
-            pipe.execute()
+            if pipe is not None:
+                pipe.execute()
             counts[g + "s"] = len(values)
             log.info("materialized %d %ss from %s", len(values), g, ent.source)
         for q in ckpt.schema.sequences:
             counts[f"{q.name} histories"] = _write_histories(
-                client, prefix, ckpt.config.data, q, data_dir, chunk_size
+                client, prefix, ckpt.config.data, q, data_dir, chunk_size, buckets
             )
             held[q.name] = q.definition()
         meta = {
             "format": META_FORMAT,
             "layout": layout.to_dict(),
             "layout_id": layout.layout_id,
+            "key_buckets": buckets,
             "model_version": ckpt.version,
             "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "counts": counts,
