@@ -6,6 +6,10 @@ ONNX Runtime session on the graph (which folds the request-split weight gathers 
 Nothing is written to disk and nothing is unpickled: the graph is traced again from the weights of
 the loaded safetensors checkpoint at every model load.
 
+A model with user histories (``[[data.sequences]]``) gets two more inputs per history, its items
+(1, max_len, K) and its length (1,): the history's embeddings, attention keys and pooling are part
+of the graph, like the rest of the request forward.
+
 Before it is handed out, ``build`` runs the session and the eager ``forward_request`` on probe
 requests of several sizes (random valid feature indices, random numerics) and refuses a graph
 whose raw outputs differ by more than ``ATOL + RTOL * |eager|``. ``Ranker.compile`` catches any
@@ -48,24 +52,41 @@ class CompileError(Exception):
 
 
 class _RequestGraph(nn.Module):
-    """``forward_request`` with plain tensor inputs and one stacked (T, B) output."""
+    """``forward_request`` with plain tensor inputs and one stacked (T, B) output; after the six
+    feature inputs, each history's items and length (``sequences``' order)."""
 
-    def __init__(self, net: MultiTaskNet) -> None:
+    def __init__(self, net: MultiTaskNet, sequences: list[str]) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.sequences = net, sequences
 
-    def forward(self, uc: Tensor, vc: Tensor, cc: Tensor, un: Tensor, vn: Tensor, cn: Tensor) -> Tensor:
-        out = self.net.forward_request(RequestBatch(uc, vc, cc, un, vn, cn))
+    def forward(
+        self, uc: Tensor, vc: Tensor, cc: Tensor, un: Tensor, vn: Tensor, cn: Tensor, *hist: Tensor
+    ) -> Tensor:
+        history = {name: (hist[2 * i], hist[2 * i + 1]) for i, name in enumerate(self.sequences)}
+        out = self.net.forward_request(RequestBatch(uc, vc, cc, un, vn, cn, history or None))
         return torch.stack([out[t] for t in self.net.tasks])
 
 
-def batch_arrays(r: RequestBatch) -> tuple[Tensor, ...]:
-    return (r.user_cats, r.video_cats, r.context_cats, r.user_nums, r.video_nums, r.context_nums)
+def input_names(sequences: list[str]) -> list[str]:
+    return [*INPUTS, *(f"{name}.{part}" for name in sequences for part in ("items", "len"))]
+
+
+def batch_arrays(r: RequestBatch, schema: FeatureSchema | None = None) -> tuple[Tensor, ...]:
+    """The graph's inputs of a request: the six feature tensors, then each history's items and
+    length (an empty history when the request has none)."""
+    out = [r.user_cats, r.video_cats, r.context_cats, r.user_nums, r.video_nums, r.context_nums]
+    for q in schema.sequences if schema is not None else []:
+        got = r.history.get(q.name) if r.history is not None else None
+        if got is None:
+            got = (torch.zeros(1, q.max_len, q.width, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        out += [got[0], got[1]]
+    return tuple(out)
 
 
 def probe_request(schema: FeatureSchema, b: int, gen: torch.Generator) -> RequestBatch:
     """A request of ``b`` candidates with random valid encoded features (indices below each
-    field's cardinality, numerics ~ N(0, 1))."""
+    field's cardinality, numerics ~ N(0, 1)) and random histories (valid item indices, a random
+    length from empty to full)."""
     cards = iter(f.cardinality for f in schema.cats())
     parts: dict[str, Tensor] = {}
     for g, rows in zip(GROUPS, (1, b, 1), strict=True):
@@ -73,7 +94,14 @@ def probe_request(schema: FeatureSchema, b: int, gen: torch.Generator) -> Reques
         cols = [torch.randint(0, next(cards), (rows,), generator=gen) for _ in cat_names]
         parts[f"{g}_cats"] = torch.stack(cols, 1) if cols else torch.zeros(rows, 0, dtype=torch.long)
         parts[f"{g}_nums"] = torch.randn(rows, len(num_names), generator=gen)
-    return RequestBatch(**parts)
+    history = {}
+    by_name = {f.name: f.cardinality for f in schema.cats("video")}
+    for q in schema.sequences:
+        items = torch.stack(
+            [torch.randint(0, by_name[c], (1, q.max_len), generator=gen) for c in q.items], dim=2
+        )
+        history[q.name] = (items, torch.randint(0, q.max_len + 1, (1,), generator=gen))
+    return RequestBatch(**parts, history=history or None)
 
 
 @contextlib.contextmanager
@@ -109,8 +137,17 @@ def _check_widths(net: MultiTaskNet, schema: FeatureSchema) -> None:
 class OnnxForward:
     """A network's request forward in an ONNX Runtime session. Thread-safe (``run`` is)."""
 
-    def __init__(self, session: Any, tasks: list[str], build_seconds: float, max_abs_diff: float) -> None:
+    def __init__(
+        self,
+        session: Any,
+        tasks: list[str],
+        build_seconds: float,
+        max_abs_diff: float,
+        schema: FeatureSchema | None = None,
+    ) -> None:
         self._session = session
+        self._schema = schema
+        self._inputs = input_names([q.name for q in schema.sequences] if schema is not None else [])
         self._names = [i.name for i in session.get_inputs()]
         self.tasks = tasks
         self.build_seconds = build_seconds
@@ -125,9 +162,10 @@ class OnnxForward:
             raise CompileError(f"onnxruntime is not installed ({e})") from None
         t0 = time.perf_counter()
         _check_widths(net, schema)
-        graph = _RequestGraph(net).eval()
+        sequences = [q.name for q in schema.sequences]
+        graph = _RequestGraph(net, sequences).eval()
         gen = torch.Generator().manual_seed(0)
-        example = batch_arrays(probe_request(schema, 32, gen))
+        example = batch_arrays(probe_request(schema, 32, gen), schema)
         dynamic = {
             "video_cats": {0: "candidates"},
             "video_nums": {0: "candidates"},
@@ -141,7 +179,7 @@ class OnnxForward:
                     example,
                     buf,  # type: ignore[arg-type]  # (the tracing exporter writes to a file object)
                     dynamo=False,
-                    input_names=list(INPUTS),
+                    input_names=input_names(sequences),
                     output_names=["outputs"],
                     dynamic_axes=dynamic,
                 )
@@ -158,7 +196,7 @@ class OnnxForward:
             session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise CompileError(f"ONNX Runtime cannot open the graph: {type(e).__name__}: {e}") from e
-        out = cls(session, list(net.tasks), 0.0, 0.0)
+        out = cls(session, list(net.tasks), 0.0, 0.0, schema)
         out.max_abs_diff = out._validate(net, schema, gen)
         out.build_seconds = time.perf_counter() - t0
         return out
@@ -187,7 +225,7 @@ class OnnxForward:
 
     def run(self, r: RequestBatch) -> np.ndarray:
         """Raw outputs (T, B) float32 of one request."""
-        arrays = dict(zip(INPUTS, batch_arrays(r), strict=True))
+        arrays = dict(zip(self._inputs, batch_arrays(r, self._schema), strict=True))
         feeds = {n: arrays[n].numpy() for n in self._names}  # (an input the graph never reads is dropped)
         out: np.ndarray = self._session.run(None, feeds)[0]
         return out

@@ -255,7 +255,12 @@ class FeatureEmbedding(nn.Module):
             idx = torch.arange(self.out_dim)
             base = self.out_dim - (self.seq.out_dim if self.seq is not None else 0)
             var_parts = [idx[d_u : d_u + d_v], idx[d_cat + fu : d_cat + fu + fv]]
-            const_parts = [idx[:d_u], idx[d_u + d_v : d_cat], idx[d_cat : d_cat + fu], idx[d_cat + fu + fv : base]]
+            const_parts = [
+                idx[:d_u],
+                idx[d_u + d_v : d_cat],
+                idx[d_cat : d_cat + fu],
+                idx[d_cat + fu + fv : base],
+            ]
             if self.seq is not None:  # in the order of SequencePooling.parts
                 for at, width, varies in self.seq.blocks():
                     (var_parts if varies else const_parts).append(idx[base + at : base + at + width])

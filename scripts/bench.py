@@ -449,7 +449,7 @@ def history_floor(base_ckpt: Path, hist_ckpt: Path, n: int, calls: int, reps: in
             fns[name]()
             row[name] = summary(timed(fns[name], calls))
         runs.append(row)
-    out = {k: {q: median([r[k][q] for r in runs]) for q in ("p50", "p99")} for k in fns}
+    out: dict[str, Any] = {k: {q: median([r[k][q] for r in runs]) for q in ("p50", "p99")} for k in fns}
     out["backends"] = {"base": base.backend_info, "history": hist.backend_info}
     return out
 

@@ -170,6 +170,13 @@ def run_server(settings: Settings | None = None) -> None:
             for stale in Path(shared).glob("*.db"):
                 stale.unlink()
         log.info("mtrank: %d worker processes, metrics in %s", settings.workers, shared)
+        if settings.feature_store == "embedded":
+            log.warning(
+                "embedded feature store with %d workers: each worker keeps its own user histories, and "
+                "a POST /events reaches one of them; use the Redis store when events must reach every "
+                "worker",
+                settings.workers,
+            )
         # a worker busy importing torch and loading its model can miss uvicorn's 5 s health ping
         # (dlopen holds the GIL): give it WORKER_HEALTHCHECK_S before it is taken for hung
         uvicorn.run(

@@ -364,3 +364,45 @@ def test_tune_folds_keep_the_histories_and_predict_refuses_them(tmp_path: Path) 
     assert result.checkpoint is not None
     with pytest.raises(DataError, match="histories"):
         predict_file(Ranker.load(result.checkpoint), tmp_path / "log.csv", tmp_path / "out.csv")
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "shared_bottom", "ple", "separate", "conditioned"])
+def test_the_onnx_forward_reads_the_histories_as_eager_does(arch: str) -> None:
+    """The compiled request graph takes each history's items and length as inputs: equal to the
+    eager forward for empty, partial and full histories, at sizes the export never saw."""
+    from model.compiled import OnnxForward, probe_request
+    from model.features import FeatureSpec
+    from model.nets import build_model
+
+    specs = [
+        FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
+        FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
+        FeatureSpec("author", "video", "categorical", vocab=[str(i) for i in range(5)]),
+        FeatureSpec("dur", "video", "numeric"),
+        FeatureSpec("tab", "context", "categorical", vocab=["0", "1"]),
+    ]
+    from model.features import SequenceSpec
+
+    s = FeatureSchema(
+        specs,
+        sequences=[
+            SequenceSpec("views", ["lv"], 6, "attention", ["video_id", "author"]),
+            SequenceSpec("likes", ["like"], 3, "mean", ["video_id"]),
+        ],
+    )
+    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8], tower_dims=[4])  # type: ignore[arg-type]
+    net = build_model(cfg, s, [TaskConfig("engagement", label="lv")]).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    onnx = OnnxForward.build(net, s)
+    assert onnx.max_abs_diff < 1e-4
+    for b, n in ((1, 0), (3, 6), (257, 2)):
+        r = probe_request(s, b, g)
+        assert r.history is not None
+        r.history = {k: (v, torch.tensor([min(n, v.shape[1])])) for k, (v, _) in r.history.items()}
+        with torch.inference_mode():
+            ref = net.forward_request(r)
+        got = onnx(r)
+        np.testing.assert_allclose(got["engagement"].numpy(), ref["engagement"].numpy(), rtol=1e-5, atol=1e-5)
