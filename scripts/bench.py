@@ -507,21 +507,23 @@ def bench_history(a: argparse.Namespace, n: int = 500) -> dict[str, Any]:
                 clients[name] = RawClient("127.0.0.1", port_of(url))
             for c in clients.values():  # warm-up
                 sequential(c, bodies, 10)
-            runs = []
+            runs, pooled = [], {"base": [], "history": []}
+            degraded = {"base": 0, "history": 0}  # e.g. a Redis fetch past its deadline on a busy VM
             for rep in range(a.reps):
                 order = ("base", "history") if rep % 2 == 0 else ("history", "base")
                 row = {}
                 for name in order:
-                    ms, degraded = sequential(clients[name], bodies, a.calls)
-                    if degraded:
-                        raise RuntimeError(f"{store} {name}: {degraded} degraded responses")
+                    ms, bad = sequential(clients[name], bodies, a.calls)
+                    degraded[name] += bad
                     row[name] = summary(ms)
+                    pooled[name] += ms
                 runs.append(row)
-            res: dict[str, Any] = {
-                k: {q: median([r[k][q] for r in runs]) for q in ("p50", "p99")} for k in ("base", "history")
-            }
-            res["p50_ratio"] = median([r["history"]["p50"] / r["base"]["p50"] for r in runs])
-            res["p99_ratio"] = median([r["history"]["p99"] / r["base"]["p99"] for r in runs])
+            # the percentiles over every interleaved request (a block's p99 is its slowest call)
+            res: dict[str, Any] = {k: summary(v) for k, v in pooled.items()}
+            res["p50_ratio"] = res["history"]["p50"] / res["base"]["p50"]
+            res["p99_ratio"] = res["history"]["p99"] / res["base"]["p99"]
+            res["p50_ratio_per_repetition"] = [r["history"]["p50"] / r["base"]["p50"] for r in runs]
+            res["degraded"] = degraded
             res["runs"] = runs
             out[store] = res
         finally:
@@ -538,7 +540,7 @@ def print_history(res: dict[str, Any], reps: int, calls: int) -> None:
     f = res["floor"]
     print(
         f"\nuser history ({res['model']}, {res['users']} users with full histories), {res['candidates']} "
-        f"candidates; medians of {reps} interleaved repetitions x {calls} calls (ms)"
+        f"candidates; {reps} interleaved repetitions x {calls} calls, percentiles over all of them (ms)"
     )
     print("| | without p50 / p99 | with p50 / p99 | p50 ratio | p99 ratio |\n|---|---|---|---|---|")
     print(
@@ -552,6 +554,7 @@ def print_history(res: dict[str, Any], reps: int, calls: int) -> None:
             print(
                 f"| /rank, {store} | {r['base']['p50']:.2f} / {r['base']['p99']:.2f} | "
                 f"{r['history']['p50']:.2f} / {r['history']['p99']:.2f} | {r['p50_ratio']:.2f} | {r['p99_ratio']:.2f} |"
+                + (f" degraded: {r['degraded']}" if any(r["degraded"].values()) else "")
             )
 
 
