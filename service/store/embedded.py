@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from model import CanonicalRows, FeatureSchema
-from model.config import DataConfig
+from model import CanonicalRows, DataConfig, FeatureSchema
 from service.store.base import (
     ENTITY_GROUPS,
     ColumnMap,

@@ -43,8 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from model import CanonicalRows, FeatureSchema, load_checkpoint, resolve_checkpoint
-from model.config import DataConfig
+from model import CanonicalRows, DataConfig, FeatureSchema, load_checkpoint, resolve_checkpoint
 from service.store.base import (
     ENTITY_GROUPS,
     ColumnMap,
