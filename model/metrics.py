@@ -19,21 +19,29 @@ from model.config import TaskConfig
 _CHUNK = 1 << 20
 
 
-def _tie_ranks(sorted_values: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
-    """1-based ranks, averaged over ties, of a sorted array (within segments beginning at
-    ``starts``, ascending positions, when given): float64 (N,)."""
-    n = len(sorted_values)
+def _run_rank_sums(values: np.ndarray, positive: np.ndarray, segment: np.ndarray | None) -> np.ndarray:
+    """Per segment, the sum of the positives' 1-based ranks (averaged over ties) within the segment,
+    for ``values`` sorted ascending within ``segment`` (segment ids ascending; None: one segment).
+    Works on tie runs, never on an array of N ranks: (S,) float64."""
+    n = len(values)
     new = np.ones(n, dtype=bool)
-    new[1:] = sorted_values[1:] != sorted_values[:-1]
-    if starts is not None:
-        new[starts] = True
+    new[1:] = values[1:] != values[:-1]
+    if segment is not None:
+        new[1:] |= segment[1:] != segment[:-1]
     run_start = np.flatnonzero(new)
-    run_end = np.r_[run_start[1:], n]  # exclusive
-    avg = (run_start + run_end - 1) / 2.0 + 1.0  # mean 1-based position of each tie run
-    ranks = np.repeat(avg, run_end - run_start)
-    if starts is not None and len(starts):
-        ranks -= np.repeat(starts, np.diff(np.r_[starts, n]))  # positions within the segment
-    return ranks
+    del new
+    run_len = np.diff(np.r_[run_start, n])
+    run_pos = np.add.reduceat(positive.astype(np.int64), run_start) if n else np.zeros(0, np.int64)
+    if segment is None:
+        seg_of_run, seg_start = np.zeros(len(run_start), dtype=np.int64), np.zeros(1, dtype=np.int64)
+    else:
+        seg_of_run = segment[run_start]
+        first = np.r_[True, seg_of_run[1:] != seg_of_run[:-1]] if len(seg_of_run) else np.zeros(0, bool)
+        seg_start = np.zeros(int(segment[-1]) + 1 if n else 0, dtype=np.int64)
+        seg_start[seg_of_run[first]] = run_start[first]
+    # mean 1-based position of each run within its segment, times the run's positives
+    avg = (run_start - seg_start[seg_of_run]) + (run_len + 1) / 2.0
+    return np.bincount(seg_of_run, weights=avg * run_pos, minlength=len(seg_start))
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -43,10 +51,11 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(p, kind="stable")
-    ranks = _tie_ranks(p[order])
-    rank_sum = float(ranks[pos[order]].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    neg = np.sort(p[~pos])
+    pp = p[pos]
+    below = np.searchsorted(neg, pp, side="left")
+    ties = np.searchsorted(neg, pp, side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
 
 
 def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
@@ -55,14 +64,13 @@ def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
     Per list: AUC = (sum of the positives' ranks - P(P+1)/2) / (P*N), ranks averaged over ties
     (the Mann-Whitney U statistic, which equals ROC AUC).
     """
-    g = pd.factorize(groups)[0]
+    g = pd.factorize(groups)[0].astype(np.int32)
     order = np.lexsort((p, g))
     gs, ps, ys = g[order], p[order], (y[order] > 0.5)
-    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
-    ranks = _tie_ranks(ps, starts)
-    n = np.diff(np.r_[starts, len(gs)]).astype(np.float64)
-    pos = np.add.reduceat(ys.astype(np.float64), starts)
-    rp = np.add.reduceat(np.where(ys, ranks, 0.0), starts)
+    del order
+    rp = _run_rank_sums(ps, ys, gs)
+    n = np.bincount(gs, minlength=len(rp)).astype(np.float64)
+    pos = np.bincount(gs, weights=ys, minlength=len(rp))
     keep = (pos > 0) & (pos < n)
     if not keep.any():
         return float("nan")
@@ -74,8 +82,7 @@ def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
 def ndcg_at_k(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int = 10) -> float:
     """Mean NDCG@k over lists with at least one positive gain (log2 discount, linear gain); ties in
     the score keep the input order."""
-    g = pd.factorize(groups)[0]
-    gain = gain.astype(np.float64)
+    g = pd.factorize(groups)[0].astype(np.int32)
     disc = 1.0 / np.log2(np.arange(k) + 2.0)
 
     def dcg(key: np.ndarray) -> np.ndarray:
@@ -83,22 +90,24 @@ def ndcg_at_k(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int = 
         gs = g[order]
         starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
         pos = np.arange(len(gs)) - np.repeat(starts, np.diff(np.r_[starts, len(gs)]))
-        top = pos < k
+        top = np.flatnonzero(pos < k)
+        del starts
         size = int(g.max()) + 1 if len(g) else 0
-        return np.bincount(gs[top], weights=gain[order][top] * disc[pos[top]], minlength=size)
+        w = gain[order[top]].astype(np.float64) * disc[pos[top]]
+        return np.bincount(gs[top], weights=w, minlength=size)
 
     ideal = dcg(gain)
     has = ideal > 0
     if not has.any():
         return float("nan")
-    return float((dcg(score.astype(np.float64))[has] / ideal[has]).mean())
+    return float((dcg(score)[has] / ideal[has]).mean())
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     """Mean binary cross-entropy of probabilities clipped to [1e-7, 1 - 1e-7], in chunks."""
     total = 0.0
     for i in range(0, len(y), _CHUNK):
-        q = np.clip(p[i : i + _CHUNK], 1e-7, 1 - 1e-7)
+        q = np.clip(p[i : i + _CHUNK].astype(np.float64), 1e-7, 1 - 1e-7)
         t = y[i : i + _CHUNK] > 0.5
         total -= float(np.where(t, np.log(q), np.log1p(-q)).sum())
     return total / len(y)
@@ -110,13 +119,14 @@ def task_metrics(
     """Metrics of one head on the rows where its label is observed. ``p`` is in label space.
     GAUC needs list groups (None: the rows have none, e.g. a table without user ids)."""
     m = ~np.isnan(y)
-    y, p = y[m], p[m]
+    if not m.all():  # (no copies when every label is observed)
+        y, p, groups = y[m], p[m], None if groups is None else groups[m]
     if y.size == 0:
         return {}
     if task.kind == "binary":
         out = {"auc": auc(y, p)}
         if groups is not None:
-            out["gauc"] = gauc(y, p, groups[m])
+            out["gauc"] = gauc(y, p, groups)
         out["logloss"] = log_loss(y, p)
         out["positive_rate"] = float(y.mean())
         return out

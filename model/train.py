@@ -139,7 +139,7 @@ def score_split(model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], b
     model.eval()
     device = next(model.parameters()).device
     n = len(split)
-    heads = {t.name: np.empty(n) for t in tasks}
+    heads = {t.name: np.empty(n, dtype=np.float32) for t in tasks}  # the network's float32 outputs
     labels = np.empty((n, len(tasks)), dtype=np.float32)
     groups = np.empty(n, dtype=np.int64)
     frags = np.zeros(n, dtype=np.int32)
@@ -170,8 +170,8 @@ def score_split(model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], b
 def predict(
     model: MultiTaskNet, split: AnySplit, tasks: list[TaskConfig], batch_size: int = 8192
 ) -> dict[str, np.ndarray]:
-    """Per-head scores in label space for every row of a split."""
-    return score_split(model, split, tasks, batch_size).heads
+    """Per-head scores in label space for every row of a split (float64)."""
+    return {k: v.astype(np.float64) for k, v in score_split(model, split, tasks, batch_size).heads.items()}
 
 
 def evaluate_split(
@@ -210,7 +210,10 @@ def evaluate_split(
     if len(groups) == 0:
         return {}
     weights = {t.name: 1.0 for t in tasks if t.kind == "binary"} or {t.name: 1.0 for t in tasks}
-    combined = combine_scores(heads, weights, "product")
+    combined = np.empty(len(groups))
+    for i in range(0, len(groups), 1 << 20):  # in float64, in chunks
+        part = {k: v[i : i + (1 << 20)].astype(np.float64) for k, v in heads.items()}
+        combined[i : i + (1 << 20)] = combine_scores(part, weights, "product")
     metrics = evaluate_predictions(tasks, labels, heads, groups if grouped else None, combined, prefix=prefix)
     means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     metrics[f"{prefix}loss"] = float(sum(t.weight * m for t, m in zip(tasks, means, strict=True)))

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,24 @@ def worker(spec: dict[str, Any]) -> None:
                 f.hash_buckets = buckets
     marks: dict[str, float] = {}
     t0 = time.perf_counter()
+    phase = ["prepare"]
+    peaks: dict[str, float] = {}
+
+    def sample() -> None:  # peak RSS per phase (prepare, train, evaluate + write)
+        while True:
+            with open("/proc/self/status") as f:
+                rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1e6
+            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), round(rss, 2))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
 
     def progress(kind: str, info: Any) -> None:
         if kind == "data" and "data" not in marks:
             marks["data"] = time.perf_counter() - t0
+            phase[0] = "train"
+        if kind == "epoch" and int(info["epoch"]) == cfg.train.epochs:
+            phase[0] = "test+write"
 
     artifacts = spec.get("artifacts")
     res = train(cfg, artifacts, progress)
@@ -63,6 +78,7 @@ def worker(spec: dict[str, Any]) -> None:
         "data_seconds": round(marks.get("data", float("nan")), 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "embedding_rows": int(users[0].emb.num_embeddings) if users else 0,
+        "rss_gb_by_phase": peaks,
         **{k: v for k, v in res.metrics.items() if k.startswith("test/") and k.endswith("auc")},
     }
     print("RESULT " + json.dumps(out), flush=True)
@@ -107,7 +123,7 @@ def memory(args: argparse.Namespace) -> None:
             r = run(spec, timed=True)
         print(
             f"{rows:>12,} {r['embedding_rows']:>10,} {r['peak_rss_gb']:>12} {r['data_seconds']:>8} "
-            f"{r['samples_per_sec']:>10,.0f} {r['total_seconds']:>8}",
+            f"{r['samples_per_sec']:>10,.0f} {r['total_seconds']:>8}   peak RSS by phase {r['rss_gb_by_phase']}",
             flush=True,
         )
 

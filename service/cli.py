@@ -199,9 +199,7 @@ def replay_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from model import CheckpointError
-    from model.config import ConfigError, load_config
-    from model.data import DataError
+    from model import CheckpointError, ConfigError, DataError, load_config
     from model.replay import table_header, table_rows
     from service.replay import ReplayError, run_replay
 

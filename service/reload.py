@@ -65,19 +65,21 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from model import (
+    LATEST,
     CheckpointError,
     CheckpointNotFoundError,
     Combine,
     IncompleteCheckpointError,
     Ranker,
     check_version_id,
+    clean_stale_temp,
     combine_for,
     combine_scores,
+    models_dir,
     read_latest,
     resolve_checkpoint,
     write_latest,
 )
-from model.checkpoint import LATEST, clean_stale_temp, models_dir
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ColumnMap, FeatureStore, RedisStore, StoreError

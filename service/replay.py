@@ -27,10 +27,15 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-from model import CheckpointError, combine_scores, load_checkpoint, resolve_checkpoint
-from model.config import Config
-from model.data import prepare_data
-from model.data.loader import sharded
+from model import (
+    CheckpointError,
+    Config,
+    combine_scores,
+    load_checkpoint,
+    prepare_data,
+    resolve_checkpoint,
+    sharded,
+)
 from model.replay import (
     POPULARITY,
     RANDOM,
@@ -171,7 +176,7 @@ def offline_heads(
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Offline evaluation's per-head scores of every row of the split (``model.train.predict`` on
     the encoded rows), and the rows' times (None: the log has no time column)."""
-    from model.train import predict
+    from model import predict
 
     ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
     rows = getattr(sharded(prepare_data(cfg, artifacts, schema=ckpt.schema)), split)

@@ -19,9 +19,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from model import CanonicalRows, FeatureSchema, stable_hash
-from model.config import DataConfig
-from model.features import SequenceSpec
+from model import CanonicalRows, DataConfig, FeatureSchema, SequenceSpec, stable_hash
 
 EntityGroup = Literal["user", "video"]
 ENTITY_GROUPS: tuple[EntityGroup, ...] = ("user", "video")

@@ -29,12 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from model import CanonicalRows, FeatureSchema
-from model.config import DataConfig
-from model.data import DataError
-from model.data.history import load_event_tables
-from model.features import SequenceSpec
-from model.sequences import UserHistory, is_event
+from model import (
+    CanonicalRows,
+    DataConfig,
+    DataError,
+    FeatureSchema,
+    SequenceSpec,
+    UserHistory,
+    is_event,
+    load_event_tables,
+)
 from service.store.base import (
     ENTITY_GROUPS,
     ColumnMap,

@@ -57,12 +57,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from model import CanonicalRows, FeatureSchema, load_checkpoint, resolve_checkpoint
-from model.config import DataConfig
-from model.data import DataError
-from model.data.history import load_event_tables
-from model.features import FeatureError, SequenceSpec
-from model.sequences import is_event, pack_events, unpack_events
+from model import (
+    CanonicalRows,
+    DataConfig,
+    DataError,
+    FeatureError,
+    FeatureSchema,
+    SequenceSpec,
+    is_event,
+    load_checkpoint,
+    load_event_tables,
+    pack_events,
+    resolve_checkpoint,
+    unpack_events,
+)
 from service.store.base import (
     ENTITY_GROUPS,
     ColumnMap,

@@ -10,10 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model import CanonicalRows, FeatureError, FeatureSchema, FeatureSpec
-from model.config import DataConfig
-from model.data import DataError, LogSource, read_table
-from model.features import canonical_str, object_values
+from model import (
+    CanonicalRows,
+    DataConfig,
+    DataError,
+    FeatureError,
+    FeatureSchema,
+    FeatureSpec,
+    LogSource,
+    canonical_str,
+    object_values,
+    read_table,
+)
 from service.store.base import EntityGroup, GroupLayout, StoreError
 
 log = logging.getLogger(__name__)
