@@ -507,7 +507,8 @@ def bench_history(a: argparse.Namespace, n: int = 500) -> dict[str, Any]:
                 clients[name] = RawClient("127.0.0.1", port_of(url))
             for c in clients.values():  # warm-up
                 sequential(c, bodies, 10)
-            runs, pooled = [], {"base": [], "history": []}
+            runs: list[dict[str, Any]] = []
+            pooled: dict[str, list[float]] = {"base": [], "history": []}
             degraded = {"base": 0, "history": 0}  # e.g. a Redis fetch past its deadline on a busy VM
             for rep in range(a.reps):
                 order = ("base", "history") if rep % 2 == 0 else ("history", "base")
