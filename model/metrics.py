@@ -58,12 +58,23 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
     return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
 
 
-def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
-    """Impression-weighted mean of per-list AUC, skipping lists with a single class.
+_PART_ROWS = 1 << 22  # per-list metrics over more rows run list bucket by list bucket
 
-    Per list: AUC = (sum of the positives' ranks - P(P+1)/2) / (P*N), ranks averaged over ties
-    (the Mann-Whitney U statistic, which equals ROC AUC).
-    """
+
+def _list_buckets(groups: np.ndarray) -> list[np.ndarray | None]:
+    """Row indices of disjoint buckets of whole lists (by the list id's hash), so a per-list metric
+    over tens of millions of rows works on a few million at a time; [None] = all rows at once."""
+    n = len(groups)
+    if n <= _PART_ROWS:
+        return [None]
+    k = -(-n // (_PART_ROWS // 2))
+    ids = groups if groups.dtype.kind in "iu" else pd.factorize(groups)[0]
+    bucket = (np.asarray(ids).astype(np.int64).view(np.uint64) % np.uint64(k)).astype(np.int32)
+    return [np.flatnonzero(bucket == b) for b in range(k)]
+
+
+def _gauc_terms(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per list with both classes: its AUC and its number of rows."""
     g = pd.factorize(groups)[0].astype(np.int32)
     order = np.lexsort((p, g))
     gs, ps, ys = g[order], p[order], (y[order] > 0.5)
@@ -72,16 +83,29 @@ def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
     n = np.bincount(gs, minlength=len(rp)).astype(np.float64)
     pos = np.bincount(gs, weights=ys, minlength=len(rp))
     keep = (pos > 0) & (pos < n)
-    if not keep.any():
-        return float("nan")
     pos, n, rp = pos[keep], n[keep], rp[keep]
-    per_list = (rp - pos * (pos + 1) / 2) / (pos * (n - pos))
-    return float(np.average(per_list, weights=n))
+    return (rp - pos * (pos + 1) / 2) / (pos * (n - pos)), n
 
 
-def ndcg_at_k(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int = 10) -> float:
-    """Mean NDCG@k over lists with at least one positive gain (log2 discount, linear gain); ties in
-    the score keep the input order."""
+def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
+    """Impression-weighted mean of per-list AUC, skipping lists with a single class.
+
+    Per list: AUC = (sum of the positives' ranks - P(P+1)/2) / (P*N), ranks averaged over ties
+    (the Mann-Whitney U statistic, which equals ROC AUC).
+    """
+    aucs, weights = [], []
+    for idx in _list_buckets(groups):
+        a, w = _gauc_terms(y, p, groups) if idx is None else _gauc_terms(y[idx], p[idx], groups[idx])
+        aucs.append(a)
+        weights.append(w)
+    a, w = np.concatenate(aucs), np.concatenate(weights)
+    if not len(a):
+        return float("nan")
+    return float(np.average(a, weights=w))
+
+
+def _ndcg_terms(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k of every list with a positive gain."""
     g = pd.factorize(groups)[0].astype(np.int32)
     disc = 1.0 / np.log2(np.arange(k) + 2.0)
 
@@ -98,9 +122,21 @@ def ndcg_at_k(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int = 
 
     ideal = dcg(gain)
     has = ideal > 0
-    if not has.any():
-        return float("nan")
-    return float((dcg(score)[has] / ideal[has]).mean())
+    out: np.ndarray = dcg(score)[has] / ideal[has]
+    return out
+
+
+def ndcg_at_k(gain: np.ndarray, score: np.ndarray, groups: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k over lists with at least one positive gain (log2 discount, linear gain); ties in
+    the score keep the input order."""
+    parts = []
+    for idx in _list_buckets(groups):
+        if idx is None:
+            parts.append(_ndcg_terms(gain, score, groups, k))
+        else:
+            parts.append(_ndcg_terms(gain[idx], score[idx], groups[idx], k))
+    values = np.concatenate(parts)
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:

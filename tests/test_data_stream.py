@@ -356,3 +356,14 @@ def test_scaled_kuairand_has_fresh_user_ids_and_keeps_duplicates(tmp_path):
     assert log.iloc[: len(src)].duplicated().sum() == dup_src  # duplicate artefacts stay duplicates
     users = pd.read_parquet(out / "user_features.parquet")
     assert set(log["user_id"]) <= set(users["user_id"])
+
+
+def test_parquet_tables_are_read_column_by_column_with_the_last_row_per_key(tmp_path):
+    users = pd.read_csv(DATA_DIR / "user_features_pure.csv")
+    pd.concat([users.iloc[:100].assign(user_active_degree="stale"), users]).to_parquet(tmp_path / "u.parquet")
+    pd.read_csv(DATA_DIR / "video_features_basic_pure.csv").to_parquet(tmp_path / "v.parquet")
+    cfg = tiny_config()
+    cfg.data.users, cfg.data.videos = str(tmp_path / "u.parquet"), str(tmp_path / "v.parquet")
+    b = load_dataset(cfg)
+    assert "stale" not in (next(f for f in b.schema.features if f.name == "user_active_degree").vocab or [])
+    assert_same_rows(load_dataset(tiny_config()), b)

@@ -258,21 +258,37 @@ class EntityTable:
         self.path, self.key = path, key
         self.cat_names = [c for c in cat_names if c in columns and c != key]
         self.num_names = [c for c in num_names if c in columns and c != key]
-        df = read_table(path, columns=list(dict.fromkeys([key, *self.cat_names, *self.num_names])))
-        df = df.drop_duplicates(subset=[key], keep="last").reset_index(drop=True)
-        self.rows = len(df)
-        keys = hash_column(df[key]).codes
+        # a Parquet table is read one column at a time (a table of millions of users never sits in
+        # memory as a frame); a CSV table is parsed once
+        whole = None if file_kind(path) == "parquet" else read_table(path, columns=[key, *self.columns])
+
+        def column(name: str) -> pd.Series:
+            if whole is not None:
+                return whole[name]
+            try:
+                out: pd.Series = pq.read_table(path, columns=[name]).column(0).to_pandas()
+                return out
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"cannot read {path}: {e}") from e
+
+        all_keys = hash_column(column(key)).codes
+        last = ~pd.Series(all_keys).duplicated(keep="last").to_numpy()  # duplicate keys: the last row
+        keys = all_keys[last]
+        del all_keys
+        self.rows = len(keys)
         order = np.argsort(keys, kind="stable")
         self._keys, self._pos = keys[order], order
         self._codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # (row -> value index, value hashes)
         self.names: dict[str, StringMap] = {}
         for c in self.cat_names:
-            h = hash_column(df[c])
+            h = hash_column(column(c)[last].reset_index(drop=True))
             values, inverse = np.unique(h.codes, return_inverse=True)
             small = np.min_scalar_type(max(len(values) - 1, 0))
             self._codes[c] = (inverse.astype(small), values)
             self.names[c] = StringMap.of(h)
-        self.nums: dict[str, np.ndarray] = {c: numeric_column(df[c], c, path.name) for c in self.num_names}
+        self.nums: dict[str, np.ndarray] = {
+            c: numeric_column(column(c)[last].reset_index(drop=True), c, path.name) for c in self.num_names
+        }
 
     @staticmethod
     def _columns(path: Path) -> list[str]:
