@@ -187,6 +187,23 @@ def baseline(args: argparse.Namespace) -> None:
         )
 
 
+def sparse_quality(args: argparse.Namespace) -> None:
+    """The shipped KuaiRand-Pure config with dense embeddings (coupled decay) against sparse ones
+    (lazy Adam, batch-aware L2, the scale config's training), seeds interleaved: test AUCs."""
+    spec = {"config": str(ROOT / "configs" / "kuairand_mmoe.toml"), "data_dir": str(DATA)}
+    sparse = ["train.sparse_embeddings=true", "train.embed_weight_decay=0.0", "train.embed_batch_l2=0.06"]
+    got: dict[str, list[dict[str, Any]]] = {"dense": [], "sparse": []}
+    for seed in range(args.seeds):
+        for name, extra in (("dense", []), ("sparse", sparse)):
+            r = run({**spec, "set": [f"train.seed={seed}", *extra]})
+            got[name].append(r)
+            print(f"seed {seed} {name:>6}: {json.dumps(r)}", flush=True)
+    for name, rs in got.items():
+        keys = [k for k in rs[0] if k.endswith("auc")]
+        stats = {k: (statistics.mean(r[k] for r in rs), statistics.stdev(r[k] for r in rs)) for k in keys}
+        print(name, {k: f"{m:.4f} +- {sd:.4f}" for k, (m, sd) in stats.items()})
+
+
 def run_baseline(other: Path, seed: int) -> dict[str, Any]:
     """The other checkout's trainer (its own API: load_dataset + fit)."""
     code = (
@@ -221,12 +238,16 @@ def main() -> None:
     b = sub.add_parser("baseline")
     b.add_argument("--baseline", required=True, help="another checkout with its own .venv")
     b.add_argument("--seeds", type=int, default=3)
+    q = sub.add_parser("sparse")
+    q.add_argument("--seeds", type=int, default=3)
     args = p.parse_args()
     if args.cmd == "memory":
         Path(args.artifacts).mkdir(parents=True, exist_ok=True)
         memory(args)
     elif args.cmd == "ids":
         ids(args)
+    elif args.cmd == "sparse":
+        sparse_quality(args)
     else:
         baseline(args)
 
