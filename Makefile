@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run train serve test lint bench bench-scale bench-ids loadtest soak clean report
+.PHONY: setup run train serve test test-fast lint bench bench-scale bench-ids loadtest soak clean report
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || \
@@ -41,6 +41,10 @@ serve: setup
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# the quick loop while editing: everything but the tests marked slow (make test runs them all)
+test-fast: setup
+	@$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check model service tests loadtest scripts

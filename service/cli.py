@@ -161,6 +161,7 @@ def materialize_cmd(
     typer.echo(
         f"materialized {counts} for model {report.version} into {redact_url(settings.redis_url)} "
         f"(prefix {report.prefix!r}, layout {report.layout.layout_id}) in {report.seconds:.1f}s"
+        + (f"; {report.replicas[0]}/{report.replicas[1]} replicas in sync" if report.replicas[1] else "")
     )
 
 

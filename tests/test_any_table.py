@@ -83,6 +83,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_init_writes_a_config_for_a_table_without_ids(trained: dict[str, Path]) -> None:
     text = trained["config"].read_text()
     raw = tomllib.loads(text)
@@ -128,6 +129,7 @@ def _value(v: Any) -> Any:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
+@pytest.mark.slow
 def test_predict_reproduces_the_per_head_scores_of_rank(trained: dict[str, Path], tmp_path: Path) -> None:
     scores = tmp_path / "scores.parquet"
     run("predict", "--input", trained["csv"], "--output", scores, "--artifacts", trained["artifacts"])
@@ -177,6 +179,7 @@ def test_predict_reproduces_the_per_head_scores_of_rank(trained: dict[str, Path]
     assert np.ptp(out["score_income"].to_numpy()[picks]) > 0.1
 
 
+@pytest.mark.slow
 def test_predict_reads_a_glob_of_files_in_path_order(trained: dict[str, Path], tmp_path: Path) -> None:
     rows = pd.read_csv(trained["csv"])
     parts = tmp_path / "parts"

@@ -327,6 +327,7 @@ def _run(code: str, *args: str) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(version_dir: Path, tmp_path: Path) -> None:
     art = tmp_path / "art"
     code, out = _run(SAVE_CHILD, str(version_dir), str(art))
@@ -336,6 +337,7 @@ def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(version_dir: Path
     _assert_clean_failure(art)
 
 
+@pytest.mark.slow
 def test_disk_full_while_training_is_a_clear_error(tmp_path: Path) -> None:
     """Wherever training first runs out of space (data cache, run state or the checkpoint), one
     error line and exit code 2, no traceback."""

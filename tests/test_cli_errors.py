@@ -344,6 +344,7 @@ def test_every_command_has_a_broken_input_case() -> None:
         ["train", "--config", "{f}/text_numeric.toml"],
     ],
 )
+@pytest.mark.slow
 def test_the_console_script_prints_no_traceback(files: Path, args: list[str]) -> None:
     """The real process (its stderr as a terminal user sees it, not CliRunner's capture)."""
     argv = [sys.executable, "-m", "service.cli", *(a.format(f=files) for a in args)]

@@ -49,6 +49,7 @@ def schema(bias: bool = False) -> FeatureSchema:
         ("conditioned", {"conditioning": "film"}),
     ],
 )
+@pytest.mark.slow
 def test_the_onnx_forward_equals_eager_for_every_architecture(arch: str, extra: dict[str, Any]) -> None:
     bias = "bias_features" in extra
     s = schema(bias)

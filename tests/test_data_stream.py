@@ -57,6 +57,7 @@ def full_config() -> Config:
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_of", [tiny_config, full_config], ids=["fixture", "kuairand-pure"])
 def test_streamed_rows_equal_the_in_memory_loader(cfg_of):
     """The same splits (time ranges, validation tail, duplicates), vocabularies, statistics and
@@ -70,6 +71,7 @@ def test_streamed_rows_equal_the_in_memory_loader(cfg_of):
     assert new.fingerprint["log"] == old.fingerprint["log"]
 
 
+@pytest.mark.slow
 def test_parquet_files_and_row_groups_give_the_csv_rows(tmp_path):
     df = pd.read_csv(DATA_DIR / FIXTURE_LOG)
     (tmp_path / "log").mkdir()
@@ -91,6 +93,7 @@ def test_parquet_files_and_row_groups_give_the_csv_rows(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_small_batches_and_shards_change_nothing(tmp_path):
     """Record batches of 100 rows, shards of 64 rows: the same rows, in the same order."""
     a = load_dataset(tiny_config())
@@ -101,6 +104,7 @@ def test_small_batches_and_shards_change_nothing(tmp_path):
     assert_same_rows(a, materialize(p))
 
 
+@pytest.mark.slow
 def test_a_coarsened_time_histogram_still_finds_the_exact_validation_cut(monkeypatch):
     """When the train rows' distinct times exceed the histogram's budget it coarsens, and the two
     order statistics are read back in one more pass: the validation tail is unchanged."""
@@ -130,6 +134,7 @@ def test_the_quantile_helper_is_numpys():
         assert numpy_linear_quantile(a[lo], a[min(lo + 1, n - 1)], n, q) == np.quantile(a, q)
 
 
+@pytest.mark.slow
 def test_shard_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, caplog):
     df = pd.read_csv(DATA_DIR / FIXTURE_LOG)
     df.to_csv(tmp_path / "log.csv", index=False)
@@ -219,6 +224,7 @@ def table(n: int = 3000, seed: int = 0) -> pd.DataFrame:
     )
 
 
+@pytest.mark.slow
 def test_a_table_without_ids_trains_from_a_random_split_with_text_labels(tmp_path):
     df = table()
     cfg = table_config(tmp_path, df, split="random", valid_fraction=0.2, test_fraction=0.2)
@@ -322,6 +328,7 @@ def test_a_monitor_that_names_no_metric_is_a_config_error(tmp_path):
 # the scaled-data generator (benchmarks)
 
 
+@pytest.mark.slow
 def test_scaled_kuairand_has_fresh_user_ids_and_keeps_duplicates(tmp_path):
     from typer.testing import CliRunner
 
@@ -358,6 +365,7 @@ def test_scaled_kuairand_has_fresh_user_ids_and_keeps_duplicates(tmp_path):
     assert set(log["user_id"]) <= set(users["user_id"])
 
 
+@pytest.mark.slow
 def test_parquet_tables_are_read_column_by_column_with_the_last_row_per_key(tmp_path):
     users = pd.read_csv(DATA_DIR / "user_features_pure.csv")
     pd.concat([users.iloc[:100].assign(user_active_degree="stale"), users]).to_parquet(tmp_path / "u.parquet")

@@ -199,6 +199,7 @@ def differences(a: Checkpoint, b: Checkpoint) -> tuple[float, float]:
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_process_run_over_parquet_shards_matches_one_process(tmp_path):
     config = ddp_toml(tmp_path)
@@ -301,6 +302,7 @@ VARIANTS: list[dict[str, object]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_every_training_feature_matches_one_process_on_two_ranks(tmp_path):
     """Each weighting scheme (global losses, Gram matrices, gradient norms and projections from the

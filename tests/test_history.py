@@ -246,6 +246,7 @@ def test_sequence_configs_are_checked(tmp_path: Path) -> None:
         load_dataset(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["attention", "mean"])
 def test_a_model_with_history_trains_saves_loads_and_scores_as_evaluation(
     tmp_path: Path, pooling: str
@@ -295,6 +296,7 @@ def test_a_model_with_history_trains_saves_loads_and_scores_as_evaluation(
     assert any(abs(empty[h][0] - direct[h][0]) > 1e-7 for h in direct)
 
 
+@pytest.mark.slow
 def test_request_forward_equals_the_broadcast_forward_with_histories() -> None:
     torch.manual_seed(0)
     cards = [5, 7, 9, 11, 4, 3]  # user: 2 categoricals, video: 3, context: 1

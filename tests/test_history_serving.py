@@ -130,6 +130,7 @@ def replay(client: TestClient, artifacts: Path, limit: int | None = None) -> Non
     assert ranked == (len(test) if limit is None else ranked) and with_history > ranked // 2  # most had one
 
 
+@pytest.mark.slow
 def test_embedded_store_replay_scores_as_offline(artifacts: Path, train_days_dir: Path) -> None:
     with TestClient(create_app(service_settings(artifacts, data_dir=train_days_dir))) as c:
         store = model_details(c)["feature_store"]
@@ -138,6 +139,7 @@ def test_embedded_store_replay_scores_as_offline(artifacts: Path, train_days_dir
         assert metric(c, "mtrank_events_total", result="accepted") > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_redis_store_replay_scores_as_offline(
     artifacts: Path, train_days_dir: Path, redis_url: str, redis_prefix: str
@@ -157,6 +159,7 @@ def test_redis_store_replay_scores_as_offline(
         replay(c, artifacts)
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_redis_cluster_replay_scores_as_offline(
     artifacts: Path, train_days_dir: Path, tmp_path: Path
@@ -185,6 +188,7 @@ def test_redis_cluster_replay_scores_as_offline(
         cluster.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_materialize_writes_each_users_latest_events(
     artifacts: Path, train_days_dir: Path, redis_url: str, redis_prefix: str
@@ -290,6 +294,7 @@ def test_events_need_the_token_when_one_is_set(artifacts: Path, train_days_dir: 
         assert many.status_code == 422 and "at most 2" in many.json()["error"]["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_redis_history_failures_degrade_never_500(
     artifacts: Path, train_days_dir: Path, redis_server: Any
@@ -323,6 +328,7 @@ def test_redis_history_failures_degrade_never_500(
         assert r.status_code == 503 and r.json()["error"]["code"] == "events_not_recorded"
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_redis_store_refuses_a_model_whose_histories_were_not_materialized(
     artifacts: Path, redis_url: str, redis_prefix: str, trained_artifacts: Path

@@ -323,6 +323,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_locustfile_imports_and_defines_a_fast_http_user() -> None:
     code = f"""
 import importlib.util, sys
@@ -410,6 +411,7 @@ def _run_locust(host: str, *args: str, **env: str) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_headless_run_passes_against_a_correct_server(stub_server: tuple[str, Any], tmp_path: Path) -> None:
     host, _ = stub_server
     summary, final = tmp_path / "summary.json", tmp_path / "locust.json"
@@ -434,6 +436,7 @@ def test_headless_run_passes_against_a_correct_server(stub_server: tuple[str, An
     )
 
 
+@pytest.mark.slow
 def test_headless_run_fails_on_invalid_responses(stub_server: tuple[str, Any]) -> None:
     host, handler = stub_server
     handler.mode = "unsorted"
@@ -443,6 +446,7 @@ def test_headless_run_fails_on_invalid_responses(stub_server: tuple[str, Any]) -
     assert "load test FAILED" in out.stderr and "failure ratio" in out.stderr
 
 
+@pytest.mark.slow
 def test_headless_run_fails_when_p99_exceeds_slo(stub_server: tuple[str, Any]) -> None:
     host, handler = stub_server
     handler.delay_s = 0.05

@@ -165,6 +165,7 @@ def test_arch_sizes_match_parameters_as_the_paper_does(bench):
     assert h == 28 and abs((100 * h + h * 8 * 2) - experts_and_towers) <= 116 / 2
 
 
+@pytest.mark.slow
 def test_tiny_real_run_writes_runs_summary_and_a_plot(bench, tmp_path, monkeypatch):
     out = tmp_path / "syn.json"
     args = ["--seeds", "2", "--rows", "2000", "--epochs", "1", "--correlations", "1", "0", "--out", str(out)]
@@ -199,6 +200,7 @@ def test_tiny_real_run_writes_runs_summary_and_a_plot(bench, tmp_path, monkeypat
     assert (tmp_path / "syn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_single_task_baseline_fits_each_task_alone(bench, tmp_path, monkeypatch):
     """--single-task adds the shared-bottom net fitted on y1 alone and y2 alone. y1 does not depend
     on p for a fixed seed (w1 = c u1), so its single-task fit is the same at p = 1 and p = 0; in

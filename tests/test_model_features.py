@@ -41,6 +41,7 @@ def test_a_float32_categorical_column_encodes_like_request_values():
     assert canonical_str(2.5) == "2.5"
 
 
+@pytest.mark.slow
 def test_stable_hash_is_process_independent():
     values = ["full_active", 7, "日本語", 3.25]
     here = [stable_hash(v) for v in values]

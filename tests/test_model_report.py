@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from modelkit import tiny_config
 
 from model.report import plot_compare, write_report
@@ -8,6 +9,7 @@ from model.synth import summarize_mmoe_benchmark as summarize
 from model.train import train
 
 
+@pytest.mark.slow
 def test_report_writes_html_and_figures(tmp_path):
     res = train(tiny_config(epochs=2), tmp_path)
     (tmp_path / "reports").mkdir(exist_ok=True)
@@ -89,6 +91,7 @@ def test_compare_plot_survives_a_head_without_finite_auc(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cli_report_writes_the_page(artifacts_copy, tmp_path):
     from typer.testing import CliRunner
 

@@ -175,6 +175,7 @@ def test_training_reduces_loss_and_reports_metrics(arch):
         assert sum(util["engagement"]) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_model_different_seed_different_model():
     a = fit(tiny_config(epochs=1, seed=1), load_dataset(tiny_config(seed=1)))
     b = fit(tiny_config(epochs=1, seed=1), load_dataset(tiny_config(seed=1)))
@@ -205,6 +206,7 @@ def test_early_stopping_keeps_best_epoch_in_right_direction(monitor, best):
     assert got == pytest.approx(vals[res.best_epoch - 1], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_restore_best_false_ends_on_the_last_epoch():
     """train.restore_best = False (the synthetic benchmark's same-budget protocol) keeps the last
     epoch's weights; the default ends on the best validation epoch's."""
@@ -241,6 +243,7 @@ def test_config_errors_are_clear(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_models_rollback(tmp_path):
     runner = CliRunner()
     cfg, art = tiny_toml(tmp_path), str(tmp_path / "art")
@@ -273,6 +276,7 @@ def test_cli_train_evaluate_models_rollback(tmp_path):
     assert missing.exit_code == 2 and "not found" in missing.output
 
 
+@pytest.mark.slow
 def test_full_kuairand_two_epochs_learn():
     """Two epochs of the shipped config on the real 14-day KuaiRand-Pure split: both heads clearly
     beat chance (its embedding decay slows the first epoch: valid AUC ~0.63 after one, ~0.70 after two)."""

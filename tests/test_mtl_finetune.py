@@ -37,6 +37,7 @@ def source(tmp_path_factory):
     return art, load_checkpoint(res.checkpoint)
 
 
+@pytest.mark.slow
 def test_init_from_reproduces_the_source_model_before_any_step(source):
     art, ckpt = source
     cfg = _cfg(epochs=0)
@@ -57,6 +58,7 @@ def test_init_from_reproduces_the_source_model_before_any_step(source):
     assert again.metrics["init_from"] == str(ckpt.path)
 
 
+@pytest.mark.slow
 def test_fine_tuning_reuses_the_checkpoint_vocabularies(source):
     _, ckpt = source
     cfg = _cfg()
@@ -72,6 +74,7 @@ def test_fine_tuning_reuses_the_checkpoint_vocabularies(source):
         load_dataset(cfg, schema=ckpt.schema)
 
 
+@pytest.mark.slow
 def test_freeze_keeps_frozen_parameters_unchanged(source):
     _, ckpt = source
     cfg = _cfg(epochs=2, freeze=["embed", "experts"], lr=0.01)
@@ -123,6 +126,7 @@ def test_init_across_architectures_loads_what_fits(source):
     assert any(k.startswith("levels.") for k in res.metrics["init_skipped"])
 
 
+@pytest.mark.slow
 def test_cli_train_init_from(tmp_path):
     runner = CliRunner()
     art = tmp_path / "art"

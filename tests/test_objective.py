@@ -223,6 +223,7 @@ def test_platt_folds_into_the_output_layer(trained_artifacts: Path) -> None:
     np.testing.assert_allclose(after, 1 / (1 + np.exp(-(0.7 * z - 0.4))), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_calibration_is_applied_only_where_it_helps_held_out_rows() -> None:
     cfg = tiny_config()
     rng = np.random.default_rng(1)

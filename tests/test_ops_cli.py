@@ -38,6 +38,7 @@ def test_serve_without_a_model_exits_non_zero_at_once(tmp_path: Path) -> None:
     assert "no LATEST" in out.output and "mtrank train" in out.output and "--wait" in out.output
 
 
+@pytest.mark.slow
 def test_serve_wait_starts_unready_and_serves_the_first_model(tmp_path: Path, train_tiny: Any) -> None:
     artifacts, port = tmp_path / "artifacts", free_port()
     log = (tmp_path / "serve.log").open("wb")
@@ -87,6 +88,7 @@ def test_docs_pages_load_no_asset_from_another_host(trained_artifacts: Path, pag
         assert client.get("/openapi.json").json()["info"]["title"] == "mtrank"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_trained_with_a_relative_data_dir_loads_from_any_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -140,6 +140,7 @@ def test_another_test_split_is_not_comparable(
     assert decide(tmp_path, off, ds.schema, result.metrics, other_log).promoted
 
 
+@pytest.mark.slow
 def test_cli_train_reports_a_refusal_and_models_shows_data_set_and_objective(tmp_path: Path) -> None:
     runner = CliRunner()
     cfg, art = tiny_toml(tmp_path), str(tmp_path / "art")

@@ -55,6 +55,8 @@ def materialized_cluster(cluster: LocalRedisCluster, trained_artifacts: Path) ->
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
+    # every replica holds the writes before any test kills its primary (replication is async)
+    assert "3/3 replicas in sync" in result.output, result.output
     return cluster
 
 
@@ -68,6 +70,7 @@ def cluster_settings(artifacts: Path, cluster: LocalRedisCluster, **overrides: A
     return service_settings(artifacts, **{**base, **overrides})
 
 
+@pytest.mark.slow
 def test_materialize_writes_bucketed_keys_and_the_cluster_scores_like_the_embedded_store(
     materialized_cluster: LocalRedisCluster, trained_artifacts: Path
 ) -> None:
@@ -95,6 +98,7 @@ def test_materialize_writes_bucketed_keys_and_the_cluster_scores_like_the_embedd
         assert b.get("/readyz").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_primary_failover_degrades_requests_at_worst_and_heals(
     materialized_cluster: LocalRedisCluster, trained_artifacts: Path
 ) -> None:

@@ -111,6 +111,7 @@ def test_judge_reports_each_policy_against_popularity(lists: LoggedLists) -> Non
     assert "ndcg@10_minus_popularity" not in out[POPULARITY]
 
 
+@pytest.mark.slow
 def test_replay_through_the_service_path_matches_offline_scores(artifacts: Path) -> None:
     version = resolve_checkpoint(artifacts).name
     ckpt = load_checkpoint(resolve_checkpoint(artifacts))
@@ -138,6 +139,7 @@ def test_replay_through_the_service_path_matches_offline_scores(artifacts: Path)
     )
 
 
+@pytest.mark.slow
 def test_replay_against_a_running_server_gives_the_in_process_scores(
     artifacts: Path, serve_process: Callable[..., Any]
 ) -> None:
@@ -157,6 +159,7 @@ def test_replay_against_a_running_server_gives_the_in_process_scores(
     assert max(rep["parity"]["max_abs_diff"].values()) < 1e-5
 
 
+@pytest.mark.slow
 def test_cli_replay_writes_a_report_that_mtrank_report_shows(artifacts: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(
         cli, ["replay", "--artifacts", str(artifacts), "--max-lists", "30", "--resamples", "100", "--json"]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from modelkit import ROOT, tiny_toml
 
@@ -41,6 +42,7 @@ def cli(*args: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     config = resumable_toml(tmp_path)
     whole, killed = tmp_path / "whole", tmp_path / "killed"

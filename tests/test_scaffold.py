@@ -25,6 +25,7 @@ def features(text: str) -> dict[str, dict[str, Any]]:
     return {f["name"]: f for f in tomllib.loads(text)["data"]["features"]}
 
 
+@pytest.mark.slow
 def test_a_recommendation_log_with_tables(tmp_path: Path) -> None:
     """The KuaiRand fixture with its users and videos tables: keys found, 0/1 outcomes as heads,
     features from the tables, only categorical log columns as context, a day split."""

@@ -57,6 +57,7 @@ def test_settings_weights_replace_the_fitted_combination(trained_artifacts: Path
         assert i["score"] == pytest.approx(served_score(i["heads"], "product", scoring["weights"]), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_another_combine_setting_drops_the_fitted_weights(trained_artifacts: Path) -> None:
     method, weights = served_default(trained_artifacts)
     other = "sum" if method == "product" else "product"

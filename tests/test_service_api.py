@@ -220,6 +220,7 @@ def test_unknown_user_and_videos_are_counted(client: TestClient, trained_artifac
             assert by_id[v]["heads"][h] == pytest.approx(want[h][k], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_video_the_model_knows_but_the_store_lacks_keeps_its_id_embedding(
     trained_artifacts: Path, tmp_path: Path
 ) -> None:
@@ -468,6 +469,7 @@ rank_like = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=rank_like | json_values)
 def test_fuzzed_bodies_never_500(client: TestClient, body: Any) -> None:

@@ -212,6 +212,7 @@ def test_the_schema_runs_cover_every_operation(api_schema: schemathesis.BaseSche
     SCHEMA_RUNS,
     ids=[f"{m} {p} {mode.value}" for m, p, mode, _ in SCHEMA_RUNS],
 )
+@pytest.mark.slow
 def test_schema_generated_requests(
     api_schema: schemathesis.BaseSchema, method: str, path: str, mode: GenerationMode, examples: int
 ) -> None:
@@ -365,6 +366,7 @@ def raw_requests(draw: st.DrawFn) -> tuple[bytes, str | None]:
     return raw, ctype
 
 
+@pytest.mark.slow
 @fuzz(500)
 @given(request=raw_requests())
 def test_raw_rank_bodies_get_200_or_a_clear_4xx(
@@ -435,6 +437,7 @@ def test_every_edge_value_gets_200_or_a_422_naming_the_feature(client: TestClien
     context=st.dictionaries(st.sampled_from(["tab", "hour", "not_a_feature"]), feature_values, max_size=2),
     pos=st.integers(0, 4),
 )
+@pytest.mark.slow
 def test_edge_feature_values_get_200_or_a_422_naming_the_feature(
     client: TestClient, features: dict[str, Any], context: dict[str, Any], pos: int
 ) -> None:

@@ -77,6 +77,7 @@ HOSTILE: dict[str, bytes] = {
 }
 
 
+@pytest.mark.slow
 def test_hostile_bodies_are_refused_fast_while_normal_requests_keep_working(
     serve_process: Serve, trained_artifacts: Path
 ) -> None:
@@ -123,6 +124,7 @@ def test_hostile_bodies_are_refused_fast_while_normal_requests_keep_working(
     assert max(t for _, t in normal) < 1.0, sorted(t for _, t in normal)[-5:]
 
 
+@pytest.mark.slow
 def test_every_request_list_and_dict_is_capped_in_the_schema(trained_artifacts: Path) -> None:
     settings = service_settings(trained_artifacts, max_candidates=123)
     with TestClient(create_app(settings)) as c:
@@ -156,6 +158,7 @@ def test_the_openapi_schema_documents_the_duplicate_id_rule(trained_artifacts: P
 # 2. LATEST on a hung file system
 
 
+@pytest.mark.slow
 def test_a_latest_that_never_delivers_does_not_hang_the_service(
     serve_process: Serve, artifacts_copy: Path
 ) -> None:
@@ -268,6 +271,7 @@ def staged_version(tmp_path_factory: pytest.TempPathFactory, train_tiny: Any) ->
     return models_dir(artifacts) / train_tiny(artifacts, seed=11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["folder missing", "weights missing", "weights half copied"])
 def test_a_version_published_before_its_files_is_retried(
     artifacts_copy: Path, staged_version: Path, stage: str
@@ -299,6 +303,7 @@ def test_a_version_published_before_its_files_is_retried(
         assert _details(c)["source"] == "latest"
 
 
+@pytest.mark.slow
 def test_a_permanently_bad_version_is_recorded_once_not_retried(
     artifacts_copy: Path, train_tiny: Any
 ) -> None:
@@ -348,6 +353,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
         return True, got
 
 
+@pytest.mark.slow
 def test_http_limits_of_mtrank_serve(serve_process: Serve, trained_artifacts: Path) -> None:
     svc = serve_process(
         env=serve_env(
@@ -398,6 +404,7 @@ def test_http_limits_of_mtrank_serve(serve_process: Serve, trained_artifacts: Pa
     assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_limit_get_503(serve_process: Serve, trained_artifacts: Path) -> None:
     svc = serve_process(env=serve_env(trained_artifacts, MTRANK_HTTP_MAX_CONNECTIONS="4"))
     held = [_connect(svc.url) for _ in range(4)]
@@ -415,6 +422,7 @@ def test_connections_beyond_the_limit_get_503(serve_process: Serve, trained_arti
 # 6. what the public endpoints show; stale temp entries
 
 
+@pytest.mark.slow
 def test_public_endpoints_show_no_deployment_details(trained_artifacts: Path, tmp_path: Path) -> None:
     """Public: the version, the status and the request contract (heads, feature names, weights);
     paths, the store's address and what LATEST named only in /admin/model."""
@@ -454,6 +462,7 @@ def test_public_endpoints_show_no_deployment_details(trained_artifacts: Path, tm
         assert "gone00" in json.dumps(_details(c)["last_reload_error"])
 
 
+@pytest.mark.slow
 def test_stale_temp_entries_are_removed_at_start(artifacts_copy: Path) -> None:
     root = models_dir(artifacts_copy)
     old = time.time() - 2 * 3600

@@ -101,6 +101,7 @@ def scores(body: dict[str, Any]) -> dict[Any, float]:
     return {i["video_id"]: i["score"] for i in body["items"]}
 
 
+@pytest.mark.slow
 def test_frozen_redis_degrades_via_the_deadline_and_recovers(
     client: TestClient, redis_server: Any, trained_artifacts: Path
 ) -> None:
@@ -128,6 +129,7 @@ def test_frozen_redis_degrades_via_the_deadline_and_recovers(
     assert degraded_counts(client) == settled  # healthy answers count no degraded reason
 
 
+@pytest.mark.slow
 def test_killed_redis_degrades_without_errors_and_recovers_after_restart(
     client: TestClient, redis_server: Any, trained_artifacts: Path
 ) -> None:

@@ -93,6 +93,7 @@ def test_materialize_writes_one_packed_key_per_entity(
         r.close()
 
 
+@pytest.mark.slow
 def test_embedded_and_redis_stores_score_identically(
     trained_artifacts: Path, redis_url: str, materialized: str
 ) -> None:
@@ -180,6 +181,7 @@ def _with_extra_video_feature(cfg: Config) -> None:
     cfg.data.features.append(FeatureDecl(name="visible_status", group="video", kind="numeric"))
 
 
+@pytest.mark.slow
 def test_model_needing_a_column_redis_lacks_is_rejected(
     artifacts_copy: Path, redis_url: str, redis_prefix: str, train_tiny: Any
 ) -> None:
@@ -198,6 +200,7 @@ def test_model_needing_a_column_redis_lacks_is_rejected(
         assert out.status_code == 200 and out.json()["model_version"] == old
 
 
+@pytest.mark.slow
 def test_embedded_store_grows_for_a_model_with_a_new_column(artifacts_copy: Path, train_tiny: Any) -> None:
     s = service_settings(artifacts_copy, reload_interval_s=0.1)
     with TestClient(create_app(s)) as c:
@@ -220,6 +223,7 @@ def two_versions(artifacts_copy: Path, train_tiny: Any) -> Iterator[tuple[Path, 
     yield artifacts_copy, v0, v1
 
 
+@pytest.mark.slow
 def test_replicas_follow_model_current_via_pubsub(
     two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str
 ) -> None:
@@ -273,6 +277,7 @@ def set_pointer(url: str, prefix: str, version: str, latest: str) -> None:
         client.close()
 
 
+@pytest.mark.slow
 def test_every_replica_serves_model_current_across_restarts_until_latest_moves(
     two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str, train_tiny: Any
 ) -> None:
@@ -306,6 +311,7 @@ def test_every_replica_serves_model_current_across_restarts_until_latest_moves(
         assert versions(b) == [v2]
 
 
+@pytest.mark.slow
 def test_an_unreadable_latest_does_not_stop_the_redis_pointer(
     two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str
 ) -> None:

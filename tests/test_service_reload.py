@@ -130,6 +130,7 @@ def version_of(r: httpx.Response) -> Result:
 # a real server, retrained under load
 
 
+@pytest.mark.slow
 def test_retrain_under_load_swaps_with_zero_failed_requests(
     serve_process: Callable[..., Any], artifacts_copy: Path, train_tiny: Any
 ) -> None:
@@ -176,6 +177,7 @@ def live(artifacts_copy: Path) -> Iterator[TestClient]:
 @pytest.mark.parametrize(
     "damage", ["altered weights", "manifest not JSON", "missing weights", "wrong tensors"]
 )
+@pytest.mark.slow
 def test_bad_checkpoint_is_rejected_and_old_model_keeps_serving(
     live: TestClient, artifacts_copy: Path, damage: str
 ) -> None:
@@ -215,6 +217,7 @@ def test_bad_checkpoint_is_rejected_and_old_model_keeps_serving(
     assert live.post("/rank", json=REQUEST).json()["model_version"] == old
 
 
+@pytest.mark.slow
 def test_a_good_model_after_a_bad_one_is_picked_up(
     live: TestClient, artifacts_copy: Path, train_tiny: Any
 ) -> None:
@@ -248,6 +251,7 @@ def test_admin_requires_the_bearer_token(live: TestClient) -> None:
     assert "/admin/reload" in live.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.slow
 def test_admin_reload_and_rollback(live: TestClient, artifacts_copy: Path, train_tiny: Any) -> None:
     v0 = read_latest(artifacts_copy)
     r = live.post("/admin/reload", headers=AUTH)
@@ -350,6 +354,7 @@ def video_columns(client: TestClient) -> dict[str, list[str]]:
     return {"cats": cols["cats"], "nums": cols["nums"]}
 
 
+@pytest.mark.slow
 def test_a_rejected_wider_model_leaves_the_serving_model_untouched(wide_copy: tuple[Path, str, str]) -> None:
     artifacts, narrow, wide = wide_copy
     # the wide model with NaN weights: maps onto the store (the new columns get read), then fails
@@ -391,6 +396,7 @@ def rank_ok(client: TestClient) -> str:
     return version
 
 
+@pytest.mark.slow
 def test_a_wider_model_swaps_in_under_load_with_zero_failed_requests(
     wide_copy: tuple[Path, str, str],
 ) -> None:
@@ -453,6 +459,7 @@ def served(holder: ModelHolder) -> str:
     return holder.current.version
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("watcher_round_meanwhile", [False, True])
 def test_latest_moved_during_an_admin_reload_is_followed(
     artifacts_copy: Path, monkeypatch: pytest.MonkeyPatch, watcher_round_meanwhile: bool
@@ -482,6 +489,7 @@ def test_latest_moved_during_an_admin_reload_is_followed(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_latest_moved_during_a_rollback_is_followed(
     artifacts_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,6 +37,7 @@ def served_by_workers(url: str) -> dict[str, str]:
     return {s.labels["pid"]: s.labels["version"] for s in samples(url, "mtrank_model_info") if s.value == 1}
 
 
+@pytest.mark.slow
 def test_workers_share_the_port_and_the_metrics_and_converge_on_a_new_version(
     serve_process: Any, artifacts_copy: Path, train_tiny: Any
 ) -> None:
@@ -93,6 +95,7 @@ def test_admission_control_answers_503_with_retry_after_at_once_when_full() -> N
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_admission_control_sheds_while_the_oldest_request_in_flight_is_too_old() -> None:
     """A worker that has fallen behind (its oldest request in flight older than the limit) refuses
     new requests even below the count limit, and admits again once it caught up."""

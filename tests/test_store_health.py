@@ -81,6 +81,7 @@ def test_materialize_records_the_health_sample_and_the_expected_unknown_rate(
         client.close()
 
 
+@pytest.mark.slow
 def test_a_wiped_prefix_is_degraded_and_not_ready_until_materialised_again(
     trained_artifacts: Path, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -112,6 +113,7 @@ def test_a_wiped_prefix_is_degraded_and_not_ready_until_materialised_again(
         assert metric(client, "mtrank_feature_store_problem", problem="meta_missing") == 0
 
 
+@pytest.mark.slow
 def test_most_keys_evicted_is_degraded_and_not_ready(
     trained_artifacts: Path, redis_url: str, redis_prefix: str
 ) -> None:
@@ -135,6 +137,7 @@ def test_most_keys_evicted_is_degraded_and_not_ready(
         assert model_details(client)["feature_store"]["health"]["problem"] == "evicted"
 
 
+@pytest.mark.slow
 def test_an_empty_restart_of_redis_is_noticed(trained_artifacts: Path, redis_server: RedisServer) -> None:
     prefix = "mtrank:"
     materialize(trained_artifacts, redis_server.url, prefix)
@@ -147,6 +150,7 @@ def test_an_empty_restart_of_redis_is_noticed(trained_artifacts: Path, redis_ser
         assert out["degraded"] is True and out["degraded_reason"] == "meta_missing"
 
 
+@pytest.mark.slow
 def test_an_unknown_rate_far_above_the_expected_marks_responses_degraded(
     trained_artifacts: Path, redis_url: str, redis_prefix: str
 ) -> None:

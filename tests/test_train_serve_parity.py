@@ -91,11 +91,13 @@ def assert_serving_matches_offline(client: TestClient, artifacts: Path) -> None:
     assert np.ptp(offline["engagement"]) > 1e-2 and np.ptp(offline["satisfaction"]) > 5e-4
 
 
+@pytest.mark.slow
 def test_embedded_store_serves_what_training_evaluates(artifacts: Path) -> None:
     with TestClient(create_app(service_settings(artifacts))) as c:
         assert_serving_matches_offline(c, artifacts)
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 def test_redis_store_serves_what_training_evaluates(
     artifacts: Path, redis_url: str, redis_prefix: str
@@ -115,6 +117,7 @@ def test_redis_store_serves_what_training_evaluates(
         assert_serving_matches_offline(c, artifacts)
 
 
+@pytest.mark.slow
 def test_predict_scores_a_log_file_as_evaluation_and_rank_do(artifacts: Path, tmp_path: Path) -> None:
     """`mtrank predict` on the raw test rows of the log (keys, context, labels; no entity features):
     user and video features joined from the checkpoint's tables by key, context from the file, as

@@ -792,6 +792,34 @@ class MaterializeReport:
     counts: dict[str, int]
     layout: StoreLayout
     seconds: float
+    replicas: tuple[int, int] = (0, 0)  # (acknowledged the writes, connected) over every primary
+
+
+REPLICA_WAIT_MS = 10_000
+
+
+def await_replicas(client: RedisClient, timeout_ms: int = REPLICA_WAIT_MS) -> tuple[int, int]:
+    """Block until each primary's connected replicas acknowledge every write so far (``WAIT``).
+
+    Replication is asynchronous: a primary that fails over before its replica has the writes
+    loses them (the meta key among them: every row served with defaults). Returns
+    (replicas that acknowledged, replicas connected), summed over the primaries.
+    """
+    if isinstance(client, redis.cluster.RedisCluster):
+        nodes = [(client, n) for n in client.get_primaries()]
+    else:
+        nodes = [(client, None)]
+    acked = total = 0
+    for c, node in nodes:
+        kw: dict[str, Any] = {} if node is None else {"target_nodes": node}
+        info = c.execute_command("INFO", "replication", **kw)
+        if "role" not in info:  # a reply keyed by node name
+            info = next(iter(info.values()))
+        want = int(info.get("connected_slaves", 0))
+        if want:
+            acked += min(want, int(c.execute_command("WAIT", want, timeout_ms, **kw)))
+        total += want
+    return acked, total
 
 
 def _glob_escape(s: str) -> str:
@@ -935,6 +963,14 @@ def materialize(
             "histories": held,
         }
         client.set(meta_key(prefix), json.dumps(meta))
+        replicas = await_replicas(client)
+        if replicas[0] < replicas[1]:
+            log.warning(
+                "only %d of %d replicas acknowledged the materialized keys within %.0fs: a failover "
+                "now can lose some of them",
+                *replicas,
+                REPLICA_WAIT_MS / 1000,
+            )
     finally:
         client.close()
-    return MaterializeReport(ckpt.version, prefix, counts, layout, time.perf_counter() - t0)
+    return MaterializeReport(ckpt.version, prefix, counts, layout, time.perf_counter() - t0, replicas)
