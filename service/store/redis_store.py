@@ -805,19 +805,18 @@ def await_replicas(client: RedisClient, timeout_ms: int = REPLICA_WAIT_MS) -> tu
     loses them (the meta key among them: every row served with defaults). Returns
     (replicas that acknowledged, replicas connected), summed over the primaries.
     """
+    targets: list[Any] = [None]
     if isinstance(client, redis.cluster.RedisCluster):
-        nodes = [(client, n) for n in client.get_primaries()]
-    else:
-        nodes = [(client, None)]
+        targets = client.get_primaries()  # type: ignore[no-untyped-call]
     acked = total = 0
-    for c, node in nodes:
+    for node in targets:
         kw: dict[str, Any] = {} if node is None else {"target_nodes": node}
-        info = c.execute_command("INFO", "replication", **kw)
+        info: dict[str, Any] = client.info("replication", **kw)
         if "role" not in info:  # a reply keyed by node name
             info = next(iter(info.values()))
         want = int(info.get("connected_slaves", 0))
         if want:
-            acked += min(want, int(c.execute_command("WAIT", want, timeout_ms, **kw)))
+            acked += min(want, int(client.wait(want, timeout_ms, **kw)))
         total += want
     return acked, total
 
