@@ -51,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import model.nets  # noqa: E402
+import model.nets.base  # noqa: E402
 from model import Ranker, resolve_checkpoint  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.data import load_dataset, load_entity_table  # noqa: E402
@@ -117,7 +117,7 @@ def _request(ranker: Ranker, users: Any, videos: Any, n: int) -> tuple[Any, Any,
 
 def _uncached(net: Any, req: RequestBatch) -> Any:
     """The request forward as it was before the gathers were cached: every call re-gathers."""
-    model.nets._SPLIT_CACHE.clear()
+    model.nets.base._SPLIT_CACHE.clear()
     for emb in net.feature_embeddings():
         emb._split_indices.clear()
     return net.forward_request(req)

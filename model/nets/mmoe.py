@@ -1,0 +1,147 @@
+"""``MMoE``: shared embeddings, E expert MLPs, one softmax gate per task mixing the experts (Ma et
+al. KDD 2018), optional expert dropout in the gates (Zhao et al. RecSys 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.nets.base import (
+    FeatureEmbedding,
+    History,
+    MultiTaskNet,
+    RequestBatch,
+    SequenceLayout,
+    Tower,
+    layer_index,
+    split_linear,
+    split_weight,
+)
+
+
+class Experts(nn.Module):
+    """E independent MLPs evaluated together: one batched matmul per layer."""
+
+    def __init__(self, n_experts: int, in_dim: int, dims: Sequence[int], dropout: float) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for d in dims:
+            w = torch.empty(n_experts, in_dim, d)
+            for e in range(n_experts):  # same init as nn.Linear, per expert
+                nn.init.kaiming_uniform_(w[e].T, a=5**0.5)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(n_experts, d)))
+            in_dim = d
+        self.dropout = nn.Dropout(dropout)
+        self.out_dim = in_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        h: Tensor = torch.einsum("bd,edh->beh", x, self.weights[0]) + self.biases[0]  # (B, E, H1)
+        return self.above_first(h)
+
+    def above_first(self, h: Tensor) -> Tensor:
+        """Everything after the first layer's pre-activation h (B, E, H1)."""
+        h = self.dropout(F.relu(h))
+        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
+            h = self.dropout(F.relu(torch.einsum("beh,ehk->bek", h, w) + b))  # (B, E, Hk)
+        return h
+
+    def first_split(self, x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor) -> Tensor:
+        """The first layer's pre-activation (B, E, H1), the request-constant part computed once."""
+        w = self.weights[0]  # (E, D, H1)
+        if torch.is_grad_enabled() and w.requires_grad:
+            w_const, w_var = w[:, const_idx], w[:, var_idx]
+        else:  # serving: the gathered columns are cached (split_weight)
+            w_const, w_var = split_weight(w, const_idx, 1), split_weight(w, var_idx, 1)
+        const = torch.einsum("bd,edh->beh", x_const, w_const) + self.biases[0]  # (1, E, H1)
+        h: Tensor = torch.einsum("bd,edh->beh", x_var, w_var) + const  # (B, E, H1)
+        return h
+
+
+def expert_keep_mask(batch: int, n_experts: int, p: float, device: torch.device) -> Tensor:
+    """Expert dropout for gates: (B, E) bool, each expert kept with prob 1-p, never none kept."""
+    keep = torch.rand(batch, n_experts, device=device) >= p  # (B, E)
+    fallback = F.one_hot(torch.randint(n_experts, (batch,), device=device), n_experts).bool()
+    return torch.where(keep.any(dim=1, keepdim=True), keep, fallback)
+
+
+class MMoE(MultiTaskNet):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
+        super().__init__(tasks)
+        self.n_experts = cfg.n_experts
+        self.gate_dropout = cfg.gate_dropout
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
+        self.experts = Experts(cfg.n_experts, self.embed.out_dim, cfg.expert_dims, cfg.dropout)
+        self.gates = nn.ModuleDict({t: nn.Linear(self.embed.out_dim, cfg.n_experts) for t in tasks})
+        self.towers = nn.ModuleDict(
+            {t: Tower(self.experts.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks}
+        )
+        self.n_layers = len(cfg.expert_dims)
+
+    def gate_probs(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-task softmax over experts, (B, E) each; expert dropout while training."""
+        keep: Tensor | None = None
+        if self.training and self.gate_dropout > 0:
+            keep = expert_keep_mask(x.shape[0], self.n_experts, self.gate_dropout, x.device)  # (B, E)
+        out = {}
+        for t in self.tasks:
+            logits = self.gates[t](x)  # (B, E)
+            if keep is not None:
+                logits = logits.masked_fill(~keep, float("-inf"))
+            out[t] = torch.softmax(logits, dim=-1)
+        return out
+
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums, hist)  # (B, D)
+        h = self.experts(x)  # (B, E, H)
+        # z: everything the task-specific part reads, the gates' input x and the experts' h
+        z = torch.cat([x, h.flatten(1)], dim=1)  # (B, D + E*H)
+        x, h = z[:, : x.shape[1]], z[:, x.shape[1] :].view_as(h)
+        gates = self.gate_probs(x)
+        return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}, z
+
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not self.n_layers:
+            return super().request_tasks(r)
+        parts = self.embed.split(r)
+        h = self.experts.above_first(self.experts.first_split(*parts))  # (B, E, H)
+        out = {}
+        for t in self.tasks:
+            gate = self.gates[t]
+            assert isinstance(gate, nn.Linear)
+            g = torch.softmax(split_linear(*parts, gate), dim=-1)  # (B, E)
+            out[t] = self.towers[t](torch.einsum("be,beh->bh", g, h))
+        return out
+
+    @torch.no_grad()
+    def gate_weights(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:
+        """Gate probabilities (B, T, E) in eval mode, for expert-utilisation statistics."""
+        g = self.gate_probs(self.embed(cats, nums, hist))
+        return torch.stack([g[t] for t in self.tasks], dim=1)
+
+    def shared_parameters(self) -> list[Tensor]:
+        return [*self.embed.parameters(), *self.experts.parameters()]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        return [self.experts.weights[-1]] if self.n_layers else [self.embed.emb.weight]
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return self.n_layers + 1
+        if name.startswith("gates."):
+            return 1
+        return self.n_layers - layer_index(name, r"^experts\.(?:weights|biases)\.(\d+)$")

@@ -1,0 +1,223 @@
+"""``PLE``: Progressive Layered Extraction (Tang et al. RecSys 2020): levels of shared +
+task-specific experts; a task's gate mixes its own and the shared experts, a shared gate mixes
+all of them for the next level."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.nets.base import (
+    FeatureEmbedding,
+    History,
+    MultiTaskNet,
+    RequestBatch,
+    SequenceLayout,
+    Tower,
+    layer_index,
+    split_linear,
+)
+from model.nets.mmoe import Experts
+
+
+class PLELevel(nn.Module):
+    """One extraction network of PLE (a CGC block).
+
+    Experts at this level, in the order used for gate statistics: task 0's ``n_task`` experts,
+    task 1's, ..., then the ``n_shared`` shared experts. Task t's gate mixes [its experts, shared
+    experts]; below the last level a shared gate mixes all of them into the next level's shared
+    input.
+    """
+
+    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str], last: bool) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.n_task, self.n_shared = cfg.n_task_experts, cfg.n_shared_experts
+        self.gate_dropout = cfg.gate_dropout
+        self.task_experts = nn.ModuleDict(
+            {t: Experts(self.n_task, in_dim, cfg.expert_dims, cfg.dropout) for t in tasks}
+        )
+        self.shared_experts = Experts(self.n_shared, in_dim, cfg.expert_dims, cfg.dropout)
+        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, self.n_task + self.n_shared) for t in tasks})
+        self.shared_gate = None if last else nn.Linear(in_dim, len(tasks) * self.n_task + self.n_shared)
+        self.out_dim = self.shared_experts.out_dim
+
+    @property
+    def n_all(self) -> int:
+        return len(self.tasks) * self.n_task + self.n_shared
+
+    def _columns(self, t: int | None) -> list[int]:
+        """Positions (in the level's expert order) a gate mixes: task t's + shared; all if None."""
+        shared = list(range(len(self.tasks) * self.n_task, self.n_all))
+        return (
+            list(range(self.n_all))
+            if t is None
+            else [*range(t * self.n_task, (t + 1) * self.n_task), *shared]
+        )
+
+    def gate_probs(self, xs: Sequence[Tensor], x_shared: Tensor) -> dict[str, Tensor]:
+        """Softmax of every gate over the experts it mixes: {task: (B, Et+Es), 'shared': (B, E_all)}."""
+        keep: Tensor | None = None
+        if self.training and self.gate_dropout > 0:
+            keep = torch.rand(x_shared.shape[0], self.n_all, device=x_shared.device) >= self.gate_dropout
+        gates: list[tuple[str, nn.Module, Tensor, int | None]] = [
+            (t, self.gates[t], xs[i], i) for i, t in enumerate(self.tasks)
+        ]
+        if self.shared_gate is not None:
+            gates.append(("shared", self.shared_gate, x_shared, None))
+        out = {}
+        for name, gate, x, t in gates:
+            logits = gate(x)  # (B, n)
+            if keep is not None:
+                k = keep[:, self._columns(t)]  # (B, n)
+                fallback = F.one_hot(torch.randint(k.shape[1], (k.shape[0],), device=k.device), k.shape[1])
+                k = torch.where(k.any(dim=1, keepdim=True), k, fallback.bool())  # never drop all experts
+                logits = logits.masked_fill(~k, float("-inf"))
+            out[name] = torch.softmax(logits, dim=-1)
+        return out
+
+    def forward(self, xs: Sequence[Tensor], x_shared: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        hs = self.shared_experts(x_shared)  # (B, Es, H)
+        ht = [self.task_experts[t](xs[i]) for i, t in enumerate(self.tasks)]  # T x (B, Et, H)
+        return self._mix(ht, hs, self.gate_probs(xs, x_shared))
+
+    def forward_split(
+        self, parts: tuple[Tensor, Tensor, Tensor, Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Serving (eval): ``forward([x] * T, x)`` for a request's split input x (FeatureEmbedding.split),
+        the request-constant share of every expert's and gate's first layer computed once."""
+        hs = self.shared_experts.above_first(self.shared_experts.first_split(*parts))  # (B, Es, H)
+        ht = []  # T x (B, Et, H)
+        for t in self.tasks:
+            experts = self.task_experts[t]
+            assert isinstance(experts, Experts)
+            ht.append(experts.above_first(experts.first_split(*parts)))
+        gates = {t: self.gates[t] for t in self.tasks}
+        if self.shared_gate is not None:
+            gates["shared"] = self.shared_gate
+        g = {}
+        for name, gate in gates.items():
+            assert isinstance(gate, nn.Linear)
+            g[name] = torch.softmax(split_linear(*parts, gate), dim=-1)  # (B, n)
+        return self._mix(ht, hs, g)
+
+    def _mix(
+        self, ht: Sequence[Tensor], hs: Tensor, g: Mapping[str, Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Each task gate's mixture of [its experts, shared experts]; the shared gate's of all."""
+        outs = [
+            torch.einsum("be,beh->bh", g[t], torch.cat([ht[i], hs], dim=1))  # (B, H)
+            for i, t in enumerate(self.tasks)
+        ]
+        shared = None
+        if self.shared_gate is not None:
+            shared = torch.einsum("be,beh->bh", g["shared"], torch.cat([*ht, hs], dim=1))  # (B, H)
+        return outs, shared
+
+    def full_gate_weights(self, xs: Sequence[Tensor], x_shared: Tensor) -> dict[str, Tensor]:
+        """Every gate's probabilities spread over all experts of the level (0 where it cannot look)."""
+        out = {}
+        for name, p in self.gate_probs(xs, x_shared).items():
+            t = None if name == "shared" else self.tasks.index(name)
+            full = p.new_zeros(p.shape[0], self.n_all)  # (B, E_all)
+            full[:, self._columns(t)] = p
+            out[name] = full
+        return out
+
+
+class PLE(MultiTaskNet):
+    z_bounds_shared = False  # z is the embedding output; the shared experts lie above it
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
+        super().__init__(tasks)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
+        levels, d = [], self.embed.out_dim
+        for k in range(cfg.ple_levels):
+            level = PLELevel(d, cfg, tasks, last=k == cfg.ple_levels - 1)
+            levels.append(level)
+            d = level.out_dim
+        self.levels = nn.ModuleList(levels)
+        self.towers = nn.ModuleDict({t: Tower(d, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.n_layers = len(cfg.expert_dims)  # per level
+
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        x = self.embed(cats, nums, hist)  # (B, D)
+        xs: list[Tensor] = [x] * len(self.tasks)
+        x_shared: Tensor | None = x
+        for level in self.level_list:
+            assert x_shared is not None
+            xs, x_shared = level(xs, x_shared)  # T x (B, H), (B, H) or None after the last level
+        return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}, x
+
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not self.n_layers:
+            return super().request_tasks(r)
+        levels = self.level_list
+        xs, x_shared = levels[0].forward_split(self.embed.split(r))  # the first level sees x itself
+        for level in levels[1:]:
+            assert x_shared is not None
+            xs, x_shared = level(xs, x_shared)
+        return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}
+
+    @property
+    def level_list(self) -> list[PLELevel]:
+        return [lv for lv in self.levels if isinstance(lv, PLELevel)]
+
+    @torch.no_grad()
+    def gate_weights_by_level(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> list[dict[str, Tensor]]:
+        """Per level, every gate's probabilities over all the level's experts: {gate: (B, E_all)}."""
+        x = self.embed(cats, nums, hist)
+        xs: list[Tensor] = [x] * len(self.tasks)
+        x_shared: Tensor | None = x
+        out = []
+        for level in self.level_list:
+            assert x_shared is not None
+            out.append(level.full_gate_weights(xs, x_shared))
+            xs, x_shared = level(xs, x_shared)
+        return out
+
+    @torch.no_grad()
+    def gate_weights(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:
+        """Last level's task gates (B, T, E_all), like ``MMoE.gate_weights``."""
+        g = self.gate_weights_by_level(cats, nums, hist)[-1]
+        return torch.stack([g[t] for t in self.tasks], dim=1)
+
+    def shared_parameters(self) -> list[Tensor]:
+        # below the last level every expert reaches every task (through the next shared gate), and
+        # so does a task gate whose output feeds a level that has a shared gate (all but the last two)
+        levels = self.level_list
+        params = [*self.embed.parameters()]
+        for k, level in enumerate(levels[:-1]):
+            params += [*level.task_experts.parameters(), *level.shared_experts.parameters()]
+            params += [*level.shared_gate.parameters()] if level.shared_gate is not None else []
+            params += [*level.gates.parameters()] if k < len(levels) - 2 else []
+        return [*params, *levels[-1].shared_experts.parameters()]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        last = self.level_list[-1].shared_experts
+        return [last.weights[-1]] if self.n_layers else [self.embed.emb.weight]
+
+    def _depth(self, name: str) -> int:
+        n_levels = len(self.levels)
+        if name.startswith("embed."):
+            return n_levels * self.n_layers + 1
+        level = layer_index(name, r"^levels\.(\d+)\.")
+        below = (n_levels - 1 - level) * self.n_layers  # layers of the levels above this one
+        if ".gates." in name or ".shared_gate." in name:
+            return below + 1
+        return below + self.n_layers - layer_index(name, r"\.(?:weights|biases)\.(\d+)$")

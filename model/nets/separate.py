@@ -1,0 +1,69 @@
+"""``SeparateTowers``: one full network per task, no sharing at all (the no-transfer baseline)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.nets.base import (
+    FeatureEmbedding,
+    History,
+    MultiTaskNet,
+    RequestBatch,
+    SequenceLayout,
+    Tower,
+    layer_index,
+    mlp,
+    split_linear,
+)
+
+
+class SeparateTowers(MultiTaskNet):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
+        super().__init__(tasks)
+        embeds = {t: FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs) for t in tasks}
+        self.embed = nn.ModuleDict(embeds)
+        d_in = embeds[tasks[0]].out_dim
+        self.bottom = nn.ModuleDict({t: mlp(d_in, cfg.bottom_dims, cfg.dropout)[0] for t in tasks})
+        d_b = cfg.bottom_dims[-1] if cfg.bottom_dims else d_in
+        self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.n_bottom = len(cfg.bottom_dims)
+
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        z = torch.stack([self.embed[t](cats, nums, hist) for t in self.tasks], dim=1)  # (B, T, D)
+        out = {t: self.towers[t](self.bottom[t](z[:, i])) for i, t in enumerate(self.tasks)}
+        return out, z
+
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not self.n_bottom:
+            return super().request_tasks(r)
+        out = {}
+        for t in self.tasks:
+            embed, bottom = self.embed[t], self.bottom[t]
+            assert isinstance(embed, FeatureEmbedding) and isinstance(bottom, nn.Sequential)
+            first = bottom[0]
+            assert isinstance(first, nn.Linear)
+            h = bottom[1:](split_linear(*embed.split(r), first))  # (B, H)
+            out[t] = self.towers[t](h)
+        return out
+
+    def task_towers(self) -> dict[str, nn.Module]:
+        # nothing is shared, so the whole per-task network is the "tower" soft sharing ties together
+        return {t: nn.ModuleList([self.embed[t], self.bottom[t], self.towers[t]]) for t in self.tasks}
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return self.n_bottom + 1
+        return self.n_bottom - layer_index(name, r"^bottom\.[^.]+\.(\d+)\.") // 3

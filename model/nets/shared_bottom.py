@@ -1,0 +1,62 @@
+"""``SharedBottom``: shared embeddings + shared bottom MLP, one tower per task (Caruana 1997)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.nets.base import (
+    FeatureEmbedding,
+    History,
+    MultiTaskNet,
+    RequestBatch,
+    SequenceLayout,
+    Tower,
+    layer_index,
+    mlp,
+    split_linear,
+)
+
+
+class SharedBottom(MultiTaskNet):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cards: Sequence[int],
+        n_nums: int,
+        tasks: Sequence[str],
+        seqs: Sequence[SequenceLayout] = (),
+    ) -> None:
+        super().__init__(tasks)
+        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
+        self.bottom, d_b = mlp(self.embed.out_dim, cfg.bottom_dims, cfg.dropout)
+        self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.n_bottom = len(cfg.bottom_dims)
+
+    def forward_tasks(
+        self, cats: Tensor, nums: Tensor, hist: History | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        h = self.bottom(self.embed(cats, nums, hist))  # (B, H)
+        return {t: self.towers[t](h) for t in self.tasks}, h
+
+    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
+        if not len(self.bottom):
+            return super().request_tasks(r)
+        first = self.bottom[0]
+        assert isinstance(first, nn.Linear)
+        h = self.bottom[1:](split_linear(*self.embed.split(r), first))  # (B, H)
+        return {t: self.towers[t](h) for t in self.tasks}
+
+    def shared_parameters(self) -> list[Tensor]:
+        return [*self.embed.parameters(), *self.bottom.parameters()]
+
+    def last_shared_parameters(self) -> list[Tensor]:
+        linears = [m for m in self.bottom if isinstance(m, nn.Linear)]
+        return [linears[-1].weight] if linears else [self.embed.emb.weight]
+
+    def _depth(self, name: str) -> int:
+        if name.startswith("embed."):
+            return self.n_bottom + 1
+        return self.n_bottom - layer_index(name, r"^bottom\.(\d+)\.") // 3
