@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -23,6 +24,13 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> tuple[nn.Sequential
 
 
 History = Mapping[str, tuple[Tensor, Tensor]]  # sequence -> (items (B, L, K) long, lengths (B,) long)
+
+
+def keep_at_least_one(keep: Tensor) -> Tensor:
+    """Expert dropout in a gate: ``keep`` (B, n) bool, each expert kept with prob 1-p; a row that
+    keeps none keeps one expert drawn uniformly instead (a gate never mixes nothing)."""
+    fallback = F.one_hot(torch.randint(keep.shape[1], (keep.shape[0],), device=keep.device), keep.shape[1])
+    return torch.where(keep.any(dim=1, keepdim=True), keep, fallback.bool())  # (B, n)
 
 
 @dataclass

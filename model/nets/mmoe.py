@@ -17,6 +17,7 @@ from model.nets.base import (
     RequestBatch,
     SequenceLayout,
     Tower,
+    keep_at_least_one,
     layer_index,
     split_linear,
     split_weight,
@@ -63,13 +64,6 @@ class Experts(nn.Module):
         return h
 
 
-def expert_keep_mask(batch: int, n_experts: int, p: float, device: torch.device) -> Tensor:
-    """Expert dropout for gates: (B, E) bool, each expert kept with prob 1-p, never none kept."""
-    keep = torch.rand(batch, n_experts, device=device) >= p  # (B, E)
-    fallback = F.one_hot(torch.randint(n_experts, (batch,), device=device), n_experts).bool()
-    return torch.where(keep.any(dim=1, keepdim=True), keep, fallback)
-
-
 class MMoE(MultiTaskNet):
     def __init__(
         self,
@@ -94,7 +88,8 @@ class MMoE(MultiTaskNet):
         """Per-task softmax over experts, (B, E) each; expert dropout while training."""
         keep: Tensor | None = None
         if self.training and self.gate_dropout > 0:
-            keep = expert_keep_mask(x.shape[0], self.n_experts, self.gate_dropout, x.device)  # (B, E)
+            drawn = torch.rand(x.shape[0], self.n_experts, device=x.device)  # (B, E)
+            keep = keep_at_least_one(drawn >= self.gate_dropout)
         out = {}
         for t in self.tasks:
             logits = self.gates[t](x)  # (B, E)

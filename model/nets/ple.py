@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
@@ -18,6 +17,7 @@ from model.nets.base import (
     RequestBatch,
     SequenceLayout,
     Tower,
+    keep_at_least_one,
     layer_index,
     split_linear,
 )
@@ -73,9 +73,7 @@ class PLELevel(nn.Module):
         for name, gate, x, t in gates:
             logits = gate(x)  # (B, n)
             if keep is not None:
-                k = keep[:, self._columns(t)]  # (B, n)
-                fallback = F.one_hot(torch.randint(k.shape[1], (k.shape[0],), device=k.device), k.shape[1])
-                k = torch.where(k.any(dim=1, keepdim=True), k, fallback.bool())  # never drop all experts
+                k = keep_at_least_one(keep[:, self._columns(t)])  # (B, n)
                 logits = logits.masked_fill(~k, float("-inf"))
             out[name] = torch.softmax(logits, dim=-1)
         return out
