@@ -26,6 +26,7 @@ from service.api import admin_router, router
 from service.errors import install_error_handlers
 from service.metrics import MULTIPROC_ENV, Metrics, multiprocess_dir
 from service.middleware import AdmissionMiddleware, BodyLimitMiddleware
+from service.pointers import open_pointer
 from service.reload import ModelHolder
 from service.schemas import rank_request_model
 from service.settings import Settings
@@ -43,7 +44,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.torch_threads)
     store = open_store(settings)
-    holder = ModelHolder(settings, store, app.state.metrics)
+    fleet = open_pointer(settings, store)
+    holder = ModelHolder(settings, store, app.state.metrics, fleet)
     app.state.store, app.state.holder = store, holder
     log.info(
         "mtrank starting: artifacts=%s store=%s torch_threads=%d",
@@ -56,6 +58,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await holder.stop()
+        if fleet is not None:
+            await fleet.close()
         await store.close()
         app.state.holder = app.state.store = None
         app.state.metrics.close()

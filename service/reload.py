@@ -81,9 +81,9 @@ from model import (
     write_latest,
 )
 from service.metrics import Metrics
+from service.pointers import FleetPointer, RedisPointer
 from service.settings import Settings
 from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
-from service.store.redis_store import FleetPointer
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +288,35 @@ def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[None]], timeout_s: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait until they end, cancelling again while any runs on.
+
+    One ``cancel()`` is not always enough: on Python 3.11, ``asyncio.wait_for`` returns the inner
+    result and drops the cancellation when the two arrive together (CPython gh-86296), and a
+    watcher loop then carries on; awaiting it hung the shutdown."""
+    deadline = time.monotonic() + timeout_s
+    pending = [t for t in tasks if not t.done()]
+    while pending and time.monotonic() < deadline:
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=0.2)
+        pending = [t for t in pending if not t.done()]
+    for t in pending:
+        log.warning("background task %s did not stop within %.0fs", t.get_name(), timeout_s)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.warning("background task %s ended with %r", t.get_name(), t.exception())
+
+
 class ModelHolder:
-    def __init__(self, settings: Settings, store: FeatureStore, metrics: Metrics) -> None:
-        self.settings, self.store, self.metrics = settings, store, metrics
+    """The served model: loads, validates and swaps versions (``activate``), follows the pointers
+    (a watcher task: LATEST, and with ``fleet`` Redis' ``model:current`` and its announcements) and
+    serves admin reloads and rollbacks."""
+
+    def __init__(
+        self, settings: Settings, store: FeatureStore, metrics: Metrics, fleet: RedisPointer | None = None
+    ) -> None:
+        self.settings, self.store, self.metrics, self.fleet = settings, store, metrics, fleet
         self._current: ActiveModel | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -337,15 +363,11 @@ class ModelHolder:
             log.exception("initial model load failed")
         await self.check_store()
         self._tasks.append(asyncio.create_task(self._watch(), name="mtrank-model-watcher"))
-        if isinstance(self.store, RedisStore):
-            self._tasks.append(asyncio.create_task(self.store.listen(self._wake), name="mtrank-model-events"))
+        if self.fleet is not None:
+            self._tasks.append(asyncio.create_task(self.fleet.listen(self._wake), name="mtrank-model-events"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -525,8 +547,8 @@ class ModelHolder:
         decides under its lock, after any reload or rollback in progress, whether it is a no-op.
         """
         await self._changed_latest()  # updates _latest_sig and _latest_version
-        if isinstance(self.store, RedisStore):
-            answered, pointer = await self.store.read_pointer()
+        if self.fleet is not None:
+            answered, pointer = await self.fleet.read()
             if answered:
                 self._pointer = pointer
         target: tuple[str, ReloadSource, bool] | None = None
@@ -590,7 +612,7 @@ class ModelHolder:
         except Exception:
             log.exception("feature store health check failed")
             return
-        if isinstance(self.store, RedisStore):
+        if isinstance(self.store, RedisStore):  # the embedded store has no such health
             self.metrics.set_store_health(problem, self.store.present_ratio, self.store.unknown_rates())
 
     # -- admin ------------------------------------------------------------------------------------
@@ -633,7 +655,7 @@ class ModelHolder:
         LATEST rewritten here names the served version (a no-op for the watcher), and one rewritten
         by anyone else meanwhile is a newer change it acts on.
         """
-        shared = isinstance(self.store, RedisStore)  # model:current carries the decision
+        shared = self.fleet is not None  # model:current carries the decision
         if not shared and not _latest_writable(self.settings.artifacts):
             raise RollbackRefused(
                 version,
@@ -655,14 +677,14 @@ class ModelHolder:
     async def announce(self, version: str) -> bool | None:
         """Tell other replicas and workers (Redis mode): set model:current (with what LATEST names
         now) + publish. None without Redis."""
-        if not isinstance(self.store, RedisStore):
+        if self.fleet is None:
             return None
         try:
             _, named = await self._probe_latest(force=True)
         except PointerError:  # LATEST does not answer: the pointer then always wins (served_version)
             named = None
         latest = named if isinstance(named, str) else None
-        ok = await self.store.announce(version, latest)
+        ok = await self.fleet.announce(version, latest)
         if ok:
             self._pointer = FleetPointer(version, latest)
         return ok

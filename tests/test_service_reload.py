@@ -568,3 +568,30 @@ def test_an_unusable_latest_is_recorded_once_and_never_a_500(
     write_latest(artifacts_copy, v1)
     wait_for(lambda: live.get("/model").json()["version"] == v1, what="the good LATEST")
     assert rank_ok(live) == v1
+
+
+def test_stopping_background_tasks_outlasts_a_swallowed_cancellation() -> None:
+    """A task that drops one cancellation (as asyncio.wait_for can on 3.11) is cancelled again:
+    the holder's stop, and so the app's shutdown, ends instead of hanging."""
+    from service.reload import cancel_and_wait
+
+    swallowed = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            swallowed.append(True)  # carried on, like a watcher loop whose wait_for lost it
+        await asyncio.sleep(60)
+
+    async def main() -> list[asyncio.Task[None]]:
+        tasks = [asyncio.create_task(stubborn()), asyncio.create_task(asyncio.sleep(60))]
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        await cancel_and_wait(tasks, timeout_s=5.0)
+        assert time.monotonic() - t0 < 2.0
+        return tasks
+
+    tasks = asyncio.run(main())
+    assert swallowed == [True]
+    assert all(t.cancelled() for t in tasks)

@@ -142,14 +142,6 @@ def meta_key(prefix: str) -> str:
     return f"{prefix}meta"
 
 
-def pointer_key(prefix: str) -> str:
-    return f"{prefix}model:current"
-
-
-def events_channel(prefix: str) -> str:
-    return f"{prefix}model:events"
-
-
 def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -157,34 +149,6 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-@dataclass(frozen=True)
-class FleetPointer:
-    """``model:current``: the version an admin reload or rollback chose for the fleet, and what
-    ``models/LATEST`` named at that moment (``latest``; None in a pointer written as a bare version
-    id by an older release). service.reload decides with it which version every replica serves."""
-
-    version: str
-    latest: str | None
-
-    def dump(self) -> str:
-        return json.dumps({"version": self.version, "latest": self.latest})
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> FleetPointer | None:
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        text = text.strip()
-        if not text.startswith("{"):
-            return cls(text, None) if text else None  # an older release's bare version id
-        try:
-            d = json.loads(text)
-        except ValueError:
-            return None
-        if not isinstance(d, dict) or not isinstance(d.get("version"), str):
-            return None
-        latest = d.get("latest")
-        return cls(d["version"], latest if isinstance(latest, str) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +262,7 @@ EVENTS_PER_SCRIPT = 200  # events per script run: bounds how long Redis is busy 
 RedisClient = Any
 
 
-def _async_client(url: str, timeout_s: float, cluster: bool = False) -> RedisClient:
+def async_client(url: str, timeout_s: float, cluster: bool = False) -> RedisClient:
     """redis.asyncio client with explicit socket timeouts and redis-py's retries disabled; for a
     cluster, a RedisCluster client that follows the slot map (one retry: a MOVED reply or a failed
     node makes it re-read the map, e.g. after a failover)."""
@@ -372,8 +336,8 @@ class RedisStore:
         self.cluster = cluster
         self._timeout = timeout_s
         # the request path: the deadline below is the contract
-        self._fast = _async_client(url, timeout_s, cluster)
-        self._control = _async_client(url, CONTROL_TIMEOUT_S, cluster)  # meta, model pointer, pub/sub
+        self._fast = async_client(url, timeout_s, cluster)
+        self._control = async_client(url, CONTROL_TIMEOUT_S, cluster)  # meta, health
         self._buckets = 0  # the key layout's hash-tag buckets (meta key_buckets), read with the meta
         self._user_prefix = f"{prefix}{_GROUP_TAG['user']}:"
         self._video_prefix = f"{prefix}{_GROUP_TAG['video']}:"
@@ -677,56 +641,6 @@ class RedisStore:
     def unknown_rates(self) -> dict[str, float]:
         """Unknown users / videos of the last complete window of requests."""
         return dict(self._unknown.rates)
-
-    # -- model pointer ------------------------------------------------------------------------
-    async def read_pointer(self) -> tuple[bool, FleetPointer | None]:
-        """(answered, ``model:current``): (True, None) when it is unset, (False, None) when Redis
-        cannot be asked (the caller keeps what it knew)."""
-        try:
-            raw = await asyncio.wait_for(self._control.get(pointer_key(self.prefix)), CONTROL_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as e:
-            log.debug("cannot read %s: %s", pointer_key(self.prefix), e)
-            return False, None
-        return True, None if raw is None else FleetPointer.parse(raw)
-
-    async def announce(self, version: str, latest: str | None) -> bool:
-        """Set ``model:current`` to ``version`` (and what LATEST names now) and publish it; False
-        when Redis is unreachable."""
-        try:
-            async with self._control.pipeline(transaction=False) as pipe:
-                pipe.set(pointer_key(self.prefix), FleetPointer(version, latest).dump())
-                pipe.publish(events_channel(self.prefix), version)
-                await asyncio.wait_for(pipe.execute(), CONTROL_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as e:
-            log.warning("cannot announce model %s in Redis: %s", version, e)
-            return False
-        return True
-
-    async def listen(self, wake: asyncio.Event) -> None:
-        """Set ``wake`` whenever a version is published; reconnects by itself (run as a task)."""
-        delay, warned = 0.5, False
-        while True:
-            pubsub = self._control.pubsub()
-            try:
-                await asyncio.wait_for(pubsub.subscribe(events_channel(self.prefix)), CONTROL_TIMEOUT_S)
-                if warned:
-                    log.info("model pub/sub reconnected")
-                delay, warned = 0.5, False
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        wake.set()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, TimeoutError) as e:
-                if not warned:
-                    log.warning("model pub/sub unavailable (%s): retrying", e or type(e).__name__)
-                    warned = True
-            finally:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
     # -- misc ----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
