@@ -8,11 +8,9 @@ scikit-learn, list by list.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap
 
 from model.config import TaskConfig
 
@@ -219,78 +217,3 @@ def evaluate_predictions(
     if groups is not None and any(t.kind == "binary" for t in tasks):
         out[f"{prefix}ndcg@10"] = ndcg_at_k(relevance_gain(labels, tasks), combined, groups, k=10)
     return out
-
-
-@dataclass(frozen=True)
-class PairedRatio:
-    """How much larger ``after`` is than ``before`` over paired runs (same seed, one factor changed).
-
-    ``ratio`` is the geometric mean of after/before, ``low``..``high`` its bootstrap confidence
-    interval, ``frac_higher`` the share of pairs with after > before.
-    """
-
-    ratio: float
-    low: float
-    high: float
-    frac_higher: float
-    n: int
-
-
-def _paired_positive(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    if b.shape != a.shape or b.ndim != 1 or len(b) < 2:
-        raise ValueError(f"need two 1-D arrays of the same length >= 2, got {b.shape} and {a.shape}")
-    if (b <= 0).any() or (a <= 0).any() or not np.isfinite(np.r_[a, b]).all():
-        raise ValueError("paired ratios need finite positive values")
-    return b, a
-
-
-def paired_ratio(
-    before: np.ndarray, after: np.ndarray, *, confidence: float = 0.95, seed: int = 0
-) -> PairedRatio:
-    """Geometric-mean ratio of paired positive values (e.g. losses) with a BCa bootstrap interval.
-
-    A log-ratio per pair removes what the two runs of a pair share (here the seed's target
-    function, which sets how hard both are), so a small effect shows under large run-to-run spread.
-    """
-    b, a = _paired_positive(before, after)
-    logr = np.log(a / b)
-    if np.ptp(logr) < 1e-12:  # no spread: the bootstrap interval degenerates to the point
-        lo = hi = float(logr[0])
-    else:
-        ci = bootstrap(
-            (logr,), np.mean, confidence_level=confidence, method="BCa", random_state=seed
-        ).confidence_interval
-        lo, hi = float(ci.low), float(ci.high)
-    return PairedRatio(
-        float(np.exp(logr.mean())), float(np.exp(lo)), float(np.exp(hi)), float((logr > 0).mean()), len(logr)
-    )
-
-
-def paired_mean_ratio(
-    before: np.ndarray, after: np.ndarray, *, confidence: float = 0.95, seed: int = 0
-) -> PairedRatio:
-    """mean(after) / mean(before) over paired positive values, with a paired BCa bootstrap interval.
-
-    The ratio of two averaged curves, as papers plot them (e.g. Ma et al. 2018 average 200 runs per
-    curve). Unlike paired_ratio it is dominated by the worst runs, so a few failed runs move it.
-    """
-    b, a = _paired_positive(before, after)
-
-    def stat(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.asarray(y.mean(axis=axis) / x.mean(axis=axis))
-
-    if np.ptp(a / b) < 1e-12:  # every pair has the same ratio: so has every resample
-        lo = hi = float(a[0] / b[0])
-    else:
-        ci = bootstrap(
-            (b, a),
-            stat,
-            paired=True,
-            vectorized=True,
-            confidence_level=confidence,
-            method="BCa",
-            random_state=seed,
-        ).confidence_interval
-        lo, hi = float(ci.low), float(ci.high)
-    return PairedRatio(float(a.mean() / b.mean()), lo, hi, float((a > b).mean()), len(a))

@@ -2,10 +2,9 @@
 
 Reads every checkpoint manifest under ``artifacts/models`` (training history, step log, test
 metrics, expert utilisation, the fitted served combination and the heads' calibration), the saved
-``mtrank replay`` reports (``artifacts/reports/replay-*.json``) and, when present, the experiment
-results under ``artifacts/reports`` (``compare_mtl.json`` from scripts/compare_mtl.py,
-``mmoe_synthetic.json`` from scripts/mmoe_synthetic.py), and writes ``artifacts/reports/report.html``
-with its PNG figures.
+``mtrank replay`` reports (``artifacts/reports/replay-*.json``) and the sections experiment scripts
+left in ``artifacts/reports/experiments/`` (HTML + PNG, included as they are), and writes
+``artifacts/reports/report.html`` with its PNG figures.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from model.checkpoint import CheckpointError, list_versions, models_dir, read_ma
 from model.promotion import data_set_name, head_metric_keys
 
 log = logging.getLogger(__name__)
+
+EXPERIMENTS_DIR = "experiments"  # under reports/: HTML sections (and figures) the experiment scripts write
 
 
 def load_manifests(artifacts: Path) -> list[dict[str, Any]]:
@@ -144,83 +146,7 @@ def plot_test_metrics(manifests: Sequence[Mapping[str, Any]], path: Path) -> boo
     return True
 
 
-def plot_mmoe_synthetic(data: Mapping[str, Any], path: Path) -> bool:
-    """scripts/mmoe_synthetic.py results: final training MSE against task correlation (mean ±
-    standard error over seeds) and, per seed, the loss ratio against the highest correlation
-    (geometric mean with its bootstrap interval): the paper's trend is the right-hand panel. When
-    the runs carry per-step curves, a second row plots the training loss against steps averaged
-    over seeds, one line per correlation, as the paper's figures do."""
-    summary = data.get("summary", {}).get("train_mse") if isinstance(data, Mapping) else None
-    if not isinstance(summary, Mapping) or not summary.get("archs"):
-        return False
-    ps = [float(p) for p in summary["correlations"]]
-    runs = [r for r in data.get("runs", []) if isinstance(r, Mapping) and r.get("step_curve")]
-    fig, axes = plt.subplots(2 if runs else 1, 2, figsize=(9, 6.8 if runs else 3.4), squeeze=False)
-    ax, ax_r = axes[0]
-    for i, (arch, rows) in enumerate(summary["archs"].items()):
-        cells = [rows[str(p)] for p in ps]
-        ax.errorbar(
-            ps, [c["mean"] for c in cells], yerr=[c["sem"] for c in cells], marker="o", capsize=3, label=arch
-        )
-        ratios = [c["ratio_vs_top"] or {"ratio": 1.0, "low": 1.0, "high": 1.0} for c in cells]
-        mid = np.array([r["ratio"] for r in ratios])
-        err = np.array([mid - [r["low"] for r in ratios], [r["high"] for r in ratios] - mid])
-        ax_r.errorbar(np.array(ps) + 0.02 * (i - 0.5), mid, yerr=err, marker="o", capsize=3, label=arch)
-        if runs:
-            _plot_step_curves(axes[1][i], arch, [r for r in runs if r.get("arch") == arch], ps)
-    ax_r.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for a in (ax, ax_r):
-        a.invert_xaxis()
-        a.legend()
-    ax.set(
-        title=f"synthetic benchmark, {summary['n_seeds']} seeds",
-        xlabel="task correlation",
-        ylabel="train MSE",
-    )
-    ax_r.set(title=f"per-seed loss / loss at p={ps[0]:g} (95% CI)", xlabel="task correlation", ylabel="ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def _plot_step_curves(ax: Any, arch: str, runs: Sequence[Mapping[str, Any]], ps: Sequence[float]) -> None:
-    """Training loss against steps for one arch, averaged over seeds, one line per correlation."""
-    for p in ps:
-        curves = [np.asarray(r["step_curve"], dtype=float) for r in runs if float(r["p"]) == p]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        window = int(runs[0].get("step_window", 1))
-        ax.plot(np.arange(1, n + 1) * window, np.mean([c[:n] for c in curves], axis=0), label=f"p={p:g}")
-    ax.set_yscale("log")
-    ax.set(title=f"{arch}: mean over {len(runs) // max(1, len(ps))} seeds", xlabel="step", ylabel="train MSE")
-    ax.legend()
-
-
-def plot_compare(data: Mapping[str, Any], path: Path) -> bool:
-    """scripts/compare_mtl.py summary: test AUC per head, mean ± std, one bar group per arch+weighting."""
-    rows = [r for r in data.get("summary", []) if isinstance(r, dict)]
-    heads = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and "mean" in v})
-    if not rows or not heads:
-        return False
-    fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.6), squeeze=False)
-    labels = [f"{r.get('arch')}\n{r.get('weighting')}" for r in rows]
-    for ax, h in zip(axes[0], heads, strict=True):
-        mean = np.array([r[h]["mean"] if h in r else np.nan for r in rows])
-        std = np.array([r[h]["std"] if h in r else 0.0 for r in rows])
-        ax.bar(range(len(rows)), mean, yerr=std, capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
-        if np.isfinite(mean).any():  # a head with no finite AUC (e.g. one class in test) keeps auto limits
-            ax.set_ylim(max(0.0, np.nanmin(mean - std) - 0.01), np.nanmax(mean + std) + 0.005)
-        ax.set_title(f"test {h.replace('_', ' ')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -228,36 +154,6 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
-
-
-def compare_table(data: Any) -> str:
-    """scripts/compare_mtl.py results: ``summary`` rows of arch, weighting, ``<head>_auc`` mean/std/n."""
-    rows = data.get("summary", []) if isinstance(data, dict) else []
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict) and "mean" in v})
-    out = [
-        [r.get("arch"), r.get("weighting")]
-        + [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f} (n={r[k]['n']})" if k in r else "-" for k in keys]
-        for r in rows
-    ]
-    return _table(out, ["arch", "weighting", *keys]) if out else ""
-
-
-def sharing_cost_table(data: Any) -> str:
-    """scripts/mmoe_synthetic.py --single-task: two-task loss / single-task loss per arch and p."""
-    t = data.get("sharing_cost", {}).get("train_mse") if isinstance(data, dict) else None
-    if not isinstance(t, dict) or not t.get("vs_single_task"):
-        return ""
-    by_arch: dict[str, Any] = t["vs_single_task"]
-
-    def cell(c: Mapping[str, float]) -> str:
-        return f"{c['ratio']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
-
-    rows = [[p, *(cell(by_arch[a][str(p)]) for a in by_arch)] for p in t["correlations"]]
-    note = (
-        f"<p>Cost of sharing, final training MSE over {t['n_seeds']} seeds: each architecture's two-task"
-        " loss over the shared-bottom network fitted on each task alone (geometric mean, 95% CI)</p>"
-    )
-    return note + _table(rows, ["task correlation p", *by_arch])
 
 
 def models_table(manifests: Sequence[Mapping[str, Any]]) -> str:
@@ -280,7 +176,7 @@ def models_table(manifests: Sequence[Mapping[str, Any]]) -> str:
             + [_fmt(mt.get("test/ndcg@10")), mt.get("best_epoch", "-")]
         )
     labels = [f"{h.split('/')[0]} {h.split('/')[1].upper()}" for h in heads]
-    return _table(rows, ["version", "arch", "weighting", "data set", *labels, "NDCG@10", "best epoch"])
+    return html_table(rows, ["version", "arch", "weighting", "data set", *labels, "NDCG@10", "best epoch"])
 
 
 def ranking_table(manifests: Sequence[Mapping[str, Any]]) -> str:
@@ -311,7 +207,7 @@ def ranking_table(manifests: Sequence[Mapping[str, Any]]) -> str:
             ]
         )
     header = ["version", "arch", "served combination", "valid NDCG", "every weight 1", "lists", "valid ECE"]
-    return _table(rows, header) if rows else ""
+    return html_table(rows, header) if rows else ""
 
 
 def plot_reliability(m: Mapping[str, Any], path: Path) -> bool:
@@ -374,7 +270,7 @@ def replay_section(artifacts: Path) -> list[str]:
             + (f"; parity max |served - offline| {html.escape(str(par.get('max_abs_diff')))}" if par else "")
             + "</p>"
         )
-        parts.append(_table(rows, header))
+        parts.append(html_table(rows, header))
     return parts
 
 
@@ -400,30 +296,14 @@ def write_report(artifacts: str | Path, out_dir: str | Path | None = None) -> Pa
     if replay := replay_section(artifacts):
         parts += ["<h2>Served order replayed (mtrank replay)</h2>", *replay]
 
-    for name, title, plot in (
-        ("compare_mtl.json", "Architectures x task weighting (KuaiRand-Pure)", None),
-        ("mmoe_synthetic.json", "Synthetic task-correlation benchmark", plot_mmoe_synthetic),
-    ):
-        p = artifacts / "reports" / name
-        if not p.is_file():
-            continue
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("skipping %s: %s", p, e)
-            continue
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        if plot is None:
-            if isinstance(data, dict) and data.get("overrides"):
-                given = ", ".join(f"<code>{html.escape(str(o))}</code>" for o in data["overrides"])
-                parts.append(f"<p>settings over the config: {given}</p>")
-            parts.append(compare_table(data))
-            if plot_compare(data, out / "compare_mtl.png"):
-                parts.append('<img src="compare_mtl.png">')
-        else:
-            if plot(data, out / (p.stem + ".png")):
-                parts.append(f'<img src="{p.stem}.png">')
-            parts.append(sharing_cost_table(data))
+    sections = out / EXPERIMENTS_DIR
+    experiments = artifacts / "reports" / EXPERIMENTS_DIR
+    for section in sorted(experiments.glob("*.html")) if experiments.is_dir() else []:
+        parts.append(section.read_text())  # written by the experiment scripts (scripts/experiments.py)
+        figure = section.with_suffix(".png")
+        if figure.is_file() and sections != experiments:
+            sections.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(figure, sections / figure.name)
 
     parts.append("<h2>Training curves and gate utilisation</h2>")
     for m in manifests:

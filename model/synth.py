@@ -34,9 +34,8 @@ noise_std=0.1, train_fraction=0.8) -> {"log", "meta"}``
     dropped by the log join, which keeps the log's per-impression ``device``.)
     Config: ``configs/synth_youtube_mmoe.toml``.
 
-``summarize_mmoe_benchmark(runs, key="train_mse")`` reads the MMoE benchmark's runs (one per
-correlation, seed and architecture) as the paper does: per-seed paired loss ratios against the
-highest correlation, since a seed's target function sets the loss level far more than p does.
+The benchmark's summaries over seeds (paired loss ratios, the cost of sharing) are experiment code:
+``scripts/experiments.py``.
 
 ``SYNTH_KINDS`` maps a kind name ("mmoe", "youtube") to its generator for the CLI.
 """
@@ -46,17 +45,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
-from itertools import product
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-
-from model.metrics import paired_mean_ratio, paired_ratio
 
 log = logging.getLogger(__name__)
 
@@ -196,138 +191,6 @@ def make_mmoe_benchmark(
         out,
     )
     return paths
-
-
-MIN_SEEDS_FOR_VERDICT = 10
-FAILED_RUN_FACTOR = 2.0
-MMOE_BENCHMARK_ARCHS = ("shared_bottom", "mmoe")
-SINGLE_TASK = "single_task"  # the shared-bottom network trained on each task alone (a baseline)
-STEP_WINDOW = 50  # training steps averaged into one point of a loss-vs-steps curve
-
-
-def window_means(values: Sequence[float], window: int) -> list[float]:
-    """Means of consecutive ``window``-long stretches of ``values`` (the last may be shorter)."""
-    _check(window >= 1, f"window must be >= 1, got {window}")
-    v = np.asarray(values, dtype=np.float64)
-    return [float(v[i : i + window].mean()) for i in range(0, len(v), window)]
-
-
-def add_budget_losses(
-    runs: Sequence[Mapping[str, Any]], epochs: Sequence[int] = (1, 2, 5)
-) -> list[dict[str, Any]]:
-    """Copies of ``runs`` with the training loss at shorter budgets, read off each run's per-epoch
-    ``train_curve``: ``train_mse@ep{k}`` for each k in ``epochs`` (the mean loss over epoch k) and
-    ``train_mse_curve_mean`` (the mean over all epochs: the area under the training curve, where the
-    paper's loss-vs-steps figures show their gaps). Each is summarised like ``train_mse``."""
-    need, out = max(epochs, default=1), []
-    for r in runs:
-        curve = [float(v) for v in r["train_curve"]]
-        _check(len(curve) >= need, f"a run has {len(curve)} epochs, budgets ask for {need}")
-        out.append(
-            {
-                **r,
-                **{f"train_mse@ep{k}": curve[k - 1] for k in epochs},
-                "train_mse_curve_mean": float(np.mean(curve)),
-            }
-        )
-    return out
-
-
-def budget_keys(epochs: Sequence[int] = (1, 2, 5)) -> list[str]:
-    """The keys add_budget_losses adds, shortest budget first, then the final loss."""
-    return [f"train_mse@ep{k}" for k in epochs] + ["train_mse_curve_mean", "train_mse"]
-
-
-def summarize_mmoe_benchmark(runs: Sequence[Mapping[str, Any]], key: str = "train_mse") -> dict[str, Any]:
-    """Summarise runs of scripts/mmoe_synthetic.py (dicts with p, seed, arch and ``key``).
-
-    Per arch and p: mean, standard error and median of ``key``, and the paired ratio
-    (model.metrics.paired_ratio) of each p against the highest p over seeds, also as a ratio of
-    the means (model.metrics.paired_mean_ratio: the paper's averaged curves). Per p: the ratio of
-    shared-bottom's ratio to MMoE's (> 1: shared-bottom degrades more), and MMoE's loss over
-    shared-bottom's on the same seed (``mmoe_over_shared_bottom``). Per arch: the share of
-    stalled runs (loss over FAILED_RUN_FACTOR x the seed's best). ``trend_reproduced``, the
-    paper's finding at the lowest p: shared-bottom's ratio and its excess over MMoE's both above 1
-    at 95%; None below MIN_SEEDS_FOR_VERDICT seeds.
-    """
-    ps = sorted({float(r["p"]) for r in runs}, reverse=True)
-    seeds = sorted({int(r["seed"]) for r in runs})
-    val = {(r["arch"], float(r["p"]), int(r["seed"])): float(r[key]) for r in runs}
-    _check(len(ps) >= 2, f"need runs at two or more correlations, got {ps}")
-    missing = [k for k in product(MMOE_BENCHMARK_ARCHS, ps, seeds) if k not in val]
-    _check(not missing, f"incomplete grid of runs, missing (arch, p, seed) {missing[:3]}")
-    table: dict[str, Any] = {"key": key, "correlations": ps, "n_seeds": len(seeds), "archs": {}}
-    for arch in MMOE_BENCHMARK_ARCHS:
-        rows = {}
-        for p in ps:
-            v = np.array([val[(arch, p, s)] for s in seeds])
-            top = np.array([val[(arch, ps[0], s)] for s in seeds])
-            first = p == ps[0]
-            rows[str(p)] = {
-                "mean": float(v.mean()),
-                "sem": float(v.std(ddof=1) / np.sqrt(len(v))),
-                "median": float(np.median(v)),
-                "ratio_vs_top": None if first else asdict(paired_ratio(top, v)),
-                "mean_ratio_vs_top": None if first else asdict(paired_mean_ratio(top, v)),
-            }
-        table["archs"][arch] = rows
-    # trainability (the paper's 3.5): a run "stalls" when its loss is over FAILED_RUN_FACTOR x the
-    # best loss any run reached on the same seed (same target function at every p)
-    best = {s: min(val[(a, p, s)] for a in MMOE_BENCHMARK_ARCHS for p in ps) for s in seeds}
-    table["stalled_share"] = {
-        arch: float(np.mean([val[(arch, p, s)] > FAILED_RUN_FACTOR * best[s] for p in ps for s in seeds]))
-        for arch in MMOE_BENCHMARK_ARCHS
-    }
-    gap = {}
-    for p in ps[1:]:
-        sb = np.array([val[("shared_bottom", p, s)] / val[("shared_bottom", ps[0], s)] for s in seeds])
-        mm = np.array([val[("mmoe", p, s)] / val[("mmoe", ps[0], s)] for s in seeds])
-        gap[str(p)] = asdict(paired_ratio(mm, sb))  # > 1: shared-bottom degrades more than MMoE
-    table["sb_over_mmoe_degradation"] = gap
-    # the architectures side by side: MMoE's loss / shared-bottom's per seed (< 1: MMoE fits better)
-    table["mmoe_over_shared_bottom"] = {
-        str(p): asdict(
-            paired_ratio(
-                np.array([val[("shared_bottom", p, s)] for s in seeds]),
-                np.array([val[("mmoe", p, s)] for s in seeds]),
-            )
-        )
-        for p in ps
-    }
-    low = str(ps[-1])
-    sb_low = table["archs"]["shared_bottom"][low]["ratio_vs_top"]["low"]
-    table["trend_reproduced"] = (
-        None  # a bootstrap over a handful of seeds says nothing
-        if len(seeds) < MIN_SEEDS_FOR_VERDICT
-        else bool(sb_low > 1.0 and gap[low]["low"] > 1.0)
-    )
-    return table
-
-
-def sharing_cost(runs: Sequence[Mapping[str, Any]], key: str = "train_mse") -> dict[str, Any]:
-    """What training two tasks together costs, per p: for each of MMOE_BENCHMARK_ARCHS the paired
-    ratio (model.metrics.paired_ratio over seeds) of its two-task loss to the ``SINGLE_TASK`` runs'
-    (the shared-bottom network trained on each task alone, the mean of the two). Negative transfer,
-    the paper's premise, is shared-bottom's ratio rising as p falls; below 1 sharing helps."""
-    ps = sorted({float(r["p"]) for r in runs if r["arch"] == SINGLE_TASK}, reverse=True)
-    _check(bool(ps), f"no {SINGLE_TASK} runs to compare with")
-    val = {(r["arch"], float(r["p"]), int(r["seed"])): float(r[key]) for r in runs}
-    seeds = sorted({int(r["seed"]) for r in runs if r["arch"] == SINGLE_TASK})
-    _check(len(seeds) >= 2, f"need two or more seeds, got {seeds}")
-    missing = [k for k in product((*MMOE_BENCHMARK_ARCHS, SINGLE_TASK), ps, seeds) if k not in val]
-    _check(not missing, f"incomplete grid of runs, missing (arch, p, seed) {missing[:3]}")
-    out: dict[str, Any] = {"key": key, "correlations": ps, "n_seeds": len(seeds), "vs_single_task": {}}
-    for arch in MMOE_BENCHMARK_ARCHS:
-        out["vs_single_task"][arch] = {
-            str(p): asdict(
-                paired_ratio(
-                    np.array([val[(SINGLE_TASK, p, s)] for s in seeds]),
-                    np.array([val[(arch, p, s)] for s in seeds]),
-                )
-            )
-            for p in ps
-        }
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ not pull uncertainty's s_i down, take MGDA's whole weight, or drag GradNorm's me
                R_i (``gradnorm_reference``): "constant" (default, as for worst_case: r_i is then
                how far a task is from a constant predictor) or "initial", the paper's L_i(0) (r_i
                the inverse training rate), under which a rare binary label looks trained at once
-               (see worst_case) and its weight is driven down (is_like to ~0.13 of 2 on KuaiRand).
+               (see worst_case) and its weight is driven down.
 - pcgrad       Yu et al., NeurIPS 2020. Per-task gradients on the shared parameters; each g_i is
                projected off the normal plane of every g_j (random order) it conflicts with
                (g_i . g_j < 0); the projected gradients are summed. Task-specific parameters get

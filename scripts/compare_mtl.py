@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import html
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from model.config import ARCHS, WEIGHTINGS, Config, load_config  # noqa: E402
 from model.data import load_dataset  # noqa: E402
 from model.train import fit  # noqa: E402
+from scripts.experiments import compare_table, plot_compare, write_section  # noqa: E402
 
 
 def binary_heads(cfg: Config) -> list[str]:
@@ -152,7 +154,11 @@ def main() -> None:
                 a.out.write_text(json.dumps(report, indent=1))
     print()
     print(markdown(runs, heads))
-    print(f"\nwrote {a.out}")
+    given = ", ".join(f"<code>{html.escape(str(o))}</code>" for o in a.overrides or [])
+    body = (f"<p>settings over the config: {given}</p>" if given else "") + compare_table(report)
+    title = "Architectures x task weighting"
+    section = write_section(a.out.parent, "compare_mtl", title, body, lambda png: plot_compare(report, png))
+    print(f"\nwrote {a.out} and {section} (mtrank report includes it)")
 
 
 if __name__ == "__main__":

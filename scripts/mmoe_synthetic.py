@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.synth import (  # noqa: E402
+from scripts.experiments import (  # noqa: E402
     FAILED_RUN_FACTOR,
     MIN_SEEDS_FOR_VERDICT,
     MMOE_BENCHMARK_ARCHS,
@@ -46,9 +46,12 @@ from model.synth import (  # noqa: E402
     STEP_WINDOW,
     add_budget_losses,
     budget_keys,
+    plot_mmoe_synthetic,
     sharing_cost,
+    sharing_cost_table,
     summarize_mmoe_benchmark,
     window_means,
+    write_section,
 )
 
 ARCHS = MMOE_BENCHMARK_ARCHS  # ("shared_bottom", "mmoe"), the summary's order
@@ -277,8 +280,16 @@ def main() -> None:
         for k in ("train_mse", "test_mse"):
             print_sharing_cost(payload["sharing_cost"][k])
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(payload, indent=1))  # mtrank report plots it
-    print(f"\nwrote {a.out}")
+    a.out.write_text(json.dumps(payload, indent=1))
+    title = "Synthetic task-correlation benchmark"
+    section = write_section(
+        a.out.parent,
+        "mmoe_synthetic",
+        title,
+        sharing_cost_table(payload),
+        lambda png: plot_mmoe_synthetic(payload, png),
+    )
+    print(f"\nwrote {a.out} and {section} (mtrank report includes it)")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.report import plot_mmoe_synthetic
-from model.synth import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from scripts.experiments import (  # noqa: E402
     MIN_SEEDS_FOR_VERDICT,
     SINGLE_TASK,
     add_budget_losses,
     budget_keys,
+    plot_mmoe_synthetic,
     sharing_cost,
     summarize_mmoe_benchmark,
     window_means,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,14 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from model.metrics import gauc, higher_is_better, ndcg_at_k, paired_mean_ratio, paired_ratio
+from model.metrics import gauc, higher_is_better, ndcg_at_k
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.experiments import paired_mean_ratio, paired_ratio
 
 
 def _data(seed: int = 0, users: int = 40):

@@ -1,12 +1,22 @@
-import json
+import sys
 
 import pytest
-from modelkit import tiny_config
+from modelkit import ROOT, tiny_config
 
-from model.report import plot_compare, write_report
-from model.synth import SINGLE_TASK, sharing_cost
-from model.synth import summarize_mmoe_benchmark as summarize
+from model.report import write_report
 from model.train import train
+
+sys.path.insert(0, str(ROOT))
+from scripts.experiments import (  # the experiment scripts' sections, as they write them
+    SINGLE_TASK,
+    compare_table,
+    plot_compare,
+    plot_mmoe_synthetic,
+    sharing_cost,
+    sharing_cost_table,
+    write_section,
+)
+from scripts.experiments import summarize_mmoe_benchmark as summarize
 
 
 @pytest.mark.slow
@@ -32,23 +42,22 @@ def test_report_writes_html_and_figures(tmp_path):
     for r in runs:
         r["test_mse"] = r["train_mse"]
     cost = {"train_mse": sharing_cost(runs)}
-    (tmp_path / "reports" / "mmoe_synthetic.json").write_text(
-        json.dumps({"runs": runs, "summary": {"train_mse": summarize(runs)}, "sharing_cost": cost})
+    synthetic = {"runs": runs, "summary": {"train_mse": summarize(runs)}, "sharing_cost": cost}
+    compare = {
+        "summary": [
+            {"arch": "ple", "weighting": "uncertainty", "engagement_auc": {"mean": 0.7, "std": 0.01, "n": 3}}
+        ]
+    }
+    reports = tmp_path / "reports"
+    write_section(
+        reports,
+        "mmoe_synthetic",
+        "Synthetic",
+        sharing_cost_table(synthetic),
+        lambda png: plot_mmoe_synthetic(synthetic, png),
     )
-    (tmp_path / "reports" / "compare_mtl.json").write_text(
-        json.dumps(
-            {
-                "overrides": ['train.gradnorm_reference="initial"'],
-                "summary": [
-                    {
-                        "arch": "ple",
-                        "weighting": "uncertainty",
-                        "engagement_auc": {"mean": 0.7, "std": 0.01, "n": 3},
-                    }
-                ],
-            }
-        )
-    )
+    body = "<p><code>train.gradnorm_reference=&quot;initial&quot;</code></p>" + compare_table(compare)
+    write_section(reports, "compare_mtl", "Architectures", body, lambda png: plot_compare(compare, png))
     page = write_report(tmp_path)
     text = page.read_text()
     v = res.checkpoint.name
@@ -57,8 +66,8 @@ def test_report_writes_html_and_figures(tmp_path):
         f"gates_{v}.png",
         f"steps_{v}.png",
         "test_auc.png",
-        "mmoe_synthetic.png",
-        "compare_mtl.png",
+        "experiments/mmoe_synthetic.png",
+        "experiments/compare_mtl.png",
     ):
         assert f'src="{png}"' in text
         assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,6 +79,9 @@ def test_report_writes_html_and_figures(tmp_path):
         and "<td>0.0</td><td>1.50 [1.50, 1.50]</td><td>1.00 [1.00, 1.00]</td>" in text
     )
     assert "<code>train.gradnorm_reference=&quot;initial&quot;</code>" in text  # what the runs changed
+    # written elsewhere (--out), the page carries the sections' figures along
+    other = write_report(tmp_path, tmp_path / "elsewhere")
+    assert (other.parent / "experiments" / "compare_mtl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_plot_survives_a_head_without_finite_auc(tmp_path):
