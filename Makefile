@@ -63,6 +63,7 @@ bench-scale: setup
 	$(BIN)/python scripts/bench_scale.py memory --rows $(SCALE_ROWS) --artifacts $(ART)
 
 bench-ids: setup
+	$(BIN)/python scripts/bench_scale.py step --reps 5
 	$(BIN)/python scripts/bench_scale.py ids --reps 3
 
 loadtest: setup

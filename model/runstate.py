@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import Config
+from model.files import sha256_file
 
 STATE = "state.json"
 TENSORS = "tensors.safetensors"
@@ -42,12 +43,25 @@ def run_dir(artifacts: str | Path, cfg: Config, init_from: str | None = None) ->
     return Path(artifacts) / "runs" / run_id(cfg, init_from)
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """True when ``t`` is all of its storage (not a view into a larger one)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
-    """A JSON-able copy of ``obj`` with every tensor moved into ``tensors`` (keyed by its path)."""
+    """A JSON-able copy of ``obj`` with every tensor moved into ``tensors`` (keyed by its path).
+
+    Tensors are not copied (the state is written before training goes on; an embedding table's
+    Adam state is three times its size) unless safetensors needs it: a view into a larger storage,
+    or a storage already stored under another path."""
     if isinstance(obj, torch.Tensor):
-        key = path
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {_REF: key}
+        t = obj.detach().cpu().contiguous()
+        if not _owns_storage(t) or any(
+            u.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for u in tensors.values()
+        ):
+            t = t.clone()
+        tensors[path] = t
+        return {_REF: path}
     if isinstance(obj, Mapping):
         if any(not isinstance(k, str | int) for k in obj):
             raise TypeError(f"state keys must be str or int at {path}")
@@ -86,7 +100,7 @@ def save_state(folder: Path, state: Mapping[str, Any]) -> None:
     tmp_t, tmp_s = folder / f".{TENSORS}.{token}.tmp", folder / f".{STATE}.{token}.tmp"
     try:
         save_file(tensors, str(tmp_t))
-        digest = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
+        digest = sha256_file(tmp_t)  # streamed: the file can be several GB
         tmp_s.write_text(json.dumps({"tree": tree, "tensors_sha256": digest}))
         with tmp_t.open("rb") as f:
             os.fsync(f.fileno())
@@ -109,7 +123,7 @@ def load_state(folder: Path) -> dict[str, Any] | None:
         return None
     meta = json.loads(path.read_text())
     tpath = folder / f"{TENSORS}.{meta['tensors_sha256'][:12]}"
-    if hashlib.sha256(tpath.read_bytes()).hexdigest() != meta["tensors_sha256"]:
+    if sha256_file(tpath) != meta["tensors_sha256"]:
         raise ValueError(f"{tpath}: the training state's tensors do not match their digest")
     out: dict[str, Any] = unflatten(meta["tree"], load_file(str(tpath)))
     return out

@@ -359,7 +359,7 @@ def unknown_row_fill(model: MultiTaskNet, row_counts: Tensor) -> list[tuple[Tens
             n = row_counts[a + 1 : b].to(w.device)  # (V,) the feature's known values
             if row_counts[a] == 0 and n.sum() > 0:
                 rows.append(a)
-                values.append((n[:, None] * w[a + 1 : b].detach()).sum(0) / n.sum())  # (D,)
+                values.append(n @ w[a + 1 : b].detach() / n.sum())  # (V,) @ (V, D) -> (D,): no (V, D) copy
         if rows:
             out.append((w, torch.tensor(rows, device=w.device), torch.stack(values)))
     return out

@@ -3,6 +3,7 @@
     python scripts/bench_scale.py memory --rows 5000000 50000000     # `make bench-scale`
     python scripts/bench_scale.py ids --reps 3                       # `make bench-ids`
     python scripts/bench_scale.py baseline --baseline /path/to/old/checkout --seeds 3
+    python scripts/bench_scale.py step --reps 5                      # one training step in isolation
 
 - ``memory``: KuaiRand-Pure replicated to N rows (``mtrank data scale``, cached under
   artifacts/scale/N), one epoch of ``configs/kuairand_mmoe_scale.toml`` per size in a fresh process
@@ -10,6 +11,10 @@
 - ``ids``: the same KuaiRand-Pure training with the user-id table at its vocabulary (27k rows) and
   hashed to 1M / 4M / 16M rows (``hash_buckets``), sparse and dense embedding updates, one epoch per
   run, the variants interleaved per repetition; medians and the 16M / 27k ratio.
+- ``step``: one training step alone (forward, backward, the optimisers) of the shipped config's MMoE
+  on random batches of its batch size, the user-id table at 27k / 1M / 16M rows, sparse (SparseAdam)
+  and dense (Adam) updates, interleaved per repetition, one thread: what the vocabulary costs a step,
+  without the data path, the evaluation or the noise of whole runs.
 - ``baseline``: the shipped config trained by this checkout and by another (e.g. the commit before
   the streaming trainer, with its own .venv), seeds interleaved: test AUCs and samples/s.
 
@@ -204,6 +209,73 @@ def sparse_quality(args: argparse.Namespace) -> None:
         print(name, {k: f"{m:.4f} +- {sd:.4f}" for k, (m, sd) in stats.items()})
 
 
+def step_cost(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+
+    from model.config import load_config
+    from model.features import FeatureSchema, FeatureSpec
+    from model.nets import build_model
+
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / "configs" / "kuairand_mmoe.toml")
+    n_cat = sum(f.kind == "categorical" for f in cfg.data.features) - 1  # besides the user id
+    n_num = sum(f.kind == "numeric" for f in cfg.data.features)
+    B, steps, warm = cfg.train.batch_size, 30, 5
+
+    def one(rows: int, sparse: bool) -> float:
+        torch.manual_seed(0)
+        specs = [FeatureSpec("user_id", "user", "categorical", hash_buckets=rows)]
+        specs += [
+            FeatureSpec(f"c{i}", "video", "categorical", vocab=[str(j) for j in range(50)])
+            for i in range(n_cat)
+        ]
+        specs += [FeatureSpec(f"n{i}", "video", "numeric") for i in range(n_num)]
+        net = build_model(cfg.model, FeatureSchema(specs), cfg.tasks)
+        tables = [e.emb.weight for e in net.feature_embeddings()]
+        for e in net.feature_embeddings():
+            e.emb.sparse = sparse
+        rest = [p for p in net.parameters() if all(p is not t for t in tables)]
+        opts: list[torch.optim.Optimizer] = [torch.optim.Adam(rest, 1e-3)]
+        opts.append(torch.optim.SparseAdam(tables, 1e-3) if sparse else torch.optim.Adam(tables, 1e-3))
+        took = []
+        for k in range(steps):
+            users = torch.randint(1, 27_000, (B, 1))  # the same ids at every size: only the table grows
+            cats = torch.cat([users, torch.randint(0, 51, (B, n_cat))], dim=1)
+            nums = torch.randn(B, n_num)
+            t0 = time.perf_counter()
+            out = net(cats, nums)
+            loss = sum(F.binary_cross_entropy_with_logits(v, torch.rand(B).round()) for v in out.values())
+            for o in opts:
+                o.zero_grad()
+            loss.backward()  # type: ignore[union-attr]
+            for o in opts:
+                o.step()
+            if k >= warm:
+                took.append(time.perf_counter() - t0)
+        return statistics.median(took) * 1e3
+
+    variants = [(r, sp) for sp in (True, False) for r in (27_000, 1 << 20, 1 << 24) if sp or r <= 1 << 20]
+    got: dict[tuple[int, bool], list[float]] = {v: [] for v in variants}
+    for rep in range(args.reps):
+        for v in variants:
+            got[v].append(one(*v))
+        print(
+            f"rep {rep}: "
+            + ", ".join(
+                f"{r:,} {'sparse' if sp else 'dense'} {got[(r, sp)][-1]:.1f} ms" for r, sp in variants
+            ),
+            flush=True,
+        )
+    print(f"\nmedian ms per step (batch {B}, one thread):")
+    for (r, sp), ms in got.items():
+        base = statistics.median(got[(27_000, sp)])
+        print(
+            f"  {r:>12,} rows {'sparse' if sp else 'dense':>6}: {statistics.median(ms):7.1f}   x{statistics.median(ms) / base:.2f} of 27k"
+        )
+
+
 def run_baseline(other: Path, seed: int) -> dict[str, Any]:
     """The other checkout's trainer (its own API: load_dataset + fit)."""
     code = (
@@ -240,6 +312,8 @@ def main() -> None:
     b.add_argument("--seeds", type=int, default=3)
     q = sub.add_parser("sparse")
     q.add_argument("--seeds", type=int, default=3)
+    st = sub.add_parser("step")
+    st.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
     if args.cmd == "memory":
         Path(args.artifacts).mkdir(parents=True, exist_ok=True)
@@ -248,6 +322,8 @@ def main() -> None:
         ids(args)
     elif args.cmd == "sparse":
         sparse_quality(args)
+    elif args.cmd == "step":
+        step_cost(args)
     else:
         baseline(args)
 

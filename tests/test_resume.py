@@ -111,3 +111,19 @@ def test_state_files_round_trip_nested_state_without_pickle(tmp_path):
     assert "tensors_sha256" in tree  # JSON and safetensors only
     tensors: dict[str, torch.Tensor] = {}
     assert unflatten(flatten({1: torch.zeros(2)}, tensors), tensors)[1].shape == (2,)
+
+
+def test_a_state_with_views_and_shared_tensors_round_trips(tmp_path):
+    """Tensors are written without a copy, except where safetensors needs one: a view into a larger
+    storage, or the same storage under two paths."""
+    from model.runstate import load_state, save_state
+
+    big = torch.arange(12, dtype=torch.float32)
+    t = torch.randn(3, 4)
+    state = {"t": t, "again": t, "view": big[2:5], "rows": big.view(3, 4)[1], "n": 3, "pair": (1, "x")}
+    save_state(tmp_path / "run", state)
+    back = load_state(tmp_path / "run")
+    assert back is not None
+    for k in ("t", "again", "view", "rows"):
+        torch.testing.assert_close(back[k], state[k], rtol=0, atol=0)
+    assert back["n"] == 3 and back["pair"] == (1, "x")
