@@ -9,8 +9,8 @@
   artifacts/scale/N), one epoch of ``configs/kuairand_mmoe_scale.toml`` per size in a fresh process
   under ``/usr/bin/time -v``: peak RSS, data-preparation time, training samples/s, user ids.
 - ``ids``: the same KuaiRand-Pure training with the user-id table at its vocabulary (27k rows) and
-  hashed to 1M / 4M / 16M rows (``hash_buckets``), sparse and dense embedding updates, one epoch per
-  run, the variants interleaved per repetition; medians and the 16M / 27k ratio.
+  hashed to 1M / 16M rows (``hash_buckets``), sparse and dense embedding updates, ``--epochs`` per
+  run on one thread, the variants interleaved per repetition; medians and the 16M / 27k ratio.
 - ``step``: one training step alone (forward, backward, the optimisers) of the shipped config's MMoE
   on random batches of its batch size, the user-id table at 27k / 1M / 16M rows, sparse (SparseAdam)
   and dense (Adam) updates, interleaved per repetition, one thread: what the vocabulary costs a step,
@@ -153,7 +153,8 @@ def ids(args: argparse.Namespace) -> None:
     results: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for rep in range(args.reps):
         for name, v in VARIANTS.items():  # interleaved: every variant once per repetition
-            spec = {**base, "set": ["train.epochs=1", *v["set"]], "hash": v.get("hash", {})}
+            sets = [f"train.epochs={args.epochs}", "train.num_threads=1", *v["set"]]
+            spec = {**base, "set": sets, "hash": v.get("hash", {})}
             r = run(spec)
             results[name].append(r["samples_per_sec"])
             print(
@@ -307,6 +308,9 @@ def main() -> None:
     m.add_argument("--artifacts", default="artifacts")
     i = sub.add_parser("ids")
     i.add_argument("--reps", type=int, default=3)
+    i.add_argument(
+        "--epochs", type=int, default=2, help="per run (SparseAdam's state is made at the first step)"
+    )
     b = sub.add_parser("baseline")
     b.add_argument("--baseline", required=True, help="another checkout with its own .venv")
     b.add_argument("--seeds", type=int, default=3)
