@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 
 from model.config import Config
+from model.data.history import load_event_tables
 from model.data.prepare import SPLIT_NAMES, Exchange, Preparer, build_labels
 from model.data.source import DataError, LogSource
-from model.features import canonical_str, hash_column
+from model.features import SequenceSpec, canonical_str, hash_column
 from model.objective import NAMES, ListMetrics, Lists, ObjectiveError, bootstrap_ci, describe, row_gain
 
 log = logging.getLogger(__name__)
@@ -334,12 +335,61 @@ def random_scores(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng([seed, 7]).random(n)
 
 
+class HistoriesAsOf:
+    """Every user's events of each sequence, to give a replayed request the histories it would
+    have had: the events strictly before a time (the list's first impression), the latest
+    ``max_len`` of them -- what a live service holds when each impression's feedback arrives after
+    it. A store loaded from the whole log would show a test list its own and later events."""
+
+    def __init__(
+        self, cfg: Config, specs: Sequence[SequenceSpec], data_dir: str | Path | None = None
+    ) -> None:
+        self.specs = list(specs)
+        self.tables = load_event_tables(cfg.data, self.specs, data_dir, keep_all=True)
+        self.index = {name: {u: i for i, u in enumerate(t.users)} for name, t in self.tables.items()}
+
+    def at(self, user_id: str, time: float) -> dict[str, np.ndarray]:
+        """sequence -> canonical item codes (L, K), oldest first, of the events before ``time``."""
+        out: dict[str, np.ndarray] = {}
+        for q in self.specs:
+            t, i = self.tables[q.name], self.index[q.name].get(user_id)
+            if i is None:
+                out[q.name] = np.zeros((0, q.width), np.int64)
+                continue
+            a, b = int(t.offsets[i]), int(t.offsets[i + 1])
+            end = a + int(np.searchsorted(t.times[a:b], time, side="left"))  # strictly earlier
+            out[q.name] = t.codes[max(a, end - q.max_len) : end]
+        return out
+
+
+def list_times(lists: LoggedLists) -> np.ndarray | None:
+    """(L,) each list's first impression time (None: the log has no time column)."""
+    if lists.split_times is None or len(lists) == 0:
+        return None
+    row_t = lists.split_times[lists.split_rows]
+    return np.minimum.reduceat(row_t, lists.starts[:-1].astype(np.int64))
+
+
+def at_list_time(lists: LoggedLists) -> np.ndarray:
+    """(n,) the rows logged at their list's first impression time: a history as of the list's
+    time is the one offline evaluation gives such a row (events strictly before the row)."""
+    lt = list_times(lists)
+    if lt is None:
+        return np.zeros(lists.rows, dtype=bool)
+    out: np.ndarray = lists.split_times[lists.split_rows] == np.repeat(lt, np.diff(lists.starts))  # type: ignore[index]
+    return out
+
+
 def parity(
-    lists: LoggedLists, served: Mapping[str, np.ndarray], offline: Mapping[str, np.ndarray]
+    lists: LoggedLists,
+    served: Mapping[str, np.ndarray],
+    offline: Mapping[str, np.ndarray],
+    histories: bool = False,
 ) -> dict[str, Any]:
     """The largest difference per head between the served scores and offline evaluation's of the
-    same rows (those logged in their list's request context; the others were scored in it)."""
-    m = lists.same_context
+    same rows: those logged in their list's request context (the others were scored in it) and,
+    for a model with ``histories``, at their list's first impression time (``at_list_time``)."""
+    m = lists.same_context & at_list_time(lists) if histories else lists.same_context
     rows = lists.split_rows[m]
     out: dict[str, Any] = {"rows": int(m.sum()), "max_abs_diff": {}}
     for head, s in served.items():

@@ -41,8 +41,10 @@ from model.replay import (
     RANDOM,
     SERVED,
     UNFITTED,
+    HistoriesAsOf,
     LoggedLists,
     judge,
+    list_times,
     logged_lists,
     parity,
     random_scores,
@@ -80,6 +82,13 @@ async def _serve_in_process(
     holder = ModelHolder(settings, store, Metrics())
     try:
         active = await holder.activate(version, "startup")
+        specs = active.ranker.schema.sequences
+        as_of, times = None, list_times(lists)
+        if specs:  # the histories each list would have had, not the whole log's
+            if times is None:
+                raise ReplayError("a model with user histories needs the log's time column to replay")
+            cfg = active.ranker.config  # the data the store itself would build histories from
+            as_of = await asyncio.to_thread(HistoriesAsOf, cfg, specs, settings.data_dir)
         n = lists.rows
         scores = np.empty(n)
         heads = {h: np.empty(n) for h in active.heads}
@@ -88,6 +97,8 @@ async def _serve_in_process(
             req = parse_rank_request(orjson.dumps(lists.request(i)))
             plan = plan_request(req, active, settings)
             fetched = await store.fetch(plan.user_id, plan.ids, active.columns)
+            if as_of is not None and times is not None:
+                fetched.history = as_of.at(plan.user_id, float(times[i]))
             apply_inline_features(fetched.videos, plan, active.ranker.schema)
             scored = score_plan(active, fetched, plan, active.combine)
             scores[a:b] = scored.scores
@@ -253,7 +264,7 @@ def run_replay(
         logged = lists.split_times
         if times is not None and logged is not None and not np.array_equal(times, logged, equal_nan=True):
             raise ReplayError(f"the {split} split's encoded rows are not the logged rows (times differ)")
-        parity_check = parity(lists, served.heads, offline)
+        parity_check = parity(lists, served.heads, offline, histories=bool(cfg.data.sequences))
     out = report(
         lists,
         cfg,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,51 @@ def test_redis_store_refuses_a_model_whose_histories_were_not_materialized(
         assert c.get("/readyz").status_code == 503
         err = model_details(c)["last_reload_error"]["error"]
         assert "recent_long_views" in err and "materialize" in err
+
+
+# --------------------------------------------------------------------------------------------
+# mtrank replay of a history model: each list sees the histories of its own time
+
+
+@pytest.mark.slow
+def test_replay_gives_each_list_the_histories_before_it(artifacts: Path) -> None:
+    from model.replay import HistoriesAsOf, at_list_time, list_times, logged_lists
+    from service.replay import offline_heads, run_replay, serve_in_process
+
+    ckpt = load_checkpoint(resolve_checkpoint(artifacts))
+    cfg, specs = ckpt.config, ckpt.schema.sequences
+    as_of = HistoriesAsOf(cfg, specs, DATA_DIR)
+    log = log_rows()
+    users = sorted(set(log["user_id"].astype(str)))[::5]
+    for q in (0.05, 0.3, 0.9):
+        cut = int(log["time_ms"].quantile(q))
+        # the reference: a store's histories built from the log's rows strictly before the cut
+        d = Path(tempfile.mkdtemp())
+        try:
+            for name in ("user_features_pure.csv", "video_features_basic_pure.csv"):
+                shutil.copy(DATA_DIR / name, d / name)
+            log[log["time_ms"] < cut].to_csv(d / FIXTURE_LOG, index=False)
+            want = load_event_tables(cfg.data, specs, d)
+        finally:
+            shutil.rmtree(d)
+        seen = 0
+        for u in users:
+            got = as_of.at(u, float(cut))
+            for s in specs:
+                ref = want[s.name].as_dict().get(u)
+                expect = ref.codes if ref is not None else np.zeros((0, s.width), np.int64)
+                np.testing.assert_array_equal(got[s.name], expect, err_msg=f"{u} {s.name} {cut}")
+                seen += len(expect)
+        assert seen > 0
+
+    # end to end: the in-process replay scores the rows at their list's first time as offline does
+    lists = logged_lists(cfg, "test")
+    version = resolve_checkpoint(artifacts).name
+    served = serve_in_process(service_settings(artifacts), version, lists)
+    offline, _ = offline_heads(artifacts, version, cfg, "test")
+    m = lists.same_context & at_list_time(lists)
+    assert m.sum() > 100 and list_times(lists) is not None
+    for head, s in served.heads.items():
+        assert np.abs(s[m] - offline[head][lists.split_rows[m]]).max() < 1e-5, head
+    out = run_replay(artifacts=artifacts, resamples=50, max_lists=200)
+    assert out["parity"]["rows"] > 0 and max(out["parity"]["max_abs_diff"].values()) < 1e-5

@@ -265,10 +265,16 @@ def _histories(
 
 
 def load_event_tables(
-    data: DataConfig, specs: Sequence[SequenceSpec], data_dir: str | Path | None = None
+    data: DataConfig,
+    specs: Sequence[SequenceSpec],
+    data_dir: str | Path | None = None,
+    *,
+    keep_all: bool = False,
 ) -> dict[str, EventTable]:
-    """Per sequence, every user's latest events in the log (see the module doc). ``data_dir``
-    overrides the config's for the log and the videos table. DataError when they cannot be read."""
+    """Per sequence, every user's latest events in the log (see the module doc); with ``keep_all``
+    every event, not only the latest ``max_len`` (histories as of any time, for a replay).
+    ``data_dir`` overrides the config's for the log and the videos table. DataError when they
+    cannot be read."""
     if not specs:
         return {}
     if data_dir is not None:
@@ -283,7 +289,7 @@ def load_event_tables(
     items = _ItemColumns(table, [c for s in specs for c in s.items])
     labels = [c for s in specs for c in s.labels]
     cols = list(dict.fromkeys([data.user_key, data.time_column, *labels, *items.log_columns()]))
-    acc = {s.name: _Accumulator(s) for s in specs}
+    acc = {s.name: _Accumulator(s, None if keep_all else s.max_len) for s in specs}
     for df in _log_batches(source, cols):
         users = hash_column(df[data.user_key])
         times = row_times(df[data.time_column])
@@ -304,10 +310,10 @@ def _log_batches(source: LogSource, columns: Sequence[str]) -> Iterator[pd.DataF
 
 
 class _Accumulator:
-    """Events of one sequence, compacted to each user's latest ``max_len`` as they come."""
+    """Events of one sequence, compacted to each user's latest ``cap`` (None: all) as they come."""
 
-    def __init__(self, spec: SequenceSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: SequenceSpec, cap: int | None) -> None:
+        self.spec, self.cap = spec, cap
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending = 0
         self.names: dict[int, str] = {}
@@ -319,7 +325,7 @@ class _Accumulator:
         self.parts.append((users, times, codes))
         self.pending += len(users)
         self.read += len(users)
-        if self.pending > COMPACT_EVENTS:
+        if self.cap is not None and self.pending > COMPACT_EVENTS:  # uncapped: once, at the end
             self._compact()
 
     def _compact(self) -> None:
@@ -332,11 +338,14 @@ class _Accumulator:
         u, t, c = u[order], t[order], c[order]
         keep = first_of_each_event(u, t, c)
         u, t, c = u[keep], t[keep], c[keep]
+        if self.cap is None:
+            self.parts, self.pending = [(u, t, c)], 0
+            return
         # the latest max_len per user: position from each user's end
         starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, np.int64)
         ends = np.r_[starts[1:], len(u)]
         from_end = np.repeat(ends, np.diff(np.r_[starts, len(u)])) - np.arange(len(u))
-        last = from_end <= self.spec.max_len
+        last = from_end <= self.cap
         self.parts = [(u[last], t[last], c[last])]
         self.pending = int(last.sum())
 
