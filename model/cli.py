@@ -583,7 +583,7 @@ def register(app: typer.Typer) -> None:
         ("tune", tune_cmd),
     ):
         app.command(name)(_clean_errors(cmd))
-    data = typer.Typer(help="data utilities", no_args_is_help=True)
+    data = typer.Typer(help="data utilities", no_args_is_help=True, rich_markup_mode=None)
     data.command("synth")(_clean_errors(synth_cmd))
     data.command("scale")(_clean_errors(scale_cmd))
     app.add_typer(data, name="data")

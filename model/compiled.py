@@ -15,10 +15,10 @@ requests of several sizes (random valid feature indices, random numerics) and re
 whose raw outputs differ by more than ``ATOL + RTOL * |eager|``. ``Ranker.compile`` catches any
 failure here and keeps the eager forward (model.scoring).
 
-Why ONNX Runtime and not ``torch.compile``: on this project's MMoE both ran the request graph faster
-than eager (docs/performance.md), but the ONNX graph builds in about a second where ``torch.compile``
-took 30+ s (each worker process builds its own, at start and at every hot reload), and ONNX Runtime
-was faster below 500 candidates. The tracing exporter (``dynamo=False``) is used because it builds
+Why ONNX Runtime and not ``torch.compile``: both run the request graph faster than eager, but the
+ONNX graph builds in about a second where ``torch.compile`` takes tens of seconds, and each worker
+process builds its own at start and at every hot reload (figures: docs/performance.md). The
+tracing exporter (``dynamo=False``) is used because it builds
 in 0.3 s against 4-7 s for the dynamo exporter on the same graph; it is deprecated in torch 2.x:
 should a later torch drop it, the export fails, is logged, and the eager forward serves.
 """

@@ -241,7 +241,7 @@ class ModelConfig:
     # position / selection bias (Zhao et al. RecSys 2019): a shallow tower on these categorical log
     # columns (never served) whose logit is added to the bias_tasks' logits in training only
     bias_features: list[str] = field(default_factory=list)
-    bias_tasks: list[str] = field(default_factory=lambda: ["engagement"])
+    bias_tasks: list[str] = field(default_factory=list)  # empty: the first task
     bias_dims: list[int] = field(default_factory=lambda: [16])
     bias_dropout: float = 0.1  # fraction of training rows whose bias features are set to "unknown"
 
@@ -391,7 +391,7 @@ class Config:
             raise ConfigError("model: the conditioned arch needs bottom_dims (its shared trunk)")
         if m.bias_features:
             unknown = sorted(set(m.bias_tasks) - set(names))
-            if unknown or not m.bias_tasks:
+            if unknown:
                 raise ConfigError(f"model.bias_tasks must name configured tasks, got {m.bias_tasks!r}")
             if len(set(m.bias_features)) != len(m.bias_features):
                 raise ConfigError(f"model.bias_features has duplicates: {m.bias_features!r}")

@@ -1,4 +1,4 @@
-"""Offline ranking metrics: AUC, GAUC, logloss, RMSE/MAE and per-list NDCG@k; paired run ratios.
+"""Offline ranking metrics: AUC, GAUC, logloss, RMSE/MAE and per-list NDCG@k.
 
 AUC, GAUC and NDCG are computed with sorts and segment sums over numpy arrays (tens of millions of
 rows in a few seconds and a few bytes per row), not through DataFrames; tests check them against

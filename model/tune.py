@@ -135,7 +135,7 @@ def suggest(trial: optuna.Trial, cfg: Config, params: Collection[str] | None = N
         c.train.weight_decay = trial.suggest_float("weight_decay", 1e-8, 1e-4, log=True)
     if "embed_weight_decay" in names:
         c.train.embed_weight_decay = trial.suggest_float("embed_weight_decay", 1e-5, 1e-2, log=True)
-    if "embed_batch_l2" in names:  # around the 0.01-0.06 that suits KuaiRand-Pure (docs/results.md)
+    if "embed_batch_l2" in names:
         c.train.embed_batch_l2 = trial.suggest_float("embed_batch_l2", 1e-3, 3e-1, log=True)
     if "embed_dim" in names:
         c.model.embed_dim = trial.suggest_categorical("embed_dim", [8, 16, 32])

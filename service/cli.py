@@ -10,7 +10,11 @@ from pydantic import ValidationError
 
 from model.cli import register, setup_logging
 
-app = typer.Typer(help="mtrank: multi-task ranking — train, evaluate, serve.", no_args_is_help=True)
+app = typer.Typer(
+    help="mtrank: multi-task ranking — train, evaluate, serve.",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # help texts are plain: "[objective]" names a config table, not a style
+)
 register(app)
 
 

@@ -480,6 +480,12 @@ def test_bias_config_is_validated():
         cfg.__post_init__()
 
 
+def test_bias_tasks_default_to_the_first_configured_task():
+    tasks = [TaskConfig("clicked", "binary", "long_view"), TaskConfig("liked", "binary", "is_like")]
+    net = build_model(_model_cfg("mmoe", bias_features=["position", "device"]), _schema(True), tasks)
+    assert net.bias_tower is not None and net.bias_tower.tasks == ["clicked"]
+
+
 @pytest.mark.slow
 def test_bias_tower_learns_position_bias_on_synthetic_log(tmp_path):
     """The YouTube-like log's click logit falls with ln(position): the learned bias logit must too."""

@@ -112,3 +112,11 @@ def test_a_checkpoint_trained_with_a_relative_data_dir_loads_from_any_directory(
         assert client.get("/readyz").json()["model_version"] == read_latest(tmp_path / "artifacts")
         r = client.post("/rank", json={"user_id": 0, "candidates": [10, 11], "context": {"tab": 1}})
         assert r.status_code == 200 and r.json()["unknown_user"] is False
+
+
+@pytest.mark.parametrize(("command", "names"), [("train", "[promotion]"), ("replay", "[objective]")])
+def test_help_texts_keep_the_config_tables_they_name(command: str, names: str) -> None:
+    """Help is plain text: a config table in brackets is not swallowed as a style tag."""
+    out = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert names in out.output

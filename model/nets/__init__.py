@@ -94,7 +94,7 @@ def build_model(cfg: ModelConfig, schema: FeatureSchema, tasks: Sequence[TaskCon
             [f.cardinality for f in schema.bias],
             cfg.embed_dim,
             cfg.bias_dims,
-            cfg.bias_tasks,
+            cfg.bias_tasks or [tasks[0].name],
             cfg.bias_dropout,
         )
     return net
