@@ -159,9 +159,12 @@ def train_cmd(
         def progress(kind: str, info: Mapping[str, Any]) -> None:
             if kind == "data":
                 rows = {k: info[f"{k}_rows"] for k in ("train", "valid", "test")}
+                unused = int(info.get("rows_unused", 0))
                 bar.console.print(
                     f"data: train={rows['train']} valid={rows['valid']} test={rows['test']} rows"
-                    f" ({info.get('duplicates_dropped', 0)} duplicates dropped)"
+                    f" ({info.get('duplicates_dropped', 0)} duplicates dropped"
+                    + (f", {unused} rows outside the splits" if unused else "")
+                    + ")"
                 )
             elif kind == "step" and (info["step"] % 10 == 0 or info["step"] == info["steps"]):
                 bar.update(

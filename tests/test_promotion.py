@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,9 @@ def test_cli_train_reports_a_refusal_and_models_shows_data_set_and_objective(tmp
     cfg, art = tiny_toml(tmp_path), str(tmp_path / "art")
     first = runner.invoke(cli, ["train", "--config", cfg, "--artifacts", art])
     assert first.exit_code == 0, first.output
+    assert re.search(r"data: train=\d+ valid=\d+ test=\d+ rows \(\d+ duplicates dropped\)", first.output)
+    assert re.search(r"epoch 1/1 \([\d.]+s training\): \{'train/loss': [\d.]+", first.output), first.output
+    assert "'valid/loss': " in first.output
     # the same config on the log's first 20000 rows: another test split, so LATEST is kept
     other = tmp_path / "other.toml"
     other.write_text(Path(cfg).read_text().replace("[data]\n", "[data]\nmax_rows = 20000\n", 1))
