@@ -389,15 +389,14 @@ def sweep(
 
 
 def best_rate(points: list[dict[str, Any]], shed_share: float = 0.0) -> float:
-    """The highest offered rate with p99 <= SLO, no errors and at most ``shed_share`` shed."""
-    return max(
-        (
-            p["offered_rps"]
-            for p in points
-            if p["p99_ms"] <= SLO_P99_MS and p["errors"] == 0 and p["shed"] <= shed_share * p["sent"]
-        ),
-        default=0.0,
-    )
+    """The highest offered rate below which every rate tried held p99 <= SLO with no errors and at
+    most ``shed_share`` shed (a rate that passes above a failing one does not count)."""
+    best = 0.0
+    for p in sorted(points, key=lambda p: p["offered_rps"]):
+        if p["p99_ms"] > SLO_P99_MS or p["errors"] > 0 or p["shed"] > shed_share * p["sent"]:
+            break
+        best = p["offered_rps"]
+    return best
 
 
 # --------------------------------------------------------------------------------------------

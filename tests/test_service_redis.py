@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,3 +337,59 @@ def test_an_unreadable_latest_does_not_stop_the_redis_pointer(
         assert info["version"] == v0 and info["source"] == "redis"
         assert info["last_reload_error"]["version"] == "LATEST"
         assert c.post("/rank", json=REQUEST).json()["model_version"] == v0
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` bind-mounted read-only onto itself (as compose mounts the artifacts): root too
+    gets EROFS there, which a chmod would not give it."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root")
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True, capture_output=True)
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("x")
+        yield
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+ADMIN = {"Authorization": "Bearer rollback-token"}
+
+
+@pytest.mark.slow
+def test_an_admin_rollback_of_read_only_artifacts(
+    two_versions: tuple[Path, str, str], redis_url: str, redis_prefix: str
+) -> None:
+    """Without Redis LATEST is the only record every worker follows: a rollback that cannot write
+    it is refused (409) and nothing changes. With Redis the rollback is recorded in model:current
+    (with the LATEST it was made against) and a new replica serves it; LATEST stays."""
+    artifacts, v0, v1 = two_versions
+    assert materialize(artifacts, redis_url, redis_prefix).exit_code == 0
+    with read_only(models_dir(artifacts)):
+        with TestClient(create_app(service_settings(artifacts, admin_token="rollback-token"))) as c:
+            r = c.post("/admin/rollback", json={"version": v0}, headers=ADMIN)
+            assert r.status_code == 409, r.text
+            assert "not writable" in r.json()["error"]["message"]
+            assert c.post("/rank", json=REQUEST).json()["model_version"] == v1
+
+        s = redis_settings(artifacts, redis_url, redis_prefix, admin_token="rollback-token")
+        with TestClient(create_app(s)) as a:
+            r = a.post("/admin/rollback", json={"version": v0}, headers=ADMIN)
+            assert r.status_code == 200, r.text
+            assert {k: r.json()[k] for k in ("version", "latest_updated", "announced")} == {
+                "version": v0,
+                "latest_updated": False,
+                "announced": True,
+            }
+            with TestClient(create_app(s)) as b:  # a replica started after the rollback
+                assert b.post("/rank", json=REQUEST).json()["model_version"] == v0
+        assert read_latest(artifacts) == v1
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert json.loads(client.get(redis_prefix + "model:current")) == {"version": v0, "latest": v1}
+    finally:
+        client.close()

@@ -4,6 +4,8 @@ on its own and converging on one version), and admission control (a fast 503 whe
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+from modelkit import service_settings
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import read_latest
+from service.app import create_app
 from service.middleware import AdmissionMiddleware
 
 REQUEST = {"user_id": 1, "candidates": list(range(10, 310)), "context": {"tab": 1, "hour": 8}}
@@ -128,3 +133,40 @@ def test_admission_control_sheds_while_the_oldest_request_in_flight_is_too_old()
         assert len(entered) == 3 and guarded.in_flight == 0
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# the tail: small requests scored inline, the heap frozen after every model switch
+
+
+def test_small_requests_are_scored_inline_and_large_ones_in_the_forward_threads(artifacts_copy: Path) -> None:
+    settings = service_settings(artifacts_copy, forward_in_thread=True, inline_max_candidates=128)
+    with TestClient(create_app(settings)) as c:
+        holder = c.app.state.holder
+
+        def where(n: int) -> str:
+            return str(c.portal.call(holder.run_scoring, n, lambda: threading.current_thread().name))
+
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
+        assert where(1) == where(128) == loop_thread
+        assert where(129).startswith("mtrank-forward") and where(500).startswith("mtrank-forward")
+        for n in (100, 300):  # and both paths answer /rank alike
+            body = {**REQUEST, "candidates": REQUEST["candidates"][:n]}
+            assert c.post("/rank", json=body).status_code == 200
+
+
+def test_the_heap_is_frozen_after_every_model_switch(artifacts_copy: Path, train_tiny: Any) -> None:
+    """The loaded app's objects leave the collector's generations (a full collection walked them
+    all with the event loop stopped): at start-up and again after a reload to a new version."""
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(service_settings(artifacts_copy))) as c:
+            assert gc.get_freeze_count() > 10_000
+            gc.unfreeze()
+            assert gc.get_freeze_count() == 0
+            v1 = train_tiny(artifacts_copy, seed=4)
+            c.portal.call(c.app.state.holder.check)  # one watcher round: LATEST moved
+            assert c.post("/rank", json=REQUEST).json()["model_version"] == v1
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
