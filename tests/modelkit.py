@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,14 @@ def served_score(heads: Mapping[str, float], method: str, weights: Mapping[str, 
     if method == "product":
         return float(np.prod([heads[h] ** w for h, w in weights.items()]))
     return float(sum(w * heads[h] for h, w in weights.items()))
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def metric(client: Any, name: str, **labels: str) -> float:

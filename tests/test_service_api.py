@@ -17,8 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from modelkit import default_row_heads, model_details, served_default, served_score, service_settings
-from prometheus_client.parser import text_string_to_metric_families
+from modelkit import default_row_heads, metric, model_details, served_default, served_score, service_settings
 
 from model import Ranker, read_latest, resolve_checkpoint, write_latest
 from model.checkpoint import models_dir
@@ -40,15 +39,6 @@ def settings_for(artifacts: Path, **overrides: Any) -> Settings:
 def client(trained_artifacts: Path) -> Iterator[TestClient]:
     with TestClient(create_app(settings_for(trained_artifacts)), raise_server_exceptions=False) as c:
         yield c
-
-
-def metric(client: TestClient, name: str, **labels: str) -> float:
-    text = client.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"metric {name}{labels} not exposed")
 
 
 def rank(client: TestClient, **body: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from conftest import ServiceProcess
 from fastapi.testclient import TestClient
-from modelkit import ROOT, metric, service_settings
+from modelkit import ROOT, metric, service_settings, wait_for
 
 from model import read_latest, write_latest
 from model.checkpoint import LATEST, WEIGHTS, models_dir
@@ -29,13 +29,6 @@ TOKEN = "hardening-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NORMAL = {"user_id": 1, "candidates": list(range(10, 60)), "context": {"tab": 1, "hour": 8}}
 Serve = Callable[..., ServiceProcess]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def serve_env(artifacts: Path, **extra: str) -> dict[str, str]:

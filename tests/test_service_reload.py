@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from modelkit import model_details
+from modelkit import model_details, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import load_checkpoint, read_latest, write_latest
@@ -52,13 +52,6 @@ def reload_errors(client: TestClient) -> float:
             if s.name == "mtrank_model_reload_total" and s.labels.get("result") == "error":
                 return float(s.value)
     raise AssertionError("mtrank_model_reload_total not exposed")
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def copy_version(artifacts: Path, source: str, new: str) -> Path:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from modelkit import service_settings
+from modelkit import service_settings, wait_for
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,13 +26,6 @@ REQUEST = {"user_id": 1, "candidates": list(range(10, 310)), "context": {"tab": 
 def samples(url: str, name: str) -> list[Any]:
     text = httpx.get(url + "/metrics", timeout=10).text
     return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def served_by_workers(url: str) -> dict[str, str]:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 import redis
 from conftest import RedisServer, delete_keys
 from fastapi.testclient import TestClient
-from modelkit import metric, model_details, service_settings
+from modelkit import metric, model_details, service_settings, wait_for
 from typer.testing import CliRunner
 
 from service.app import create_app
@@ -48,13 +47,6 @@ def served(artifacts: Path, url: str, prefix: str, **overrides: Any) -> Iterator
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def rank(client: TestClient, body: dict[str, Any] = BODY) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def test_a_wiped_prefix_is_degraded_and_not_ready_until_materialised_again(
 
         with caplog.at_level(logging.ERROR, logger="service"):
             assert delete_keys(redis_url, redis_prefix) > 0  # what FLUSHALL does to this prefix
-            wait_for(lambda: client.get("/readyz").status_code == 503, "/readyz to fail")
+            wait_for(lambda: client.get("/readyz").status_code == 503, what="/readyz to fail")
         ready = client.get("/readyz").json()["error"]["message"]
         assert "meta_missing" in ready and redis_prefix not in ready  # what to do: /admin/model
         assert "mtrank materialize" in model_details(client)["feature_store"]["health"]["detail"]
@@ -107,7 +99,7 @@ def test_a_wiped_prefix_is_degraded_and_not_ready_until_materialised_again(
         assert metric(client, "mtrank_feature_store_problem", problem="meta_missing") == 1
 
         materialize(trained_artifacts, redis_url, redis_prefix)
-        wait_for(lambda: client.get("/readyz").status_code == 200, "/readyz to recover")
+        wait_for(lambda: client.get("/readyz").status_code == 200, what="/readyz to recover")
         out = rank(client)
         assert out["degraded"] is False and out["degraded_reason"] is None
         assert metric(client, "mtrank_feature_store_problem", problem="meta_missing") == 0
@@ -128,7 +120,7 @@ def test_most_keys_evicted_is_degraded_and_not_ready(
                 r.unlink(*gone[i : i + 1000])
         finally:
             r.close()
-        wait_for(lambda: client.get("/readyz").status_code == 503, "/readyz to fail")
+        wait_for(lambda: client.get("/readyz").status_code == 503, what="/readyz to fail")
         assert "evicted" in client.get("/readyz").json()["error"]["message"]
         out = rank(client)
         assert out["degraded"] is True and out["degraded_reason"] == "evicted"
@@ -145,7 +137,7 @@ def test_an_empty_restart_of_redis_is_noticed(trained_artifacts: Path, redis_ser
         assert client.get("/readyz").status_code == 200
         redis_server.kill()
         redis_server.start()  # no persistence: it comes back empty
-        wait_for(lambda: client.get("/readyz").status_code == 503, "/readyz to fail")
+        wait_for(lambda: client.get("/readyz").status_code == 503, what="/readyz to fail")
         out = rank(client)
         assert out["degraded"] is True and out["degraded_reason"] == "meta_missing"
 
@@ -160,7 +152,7 @@ def test_an_unknown_rate_far_above_the_expected_marks_responses_degraded(
         outs = [rank(client, unknown) for _ in range(5)]
         assert [o["degraded"] for o in outs] == [False] * 3 + [True] * 2  # judged when a window is full
         assert outs[-1]["degraded_reason"] == "unknown_rate"
-        wait_for(lambda: metric(client, "mtrank_unknown_rate", group="video") == 1.0, "the gauge")
+        wait_for(lambda: metric(client, "mtrank_unknown_rate", group="video") == 1.0, what="the gauge")
         assert client.get("/readyz").status_code == 200  # traffic-based: degraded, still ready
         outs = [rank(client) for _ in range(5)]  # known users and videos again
         assert outs[-1]["degraded"] is False and outs[-1]["degraded_reason"] is None
