@@ -232,6 +232,13 @@ def test_param_depths_and_layer_lr_decay(arch):
         assert lr_of[id(p)] == pytest.approx(0.005 * 0.5 ** depths[name]), name
 
 
+def test_a_parameter_without_a_declared_depth_is_an_error():
+    net = build_model(_model_cfg("mmoe"), _schema(), TASKS)
+    net.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match="no depth declared for parameter 'extra'"):
+        net.param_depths()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_embed_weight_decay_applies_to_the_embedding_tables_only(arch):
     net = build_model(_model_cfg(arch), _schema(), TASKS)

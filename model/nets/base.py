@@ -3,7 +3,6 @@ tower, and ``MultiTaskNet``, the interface the multi-task machinery uses (see ``
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -402,21 +401,25 @@ class MultiTaskNet(nn.Module):
             self.bias_tower.out.reset_parameters()
 
     def param_depths(self) -> dict[str, int]:
-        """Layers between each parameter and the output: 0 for towers / heads / the bias tower,
-        growing towards the input, the embeddings deepest (layer-wise learning-rate decay)."""
+        """Layers between each parameter and the output (layer-wise learning-rate decay): 0 for
+        towers / heads / the bias tower, the depth its architecture declares (``layer_depths``)
+        for the others, the embeddings deepest."""
+        declared = {id(p): d for d, params in self.layer_depths() for p in params}
         out = {}
-        for name, _ in self.named_parameters():
-            top = name.split(".", 1)[0]
-            out[name] = 0 if top in ("towers", "head", "task_emb", "bias_tower") else self._depth(name)
+        for name, p in self.named_parameters():
+            if id(p) in declared:
+                out[name] = declared[id(p)]
+            elif name.split(".", 1)[0] in ("towers", "head", "task_emb", "bias_tower"):
+                out[name] = 0
+            else:
+                raise ValueError(f"{type(self).__name__}: no depth declared for parameter {name!r}")
         return out
 
-    def _depth(self, name: str) -> int:
+    def layer_depths(self) -> list[tuple[int, list[nn.Parameter]]]:
+        """(depth, parameters) of every layer below the heads, counted from the output."""
         raise NotImplementedError
 
 
-def layer_index(name: str, pattern: str) -> int:
-    """The integer captured by ``pattern`` in a parameter name (e.g. 'bottom\\.(\\d+)\\.')."""
-    m = re.search(pattern, name)
-    if m is None:
-        raise ValueError(f"unexpected parameter name {name!r}")
-    return int(m.group(1))
+def linear_layers(seq: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of an ``mlp`` stack, input first."""
+    return [m for m in seq.modules() if isinstance(m, nn.Linear)]

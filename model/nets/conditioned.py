@@ -18,7 +18,6 @@ from model.nets.base import (
     RequestBatch,
     SequenceLayout,
     Tower,
-    layer_index,
     split_linear,
 )
 
@@ -121,7 +120,9 @@ class Conditioned(MultiTaskNet):
         if self.bias_tower is not None:
             self.bias_tower.out.reset_parameters()
 
-    def _depth(self, name: str) -> int:
-        if name.startswith("embed."):
-            return len(self.trunk) + 1
-        return len(self.trunk) - layer_index(name, r"^(?:trunk|film)\.(\d+)\.")
+    def layer_depths(self) -> list[tuple[int, list[nn.Parameter]]]:
+        n = len(self.trunk)
+        out = [(n + 1, [*self.embed.parameters()])]
+        out += [(n - i, [*layer.parameters()]) for i, layer in enumerate(self.trunk)]
+        out += [(n - i, [*layer.parameters()]) for i, layer in enumerate(self.film)]
+        return out

@@ -18,7 +18,6 @@ from model.nets.base import (
     SequenceLayout,
     Tower,
     keep_at_least_one,
-    layer_index,
     split_linear,
     split_weight,
 )
@@ -40,6 +39,10 @@ class Experts(nn.Module):
             in_dim = d
         self.dropout = nn.Dropout(dropout)
         self.out_dim = in_dim
+
+    def layer_depths(self, top: int) -> list[tuple[int, list[nn.Parameter]]]:
+        """Layer k (0 = first) is ``top - k`` layers from the output."""
+        return [(top - k, [w, b]) for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True))]
 
     def forward(self, x: Tensor) -> Tensor:
         h: Tensor = torch.einsum("bd,edh->beh", x, self.weights[0]) + self.biases[0]  # (B, E, H1)
@@ -134,9 +137,10 @@ class MMoE(MultiTaskNet):
     def last_shared_parameters(self) -> list[Tensor]:
         return [self.experts.weights[-1]] if self.n_layers else [self.embed.emb.weight]
 
-    def _depth(self, name: str) -> int:
-        if name.startswith("embed."):
-            return self.n_layers + 1
-        if name.startswith("gates."):
-            return 1
-        return self.n_layers - layer_index(name, r"^experts\.(?:weights|biases)\.(\d+)$")
+    def layer_depths(self) -> list[tuple[int, list[nn.Parameter]]]:
+        n = self.n_layers
+        return [
+            (n + 1, [*self.embed.parameters()]),
+            (1, [*self.gates.parameters()]),
+            *self.experts.layer_depths(n),
+        ]

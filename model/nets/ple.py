@@ -18,7 +18,6 @@ from model.nets.base import (
     SequenceLayout,
     Tower,
     keep_at_least_one,
-    layer_index,
     split_linear,
 )
 from model.nets.mmoe import Experts
@@ -210,12 +209,15 @@ class PLE(MultiTaskNet):
         last = self.level_list[-1].shared_experts
         return [last.weights[-1]] if self.n_layers else [self.embed.emb.weight]
 
-    def _depth(self, name: str) -> int:
-        n_levels = len(self.levels)
-        if name.startswith("embed."):
-            return n_levels * self.n_layers + 1
-        level = layer_index(name, r"^levels\.(\d+)\.")
-        below = (n_levels - 1 - level) * self.n_layers  # layers of the levels above this one
-        if ".gates." in name or ".shared_gate." in name:
-            return below + 1
-        return below + self.n_layers - layer_index(name, r"\.(?:weights|biases)\.(\d+)$")
+    def layer_depths(self) -> list[tuple[int, list[nn.Parameter]]]:
+        n_levels, n = len(self.levels), self.n_layers
+        out = [(n_levels * n + 1, [*self.embed.parameters()])]
+        for k, level in enumerate(self.level_list):
+            below = (n_levels - 1 - k) * n  # layers of the levels above this one
+            gates = [*level.gates.parameters()]
+            gates += [*level.shared_gate.parameters()] if level.shared_gate is not None else []
+            out.append((below + 1, gates))
+            for experts in [*level.task_experts.values(), level.shared_experts]:
+                assert isinstance(experts, Experts)
+                out += experts.layer_depths(below + n)
+        return out

@@ -15,7 +15,7 @@ from model.nets.base import (
     RequestBatch,
     SequenceLayout,
     Tower,
-    layer_index,
+    linear_layers,
     mlp,
     split_linear,
 )
@@ -63,7 +63,9 @@ class SeparateTowers(MultiTaskNet):
         # nothing is shared, so the whole per-task network is the "tower" soft sharing ties together
         return {t: nn.ModuleList([self.embed[t], self.bottom[t], self.towers[t]]) for t in self.tasks}
 
-    def _depth(self, name: str) -> int:
-        if name.startswith("embed."):
-            return self.n_bottom + 1
-        return self.n_bottom - layer_index(name, r"^bottom\.[^.]+\.(\d+)\.") // 3
+    def layer_depths(self) -> list[tuple[int, list[nn.Parameter]]]:
+        n = self.n_bottom
+        out = [(n + 1, [*self.embed.parameters()])]
+        for bottom in self.bottom.values():
+            out += [(n - i, [*layer.parameters()]) for i, layer in enumerate(linear_layers(bottom))]
+        return out

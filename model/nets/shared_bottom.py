@@ -14,7 +14,7 @@ from model.nets.base import (
     RequestBatch,
     SequenceLayout,
     Tower,
-    layer_index,
+    linear_layers,
     mlp,
     split_linear,
 )
@@ -56,7 +56,8 @@ class SharedBottom(MultiTaskNet):
         linears = [m for m in self.bottom if isinstance(m, nn.Linear)]
         return [linears[-1].weight] if linears else [self.embed.emb.weight]
 
-    def _depth(self, name: str) -> int:
-        if name.startswith("embed."):
-            return self.n_bottom + 1
-        return self.n_bottom - layer_index(name, r"^bottom\.(\d+)\.") // 3
+    def layer_depths(self) -> list[tuple[int, list[nn.Parameter]]]:
+        n = self.n_bottom
+        out = [(n + 1, [*self.embed.parameters()])]
+        out += [(n - i, [*layer.parameters()]) for i, layer in enumerate(linear_layers(self.bottom))]
+        return out
