@@ -141,3 +141,13 @@ def test_forward_request_equals_forward_on_the_broadcast_request(arch, extra, mo
         fast = net.forward_request(r)
     for t in full:
         torch.testing.assert_close(fast[t], full[t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", ["mmoe", "ple", "shared_bottom", "separate", "conditioned"])
+def test_each_architectures_docstring_example_runs(module: str) -> None:
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"model.nets.{module}")
+    result = doctest.testmod(mod, raise_on_error=False, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0, result

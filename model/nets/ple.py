@@ -1,6 +1,19 @@
 """``PLE``: Progressive Layered Extraction (Tang et al. RecSys 2020): levels of shared +
 task-specific experts; a task's gate mixes its own and the shared experts, a shared gate mixes
-all of them for the next level."""
+all of them for the next level.
+
+Example: two categorical columns (10 and 20 embedding rows) and one numeric column, two tasks.
+
+    >>> import torch
+    >>> from model.config import ModelConfig
+    >>> from model.nets.ple import PLE
+    >>> cfg = ModelConfig(arch="ple", embed_dim=4, ple_levels=2, n_shared_experts=2, n_task_experts=1,
+    ...     expert_dims=[8], tower_dims=[4])
+    >>> net = PLE(cfg, cards=[10, 20], n_nums=1, tasks=["click", "like"])
+    >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
+    >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
+    {'click': (3,), 'like': (3,)}
+"""
 
 from __future__ import annotations
 
