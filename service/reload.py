@@ -83,7 +83,7 @@ from model import (
 from service.metrics import Metrics
 from service.pointers import FleetPointer, RedisPointer
 from service.settings import Settings
-from service.store import ColumnMap, FeatureStore, RedisStore, StoreError
+from service.store import ColumnMap, FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -612,8 +612,9 @@ class ModelHolder:
         except Exception:
             log.exception("feature store health check failed")
             return
-        if isinstance(self.store, RedisStore):  # the embedded store has no such health
-            self.metrics.set_store_health(problem, self.store.present_ratio, self.store.unknown_rates())
+        gauges = self.store.health_gauges()
+        if gauges is not None:  # the embedded store has no such health
+            self.metrics.set_store_health(problem, *gauges)
 
     # -- admin ------------------------------------------------------------------------------------
     async def reload_latest(self) -> tuple[ActiveModel, ActiveModel | None]:

@@ -266,6 +266,11 @@ class FeatureStore(Protocol):
         """Look for data a wipe or an eviction took away (off the request path); sets ``problem``."""
         ...
 
+    def health_gauges(self) -> tuple[float | None, dict[str, float]] | None:
+        """(share of the sampled entity keys present at the last check, unknown-id rate per group
+        over the last window) for the metrics; None for a store that has no such health."""
+        ...
+
     async def append_events(self, events: Sequence[Event]) -> EventsResult:
         """Append feedback to the user histories the store keeps (idempotent by event id): the next
         ``fetch`` sees it. StoreError when the store cannot record them now (nothing was lost:

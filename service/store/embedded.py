@@ -269,6 +269,9 @@ class EmbeddedStore:
     async def check_health(self) -> str | None:
         return None
 
+    def health_gauges(self) -> None:
+        return None  # in-process tables are never wiped or evicted
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -9,9 +9,9 @@ Keys (``P`` = the prefix, default ``mtrank:``)::
     P e:<event id>      an event id seen by ``POST /events`` (expires after ``event_id_ttl_s``)
     P meta              JSON: format, column layout (names per group), model version, counts, the
                         histories held (name -> labels, items, max_len)
-    P model:current     JSON {"version", "latest"}: the version the fleet serves, set by /admin/reload
-                        and /admin/rollback, and what models/LATEST named then (service.reload)
-    P model:events      pub/sub channel: a version id is published when model:current changes
+
+The fleet's model pointer (``P model:current``, channel ``P model:events``) lives in
+``service.pointers``.
 
 ``materialize`` writes them (pipelined MSET in chunks; the layout comes from the model's feature
 schema; histories from the log, ZADD per user). The request path reads the user and every
@@ -641,6 +641,9 @@ class RedisStore:
     def unknown_rates(self) -> dict[str, float]:
         """Unknown users / videos of the last complete window of requests."""
         return dict(self._unknown.rates)
+
+    def health_gauges(self) -> tuple[float | None, dict[str, float]]:
+        return self.present_ratio, self.unknown_rates()
 
     # -- misc ----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
