@@ -50,6 +50,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import gc
 import logging
 import math
 import os
@@ -64,6 +66,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,6 +120,16 @@ def task_losses(out: Mapping[str, Tensor], labels: Tensor, tasks: list[TaskConfi
 def observed_tasks(labels: Tensor) -> Tensor:
     """(T,) bool: the tasks with at least one observed label in ``labels`` (B, T)."""
     return (~torch.isnan(labels)).any(dim=0).cpu()
+
+
+def return_freed_memory() -> None:
+    """Hand memory the data passes or an epoch freed back to the OS: Python's unreachable cycles,
+    pyarrow's pool and glibc's malloc arenas, which otherwise keep freed blocks for reuse, so the
+    process would stay at the passes' peak through training and evaluation."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only; elsewhere nothing to call
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @dataclass
@@ -908,6 +921,7 @@ def fit(
     model.eval()
     if impute:
         info["unknown_rows_imputed"] = impute_unknown_rows(model, row_counts)
+    return_freed_memory()  # the epochs' stream buffers: the test split's scores need the room
     metrics: dict[str, Any] = stopper.metrics()
     metrics.update(
         evaluate_split(
@@ -966,6 +980,7 @@ def train(
         if replica.distributed:  # this rank's fragments: i % world == rank
             mine = {s.fragment for s in prepared.shards if s.fragment % replica.world == replica.rank}
         ds = sharded(prepared, mine)
+        return_freed_memory()  # the data passes' working memory, before the model is built
         log.info("data prepared in %.1fs", time.perf_counter() - t0)
         if progress is not None and replica.rank == 0:
             progress("data", dict(prepared.fingerprint))
