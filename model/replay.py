@@ -352,13 +352,13 @@ class HistoriesAsOf:
         """sequence -> canonical item codes (L, K), oldest first, of the events before ``time``."""
         out: dict[str, np.ndarray] = {}
         for q in self.specs:
-            t, i = self.tables[q.name], self.index[q.name].get(user_id)
+            i = self.index[q.name].get(user_id)
             if i is None:
                 out[q.name] = np.zeros((0, q.width), np.int64)
                 continue
-            a, b = int(t.offsets[i]), int(t.offsets[i + 1])
-            end = a + int(np.searchsorted(t.times[a:b], time, side="left"))  # strictly earlier
-            out[q.name] = t.codes[max(a, end - q.max_len) : end]
+            h = self.tables[q.name].history(i)
+            end = int(np.searchsorted(h.times, time, side="left"))  # strictly earlier
+            out[q.name] = h.codes[max(0, end - q.max_len) : end]
         return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -356,7 +355,7 @@ def test_redis_store_refuses_a_model_whose_histories_were_not_materialized(
 
 
 @pytest.mark.slow
-def test_replay_gives_each_list_the_histories_before_it(artifacts: Path) -> None:
+def test_replay_gives_each_list_the_histories_before_it(artifacts: Path, tmp_path: Path) -> None:
     from model.replay import HistoriesAsOf, at_list_time, list_times, logged_lists
     from service.replay import offline_heads, run_replay, serve_in_process
 
@@ -368,14 +367,12 @@ def test_replay_gives_each_list_the_histories_before_it(artifacts: Path) -> None
     for q in (0.05, 0.3, 0.9):
         cut = int(log["time_ms"].quantile(q))
         # the reference: a store's histories built from the log's rows strictly before the cut
-        d = Path(tempfile.mkdtemp())
-        try:
-            for name in ("user_features_pure.csv", "video_features_basic_pure.csv"):
-                shutil.copy(DATA_DIR / name, d / name)
-            log[log["time_ms"] < cut].to_csv(d / FIXTURE_LOG, index=False)
-            want = load_event_tables(cfg.data, specs, d)
-        finally:
-            shutil.rmtree(d)
+        d = tmp_path / f"before-{q}"
+        d.mkdir()
+        for name in ("user_features_pure.csv", "video_features_basic_pure.csv"):
+            shutil.copy(DATA_DIR / name, d / name)
+        log[log["time_ms"] < cut].to_csv(d / FIXTURE_LOG, index=False)
+        want = load_event_tables(cfg.data, specs, d)
         seen = 0
         for u in users:
             got = as_of.at(u, float(cut))
