@@ -34,10 +34,8 @@ allocated; it is materialised only once it fits.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import errno
-import functools
 import hashlib
 import hmac
 import json
@@ -49,19 +47,27 @@ import secrets
 import shutil
 import stat
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from model.config import DATA_DIR_ENV, Config, ConfigError
+from model.config import (
+    DATA_DIR_ENV,
+    Config,
+    ConfigError,
+    MMoEConfig,
+    PLEConfig,
+    describe_error,
+    is_malformed,
+)
 from model.features import FeatureError, FeatureSchema, schema_from_arrays, schema_to_arrays
 from model.files import sha256_file
 from model.nets import MultiTaskNet, build_model
@@ -86,6 +92,9 @@ STALE_TEMP_AGE_S = 3600.0  # a temp folder or file this old is a crash's leftove
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 log = logging.getLogger(__name__)
+
+
+ENTRY = ConfigDict(strict=True)  # manifest entries: JSON types checked, unknown keys ignored
 
 
 class CheckpointError(Exception):
@@ -489,30 +498,32 @@ class Checkpoint:
 # a trainer's history or step log, are free-form.
 
 
-@dataclass
+@pydantic_dataclass(config=ENTRY)
 class _TensorEntry:
     shape: list[int]
     dtype: str
 
 
-@dataclass
+@pydantic_dataclass(config=ENTRY)
 class _WeightsEntry:
     sha256: str
     tensors: dict[str, _TensorEntry]
     file: str = WEIGHTS
 
 
-@dataclass
+@pydantic_dataclass(config=ENTRY)
 class _FileEntry:
     sha256: str
     bytes: int | None = None
 
 
-@dataclass
+@pydantic_dataclass(config=ENTRY)
 class _ManifestEntry:
+    """The manifest's JSON types (its config is checked by ``Config.from_dict``, its values later)."""
+
     format_version: int
     version: str
-    config: Config
+    config: dict[str, Any]
     feature_schema: FeatureSchema
     weights: _WeightsEntry
     created_at: str = ""
@@ -523,111 +534,18 @@ class _ManifestEntry:
     signature: str | None = None
 
 
-_JSON_TYPES: dict[type, str] = {
-    dict: "object",
-    list: "list",
-    str: "string",
-    bool: "boolean",
-    int: "integer",
-    float: "number",
-    type(None): "null",
-}
+_MANIFEST_TYPES: TypeAdapter[_ManifestEntry] = TypeAdapter(_ManifestEntry)
 
 
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _fits_scalar(value: Any, tp: type) -> bool:
-    if tp is float:  # an int is a number too (a TOML config may say weight = 1)
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp) or origin is dict:
-        return "object"
-    if origin in (list, tuple):
-        return "list"
-    if origin is Literal:
-        names = [_JSON_TYPES.get(type(a), type(a).__name__) for a in args]
-    elif origin in (Union, types.UnionType):
-        names = [_describe(a) for a in args]
-    else:
-        names = [_JSON_TYPES.get(tp, getattr(tp, "__name__", str(tp)))]
-    return " or ".join(dict.fromkeys(names))
-
-
-def _mismatch(where: str, tp: Any, value: Any) -> str:
-    got = _JSON_TYPES.get(type(value), type(value).__name__)
-    if not isinstance(value, dict | list):
-        r = repr(value)
-        got += f" {r if len(r) <= 40 else r[:37] + '...'}"
-    return f"{where}: expected {_describe(tp)}, got {got}"
-
-
-def _type_error(value: Any, tp: Any, where: str) -> str | None:
-    """Why the parsed JSON ``value`` does not fit the annotation ``tp``; None when it does.
-
-    Checks JSON types only (plus the required keys of a dataclass): which strings a ``Literal``
-    allows and every other value rule are the constructors' checks (an unknown arch may be a newer
-    build's: an incompatible rather than a corrupt manifest). Unknown annotations pass.
-    """
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            return _mismatch(where, tp, value)
-        required = [
-            f.name
-            for f in dataclasses.fields(tp)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        for key in required:
-            if key not in value:
-                return f"{where}: missing key {key!r}"
-        hints = _field_types(tp)
-        for key, item in value.items():  # unknown keys: the constructors' (clearer) error
-            if key in hints and (err := _type_error(item, hints[key], f"{where}.{key}")):
-                return err
-        return None
-    if origin in (Union, types.UnionType):
-        errors = [_type_error(value, a, where) for a in args]
-        if None in errors:
-            return None
-        # an arm that fits at this level but not inside (a list with a bad item, a list of the wrong
-        # length) says more than "expected X or Y"
-        deeper = [e for e, a in zip(errors, args, strict=True) if e and e != _mismatch(where, a, value)]
-        return deeper[0] if deeper else _mismatch(where, tp, value)
-    if origin is Literal:
-        fits = any(_fits_scalar(value, type(a)) for a in args)
-        return None if fits else _mismatch(where, tp, value)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            return _mismatch(where, tp, value)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                return f"{where}: expected a list of {len(args)} items, got {len(value)}"
-            item_types = list(args)
-        else:
-            item_types = [args[0] if args else Any] * len(value)
-        for i, (item, item_tp) in enumerate(zip(value, item_types, strict=True)):
-            if err := _type_error(item, item_tp, f"{where}[{i}]"):
-                return err
-        return None
-    if origin is dict:
-        if not isinstance(value, dict):
-            return _mismatch(where, tp, value)
-        value_tp = args[1] if len(args) == 2 else Any
-        for key, item in value.items():
-            if err := _type_error(item, value_tp, f"{where}[{key!r}]"):
-                return err
-        return None
-    if tp in _JSON_TYPES:
-        return None if _fits_scalar(value, tp) else _mismatch(where, tp, value)
+def _type_error(text: str) -> str | None:
+    """Why the manifest's JSON does not fit its types; None when it does. Types only: which strings
+    are allowed and every other value rule are the constructors' checks (an unknown arch may be a
+    newer build's: an incompatible rather than a corrupt manifest)."""
+    try:
+        _MANIFEST_TYPES.validate_json(text, strict=True)
+    except ValidationError as e:
+        shape = [err for err in e.errors(include_url=False) if is_malformed(err)]
+        return describe_error(shape[0]) if shape else None
     return None
 
 
@@ -670,9 +588,9 @@ def read_manifest(path: Path, key: bytes | str | None = None) -> dict[str, Any]:
     for k in ("version", "config", "feature_schema", "weights"):
         if k not in manifest:
             raise CorruptCheckpointError(f"{mpath}: missing key {k!r}")
-    err = _type_error(manifest, _ManifestEntry, "manifest")
+    err = _type_error(text)
     if err:
-        raise CorruptCheckpointError(f"{mpath}: {err.removeprefix('manifest.')}")
+        raise CorruptCheckpointError(f"{mpath}: {err}")
     if not is_version_id(manifest["version"]):
         raise CorruptCheckpointError(f"{mpath}: version {manifest['version']!r} is not a model version id")
     return manifest
@@ -686,7 +604,7 @@ _VALUE_ERRORS = (TypeError, ValueError, KeyError, IndexError, OverflowError, Run
 def _parse_parts(path: Path, manifest: dict[str, Any]) -> tuple[Config, FeatureSchema]:
     """The manifest's config and fitted feature schema, their values validated."""
     try:
-        config = Config.from_dict(manifest["config"])
+        config = Config.from_dict(manifest["config"], legacy=True)
         if VOCAB in (manifest.get(FILES) or {}):  # the large vocabularies (listed, so digest-checked)
             try:
                 arrays = load_numpy(str(path / VOCAB))
@@ -695,7 +613,11 @@ def _parse_parts(path: Path, manifest: dict[str, Any]) -> tuple[Config, FeatureS
             schema = schema_from_arrays(manifest["feature_schema"], arrays)
         else:
             schema = FeatureSchema.from_dict(manifest["feature_schema"])
-    except (ConfigError, FeatureError) as e:
+    except ConfigError as e:
+        if e.malformed:
+            raise CorruptCheckpointError(f"{path}: manifest config malformed: config.{e}") from e
+        raise IncompatibleCheckpointError(f"{path}: manifest config/schema unusable: {e}") from e
+    except FeatureError as e:
         raise IncompatibleCheckpointError(f"{path}: manifest config/schema unusable: {e}") from e
     except _VALUE_ERRORS as e:
         raise CorruptCheckpointError(f"{path}: manifest config/schema malformed: {_first_line(e)}") from e
@@ -742,12 +664,12 @@ def _loop_units(config: Config) -> tuple[str, int]:
     """(name, lower bound on the parameter count) from the model counts that drive Python loops
     while a network is built (one module or init call per unit, even on the meta device): every
     unit owns at least one gate output per task, so the weights file must hold as many numbers."""
-    m, n_tasks = config.model, len(config.tasks)
-    if m.arch == "mmoe":
-        return "model.n_experts", n_tasks * max(m.n_experts, 0)
-    if m.arch == "ple":
+    m, n_tasks = config.model.net, len(config.tasks)
+    if isinstance(m, MMoEConfig):
+        return "model.mmoe.n_experts", n_tasks * max(m.n_experts, 0)
+    if isinstance(m, PLEConfig):
         per_level = max(m.n_task_experts, 0) + max(m.n_shared_experts, 0)
-        return "model.ple_levels x experts per gate", n_tasks * max(m.ple_levels, 0) * per_level
+        return "model.ple.levels x experts per gate", n_tasks * max(m.levels, 0) * per_level
     return "", 0
 
 

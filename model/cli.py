@@ -34,7 +34,7 @@ from model.checkpoint import (
     resolve_checkpoint,
     write_latest,
 )
-from model.config import ConfigError, load_config
+from model.config import ConfigError, load_config, weighting_name
 from model.data import DataError, load_dataset, prepare_data
 from model.data.loader import sharded
 from model.features import FeatureError
@@ -269,7 +269,7 @@ def model_rows(artifacts: Path) -> list[dict[str, Any]]:
                 "arch": str(cfg.get("model", {}).get("arch", "?")),
                 "heads": [str(t["name"]) for t in tasks],
                 "data_set": data_set_name(cfg, m.get("data_fingerprint") or {}),
-                "objective": str(mt.get("weighting") or train.get("weighting", "static")),
+                "objective": str(mt.get("weighting") or weighting_name(train)),
                 "monitor": mt.get("monitor") or train.get("monitor"),
                 "best_monitor": _num(mt.get("best_monitor")),
                 "test_metrics": {k: _num(mt.get(key)) for k, key in head_metric_keys(tasks).items()},

@@ -1,24 +1,36 @@
-"""Dataclass configs for data, tasks, model and training, loaded from one TOML file.
+"""Configs for data, tasks, model and training, loaded from one TOML file.
 
 A config file has the sections ``[data]``, ``[[data.features]]``, ``[[tasks]]``, ``[model]``,
-``[train]``, ``[objective]`` and ``[promotion]``; see ``configs/*.toml``. Unknown keys are errors (a
-typo must not silently fall back to a default).
+``[train]``, ``[objective]`` and ``[promotion]``; see ``configs/*.toml``. The parts that only some
+choices have sit in their own table, a discriminated union: the architecture's keys in
+``[model.<arch>]`` (``[model.mmoe] n_experts = 8``), a task weighting's in
+``[train.weighting.<kind>]`` (``[train.weighting.gradnorm] alpha = 1.5``; ``weighting = "mgda"``
+for a scheme without keys). The classes are pydantic dataclasses: types are checked strictly (a
+string is not a number, 4.0 is not an integer), unknown keys are errors (a typo must not silently
+fall back to a default), and ``Config.check`` holds the rules that span fields.
+
+The configs stored in older checkpoints had every key flat in ``[model]`` and ``[train]``;
+``Config.from_dict(d, legacy=True)`` (the checkpoint reader) moves them to their tables.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 Arch = Literal["separate", "shared_bottom", "mmoe", "ple", "conditioned"]
 TaskKind = Literal["binary", "regression"]
 Conditioning = Literal["concat", "add", "film"]
-Weighting = Literal["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"]
+WeightingKind = Literal["static", "uncertainty", "mgda", "worst_case", "gradnorm", "pcgrad"]
 
 ARCHS: tuple[str, ...] = ("separate", "shared_bottom", "mmoe", "ple", "conditioned")
 CONDITIONINGS: tuple[str, ...] = ("concat", "add", "film")
@@ -27,12 +39,21 @@ LossReference = Literal["constant", "initial"]
 
 DATA_DIR_ENV = "MTRANK_DATA_DIR"
 
+# strict types, unknown keys refused; dicts are validated in JSON mode (objects for dataclasses,
+# arrays for tuples)
+PART = ConfigDict(extra="forbid", strict=True)
+
 
 class ConfigError(ValueError):
-    """A config file or section that cannot be used."""
+    """A config file or section that cannot be used. ``malformed``: a value of the wrong JSON type
+    or shape, or a required key missing (rather than a value this build does not accept)."""
+
+    def __init__(self, message: str, *, malformed: bool = False) -> None:
+        super().__init__(message)
+        self.malformed = malformed
 
 
-@dataclass
+@dataclass(config=PART)
 class FeatureDecl:
     """A feature as declared in the config (before vocabularies / statistics are fitted)."""
 
@@ -49,7 +70,7 @@ Pooling = Literal["attention", "mean"]
 POOLINGS: tuple[str, ...] = ("attention", "mean")
 
 
-@dataclass
+@dataclass(config=PART)
 class SequenceDecl:
     """A user behaviour history feature (``[[data.sequences]]``): each row's user's last ``max_len``
     events before the row's time, an event being a log row whose ``label`` column(s) are > 0 (e.g.
@@ -73,7 +94,7 @@ SPLITS: tuple[str, ...] = ("time", "random", "column")
 COLUMN_TYPES: tuple[str, ...] = ("string", "int64", "float64", "bool")
 
 
-@dataclass
+@dataclass(config=PART)
 class DataConfig:
     source: Literal["kuairand", "tables"] = "kuairand"
     data_dir: str = "../shared/data/kuairand-pure"  # overridden by $MTRANK_DATA_DIR
@@ -203,7 +224,7 @@ class DataConfig:
                 )
 
 
-@dataclass
+@dataclass(config=PART)
 class TaskConfig:
     """One head. ``label`` is a column, or a list of columns whose logical OR is the label."""
 
@@ -217,27 +238,88 @@ class TaskConfig:
     mask_by: str | None = None  # label observed only where this column is non-zero
 
 
-@dataclass
-class ModelConfig:
-    """The network. Every field added after the first release has a default, so the configs stored
-    in older checkpoints still load (and build the same network)."""
+# --- [model]: the architecture's own keys in [model.<arch>] ---------------------------------------
 
-    arch: Arch = "mmoe"
-    embed_dim: int = 16
-    bottom_dims: list[int] = field(default_factory=lambda: [256, 128])  # shared_bottom/separate/conditioned
+
+@dataclass(config=PART)
+class SharedBottomConfig:
+    """``[model.shared_bottom]``: shared embeddings + shared bottom MLP, one tower per task."""
+
+    arch: Literal["shared_bottom"] = "shared_bottom"
+    bottom_dims: list[int] = field(default_factory=lambda: [256, 128])
+
+
+@dataclass(config=PART)
+class SeparateConfig:
+    """``[model.separate]``: one full network per task, nothing shared."""
+
+    arch: Literal["separate"] = "separate"
+    bottom_dims: list[int] = field(default_factory=lambda: [256, 128])
+
+
+@dataclass(config=PART)
+class MMoEConfig:
+    """``[model.mmoe]``: ``n_experts`` expert MLPs mixed by one softmax gate per task."""
+
+    arch: Literal["mmoe"] = "mmoe"
     n_experts: int = 4
-    expert_dims: list[int] = field(default_factory=lambda: [128, 64])  # mmoe, ple (every level)
-    tower_dims: list[int] = field(default_factory=lambda: [64])
-    dropout: float = 0.1
-    gate_dropout: float = 0.0  # mmoe / ple: drop whole experts from a gate while training (Zhao et al.)
-    # ple (Tang et al. RecSys 2020): levels of (shared experts + per-task experts) with gates
-    ple_levels: int = 2
+    expert_dims: list[int] = field(default_factory=lambda: [128, 64])
+    gate_dropout: float = 0.0  # drop whole experts from a gate while training (Zhao et al.)
+
+    def __post_init__(self) -> None:
+        if self.n_experts < 1 or not 0.0 <= self.gate_dropout < 1.0:
+            raise ConfigError("model.mmoe: n_experts must be >= 1 and gate_dropout in [0, 1)")
+
+
+@dataclass(config=PART)
+class PLEConfig:
+    """``[model.ple]`` (Tang et al. RecSys 2020): ``levels`` of shared + per-task experts with gates."""
+
+    arch: Literal["ple"] = "ple"
+    levels: int = 2
     n_shared_experts: int = 2
     n_task_experts: int = 1
-    # conditioned: one trunk (bottom_dims) + one head shared by all tasks, told the task by a learned
-    # task embedding z_t: concatenated to the input, added to the input, or FiLM on every trunk layer
+    expert_dims: list[int] = field(default_factory=lambda: [128, 64])  # every level
+    gate_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.levels, self.n_shared_experts, self.n_task_experts) < 1:
+            raise ConfigError("model.ple: levels, n_shared_experts and n_task_experts must be >= 1")
+        if not 0.0 <= self.gate_dropout < 1.0:
+            raise ConfigError("model.ple: gate_dropout must be in [0, 1)")
+
+
+@dataclass(config=PART)
+class ConditionedConfig:
+    """``[model.conditioned]``: one trunk (``bottom_dims``) + one head shared by all tasks, told the
+    task by a learned task embedding z_t: concatenated to the input, added to the input, or FiLM on
+    every trunk layer."""
+
+    arch: Literal["conditioned"] = "conditioned"
+    bottom_dims: list[int] = field(default_factory=lambda: [256, 128])
     conditioning: Conditioning = "concat"
     task_embed_dim: int = 16  # concat / film ("add" uses the input width)
+
+    def __post_init__(self) -> None:
+        if not self.bottom_dims:
+            raise ConfigError("model.conditioned: bottom_dims (its shared trunk) must not be empty")
+
+
+NetConfig = Annotated[
+    SharedBottomConfig | SeparateConfig | MMoEConfig | PLEConfig | ConditionedConfig,
+    Field(discriminator="arch"),
+]
+
+
+@dataclass(config=PART)
+class ModelConfig:
+    """The network: ``net`` is the architecture and its own keys (``[model.<arch>]``); the rest is
+    common to every architecture."""
+
+    net: NetConfig = field(default_factory=MMoEConfig)
+    embed_dim: int = 16
+    tower_dims: list[int] = field(default_factory=lambda: [64])
+    dropout: float = 0.1
     # position / selection bias (Zhao et al. RecSys 2019): a shallow tower on these categorical log
     # columns (never served) whose logit is added to the bias_tasks' logits in training only
     bias_features: list[str] = field(default_factory=list)
@@ -245,8 +327,64 @@ class ModelConfig:
     bias_dims: list[int] = field(default_factory=lambda: [16])
     bias_dropout: float = 0.1  # fraction of training rows whose bias features are set to "unknown"
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.bias_dropout < 1.0:
+            raise ConfigError("model.bias_dropout must be in [0, 1)")
+        if len(set(self.bias_features)) != len(self.bias_features):
+            raise ConfigError(f"model.bias_features has duplicates: {self.bias_features!r}")
 
-@dataclass
+    @property
+    def arch(self) -> str:
+        return self.net.arch
+
+    def net_args(self) -> dict[str, Any]:
+        """The architecture's own keys as keyword arguments of its network (``model.nets``)."""
+        return {k: v for k, v in asdict(self.net).items() if k != "arch"}
+
+
+# --- [train.weighting]: a scheme's own keys in [train.weighting.<kind>] ----------------------------
+
+
+@dataclass(config=PART)
+class PlainWeighting:
+    """A task weighting without keys of its own (``train.weighting = "mgda"``)."""
+
+    kind: Literal["static", "uncertainty", "mgda", "pcgrad"] = "static"
+
+
+@dataclass(config=PART)
+class WorstCaseConfig:
+    """``[train.weighting.worst_case]``: minimise a smooth max of L_i / R_i."""
+
+    kind: Literal["worst_case"] = "worst_case"
+    temperature: float = 0.1  # smooth max (log-sum-exp); 0 = hard max
+    # R_i: "constant" = the best constant predictor's loss on the training labels; "initial" = L_i(0)
+    reference: LossReference = "constant"
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ConfigError("train.weighting.worst_case: temperature must be >= 0")
+
+
+@dataclass(config=PART)
+class GradNormConfig:
+    """``[train.weighting.gradnorm]`` (Chen et al. 2018)."""
+
+    kind: Literal["gradnorm"] = "gradnorm"
+    alpha: float = 1.5  # asymmetry
+    lr: float = 0.01  # Adam learning rate of the task weights
+    # r_i = L_i / R_i, the same two choices as worst_case ("initial" = the paper's L_i(0))
+    reference: LossReference = "constant"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError("train.weighting.gradnorm: lr must be > 0")
+
+
+WeightingConfig = Annotated[PlainWeighting | WorstCaseConfig | GradNormConfig, Field(discriminator="kind")]
+
+
+@dataclass(config=PART)
 class TrainConfig:
     epochs: int = 8
     batch_size: int = 1024
@@ -268,15 +406,8 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch default
     eval_batch_size: int = 8192
     log_every: int = 10  # steps between step-log records (loss, task losses, task weights); 0 = off
-    # task weighting (model.weighting); tasks[].weight is used by "static" only
-    weighting: Weighting = "static"
-    worst_case_temperature: float = 0.1  # smooth max (log-sum-exp) of L_i / R_i; 0 = hard max
-    # R_i: "constant" = the best constant predictor's loss on the training labels; "initial" = L_i(0)
-    worst_case_reference: LossReference = "constant"
-    gradnorm_alpha: float = 1.5  # GradNorm asymmetry
-    gradnorm_lr: float = 0.01  # Adam learning rate of the GradNorm task weights
-    # GradNorm's r_i = L_i / R_i, the same two choices ("initial" = the paper's L_i(0))
-    gradnorm_reference: LossReference = "constant"
+    # task weighting (model.weighting): "static" uses tasks[].weight; [train.weighting.<kind>]
+    weighting: WeightingConfig = field(default_factory=PlainWeighting)
     # soft parameter sharing: tower_l2 * sum over task pairs of ||theta_a - theta_b||^2 (towers)
     tower_l2: float = 0.0
     # fine-tuning (mostly with `mtrank train --init-from`)
@@ -297,7 +428,7 @@ class TrainConfig:
     save_state: bool = True  # write the resumable training state after every epoch (with artifacts)
 
 
-@dataclass
+@dataclass(config=PART)
 class PromotionConfig:
     """``[promotion]``: the gate a newly trained version passes before it becomes LATEST
     (``model.promotion``; ``mtrank train --force`` skips it)."""
@@ -314,17 +445,13 @@ class PromotionConfig:
     def __post_init__(self) -> None:
         if not (self.max_regression >= 0):
             raise ConfigError(f"promotion.max_regression must be >= 0, got {self.max_regression}")
-        if self.different_split not in ("refuse", "promote"):
-            raise ConfigError(
-                f'promotion.different_split must be "refuse" or "promote", got {self.different_split!r}'
-            )
 
 
 Fit = Literal["auto", "product", "sum", "off"]
 FITS: tuple[str, ...] = ("auto", "product", "sum", "off")
 
 
-@dataclass
+@dataclass(config=PART)
 class ObjectiveConfig:
     """``[objective]``: what a good ranking is (``model.objective``). After training, the served
     combination of the heads is fitted on the validation split to maximise NDCG@k of ``gain`` over
@@ -359,7 +486,7 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.fit must be one of {', '.join(FITS)}, got {self.fit!r}")
 
 
-@dataclass
+@dataclass(config=PART)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
@@ -370,38 +497,18 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
+        """The rules that span fields (each part checks its own on construction)."""
         if not self.tasks:
             raise ConfigError("a config needs at least one [[tasks]] entry")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}")
         for t in self.tasks:
-            if t.kind not in ("binary", "regression"):
-                raise ConfigError(f"task {t.name!r}: kind must be binary or regression")
             if t.weight < 0:
                 raise ConfigError(f"task {t.name!r}: weight must be >= 0")
         m, tr = self.model, self.train
-        if m.arch not in ARCHS:
-            raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
-        if m.conditioning not in CONDITIONINGS:
-            raise ConfigError(f"model.conditioning must be one of {CONDITIONINGS}, got {m.conditioning!r}")
-        if m.arch == "ple" and min(m.ple_levels, m.n_shared_experts, m.n_task_experts) < 1:
-            raise ConfigError("model: ple_levels, n_shared_experts and n_task_experts must be >= 1")
-        if m.arch == "conditioned" and not m.bottom_dims:
-            raise ConfigError("model: the conditioned arch needs bottom_dims (its shared trunk)")
-        if m.bias_features:
-            unknown = sorted(set(m.bias_tasks) - set(names))
-            if unknown:
-                raise ConfigError(f"model.bias_tasks must name configured tasks, got {m.bias_tasks!r}")
-            if len(set(m.bias_features)) != len(m.bias_features):
-                raise ConfigError(f"model.bias_features has duplicates: {m.bias_features!r}")
-        if not 0.0 <= m.bias_dropout < 1.0:
-            raise ConfigError("model.bias_dropout must be in [0, 1)")
-        if tr.weighting not in WEIGHTINGS:
-            raise ConfigError(f"train.weighting must be one of {', '.join(WEIGHTINGS)}, got {tr.weighting!r}")
-        for key in ("worst_case_reference", "gradnorm_reference"):
-            if getattr(tr, key) not in ("constant", "initial"):
-                raise ConfigError(f'train.{key} must be "constant" or "initial", got {getattr(tr, key)!r}')
+        if m.bias_features and set(m.bias_tasks) - set(names):
+            raise ConfigError(f"model.bias_tasks must name configured tasks, got {m.bias_tasks!r}")
         for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("patience", 0)):
             if getattr(tr, key) < least:
                 raise ConfigError(f"train.{key} must be >= {least}, got {getattr(tr, key)}")
@@ -409,8 +516,8 @@ class Config:
             raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
         if tr.log_every < 0:
             raise ConfigError(f"train.log_every must be >= 0 (0 = no step log), got {tr.log_every}")
-        if tr.worst_case_temperature < 0 or tr.tower_l2 < 0 or tr.gradnorm_lr <= 0:
-            raise ConfigError("train: worst_case_temperature and tower_l2 must be >= 0, gradnorm_lr > 0")
+        if tr.tower_l2 < 0:
+            raise ConfigError("train.tower_l2 must be >= 0")
         if tr.tower_l2 > 0 and m.arch == "conditioned":
             raise ConfigError("train.tower_l2: the conditioned arch has no per-task towers to tie together")
         if tr.weight_decay < 0 or (tr.embed_weight_decay is not None and tr.embed_weight_decay < 0):
@@ -428,7 +535,7 @@ class Config:
                     "train.sparse_embeddings: coupled weight decay would update every embedding row at "
                     "every step; set train.embed_weight_decay = 0 and regularise with train.embed_batch_l2"
                 )
-            if tr.weighting == "pcgrad":
+            if tr.weighting.kind == "pcgrad":
                 raise ConfigError(
                     "train.sparse_embeddings: PCGrad projects the whole shared gradient, embedding tables "
                     "included, so every step would cost the full tables; use dense embeddings"
@@ -473,49 +580,201 @@ class Config:
         return self.train.monitor or "valid/loss"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as a TOML file writes it (``from_dict`` reads it back)."""
+        d = asdict(self)
+        net = d["model"].pop("net")
+        arch = net.pop("arch")
+        d["model"] = {"arch": arch, **d["model"], arch: net}
+        weighting = d["train"]["weighting"]
+        kind = weighting.pop("kind")
+        d["train"]["weighting"] = {kind: weighting} if weighting else kind
+        return d
+
+    def validated(self) -> Config:
+        """This config checked again (after its fields were assigned to)."""
+        return Config.from_dict(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+    def from_dict(cls, d: Mapping[str, Any], *, legacy: bool = False) -> Config:
+        """A config from its TOML / JSON form. ``legacy``: also read the flat ``[model]`` and
+        ``[train]`` keys of older checkpoints (elsewhere they are errors that name their table)."""
         d = dict(d)
-        data = dict(d.pop("data", {}))
-        feats = [_build(FeatureDecl, f, "data.features") for f in data.pop("features", [])]
-        seqs = [_build(SequenceDecl, q, "data.sequences") for q in data.pop("sequences", [])]
-        for k in ("train_range", "test_range"):
-            if data.get(k) is not None:
-                data[k] = tuple(data[k])
-        cfg = cls(
-            data=_build(DataConfig, {**data, "features": feats, "sequences": seqs}, "data"),
-            tasks=[_build(TaskConfig, t, "tasks") for t in d.pop("tasks", [])],
-            model=_build(ModelConfig, d.pop("model", {}), "model"),
-            train=_build(TrainConfig, d.pop("train", {}), "train"),
-            name=str(d.pop("name", "mtrank")),
-            promotion=_build(PromotionConfig, d.pop("promotion", {}), "promotion"),
-            objective=_build(ObjectiveConfig, d.pop("objective", {}), "objective"),
+        d.setdefault("name", "mtrank")
+        if isinstance(d.get("model"), Mapping):
+            d["model"] = _nest_model(dict(d["model"]), legacy)
+        if isinstance(d.get("train"), Mapping):
+            d["train"] = _nest_weighting(dict(d["train"]), legacy)
+        try:
+            text = json.dumps(d)
+        except (TypeError, ValueError) as e:  # a TOML date, say
+            raise ConfigError(f"config: {e}", malformed=True) from e
+        try:
+            return _CONFIG.validate_json(text, strict=True)
+        except ValidationError as e:
+            raise _config_error(e) from None
+
+
+# Keys that moved from flat [model] / [train] to their part's table: old name -> (part, new name)
+_FLAT_MODEL: dict[str, tuple[tuple[str, ...], str]] = {
+    "bottom_dims": (("shared_bottom", "separate", "conditioned"), "bottom_dims"),
+    "n_experts": (("mmoe",), "n_experts"),
+    "expert_dims": (("mmoe", "ple"), "expert_dims"),
+    "gate_dropout": (("mmoe", "ple"), "gate_dropout"),
+    "ple_levels": (("ple",), "levels"),
+    "n_shared_experts": (("ple",), "n_shared_experts"),
+    "n_task_experts": (("ple",), "n_task_experts"),
+    "conditioning": (("conditioned",), "conditioning"),
+    "task_embed_dim": (("conditioned",), "task_embed_dim"),
+}
+_FLAT_TRAIN: dict[str, tuple[tuple[str, ...], str]] = {
+    "worst_case_temperature": (("worst_case",), "temperature"),
+    "worst_case_reference": (("worst_case",), "reference"),
+    "gradnorm_alpha": (("gradnorm",), "alpha"),
+    "gradnorm_lr": (("gradnorm",), "lr"),
+    "gradnorm_reference": (("gradnorm",), "reference"),
+}
+
+
+def _tagged(
+    section: str,
+    tag_key: str,
+    default: str,
+    tags: tuple[str, ...],
+    values: dict[str, Any],
+    flat: dict[str, tuple[tuple[str, ...], str]],
+    legacy: bool,
+) -> dict[str, Any]:
+    """One part of a section as the discriminated union reads it ({tag_key: tag, **its keys}) from
+    the TOML form: ``tag_key = "tag"`` and/or a ``[section.tag]`` table, or flat legacy keys."""
+    table = values.pop(tag_key, None)
+    if isinstance(table, Mapping):  # [train.weighting.<kind>]: the key is the table
+        if len(table) != 1:
+            raise ConfigError(
+                f"[{section}.{tag_key}] takes one table, [{section}.{tag_key}.<kind>], got {sorted(table)}"
+            )
+        ((tag, part),) = table.items()
+    else:
+        tag, part = table, None
+    tables = [k for k in tags if k in values]
+    if len(tables) > 1:
+        raise ConfigError(
+            f"[{section}]: one of the tables {['.'.join((section, t)) for t in tables]}, not several"
         )
-        if d:
-            raise ConfigError(f"unknown top-level config keys: {sorted(d)}")
-        return cfg
+    if tables:
+        if tag is not None and tag != tables[0]:
+            raise ConfigError(f"[{section}] {tag_key} = {tag!r} but the table is [{section}.{tables[0]}]")
+        tag, part = tables[0], values.pop(tables[0])
+    tag = tag if tag is not None else default
+    if part is not None and not isinstance(part, Mapping):
+        raise ConfigError(f"[{section}] {tag}: expected a table, got {part!r}"[:200], malformed=True)
+    out = {"kind" if tag_key == "weighting" else tag_key: tag, **(part or {})}
+    for old, (owners, new) in flat.items():
+        if old not in values:
+            continue
+        value = values.pop(old)
+        if not legacy:
+            owner = owners[0] if len(owners) == 1 or tag not in owners else tag
+            where = f"[{section}.{owner}] {new}" if section == "model" else f"[train.weighting.{owner}] {new}"
+            raise ConfigError(f"[{section}] {old} is now {where}")
+        if tag in owners:  # an old checkpoint stored every key; the other parts' were unused
+            out.setdefault(new, value)
+    return out
 
 
-T = TypeVar("T")
+def _nest_model(m: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    if "net" in m:  # the dataclass form
+        return m
+    return {"net": _tagged("model", "arch", "mmoe", ARCHS, m, _FLAT_MODEL, legacy), **m}
 
 
-def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"[{where}] unknown keys: {sorted(unknown)}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"[{where}] {e}") from e
+def _nest_weighting(t: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    if isinstance(t.get("weighting"), Mapping) and "kind" in t["weighting"]:  # the dataclass form
+        return t
+    kinds = tuple(k for k in WEIGHTINGS if k in t)
+    if kinds:  # a [train.<kind>] table: not where weightings live
+        raise ConfigError(f"[train.{kinds[0]}] is [train.weighting.{kinds[0]}]")
+    flat = {k: v for k, v in t.items() if k in _FLAT_TRAIN}
+    rest = {k: v for k, v in t.items() if k not in _FLAT_TRAIN}
+    values = {"weighting": rest.pop("weighting", None), **flat}
+    part = _tagged("train", "weighting", "static", (), values, _FLAT_TRAIN, legacy)
+    return {**rest, "weighting": part}
+
+
+_CONFIG: TypeAdapter[Config] = TypeAdapter(Config)
+_NET: TypeAdapter[NetConfig] = TypeAdapter(NetConfig)
+_WEIGHTING: TypeAdapter[WeightingConfig] = TypeAdapter(WeightingConfig)
+
+# pydantic error types that say a value has the wrong JSON type or shape (a corrupt file), rather
+# than a value or key this build does not accept
+_SHAPE_ERRORS = ("_type", "missing", "too_short", "too_long", "union_tag_not_found")
+_KINDS = {
+    "int": "integer",
+    "float": "number",
+    "string": "string",
+    "bool": "boolean",
+    "list": "list",
+    "tuple": "list",
+    "dict": "object",
+    "dataclass": "object",
+    "model": "object",
+}
+_JSON_NAMES = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as config keys: model.mmoe.n_experts, tasks[0].name."""
+    out = ""
+    for i, part in enumerate(loc):
+        if part == "net" and i > 0 and loc[i - 1] == "model":  # [model.<arch>]: the tag follows
+            continue
+        if isinstance(part, str) and ("[" in part or part in _KINDS or part == "str"):
+            continue  # a union member's name (str | list[str]), not a key
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def describe_error(err: Any, prefix: str = "") -> str:
+    """One pydantic error (of a JSON document validated against dataclasses) as a short line:
+    ``model.dropout: expected number, got string 'a'``, ``tasks[0]: missing key 'name'``."""
+    where = prefix + _where(tuple(err["loc"]))
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    section, _, key = where.rpartition(".")
+    if kind == "value_error" and isinstance(ctx.get("error"), ValueError):
+        return str(ctx["error"])
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"[{section or 'config'}] unknown keys: [{key!r}]"
+    if kind in ("missing", "missing_argument"):
+        return f"{section or prefix.rstrip('.') or 'config'}: missing key {key!r}"
+    if kind in ("too_short", "too_long") and "expected" in ctx:
+        return f"{where}: expected a list of {ctx['expected']} items, got {ctx.get('actual')}"
+    if kind.endswith("_type") and kind.removesuffix("_type") in _KINDS:
+        shown = _JSON_NAMES.get(type(got), "null" if got is None else type(got).__name__)
+        if not isinstance(got, dict | list):
+            r = repr(got)
+            shown += f" {r if len(r) <= 40 else r[:37] + '...'}"
+        return f"{where}: expected {_KINDS[kind.removesuffix('_type')]}, got {shown}"
+    shown = "" if isinstance(got, dict | list) else f", got {got!r}"[:60]
+    return f"{where}: {err['msg']}{shown}"
+
+
+def is_malformed(err: Any) -> bool:
+    """The error says a value has the wrong JSON type or shape, or a key is missing."""
+    return any(s in err["type"] for s in _SHAPE_ERRORS)
+
+
+def _config_error(e: ValidationError) -> ConfigError:
+    errors = e.errors(include_url=False)
+    message = "; ".join(describe_error(err) for err in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return ConfigError(message + more, malformed=any(is_malformed(err) for err in errors))
 
 
 def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
     """``section.key=value`` assignments (``train.lr=0.01``, ``data.log="logs/*.parquet"``,
-    ``model.expert_dims=[64, 32]``) applied to a config, re-validated. A value is read as TOML, and
-    as a plain string when it is not TOML."""
+    ``model.mmoe.expert_dims=[64, 32]``) applied to a config, re-validated. A value is read as TOML,
+    and as a plain string when it is not TOML. Another architecture or weighting's key
+    (``model.ple.levels=3``, ``train.weighting.gradnorm.alpha=2``) switches to it, and
+    ``model.arch=ple`` / ``train.weighting=gradnorm`` switch with that part's defaults."""
     d = cfg.to_dict()
     for a in assignments:
         key, sep, text = a.partition("=")
@@ -526,6 +785,16 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
+        model, train = d["model"], d["train"]
+        if path == ["model", "arch"] and value != model["arch"]:
+            model.pop(model["arch"], None)
+        elif len(path) == 3 and path[:2] == ["model", path[1]] and path[1] in ARCHS and path[1] not in model:
+            model.pop(model["arch"], None)
+            model.update(arch=path[1], **{path[1]: _part_defaults("model", path[1])})
+        elif len(path) == 4 and path[:2] == ["train", "weighting"] and path[2] in WEIGHTINGS:
+            w = train["weighting"]
+            if not (isinstance(w, dict) and path[2] in w):
+                train["weighting"] = {path[2]: _part_defaults("train", path[2])}
         node: Any = d
         for part in path[:-1]:
             if not isinstance(node, dict) or part not in node:
@@ -537,6 +806,22 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
     out = Config.from_dict(d)
     out.check_monitor()
     return out
+
+
+def weighting_name(train: Mapping[str, Any]) -> str:
+    """The task weighting a stored ``[train]`` table names, in any of its forms: ``"mgda"``,
+    ``{"gradnorm": {...}}`` (TOML), ``{"kind": "gradnorm", ...}`` (dataclass)."""
+    w = train.get("weighting", "static")
+    if isinstance(w, Mapping):
+        return str(w.get("kind") or next(iter(w), "static"))
+    return str(w)
+
+
+def _part_defaults(section: str, tag: str) -> dict[str, Any]:
+    """The keys of one architecture (``model``) or weighting (``train``) with their defaults."""
+    adapter, disc = (_NET, "arch") if section == "model" else (_WEIGHTING, "kind")
+    part = asdict(adapter.validate_json(json.dumps({disc: tag})))
+    return {k: v for k, v in part.items() if k != disc}
 
 
 def load_config(path: str | Path) -> Config:

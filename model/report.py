@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from model.checkpoint import CheckpointError, list_versions, models_dir, read_manifest
+from model.config import weighting_name
 from model.promotion import data_set_name, head_metric_keys
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def load_manifests(artifacts: Path) -> list[dict[str, Any]]:
 
 def _label(m: Mapping[str, Any]) -> str:
     cfg = m["config"]
-    weighting = cfg.get("train", {}).get("weighting", "static")
+    weighting = weighting_name(cfg.get("train", {}))
     return f"{m['version']} ({cfg['model']['arch']}, {weighting})"
 
 
@@ -169,7 +170,7 @@ def models_table(manifests: Sequence[Mapping[str, Any]]) -> str:
             [
                 m["version"],
                 cfg["model"]["arch"],
-                cfg.get("train", {}).get("weighting", "static"),
+                weighting_name(cfg.get("train", {})),
                 data_set_name(cfg, m.get("data_fingerprint") or {}),
             ]
             + [_fmt(mt.get(key)) for key in heads.values()]

@@ -663,8 +663,8 @@ def make_optimizer(model: MultiTaskNet, weighting: TaskWeighting, cfg: Config) -
             sparse.append({"params": sp, "lr": g["lr"], "depth": g["depth"]})
     if weighting.extra_parameters():
         dense.append({"params": weighting.extra_parameters(), "lr": tc.lr * tc.lr_scale, "weight_decay": 0.0})
-    if tc.weighting != "static" and any(t.weight != 1.0 for t in cfg.tasks):
-        log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting)
+    if tc.weighting.kind != "static" and any(t.weight != 1.0 for t in cfg.tasks):
+        log.warning("tasks[].weight is ignored by train.weighting=%r", tc.weighting.kind)
     opts: list[torch.optim.Optimizer] = []
     if dense:
         opts.append(torch.optim.Adam(dense, lr=tc.lr * tc.lr_scale, weight_decay=tc.weight_decay))
@@ -928,7 +928,7 @@ def fit(
             model, ds.test, cfg.tasks, "test/", tc.eval_batch_size, replica=replica, grouped=ds.grouped
         )
     )
-    metrics["weighting"] = tc.weighting
+    metrics["weighting"] = tc.weighting.kind
     metrics["task_weights"] = {k: round(v, 6) for k, v in weighting.weights().items()}  # final, effective
     metrics.update(info)
     util = expert_utilization(model, ds.test)

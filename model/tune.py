@@ -33,7 +33,7 @@ import numpy as np
 import optuna
 from sklearn.model_selection import GroupKFold, TimeSeriesSplit
 
-from model.config import Config
+from model.config import Config, MMoEConfig
 from model.data import Dataset, Split
 from model.metrics import higher_is_better
 from model.train import fit
@@ -141,11 +141,11 @@ def suggest(trial: optuna.Trial, cfg: Config, params: Collection[str] | None = N
         c.model.embed_dim = trial.suggest_categorical("embed_dim", [8, 16, 32])
     if "dropout" in names:
         c.model.dropout = trial.suggest_float("dropout", 0.0, 0.4)
-    if c.model.arch == "mmoe":
+    if isinstance(c.model.net, MMoEConfig):
         if "n_experts" in names:
-            c.model.n_experts = trial.suggest_categorical("n_experts", [2, 4, 8])
+            c.model.net.n_experts = trial.suggest_categorical("n_experts", [2, 4, 8])
         if "gate_dropout" in names:
-            c.model.gate_dropout = trial.suggest_float("gate_dropout", 0.0, 0.3)
+            c.model.net.gate_dropout = trial.suggest_float("gate_dropout", 0.0, 0.3)
     return c
 
 

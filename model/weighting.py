@@ -34,7 +34,7 @@ not pull uncertainty's s_i down, take MGDA's whole weight, or drag GradNorm's me
 - worst_case   Minimax over normalised losses r_i = L_i / R_i: L = tau * log sum_i exp(r_i / tau)
                (a smooth max, >= max_i r_i and at most tau * log T above it; its gradient weights
                task i by softmax(r / tau)_i / R_i), or the hard max_i r_i when
-               ``worst_case_temperature`` tau = 0. The reference R_i (``worst_case_reference``):
+               ``temperature`` tau = 0 (``[train.weighting.worst_case]``). The reference R_i (``reference``):
                "constant" (default), the loss of the best constant predictor on the training
                labels, i.e. the label entropy H(mean y) for a binary head (r_i is then the
                normalised entropy of He et al., ADKDD 2014) and the label variance for a
@@ -42,12 +42,13 @@ not pull uncertainty's s_i down, take MGDA's whole weight, or drag GradNorm's me
                and a common label alike; or "initial", L_i(0), the first training batch's losses,
                which at a zero-logit start makes a rare binary label look nearly solved (its loss
                drops from log 2 to its small entropy at once) and starves it.
-- gradnorm     Chen et al., ICML 2018. Learnable w_i (init 1, own Adam optimiser with
-               ``gradnorm_lr``); G_i = w_i ||dL_i/dW|| on the last shared layer's weight W (or on z when
-               nothing is shared); target G_bar * (r_i / mean r)^alpha with r_i = L_i / R_i treated
-               as a constant; the w_i descend sum_i |G_i - target_i| while the network descends
-               sum_i w_i L_i; after each step w is clipped positive and rescaled to sum to T.
-               R_i (``gradnorm_reference``): "constant" (default, as for worst_case: r_i is then
+- gradnorm     Chen et al., ICML 2018 (``[train.weighting.gradnorm]``). Learnable w_i (init
+               1, own Adam optimiser with ``lr``); G_i = w_i ||dL_i/dW|| on the last shared
+               layer's weight W (or on z when nothing is shared); target
+               G_bar * (r_i / mean r)^alpha with r_i = L_i / R_i treated as a constant; the w_i
+               descend sum_i |G_i - target_i| while the network descends sum_i w_i L_i; after
+               each step w is clipped positive and rescaled to sum to T.
+               R_i (``reference``): "constant" (default, as for worst_case: r_i is then
                how far a task is from a constant predictor) or "initial", the paper's L_i(0) (r_i
                the inverse training rate), under which a rare binary label looks trained at once
                (see worst_case) and its weight is driven down.
@@ -64,7 +65,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -72,7 +73,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
-from model.config import TaskConfig, TrainConfig
+from model.config import PlainWeighting, TaskConfig, TrainConfig, WorstCaseConfig
 from model.nets import MultiTaskNet
 
 log = logging.getLogger(__name__)
@@ -571,28 +572,26 @@ def make_weighting(
 ) -> TaskWeighting:
     """The scheme ``tc.weighting``; ``train_labels`` (N, T) -- or their statistics per task -- give
     worst_case and gradnorm their "constant" reference."""
-    if tc.weighting == "static":
-        return StaticWeighting(tasks)
-    if tc.weighting == "uncertainty":
-        return UncertaintyWeighting(tasks)
-    if tc.weighting == "mgda":
-        return MGDAWeighting(tasks)
-    if tc.weighting in ("worst_case", "gradnorm"):
-        which = tc.worst_case_reference if tc.weighting == "worst_case" else tc.gradnorm_reference
-        reference = None
-        if which == "constant":
-            if train_labels is None:
-                raise ValueError(f'{tc.weighting}: reference "constant" needs the training labels')
-            if isinstance(train_labels, np.ndarray):
-                reference = constant_predictor_losses(train_labels, tasks)
-            else:
-                reference = constant_predictor_losses_from_stats(train_labels, tasks)
-        if tc.weighting == "worst_case":
-            return WorstCaseWeighting(tasks, tc.worst_case_temperature, reference)
-        return GradNormWeighting(tasks, tc.gradnorm_alpha, tc.gradnorm_lr, reference)
-    if tc.weighting == "pcgrad":
-        return PCGradWeighting(tasks)
-    raise ValueError(f"unknown task weighting {tc.weighting!r}")
+    w = tc.weighting
+    if isinstance(w, PlainWeighting):
+        plain: dict[str, Callable[[Sequence[TaskConfig]], TaskWeighting]] = {
+            "static": StaticWeighting,
+            "uncertainty": UncertaintyWeighting,
+            "mgda": MGDAWeighting,
+            "pcgrad": PCGradWeighting,
+        }
+        return plain[w.kind](tasks)
+    reference = None
+    if w.reference == "constant":
+        if train_labels is None:
+            raise ValueError(f'{w.kind}: reference "constant" needs the training labels')
+        if isinstance(train_labels, np.ndarray):
+            reference = constant_predictor_losses(train_labels, tasks)
+        else:
+            reference = constant_predictor_losses_from_stats(train_labels, tasks)
+    if isinstance(w, WorstCaseConfig):
+        return WorstCaseWeighting(tasks, w.temperature, reference)
+    return GradNormWeighting(tasks, w.alpha, w.lr, reference)
 
 
 def tower_l2_penalty(model: MultiTaskNet) -> Tensor:

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, get_args
@@ -53,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import model.nets.base  # noqa: E402
 from model import Ranker, resolve_checkpoint  # noqa: E402
-from model.config import load_config  # noqa: E402
+from model.config import apply_overrides, load_config  # noqa: E402
 from model.data import load_dataset, load_entity_table  # noqa: E402
 from model.features import GROUPS  # noqa: E402
 from model.nets import RequestBatch  # noqa: E402
@@ -198,9 +197,8 @@ def bench_archs(ckpt: Path, reps: int, n: int = 500) -> dict[str, dict[str, Any]
     out = {}
     with torch.inference_mode():
         for arch in get_args(Arch):
-            net = build_model(
-                replace(ranker.config.model, arch=arch), ranker.schema, ranker.config.tasks
-            ).eval()
+            cfg = apply_overrides(ranker.config, [f"model.arch={arch}"])
+            net = build_model(cfg.model, ranker.schema, cfg.tasks).eval()
             out[arch] = {
                 "request_forward_ms": summary(timed(partial(net.forward_request, req), reps)),
                 "broadcast_forward_ms": summary(timed(partial(net, ct, nt), reps)),
@@ -226,9 +224,7 @@ def bench_training(config: Path) -> dict[str, float]:
     ds = load_dataset(load_config(config))
     out["data_load_s"] = time.perf_counter() - t0
     for arch in ("mmoe", "shared_bottom"):
-        cfg = load_config(config)
-        cfg.model.arch = arch
-        cfg.train.epochs = 1
+        cfg = apply_overrides(load_config(config), [f"model.arch={arch}", "train.epochs=1"])
         out[f"{arch}_samples_per_s"] = fit(cfg, ds).samples_per_sec
     torch.set_num_threads(1)
     return out

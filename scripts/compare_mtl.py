@@ -8,18 +8,16 @@ interrupted comparison keeps what it finished.
 
     python scripts/compare_mtl.py                                   # 4 archs x 2 weightings x 3 seeds
     python scripts/compare_mtl.py --archs mmoe ple --weightings static mgda pcgrad --seeds 0
-    python scripts/compare_mtl.py --set train.epochs=3 --set model.gate_dropout=0.0
+    python scripts/compare_mtl.py --set train.epochs=3 --set model.mmoe.gate_dropout=0.0
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import html
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.config import ARCHS, WEIGHTINGS, Config, load_config  # noqa: E402
+from model.config import ARCHS, WEIGHTINGS, Config, apply_overrides, load_config  # noqa: E402
 from model.data import load_dataset  # noqa: E402
 from model.train import fit  # noqa: E402
 from scripts.experiments import compare_table, plot_compare, write_section  # noqa: E402
@@ -39,24 +37,8 @@ def binary_heads(cfg: Config) -> list[str]:
     return [t.name for t in cfg.tasks if t.kind == "binary"]
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> None:
-    """``section.key=value`` with a TOML value (``model.expert_dims=[64, 32]``, ``train.lr=1e-3``)."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.strip().partition(".")
-        target = getattr(cfg, section)
-        if not hasattr(target, name):
-            raise SystemExit(f"--set {item}: no config key {key!r}")
-        setattr(target, name, tomllib.loads(f"v = {value}")["v"])
-    cfg.__post_init__()
-
-
 def run_one(base: Config, ds: Any, arch: str, weighting: str, seed: int) -> dict[str, Any]:
-    cfg = copy.deepcopy(base)
-    cfg.model.arch = arch  # type: ignore[assignment]
-    cfg.train.weighting = weighting  # type: ignore[assignment]
-    cfg.train.seed = seed
-    cfg.__post_init__()
+    cfg = apply_overrides(base, [f"model.arch={arch}", f"train.weighting={weighting}", f"train.seed={seed}"])
     t0 = time.perf_counter()
     res = fit(cfg, ds)
     m = res.metrics
@@ -111,7 +93,7 @@ def main() -> None:
 
     base = load_config(a.config)
     base.train.num_threads = a.threads
-    apply_overrides(base, a.overrides)
+    base = apply_overrides(base, a.overrides)
     heads = binary_heads(base)
     if not heads:
         raise SystemExit(f"{a.config}: no binary task to compare by test AUC")

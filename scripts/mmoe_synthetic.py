@@ -65,8 +65,8 @@ def arch_sizes(expert_units: int = 16) -> dict[str, dict[str, Any]]:
     per_expert_layer = DIM * expert_units * N_EXPERTS + expert_units * TOWER_UNITS * TASKS
     bottom = round(per_expert_layer / (DIM + TOWER_UNITS * TASKS))
     return {
-        "shared_bottom": {"arch": "shared_bottom", "bottom_dims": [bottom]},
-        "mmoe": {"arch": "mmoe", "n_experts": N_EXPERTS, "expert_dims": [expert_units]},
+        "shared_bottom": {"bottom_dims": [bottom]},  # [model.shared_bottom]
+        "mmoe": {"n_experts": N_EXPERTS, "expert_dims": [expert_units]},  # [model.mmoe]
     }
 
 
@@ -77,7 +77,7 @@ def run_one(
 
     Losses are the mean of the two heads' MSE. ``arch = SINGLE_TASK`` fits the shared-bottom
     network on y1 alone and on y2 alone (same seed and budget) and averages the two the same way."""
-    from model.config import load_config
+    from model.config import apply_overrides, load_config
     from model.data import load_dataset
     from model.synth import make_mmoe_benchmark
     from model.train import fit
@@ -90,8 +90,9 @@ def run_one(
         # the same budget for every fit: no early stop, and the test MSE is the last epoch's too
         cfg.train.patience, cfg.train.restore_best, cfg.train.num_threads = epochs, False, 1
         cfg.train.log_every = 1  # every step's task losses, for the loss-vs-steps curves
-        for k, v in arch_sizes(expert_units)["shared_bottom" if arch == SINGLE_TASK else arch].items():
-            setattr(cfg.model, k, v)
+        net = "shared_bottom" if arch == SINGLE_TASK else arch
+        sizes = [f"model.{net}.{k}={v}" for k, v in arch_sizes(expert_units)[net].items()]
+        cfg = apply_overrides(cfg, sizes)
         t0 = time.perf_counter()
         fits = []
         for tasks in [[t] for t in cfg.tasks] if arch == SINGLE_TASK else [cfg.tasks]:

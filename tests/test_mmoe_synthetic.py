@@ -155,8 +155,8 @@ def test_sharing_cost_against_single_task_fits():
 
 def test_arch_sizes_match_parameters_as_the_paper_does(bench):
     assert bench.arch_sizes() == {
-        "shared_bottom": {"arch": "shared_bottom", "bottom_dims": [113]},  # the paper's 113
-        "mmoe": {"arch": "mmoe", "n_experts": 8, "expert_dims": [16]},
+        "shared_bottom": {"bottom_dims": [113]},  # the paper's 113
+        "mmoe": {"n_experts": 8, "expert_dims": [16]},
     }
     # narrower experts: the bottom shrinks with them, parameters still matched to within one unit
     small = bench.arch_sizes(4)

@@ -67,9 +67,7 @@ from model.nets.ple import PLE
 from model.nets.separate import SeparateTowers
 from model.nets.shared_bottom import SharedBottom
 
-ARCHS: dict[
-    str, Callable[[ModelConfig, Sequence[int], int, Sequence[str], Sequence[SequenceLayout]], MultiTaskNet]
-] = {
+ARCHS: dict[str, Callable[..., MultiTaskNet]] = {
     "separate": SeparateTowers,
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,
@@ -85,7 +83,16 @@ def build_model(cfg: ModelConfig, schema: FeatureSchema, tasks: Sequence[TaskCon
         SequenceLayout(q.name, q.pooling, q.max_len, [names.index(c) for c in q.items])
         for q in schema.sequences
     ]
-    net = ARCHS[cfg.arch](cfg, cards, schema.n_nums, [t.name for t in tasks], seqs)
+    net = ARCHS[cfg.arch](
+        cards,
+        schema.n_nums,
+        [t.name for t in tasks],
+        seqs,
+        embed_dim=cfg.embed_dim,
+        tower_dims=cfg.tower_dims,
+        dropout=cfg.dropout,
+        **cfg.net_args(),  # the architecture's own keys ([model.<arch>])
+    )
     if cfg.bias_features:
         have = [f.name for f in schema.bias]
         if have != list(cfg.bias_features):

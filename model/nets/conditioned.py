@@ -4,11 +4,9 @@ embedding z_t (concatenated to / added to the input, or FiLM on every trunk laye
 Example: two categorical columns (10 and 20 embedding rows) and one numeric column, two tasks.
 
     >>> import torch
-    >>> from model.config import ModelConfig
     >>> from model.nets.conditioned import Conditioned
-    >>> cfg = ModelConfig(arch="conditioned", embed_dim=4, bottom_dims=[16], tower_dims=[4],
-    ...     conditioning="film")
-    >>> net = Conditioned(cfg, cards=[10, 20], n_nums=1, tasks=["click", "like"])
+    >>> net = Conditioned([10, 20], 1, ["click", "like"], embed_dim=4, tower_dims=[4], dropout=0.1,
+    ...     bottom_dims=[16], conditioning="film", task_embed_dim=4)
     >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
     >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
     {'click': (3,), 'like': (3,)}
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ModelConfig
+from model.config import Conditioning
 from model.nets.base import (
     FeatureEmbedding,
     History,
@@ -48,29 +46,35 @@ class Conditioned(MultiTaskNet):
 
     def __init__(
         self,
-        cfg: ModelConfig,
         cards: Sequence[int],
         n_nums: int,
         tasks: Sequence[str],
         seqs: Sequence[SequenceLayout] = (),
+        *,
+        embed_dim: int,
+        tower_dims: Sequence[int],
+        dropout: float,
+        bottom_dims: Sequence[int],
+        conditioning: Conditioning,
+        task_embed_dim: int,
     ) -> None:
         super().__init__(tasks)
-        self.conditioning = cfg.conditioning
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
+        self.conditioning = conditioning
+        self.embed = FeatureEmbedding(cards, n_nums, embed_dim, seqs)
         d_x = self.embed.out_dim
-        d_z = d_x if cfg.conditioning == "add" else cfg.task_embed_dim
+        d_z = d_x if conditioning == "add" else task_embed_dim
         self.task_emb = nn.Parameter(0.1 * torch.randn(len(tasks), d_z))  # z_t, (T, Dz)
-        dims = [d_x + d_z if cfg.conditioning == "concat" else d_x, *cfg.bottom_dims]
+        dims = [d_x + d_z if conditioning == "concat" else d_x, *bottom_dims]
         self.trunk = nn.ModuleList([nn.Linear(a, b) for a, b in pairwise(dims)])
         self.film = nn.ModuleList(
-            [nn.Linear(d_z, 2 * d) for d in cfg.bottom_dims] if cfg.conditioning == "film" else []
+            [nn.Linear(d_z, 2 * d) for d in bottom_dims] if conditioning == "film" else []
         )
         for layer in self.film:
             assert isinstance(layer, nn.Linear)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.head = Tower(dims[-1], cfg.tower_dims, cfg.dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.head = Tower(dims[-1], tower_dims, dropout)
 
     def forward_tasks(
         self, cats: Tensor, nums: Tensor, hist: History | None = None

@@ -4,10 +4,9 @@ al. KDD 2018), optional expert dropout in the gates (Zhao et al. RecSys 2019).
 Example: two categorical columns (10 and 20 embedding rows) and one numeric column, two tasks.
 
     >>> import torch
-    >>> from model.config import ModelConfig
     >>> from model.nets.mmoe import MMoE
-    >>> cfg = ModelConfig(arch="mmoe", embed_dim=4, n_experts=3, expert_dims=[8], tower_dims=[4])
-    >>> net = MMoE(cfg, cards=[10, 20], n_nums=1, tasks=["click", "like"])
+    >>> net = MMoE([10, 20], 1, ["click", "like"], embed_dim=4, tower_dims=[4], dropout=0.1,
+    ...     n_experts=3, expert_dims=[8], gate_dropout=0.0)
     >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
     >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
     {'click': (3,), 'like': (3,)}
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ModelConfig
 from model.nets.base import (
     FeatureEmbedding,
     History,
@@ -82,22 +80,26 @@ class Experts(nn.Module):
 class MMoE(MultiTaskNet):
     def __init__(
         self,
-        cfg: ModelConfig,
         cards: Sequence[int],
         n_nums: int,
         tasks: Sequence[str],
         seqs: Sequence[SequenceLayout] = (),
+        *,
+        embed_dim: int,
+        tower_dims: Sequence[int],
+        dropout: float,
+        n_experts: int,
+        expert_dims: Sequence[int],
+        gate_dropout: float,
     ) -> None:
         super().__init__(tasks)
-        self.n_experts = cfg.n_experts
-        self.gate_dropout = cfg.gate_dropout
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
-        self.experts = Experts(cfg.n_experts, self.embed.out_dim, cfg.expert_dims, cfg.dropout)
-        self.gates = nn.ModuleDict({t: nn.Linear(self.embed.out_dim, cfg.n_experts) for t in tasks})
-        self.towers = nn.ModuleDict(
-            {t: Tower(self.experts.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks}
-        )
-        self.n_layers = len(cfg.expert_dims)
+        self.n_experts = n_experts
+        self.gate_dropout = gate_dropout
+        self.embed = FeatureEmbedding(cards, n_nums, embed_dim, seqs)
+        self.experts = Experts(n_experts, self.embed.out_dim, expert_dims, dropout)
+        self.gates = nn.ModuleDict({t: nn.Linear(self.embed.out_dim, n_experts) for t in tasks})
+        self.towers = nn.ModuleDict({t: Tower(self.experts.out_dim, tower_dims, dropout) for t in tasks})
+        self.n_layers = len(expert_dims)
 
     def gate_probs(self, x: Tensor) -> dict[str, Tensor]:
         """Per-task softmax over experts, (B, E) each; expert dropout while training."""

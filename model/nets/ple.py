@@ -5,11 +5,9 @@ all of them for the next level.
 Example: two categorical columns (10 and 20 embedding rows) and one numeric column, two tasks.
 
     >>> import torch
-    >>> from model.config import ModelConfig
     >>> from model.nets.ple import PLE
-    >>> cfg = ModelConfig(arch="ple", embed_dim=4, ple_levels=2, n_shared_experts=2, n_task_experts=1,
-    ...     expert_dims=[8], tower_dims=[4])
-    >>> net = PLE(cfg, cards=[10, 20], n_nums=1, tasks=["click", "like"])
+    >>> net = PLE([10, 20], 1, ["click", "like"], embed_dim=4, tower_dims=[4], dropout=0.1, levels=2,
+    ...     n_shared_experts=2, n_task_experts=1, expert_dims=[8], gate_dropout=0.0)
     >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
     >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
     {'click': (3,), 'like': (3,)}
@@ -22,7 +20,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from model.config import ModelConfig
 from model.nets.base import (
     FeatureEmbedding,
     History,
@@ -45,15 +42,23 @@ class PLELevel(nn.Module):
     input.
     """
 
-    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str], last: bool) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[str],
+        n_task: int,
+        n_shared: int,
+        expert_dims: Sequence[int],
+        dropout: float,
+        gate_dropout: float,
+        last: bool,
+    ) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        self.n_task, self.n_shared = cfg.n_task_experts, cfg.n_shared_experts
-        self.gate_dropout = cfg.gate_dropout
-        self.task_experts = nn.ModuleDict(
-            {t: Experts(self.n_task, in_dim, cfg.expert_dims, cfg.dropout) for t in tasks}
-        )
-        self.shared_experts = Experts(self.n_shared, in_dim, cfg.expert_dims, cfg.dropout)
+        self.n_task, self.n_shared = n_task, n_shared
+        self.gate_dropout = gate_dropout
+        self.task_experts = nn.ModuleDict({t: Experts(n_task, in_dim, expert_dims, dropout) for t in tasks})
+        self.shared_experts = Experts(n_shared, in_dim, expert_dims, dropout)
         self.gates = nn.ModuleDict({t: nn.Linear(in_dim, self.n_task + self.n_shared) for t in tasks})
         self.shared_gate = None if last else nn.Linear(in_dim, len(tasks) * self.n_task + self.n_shared)
         self.out_dim = self.shared_experts.out_dim
@@ -144,22 +149,39 @@ class PLE(MultiTaskNet):
 
     def __init__(
         self,
-        cfg: ModelConfig,
         cards: Sequence[int],
         n_nums: int,
         tasks: Sequence[str],
         seqs: Sequence[SequenceLayout] = (),
+        *,
+        embed_dim: int,
+        tower_dims: Sequence[int],
+        dropout: float,
+        levels: int,
+        n_shared_experts: int,
+        n_task_experts: int,
+        expert_dims: Sequence[int],
+        gate_dropout: float,
     ) -> None:
         super().__init__(tasks)
-        self.embed = FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs)
-        levels, d = [], self.embed.out_dim
-        for k in range(cfg.ple_levels):
-            level = PLELevel(d, cfg, tasks, last=k == cfg.ple_levels - 1)
-            levels.append(level)
-            d = level.out_dim
-        self.levels = nn.ModuleList(levels)
-        self.towers = nn.ModuleDict({t: Tower(d, cfg.tower_dims, cfg.dropout) for t in tasks})
-        self.n_layers = len(cfg.expert_dims)  # per level
+        self.embed = FeatureEmbedding(cards, n_nums, embed_dim, seqs)
+        blocks, d = [], self.embed.out_dim
+        for k in range(levels):
+            block = PLELevel(
+                d,
+                tasks,
+                n_task_experts,
+                n_shared_experts,
+                expert_dims,
+                dropout,
+                gate_dropout,
+                last=k == levels - 1,
+            )
+            blocks.append(block)
+            d = block.out_dim
+        self.levels = nn.ModuleList(blocks)
+        self.towers = nn.ModuleDict({t: Tower(d, tower_dims, dropout) for t in tasks})
+        self.n_layers = len(expert_dims)  # per level
 
     def forward_tasks(
         self, cats: Tensor, nums: Tensor, hist: History | None = None

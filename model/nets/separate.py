@@ -3,10 +3,9 @@
 Example: two categorical columns (10 and 20 embedding rows) and one numeric column, two tasks.
 
     >>> import torch
-    >>> from model.config import ModelConfig
     >>> from model.nets.separate import SeparateTowers
-    >>> cfg = ModelConfig(arch="separate", embed_dim=4, bottom_dims=[16], tower_dims=[4])
-    >>> net = SeparateTowers(cfg, cards=[10, 20], n_nums=1, tasks=["click", "like"])
+    >>> net = SeparateTowers([10, 20], 1, ["click", "like"], embed_dim=4, tower_dims=[4], dropout=0.1,
+    ...     bottom_dims=[16])
     >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
     >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
     {'click': (3,), 'like': (3,)}
@@ -19,7 +18,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model.config import ModelConfig
 from model.nets.base import (
     FeatureEmbedding,
     History,
@@ -36,20 +34,24 @@ from model.nets.base import (
 class SeparateTowers(MultiTaskNet):
     def __init__(
         self,
-        cfg: ModelConfig,
         cards: Sequence[int],
         n_nums: int,
         tasks: Sequence[str],
         seqs: Sequence[SequenceLayout] = (),
+        *,
+        embed_dim: int,
+        tower_dims: Sequence[int],
+        dropout: float,
+        bottom_dims: Sequence[int],
     ) -> None:
         super().__init__(tasks)
-        embeds = {t: FeatureEmbedding(cards, n_nums, cfg.embed_dim, seqs) for t in tasks}
+        embeds = {t: FeatureEmbedding(cards, n_nums, embed_dim, seqs) for t in tasks}
         self.embed = nn.ModuleDict(embeds)
         d_in = embeds[tasks[0]].out_dim
-        self.bottom = nn.ModuleDict({t: mlp(d_in, cfg.bottom_dims, cfg.dropout)[0] for t in tasks})
-        d_b = cfg.bottom_dims[-1] if cfg.bottom_dims else d_in
-        self.towers = nn.ModuleDict({t: Tower(d_b, cfg.tower_dims, cfg.dropout) for t in tasks})
-        self.n_bottom = len(cfg.bottom_dims)
+        self.bottom = nn.ModuleDict({t: mlp(d_in, bottom_dims, dropout)[0] for t in tasks})
+        d_b = bottom_dims[-1] if bottom_dims else d_in
+        self.towers = nn.ModuleDict({t: Tower(d_b, tower_dims, dropout) for t in tasks})
+        self.n_bottom = len(bottom_dims)
 
     def forward_tasks(
         self, cats: Tensor, nums: Tensor, hist: History | None = None
