@@ -19,14 +19,21 @@ import typer
 from modelkit import ROOT
 
 from model.config import (
+    ConditionedConfig,
     DataConfig,
     FeatureDecl,
+    GradNormConfig,
+    MMoEConfig,
     ModelConfig,
     ObjectiveConfig,
+    PLEConfig,
     PromotionConfig,
+    SeparateConfig,
     SequenceDecl,
+    SharedBottomConfig,
     TaskConfig,
     TrainConfig,
+    WorstCaseConfig,
 )
 from service.cli import app
 from service.schemas import RankedItem, RankRequest, RankResponse
@@ -226,16 +233,27 @@ def test_settings_table_lists_every_setting() -> None:
         ("`[[data.sequences]]`", SequenceDecl),
         ("`[[tasks]]`", TaskConfig),
         ("`[model]`", ModelConfig),
+        ("`[model.shared_bottom]`, `[model.separate]`", SharedBottomConfig),
+        ("`[model.shared_bottom]`, `[model.separate]`", SeparateConfig),
+        ("`[model.mmoe]`", MMoEConfig),
+        ("`[model.ple]`", PLEConfig),
+        ("`[model.conditioned]`", ConditionedConfig),
         ("`[train]`", TrainConfig),
+        ("`[train.weighting.worst_case]`", WorstCaseConfig),
+        ("`[train.weighting.gradnorm]`", GradNormConfig),
         ("`[promotion]`", PromotionConfig),
         ("`[objective]`", ObjectiveConfig),
     ],
 )
 def test_config_reference_lists_every_key(heading: str, cls: type) -> None:
     text = (DOCS / "data-and-config.md").read_text()
-    m = re.search(rf"^### {re.escape(heading)}\s*$(.*?)(?=^#{{2,3}} |\Z)", text, flags=re.M | re.S)
+    m = re.search(rf"^#{{3,4}} {re.escape(heading)}\s*$(.*?)(?=^#{{2,4}} |\Z)", text, flags=re.M | re.S)
     assert m, f"docs/data-and-config.md has no '### {heading}' section"
     keys = {re.sub(r"`", "", cells[0]) for cells in table_rows(m.group(1))}
     fields = {f.name for f in dataclasses.fields(cls)} - {"features"}  # [[data.features]] has its own
+    # a part's tag is its table's name; [model] names its part by arch
+    if heading.startswith("`[model.") or heading.startswith("`[train."):
+        fields -= {"arch", "kind"}
+    fields = {"arch" if f == "net" else f for f in fields}
     assert fields <= keys, f"{heading}: undocumented keys {sorted(fields - keys)}"
     assert keys <= fields, f"{heading}: documented keys that do not exist {sorted(keys - fields)}"
