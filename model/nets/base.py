@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -254,18 +254,30 @@ def split_weight(w: Tensor, idx: Tensor, dim: int) -> Tensor:
 _SPLIT_CACHE: Any = WeakIdKeyDictionary()
 
 
+def split_columns(w: Tensor, var_idx: Tensor, const_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """(w_var, w_const): the input columns (dim 1) of a first layer's weight that x_var and x_const
+    meet, gathered in the autograd graph when w trains, else once per weight (``split_weight``)."""
+    if torch.is_grad_enabled() and w.requires_grad:
+        return w[:, var_idx], w[:, const_idx]
+    return split_weight(w, var_idx, 1), split_weight(w, const_idx, 1)
+
+
 def split_linear(
     x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor, layer: nn.Linear
 ) -> Tensor:
     """layer(x) for x = x_var and x_const interleaved: the constant part is computed once."""
-    w = layer.weight  # (H, D)
-    if torch.is_grad_enabled() and w.requires_grad:  # training / autograd: gather as part of the graph
-        w_const, w_var = w[:, const_idx], w[:, var_idx]
-    else:
-        w_const, w_var = split_weight(w, const_idx, 1), split_weight(w, var_idx, 1)
+    w_var, w_const = split_columns(layer.weight, var_idx, const_idx)  # (H, Dv), (H, Dc)
     const = x_const @ w_const.T + layer.bias  # (1, H)
     out: Tensor = x_var @ w_var.T + const  # (B, H)
     return out
+
+
+@runtime_checkable
+class SplitLayer(Protocol):
+    """A first layer other than ``nn.Linear`` (``Experts``) that computes its pre-activation on the
+    split x (``FeatureEmbedding.split``), the request-constant share once."""
+
+    def first_split(self, x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor) -> Tensor: ...
 
 
 class Tower(nn.Module):
@@ -317,7 +329,9 @@ class MultiTaskNet(nn.Module):
     """Base class: knows its task names; ``forward`` returns ``{task: (B,)}``.
 
     Subclasses implement ``forward_tasks`` (outputs + shared representation) and the parameter
-    views; the bias tower is handled here, so every arch supports it.
+    views, and opt into the serving request split by declaring their first layers
+    (``first_layers``, ``above_first_layers``); the bias tower is handled here, so every arch
+    supports it.
     """
 
     bias_tower: BiasTower | None
@@ -367,9 +381,39 @@ class MultiTaskNet(nn.Module):
         return self.add_bias(self.request_tasks(r), None)
 
     def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
-        """``forward_tasks``'s outputs for one request; architectures override it to compute the
-        request-constant part of their first layer once."""
-        return self.forward_tasks(*r.full(), r.full_history())[0]
+        """``forward_tasks``'s outputs for one request (1 user, B candidates).
+
+        The request split: an architecture that declares the layers reading the embedding output x
+        (``first_layers``) gets their pre-activations computed on the split x, the user and context
+        columns' share once per request and the candidate columns' share per row, and the rest of
+        its forward runs on those (``above_first_layers``). One that declares none is run on the
+        request broadcast to B rows.
+        """
+        firsts = self.first_layers()
+        if not firsts:
+            return self.forward_tasks(*r.full(), r.full_history())[0]
+        splits: dict[FeatureEmbedding, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        h = []
+        for embed, layer in firsts:
+            if embed not in splits:  # each embedding module once (SeparateTowers has one a task)
+                splits[embed] = embed.split(r)  # x_var (B, Dv), x_const (1, Dc), their columns
+            if isinstance(layer, nn.Linear):
+                h.append(split_linear(*splits[embed], layer))  # (B, H)
+            elif isinstance(layer, SplitLayer):
+                h.append(layer.first_split(*splits[embed]))  # e.g. (B, E, H) for Experts
+            else:
+                raise TypeError(f"{type(layer).__name__} cannot read the split request")
+        return self.above_first_layers(h)
+
+    def first_layers(self) -> list[tuple[FeatureEmbedding, nn.Module]]:
+        """(embedding, layer) for every layer that reads an embedding output x: ``nn.Linear`` or a
+        ``SplitLayer``, each affine in x. Declaring them (and ``above_first_layers``) opts the
+        architecture into the request split; none (the default) serves the broadcast request."""
+        return []
+
+    def above_first_layers(self, h: list[Tensor]) -> dict[str, Tensor]:
+        """``forward_tasks``'s outputs (eval) from ``first_layers``' pre-activations h, in their order."""
+        raise NotImplementedError
 
     # -- parameter views for the multi-task machinery -------------------------------------------
     def feature_embeddings(self) -> list[FeatureEmbedding]:

@@ -26,10 +26,8 @@ from model.nets.base import (
     FeatureEmbedding,
     History,
     MultiTaskNet,
-    RequestBatch,
     SequenceLayout,
     Tower,
-    split_linear,
 )
 
 
@@ -91,22 +89,23 @@ class Conditioned(MultiTaskNet):
             return self._above_first(h), x
         return self._above_first(self.trunk[0](h)), x  # (T, B, H1)
 
-    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
-        """The first trunk layer is affine in [x, z_t] (concat) or x + z_t (add): its x share, with
-        the request-constant columns computed once, plus a per-task z_t share (T, H1)."""
-        if not len(self.trunk):
-            return super().request_tasks(r)
-        first = self.trunk[0]
+    def first_layers(self) -> list[tuple[FeatureEmbedding, nn.Module]]:
+        return [(self.embed, self.trunk[0])] if len(self.trunk) else []
+
+    def above_first_layers(self, h: list[Tensor]) -> dict[str, Tensor]:
+        """h[0] is the first trunk layer's x share W_x x + b (B, H1) (concat: the z columns left
+        out); the layer is affine in [x, z_t] (concat) or x + z_t (add), so the per-task z_t share
+        (T, H1) is added here."""
+        first, d_x, z = self.trunk[0], self.embed.out_dim, self.task_emb  # z: (T, Dz)
         assert isinstance(first, nn.Linear)
-        d_x, z = self.embed.out_dim, self.task_emb  # z: (T, Dz)
-        h = split_linear(*self.embed.split(r), first)  # (B, H1); concat ignores the z columns here
+        x_share = h[0][None]  # (1, B, H1)
         if self.conditioning == "concat":
-            h = h[None] + (z @ first.weight[:, d_x:].T)[:, None, :]  # (T, B, H1)
+            pre = x_share + (z @ first.weight[:, d_x:].T)[:, None, :]  # (T, B, H1)
         elif self.conditioning == "add":
-            h = h[None] + (z @ first.weight.T)[:, None, :]  # W (x + z_t) + b = (W x + b) + W z_t
+            pre = x_share + (z @ first.weight.T)[:, None, :]  # W (x + z_t) + b = (W x + b) + W z_t
         else:
-            h = h[None].expand(len(self.tasks), *h.shape)  # FiLM conditions after the layer
-        return self._above_first(h)
+            pre = x_share.expand(len(self.tasks), -1, -1)  # FiLM conditions after the layer
+        return self._above_first(pre)
 
     def _above_first(self, h: Tensor) -> dict[str, Tensor]:
         """Everything after the first trunk layer's pre-activation h (T, B, H1); with no trunk, h

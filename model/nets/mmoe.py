@@ -24,12 +24,10 @@ from model.nets.base import (
     FeatureEmbedding,
     History,
     MultiTaskNet,
-    RequestBatch,
     SequenceLayout,
     Tower,
     keep_at_least_one,
-    split_linear,
-    split_weight,
+    split_columns,
 )
 
 
@@ -67,11 +65,7 @@ class Experts(nn.Module):
 
     def first_split(self, x_var: Tensor, x_const: Tensor, var_idx: Tensor, const_idx: Tensor) -> Tensor:
         """The first layer's pre-activation (B, E, H1), the request-constant part computed once."""
-        w = self.weights[0]  # (E, D, H1)
-        if torch.is_grad_enabled() and w.requires_grad:
-            w_const, w_var = w[:, const_idx], w[:, var_idx]
-        else:  # serving: the gathered columns are cached (split_weight)
-            w_const, w_var = split_weight(w, const_idx, 1), split_weight(w, var_idx, 1)
+        w_var, w_const = split_columns(self.weights[0], var_idx, const_idx)  # (E, Dv, H1), (E, Dc, H1)
         const = torch.einsum("bd,edh->beh", x_const, w_const) + self.biases[0]  # (1, E, H1)
         h: Tensor = torch.einsum("bd,edh->beh", x_var, w_var) + const  # (B, E, H1)
         return h
@@ -126,18 +120,17 @@ class MMoE(MultiTaskNet):
         gates = self.gate_probs(x)
         return {t: self.towers[t](torch.einsum("be,beh->bh", gates[t], h)) for t in self.tasks}, z
 
-    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
-        if not self.n_layers:
-            return super().request_tasks(r)
-        parts = self.embed.split(r)
-        h = self.experts.above_first(self.experts.first_split(*parts))  # (B, E, H)
-        out = {}
-        for t in self.tasks:
-            gate = self.gates[t]
-            assert isinstance(gate, nn.Linear)
-            g = torch.softmax(split_linear(*parts, gate), dim=-1)  # (B, E)
-            out[t] = self.towers[t](torch.einsum("be,beh->bh", g, h))
-        return out
+    def first_layers(self) -> list[tuple[FeatureEmbedding, nn.Module]]:
+        """The experts' first layer, then every task's gate."""
+        return [(self.embed, m) for m in [self.experts, *self.gates.values()]] if self.n_layers else []
+
+    def above_first_layers(self, h: list[Tensor]) -> dict[str, Tensor]:
+        experts = self.experts.above_first(h[0])  # (B, E, H)
+        gates = [torch.softmax(logits, dim=-1) for logits in h[1:]]  # T x (B, E)
+        return {
+            t: self.towers[t](torch.einsum("be,beh->bh", g, experts))
+            for t, g in zip(self.tasks, gates, strict=True)
+        }
 
     @torch.no_grad()
     def gate_weights(self, cats: Tensor, nums: Tensor, hist: History | None = None) -> Tensor:

@@ -24,11 +24,9 @@ from model.nets.base import (
     FeatureEmbedding,
     History,
     MultiTaskNet,
-    RequestBatch,
     SequenceLayout,
     Tower,
     keep_at_least_one,
-    split_linear,
 )
 from model.nets.mmoe import Experts
 
@@ -100,25 +98,27 @@ class PLELevel(nn.Module):
         ht = [self.task_experts[t](xs[i]) for i, t in enumerate(self.tasks)]  # T x (B, Et, H)
         return self._mix(ht, hs, self.gate_probs(xs, x_shared))
 
-    def forward_split(
-        self, parts: tuple[Tensor, Tensor, Tensor, Tensor]
-    ) -> tuple[list[Tensor], Tensor | None]:
-        """Serving (eval): ``forward([x] * T, x)`` for a request's split input x (FeatureEmbedding.split),
-        the request-constant share of every expert's and gate's first layer computed once."""
-        hs = self.shared_experts.above_first(self.shared_experts.first_split(*parts))  # (B, Es, H)
+    def first_layers(self) -> list[nn.Module]:
+        """What reads the level's input x when every input is x (the first level): the shared
+        experts, each task's experts, each task's gate, then the shared gate (if any)."""
+        return [self.shared_experts, *self.task_experts.values(), *self._gate_layers().values()]
+
+    def above_first(self, h: Sequence[Tensor]) -> tuple[list[Tensor], Tensor | None]:
+        """Serving (eval): ``forward([x] * T, x)`` from ``first_layers``' pre-activations on x."""
+        n = len(self.tasks)
+        hs = self.shared_experts.above_first(h[0])  # (B, Es, H)
         ht = []  # T x (B, Et, H)
-        for t in self.tasks:
+        for t, pre in zip(self.tasks, h[1 : n + 1], strict=True):
             experts = self.task_experts[t]
             assert isinstance(experts, Experts)
-            ht.append(experts.above_first(experts.first_split(*parts)))
-        gates = {t: self.gates[t] for t in self.tasks}
-        if self.shared_gate is not None:
-            gates["shared"] = self.shared_gate
-        g = {}
-        for name, gate in gates.items():
-            assert isinstance(gate, nn.Linear)
-            g[name] = torch.softmax(split_linear(*parts, gate), dim=-1)  # (B, n)
-        return self._mix(ht, hs, g)
+            ht.append(experts.above_first(pre))
+        gates = zip(self._gate_layers(), h[n + 1 :], strict=True)
+        return self._mix(ht, hs, {name: torch.softmax(logits, dim=-1) for name, logits in gates})
+
+    def _gate_layers(self) -> dict[str, nn.Module]:
+        """Every gate by name: each task's, then "shared" (below the last level)."""
+        shared = {} if self.shared_gate is None else {"shared": self.shared_gate}
+        return {**dict(self.gates.items()), **shared}
 
     def _mix(
         self, ht: Sequence[Tensor], hs: Tensor, g: Mapping[str, Tensor]
@@ -194,11 +194,13 @@ class PLE(MultiTaskNet):
             xs, x_shared = level(xs, x_shared)  # T x (B, H), (B, H) or None after the last level
         return {t: self.towers[t](xs[i]) for i, t in enumerate(self.tasks)}, x
 
-    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
-        if not self.n_layers:
-            return super().request_tasks(r)
+    def first_layers(self) -> list[tuple[FeatureEmbedding, nn.Module]]:
+        """The first level's experts and gates: only that level reads x itself."""
+        return [(self.embed, m) for m in self.level_list[0].first_layers()] if self.n_layers else []
+
+    def above_first_layers(self, h: list[Tensor]) -> dict[str, Tensor]:
         levels = self.level_list
-        xs, x_shared = levels[0].forward_split(self.embed.split(r))  # the first level sees x itself
+        xs, x_shared = levels[0].above_first(h)
         for level in levels[1:]:
             assert x_shared is not None
             xs, x_shared = level(xs, x_shared)

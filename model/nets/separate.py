@@ -22,12 +22,10 @@ from model.nets.base import (
     FeatureEmbedding,
     History,
     MultiTaskNet,
-    RequestBatch,
     SequenceLayout,
     Tower,
     linear_layers,
     mlp,
-    split_linear,
 )
 
 
@@ -60,17 +58,18 @@ class SeparateTowers(MultiTaskNet):
         out = {t: self.towers[t](self.bottom[t](z[:, i])) for i, t in enumerate(self.tasks)}
         return out, z
 
-    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
+    def first_layers(self) -> list[tuple[FeatureEmbedding, nn.Module]]:
+        """Each task's first bottom layer, on its own embedding."""
         if not self.n_bottom:
-            return super().request_tasks(r)
+            return []
+        embeds = self.feature_embeddings()  # one a task, in task order like the bottoms
+        return [(e, linear_layers(b)[0]) for e, b in zip(embeds, self.bottom.values(), strict=True)]
+
+    def above_first_layers(self, h: list[Tensor]) -> dict[str, Tensor]:
         out = {}
-        for t in self.tasks:
-            embed, bottom = self.embed[t], self.bottom[t]
-            assert isinstance(embed, FeatureEmbedding) and isinstance(bottom, nn.Sequential)
-            first = bottom[0]
-            assert isinstance(first, nn.Linear)
-            h = bottom[1:](split_linear(*embed.split(r), first))  # (B, H)
-            out[t] = self.towers[t](h)
+        for (t, bottom), first in zip(self.bottom.items(), h, strict=True):
+            assert isinstance(bottom, nn.Sequential)
+            out[t] = self.towers[t](bottom[1:](first))  # (B,)
         return out
 
     def task_towers(self) -> dict[str, nn.Module]:

@@ -21,12 +21,10 @@ from model.nets.base import (
     FeatureEmbedding,
     History,
     MultiTaskNet,
-    RequestBatch,
     SequenceLayout,
     Tower,
     linear_layers,
     mlp,
-    split_linear,
 )
 
 
@@ -55,13 +53,12 @@ class SharedBottom(MultiTaskNet):
         h = self.bottom(self.embed(cats, nums, hist))  # (B, H)
         return {t: self.towers[t](h) for t in self.tasks}, h
 
-    def request_tasks(self, r: RequestBatch) -> dict[str, Tensor]:
-        if not len(self.bottom):
-            return super().request_tasks(r)
-        first = self.bottom[0]
-        assert isinstance(first, nn.Linear)
-        h = self.bottom[1:](split_linear(*self.embed.split(r), first))  # (B, H)
-        return {t: self.towers[t](h) for t in self.tasks}
+    def first_layers(self) -> list[tuple[FeatureEmbedding, nn.Module]]:
+        return [(self.embed, layer) for layer in linear_layers(self.bottom)[:1]]
+
+    def above_first_layers(self, h: list[Tensor]) -> dict[str, Tensor]:
+        bottom = self.bottom[1:](h[0])  # (B, H)
+        return {t: self.towers[t](bottom) for t in self.tasks}
 
     def shared_parameters(self) -> list[Tensor]:
         return [*self.embed.parameters(), *self.bottom.parameters()]
