@@ -22,13 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import Conditioning
-from model.nets.base import (
-    FeatureEmbedding,
-    History,
-    MultiTaskNet,
-    SequenceLayout,
-    Tower,
-)
+from model.nets.base import FeatureEmbedding, History, MultiTaskNet, SequenceLayout, Tower
 
 
 class Conditioned(MultiTaskNet):

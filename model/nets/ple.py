@@ -20,14 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from model.nets.base import (
-    FeatureEmbedding,
-    History,
-    MultiTaskNet,
-    SequenceLayout,
-    Tower,
-    keep_at_least_one,
-)
+from model.nets.base import FeatureEmbedding, History, MultiTaskNet, SequenceLayout, Tower, keep_at_least_one
 from model.nets.mmoe import Experts
 
 

@@ -6,6 +6,8 @@ Example: two categorical columns (10 and 20 embedding rows) and one numeric colu
     >>> from model.nets.separate import SeparateTowers
     >>> net = SeparateTowers([10, 20], 1, ["click", "like"], embed_dim=4, tower_dims=[4], dropout=0.1,
     ...     bottom_dims=[16])
+    >>> sorted(net.embed), net.shared_parameters()  # an embedding per task, nothing shared
+    (['click', 'like'], [])
     >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
     >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
     {'click': (3,), 'like': (3,)}
@@ -18,18 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model.nets.base import (
-    FeatureEmbedding,
-    History,
-    MultiTaskNet,
-    SequenceLayout,
-    Tower,
-    linear_layers,
-    mlp,
-)
+from model.nets.base import FeatureEmbedding, History, MultiTaskNet, SequenceLayout, Tower, linear_layers, mlp
 
 
 class SeparateTowers(MultiTaskNet):
+    """Per task t: its own embedding (B, D), bottom MLP and tower -> (B,). z stacks the per-task
+    embedding outputs, (B, T, D); no parameter is shared."""
+
     def __init__(
         self,
         cards: Sequence[int],
@@ -40,7 +37,7 @@ class SeparateTowers(MultiTaskNet):
         embed_dim: int,
         tower_dims: Sequence[int],
         dropout: float,
-        bottom_dims: Sequence[int],
+        bottom_dims: Sequence[int],  # each task's own bottom MLP
     ) -> None:
         super().__init__(tasks)
         embeds = {t: FeatureEmbedding(cards, n_nums, embed_dim, seqs) for t in tasks}

@@ -6,6 +6,8 @@ Example: two categorical columns (10 and 20 embedding rows) and one numeric colu
     >>> from model.nets.shared_bottom import SharedBottom
     >>> net = SharedBottom([10, 20], 1, ["click", "like"], embed_dim=4, tower_dims=[4], dropout=0.1,
     ...     bottom_dims=[16])
+    >>> net.embed.out_dim, net.bottom(torch.randn(3, 9)).shape  # D = 2 x 4 embedded + 1 numeric; (B, H)
+    (9, torch.Size([3, 16]))
     >>> cats, nums = torch.tensor([[1, 5], [0, 19], [9, 0]]), torch.randn(3, 1)  # (B, C), (B, F)
     >>> {task: tuple(logit.shape) for task, logit in net(cats, nums).items()}  # {task: (B,)}
     {'click': (3,), 'like': (3,)}
@@ -17,18 +19,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from model.nets.base import (
-    FeatureEmbedding,
-    History,
-    MultiTaskNet,
-    SequenceLayout,
-    Tower,
-    linear_layers,
-    mlp,
-)
+from model.nets.base import FeatureEmbedding, History, MultiTaskNet, SequenceLayout, Tower, linear_layers, mlp
 
 
 class SharedBottom(MultiTaskNet):
+    """embed (B, D) -> bottom MLP (B, H), computed once -> one tower per task (B,). The bottom's
+    output is the shared representation z."""
+
     def __init__(
         self,
         cards: Sequence[int],
@@ -39,7 +36,7 @@ class SharedBottom(MultiTaskNet):
         embed_dim: int,
         tower_dims: Sequence[int],
         dropout: float,
-        bottom_dims: Sequence[int],
+        bottom_dims: Sequence[int],  # the shared bottom MLP, every task's tower reads its output
     ) -> None:
         super().__init__(tasks)
         self.embed = FeatureEmbedding(cards, n_nums, embed_dim, seqs)
