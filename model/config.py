@@ -668,6 +668,10 @@ def _tagged(
     if part is not None and not isinstance(part, Mapping):
         raise ConfigError(f"[{section}] {tag}: expected a table, got {part!r}"[:200], malformed=True)
     out = {"kind" if tag_key == "weighting" else tag_key: tag, **(part or {})}
+    mixed = [old for old in flat if old in values]
+    if legacy and part is not None and mixed:  # no build wrote both forms
+        table = f"{section}.weighting.{tag}" if section == "train" else f"{section}.{tag}"
+        raise ConfigError(f"[{section}]: flat keys {mixed} beside the [{table}] table")
     for old, (owners, new) in flat.items():
         if old not in values:
             continue
@@ -718,6 +722,7 @@ _KINDS = {
     "dataclass": "object",
     "model": "object",
 }
+_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "tuple"}
 _JSON_NAMES = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
 
 
@@ -727,7 +732,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
     for i, part in enumerate(loc):
         if part == "net" and i > 0 and loc[i - 1] == "model":  # [model.<arch>]: the tag follows
             continue
-        if isinstance(part, str) and ("[" in part or part in _KINDS or part == "str"):
+        if isinstance(part, str) and ("[" in part or part in _MEMBERS):
             continue  # a union member's name (str | list[str]), not a key
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out
@@ -745,8 +750,9 @@ def describe_error(err: Any, prefix: str = "") -> str:
         return f"[{section or 'config'}] unknown keys: [{key!r}]"
     if kind in ("missing", "missing_argument"):
         return f"{section or prefix.rstrip('.') or 'config'}: missing key {key!r}"
-    if kind in ("too_short", "too_long") and "expected" in ctx:
-        return f"{where}: expected a list of {ctx['expected']} items, got {ctx.get('actual')}"
+    if kind in ("too_short", "too_long") and "actual_length" in ctx:
+        want = ctx.get("max_length") if kind == "too_long" else ctx.get("min_length")
+        return f"{where}: expected a list of {want} items, got {ctx['actual_length']}"
     if kind.endswith("_type") and kind.removesuffix("_type") in _KINDS:
         shown = _JSON_NAMES.get(type(got), "null" if got is None else type(got).__name__)
         if not isinstance(got, dict | list):
@@ -786,6 +792,11 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
         except tomllib.TOMLDecodeError:
             value = text
         model, train = d["model"], d["train"]
+        moved = _FLAT_MODEL if path[0] == "model" else _FLAT_TRAIN if path[0] == "train" else {}
+        if len(path) == 2 and path[1] in moved:
+            Config.from_dict({path[0]: {path[1]: value}})  # raises the "is now" error
+        if path == ["train", "weighting"] and value == weighting_name(train):
+            continue  # the weighting it already has, with its keys
         if path == ["model", "arch"] and value != model["arch"]:
             model.pop(model["arch"], None)
         elif len(path) == 3 and path[:2] == ["model", path[1]] and path[1] in ARCHS and path[1] not in model:

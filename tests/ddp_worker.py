@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py CONFIG ROOT VARIANTS_JSON
 
-Each variant is {"name": str, "set": {"train.weighting": "mgda", ...}, "init_from": path or null};
+Each variant is {"name": str, "set": {"train.weighting": "mgda", ...}, "init_from": path or null}
+(``set``: ``--set`` assignments with JSON values);
 its checkpoint goes to ROOT/<name>. The group is joined once (one start-up for all variants).
 """
 
@@ -16,17 +17,20 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from model.config import SequenceDecl, load_config
+from model.config import Config, SequenceDecl, apply_overrides, load_config
 from model.distributed import init_distributed
 from model.train import train
 
 
-def apply(cfg: object, overrides: dict[str, object]) -> None:
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        if key == "data.sequences":  # JSON objects -> the config's dataclasses
-            value = [SequenceDecl(**q) for q in value]  # type: ignore[attr-defined]
-        setattr(getattr(cfg, section), name, value)
+def apply(cfg: Config, overrides: dict[str, object]) -> Config:
+    """``cfg`` with ``overrides`` ({"section.key": JSON value}) applied, as ``--set`` applies them
+    (``train.weighting``, ``model.arch`` switch to that part's defaults; ``model.ple.levels`` keys)."""
+    sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if k != "data.sequences"]
+    cfg = apply_overrides(cfg, sets)
+    if "data.sequences" in overrides:  # JSON objects -> the config's dataclasses
+        cfg.data.sequences = [SequenceDecl(**q) for q in overrides["data.sequences"]]  # type: ignore[attr-defined]
+        cfg = cfg.validated()
+    return cfg
 
 
 def main() -> None:
@@ -35,9 +39,7 @@ def main() -> None:
     replica = init_distributed()
     try:
         for v in variants:
-            cfg = load_config(config)
-            apply(cfg, v.get("set", {}))
-            cfg.__post_init__()
+            cfg = apply(load_config(config), v.get("set", {}))
             train(cfg, root / v["name"], replica=replica, init_from=v.get("init_from"))
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -11,11 +12,49 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import Ranker, stable_hash
-from model.config import Config, load_config
+from model.config import (
+    ConditionedConfig,
+    Config,
+    MMoEConfig,
+    ModelConfig,
+    NetConfig,
+    PLEConfig,
+    SeparateConfig,
+    SharedBottomConfig,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data" / "kuairand-pure"
 FIXTURE_LOG = "kuairand_pure_20220425_0508_300users_seed20240601.csv"
+
+
+NETS: dict[str, type] = {
+    "separate": SeparateConfig,
+    "shared_bottom": SharedBottomConfig,
+    "mmoe": MMoEConfig,
+    "ple": PLEConfig,
+    "conditioned": ConditionedConfig,
+}
+
+
+def model_config(
+    arch: str,
+    *,
+    expert_dims: list[int] | None = None,
+    bottom_dims: list[int] | None = None,
+    **keys: Any,
+) -> ModelConfig:
+    """A ``ModelConfig`` for any ``arch`` from one set of widths: ``expert_dims`` / ``bottom_dims``
+    go to ``[model.<arch>]`` when the architecture has them (and are ignored when it does not);
+    every other key is ``[model]``'s or else the architecture's own (an unknown key is an error)."""
+    cls = NETS[arch]
+    own = {f.name for f in dataclasses.fields(cls)} - {"arch"}
+    common = {f.name for f in dataclasses.fields(ModelConfig)} - {"net"}
+    dims = {"expert_dims": expert_dims, "bottom_dims": bottom_dims}
+    net_keys = {k: v for k, v in dims.items() if v is not None and k in own}
+    net_keys.update({k: v for k, v in keys.items() if k not in common})
+    return ModelConfig(net=cls(**net_keys), **{k: v for k, v in keys.items() if k in common})
 
 
 def tiny_config(arch: str = "mmoe", epochs: int = 2, seed: int = 0) -> Config:
@@ -23,11 +62,19 @@ def tiny_config(arch: str = "mmoe", epochs: int = 2, seed: int = 0) -> Config:
     cfg = load_config(ROOT / "configs" / "kuairand_mmoe.toml")
     cfg.data.data_dir = str(DATA_DIR)
     cfg.data.log = FIXTURE_LOG
-    cfg.model.arch = arch  # type: ignore[assignment]
+    shipped = cfg.model.net  # [model.mmoe] of the shipped file: its expert count and gate dropout
+    assert isinstance(shipped, MMoEConfig)
+    nets: dict[str, NetConfig] = {
+        "mmoe": MMoEConfig(n_experts=shipped.n_experts, expert_dims=[16], gate_dropout=shipped.gate_dropout),
+        "ple": PLEConfig(expert_dims=[16], gate_dropout=shipped.gate_dropout),
+        "shared_bottom": SharedBottomConfig(bottom_dims=[16]),
+        "separate": SeparateConfig(bottom_dims=[16]),
+        "conditioned": ConditionedConfig(bottom_dims=[16]),
+    }
+    cfg.model.net = nets[arch]
     cfg.model.embed_dim = 4
-    cfg.model.expert_dims = [16]
-    cfg.model.bottom_dims = [16]
     cfg.model.tower_dims = [8]
+    cfg = cfg.validated()  # before the epochs: some tests ask for 0, which a config refuses
     cfg.train.epochs = epochs
     cfg.train.batch_size = 256
     cfg.train.seed = seed

@@ -85,6 +85,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     toml("good.toml")
     toml("bad.toml", edit=lambda s: s.replace('name = "t"', 'name = "t'))
     toml("unknown_key.toml", edit=lambda s: s.replace("[train]", "[train]\nepoch = 3"))
+    toml("flat_key.toml", edit=lambda s: s + '[model]\narch = "mmoe"\nn_experts = 2\n')
+    toml("arch_table.toml", edit=lambda s: s + '[model]\narch = "ple"\n[model.mmoe]\nn_experts = 2\n')
     toml("no_data.toml", log="nowhere.csv")
     toml("text_label.toml", label="outcome")
     toml("text_numeric.toml", log="text_temp.csv")
@@ -164,6 +166,30 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("train-no-features", ["train", "--config", "{f}/no_features.toml"], 2, r"no features declared"),
     ("train-monitor", ["train", "--config", "{f}/monitor.toml"], 2, r"names no metric of this config"),
     ("train-bad-set", ["train", "--config", "{f}/good.toml", "--set", "nope"], 2, r"want section.key=value"),
+    (
+        "train-flat-key",
+        ["train", "--config", "{f}/flat_key.toml"],
+        2,
+        r"\[model\] n_experts is now \[model\.mmoe\] n_experts",
+    ),
+    (
+        "train-arch-and-table",
+        ["train", "--config", "{f}/arch_table.toml"],
+        2,
+        r"\[model\] arch = 'ple' but the table is \[model\.mmoe\]",
+    ),
+    (
+        "train-flat-set",
+        ["train", "--config", "{f}/good.toml", "--set", "model.n_experts=2"],
+        2,
+        r"\[model\] n_experts is now \[model\.mmoe\] n_experts",
+    ),
+    (
+        "train-bad-arch-set",
+        ["train", "--config", "{f}/good.toml", "--set", "model.mmoe.n_experts=0"],
+        2,
+        r"model\.mmoe: n_experts must be >= 1",
+    ),
     (
         "train-zero-epochs",
         ["train", "--config", "{f}/good.toml", "--epochs", "0"],

@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from modelkit import model_config
 
 import model.compiled
 from model import Ranker, resolve_checkpoint
 from model.compiled import CompileError, OnnxForward, probe_request
-from model.config import ModelConfig, TaskConfig
+from model.config import MMoEConfig, ModelConfig, TaskConfig
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import build_model, split_weight
 
@@ -44,7 +45,7 @@ def schema(bias: bool = False) -> FeatureSchema:
         ("shared_bottom", {}),
         ("mmoe", {}),
         ("mmoe", {"bias_features": ["position"], "bias_tasks": ["engagement"]}),
-        ("ple", {"ple_levels": 2}),
+        ("ple", {"levels": 2}),
         ("conditioned", {"conditioning": "concat"}),
         ("conditioned", {"conditioning": "film"}),
     ],
@@ -53,7 +54,7 @@ def schema(bias: bool = False) -> FeatureSchema:
 def test_the_onnx_forward_equals_eager_for_every_architecture(arch: str, extra: dict[str, Any]) -> None:
     bias = "bias_features" in extra
     s = schema(bias)
-    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4], **extra)
+    cfg = model_config(arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4], **extra)
     net = build_model(cfg, s, TASKS).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -120,6 +121,7 @@ def test_a_request_without_user_or_context_columns_is_left_to_eager() -> None:
     s = FeatureSchema(
         [FeatureSpec("v", "video", "categorical", vocab=["1", "2"]), FeatureSpec("d", "video", "numeric")]
     )
-    net = build_model(ModelConfig(arch="mmoe", embed_dim=4, expert_dims=[8], tower_dims=[4]), s, TASKS).eval()
+    cfg = ModelConfig(net=MMoEConfig(expert_dims=[8]), embed_dim=4, tower_dims=[4])
+    net = build_model(cfg, s, TASKS).eval()
     with pytest.raises(CompileError, match="no candidate or no user/context columns"):
         OnnxForward.build(net, s)

@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 import reference_data
 from modelkit import DATA_DIR, FIXTURE_LOG, tiny_config
 
 import model.data.prepare as prep
-from model.config import Config, ConfigError, DataConfig, FeatureDecl, TaskConfig, load_config
+from model.config import Config, ConfigError, DataConfig, FeatureDecl, MMoEConfig, TaskConfig, load_config
 from model.data import DataError, load_dataset
 from model.data.loader import ShardedSplit, Stream, materialize, stream_rng
 from model.data.prepare import numpy_linear_quantile, prepare
@@ -203,7 +204,7 @@ def table_config(tmp_path: Path, df: pd.DataFrame, **data: object) -> Config:
         data=d, tasks=[TaskConfig("a", label="y1"), TaskConfig("b", label={"column": "y2", "equals": "yes"})]
     )
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 4, 64, 0.01
-    cfg.model.expert_dims, cfg.model.tower_dims, cfg.model.embed_dim = [8], [4], 4
+    cfg.model.net, cfg.model.tower_dims, cfg.model.embed_dim = MMoEConfig(expert_dims=[8]), [4], 4
     return cfg
 
 
@@ -278,7 +279,8 @@ def test_empty_splits_are_errors_that_name_the_fix(tmp_path):
                 tmp_path, table(), split_column="day", time_column="t", train_range=(0, 3), test_range=(7, 9)
             )
         )
-    with pytest.raises(ConfigError, match="needs train_range and test_range"):
+    # a Config built directly: pydantic's ValidationError carries the ConfigError's message
+    with pytest.raises(pydantic.ValidationError, match="needs train_range and test_range"):
         table_config(tmp_path, table(), split_column="day", time_column="t")
     with pytest.raises(DataError, match="validation split is empty"):
         load_dataset(
@@ -311,8 +313,12 @@ def test_a_text_label_without_an_expression_is_a_clear_error(tmp_path):
     cfg.tasks[1] = TaskConfig("b", label="y2")
     with pytest.raises(DataError, match=r"label column 'y2' holds .* values \(e.g. '(yes|no)'\).*equals"):
         load_dataset(cfg)
-    with pytest.raises(ConfigError, match="label expression"):
+    with pytest.raises(pydantic.ValidationError, match="label expression"):
         Config(data=cfg.data, tasks=[TaskConfig("b", label={"column": "y2", "is": "yes"})])
+    d = cfg.to_dict()
+    d["tasks"] = [{"name": "b", "label": {"column": "y2", "is": "yes"}}]
+    with pytest.raises(ConfigError, match="label expression"):
+        Config.from_dict(d)
 
 
 def test_a_monitor_that_names_no_metric_is_a_config_error(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from modelkit import DATA_DIR, FIXTURE_LOG, ROOT, tiny_toml
 
 from model.checkpoint import Checkpoint, list_versions, load_checkpoint, resolve_checkpoint
-from model.config import ConfigError, TaskConfig, load_config
+from model.config import ConfigError, TaskConfig, apply_overrides, load_config
 from model.data import load_dataset
 from model.data.loader import Split, Stream, stream_rng
 from model.distributed import check_supported
@@ -122,9 +122,10 @@ def test_scaled_per_rank_losses_average_to_the_global_batch_loss():
 def test_configs_a_world_size_cannot_run_are_refused(tmp_path):
     cfg = load_config(tiny_toml(tmp_path))
     for weighting in ("static", "uncertainty", "mgda", "pcgrad", "gradnorm", "worst_case"):
-        cfg.train.weighting = weighting  # type: ignore[assignment]
-        check_supported(cfg, 2)  # every scheme runs data parallel
-    cfg.train.weighting = "static"
+        scheme = apply_overrides(cfg, [f"train.weighting={weighting}"])
+        assert scheme.train.weighting.kind == weighting
+        check_supported(scheme, 2)  # every scheme runs data parallel
+    assert cfg.train.weighting.kind == "static"
     cfg.train.streams = 3
     with pytest.raises(ConfigError, match="streams"):
         check_supported(cfg, 2)
@@ -162,7 +163,8 @@ def ddp_toml(tmp_path: Path) -> Path:
         ('label = "is_like"', 'label = "is_like"\nmask_by = "is_click"'),
         ("embed_dim = 16", "embed_dim = 4"),
         ("tower_dims = [32]", "tower_dims = [8]"),
-        ("dropout = 0.1\ngate_dropout = 0.1", "dropout = 0.0\ngate_dropout = 0.0"),
+        ("dropout = 0.1\n\n[model.mmoe]", "dropout = 0.0\n\n[model.mmoe]"),
+        ("gate_dropout = 0.1", "gate_dropout = 0.0"),
         ("epochs = 1", "epochs = 2"),
         ("batch_size = 1024", "batch_size = 256\nlog_every = 1"),
         ("patience = 1", "patience = 10"),
@@ -274,10 +276,13 @@ def test_two_process_run_over_parquet_shards_matches_one_process(tmp_path):
 
 VARIANTS: list[dict[str, object]] = [
     {"name": "uncertainty", "set": {"train.weighting": "uncertainty"}},
-    {"name": "worst_case", "set": {"train.weighting": "worst_case", "train.worst_case_reference": "initial"}},
+    {"name": "worst_case", "set": {"train.weighting.worst_case.reference": "initial"}},
     {"name": "gradnorm", "set": {"train.weighting": "gradnorm"}},
     {"name": "mgda_mmoe", "set": {"train.weighting": "mgda"}},
-    {"name": "mgda_ple", "set": {"train.weighting": "mgda", "model.arch": "ple"}},
+    {
+        "name": "mgda_ple",
+        "set": {"train.weighting": "mgda", "model.arch": "ple", "model.ple.expert_dims": [16]},
+    },
     {"name": "pcgrad", "set": {"train.weighting": "pcgrad"}},
     {
         "name": "batch_l2_dropout",
@@ -338,9 +343,7 @@ def test_every_training_feature_matches_one_process_on_two_ranks(tmp_path):
     torch.set_num_threads(1)
     try:
         for v in variants:
-            cfg = load_config(config)
-            apply(cfg, {**v["set"], "train.streams": 2})  # type: ignore[dict-item]
-            cfg.__post_init__()
+            cfg = apply(load_config(config), {**v["set"], "train.streams": 2})  # type: ignore[dict-item]
             train(cfg, artifacts=tmp_path / "single" / str(v["name"]), init_from=v.get("init_from"))  # type: ignore[arg-type]
     finally:
         torch.set_num_threads(threads)

@@ -13,14 +13,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from modelkit import tiny_config
+from modelkit import model_config, tiny_config
 
 from model import stable_hash
-from model.config import Config, ConfigError, DataConfig, FeatureDecl, ModelConfig, SequenceDecl, TaskConfig
+from model.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    FeatureDecl,
+    MMoEConfig,
+    ModelConfig,
+    SequenceDecl,
+    TaskConfig,
+)
 from model.data import DataError, load_dataset
 from model.data.history import load_event_tables
 from model.features import FeatureSchema
-from model.nets import ARCHS, RequestBatch, SequenceLayout
+from model.nets import ARCHS, MMoE, RequestBatch, SequenceLayout
 from model.scoring import Ranker
 from model.sequences import UserHistory, pack_events, unpack_events
 from model.train import fit, predict
@@ -80,7 +89,7 @@ def hand_config(tmp_path: Path, df: pd.DataFrame, pooling: str = "attention", ma
         sequences=[SequenceDecl("views", "lv", max_len, pooling, ["author"])],  # type: ignore[arg-type]
     )
     cfg = Config(data=d, tasks=[TaskConfig("engagement", label="lv")])
-    cfg.model = ModelConfig(arch="mmoe", embed_dim=4, expert_dims=[8], tower_dims=[4], n_experts=2)
+    cfg.model = ModelConfig(net=MMoEConfig(n_experts=2, expert_dims=[8]), embed_dim=4, tower_dims=[4])
     cfg.train.epochs, cfg.train.batch_size = 1, 4
     return cfg
 
@@ -302,8 +311,17 @@ def test_request_forward_equals_the_broadcast_forward_with_histories() -> None:
     cards = [5, 7, 9, 11, 4, 3]  # user: 2 categoricals, video: 3, context: 1
     seqs = [SequenceLayout("a", "attention", 6, [2, 3]), SequenceLayout("m", "mean", 4, [2])]
     for arch in ARCHS:
-        cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 6], bottom_dims=[8], tower_dims=[4])  # type: ignore[arg-type]
-        net = ARCHS[arch](cfg, cards, 5, ["a", "b"], seqs).eval()
+        cfg = model_config(arch, embed_dim=4, expert_dims=[8, 6], bottom_dims=[8], tower_dims=[4])
+        net = ARCHS[arch](
+            cards,
+            5,
+            ["a", "b"],
+            seqs,
+            embed_dim=cfg.embed_dim,
+            tower_dims=cfg.tower_dims,
+            dropout=cfg.dropout,
+            **cfg.net_args(),
+        ).eval()
         for lens in ([4, 2], [0, 0], [6, 4]):
             r = RequestBatch(
                 torch.randint(0, 5, (1, 2)),
@@ -327,8 +345,19 @@ def test_request_forward_equals_the_broadcast_forward_with_histories() -> None:
 def test_padding_and_items_past_the_length_change_nothing() -> None:
     """Only the first ``length`` items of a history count (the rest is padding, whatever it holds)."""
     torch.manual_seed(1)
-    cfg = ModelConfig(arch="mmoe", embed_dim=4, expert_dims=[8], tower_dims=[4])
-    net = ARCHS["mmoe"](cfg, [5, 9, 4], 0, ["a"], [SequenceLayout("a", "attention", 5, [1])]).eval()
+    seqs = [SequenceLayout("a", "attention", 5, [1])]
+    net = MMoE(
+        [5, 9, 4],
+        0,
+        ["a"],
+        seqs,
+        embed_dim=4,
+        tower_dims=[4],
+        dropout=0.1,
+        n_experts=4,
+        expert_dims=[8],
+        gate_dropout=0.0,
+    ).eval()
     cats = torch.tensor([[1, 2, 3]])
     items = torch.tensor([[[4], [5], [0], [0], [0]]])
     noisy = torch.tensor([[[4], [5], [7], [8], [1]]])
@@ -392,7 +421,7 @@ def test_the_onnx_forward_reads_the_histories_as_eager_does(arch: str) -> None:
             SequenceSpec("likes", ["like"], 3, "mean", ["video_id"]),
         ],
     )
-    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8], tower_dims=[4])  # type: ignore[arg-type]
+    cfg = model_config(arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8], tower_dims=[4])
     net = build_model(cfg, s, [TaskConfig("engagement", label="lv")]).eval()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():

@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from modelkit import tiny_config
+from modelkit import model_config, tiny_config
 
 import model.checkpoint as ck
 from model import Ranker, combine_scores
@@ -205,7 +205,7 @@ MALFORMED = {
     "tensor entry is a string": (
         lambda m: m["weights"]["tensors"].update({"embed.offsets": "x"}),
         CorruptCheckpointError,
-        r"weights\.tensors\['embed\.offsets'\]: expected object",
+        r"weights\.tensors(\['embed\.offsets'\]|\.embed\.offsets): expected object, got string 'x'",
     ),
     "tensor shape is a string": (
         lambda m: _first_tensor(m).update(shape="abc"),
@@ -251,7 +251,7 @@ MALFORMED = {
     "vocab is a number": (
         lambda m: _first(m, "categorical").update(vocab=5),
         CorruptCheckpointError,
-        r"\.vocab: expected list or null, got integer 5",
+        r"feature_schema\.features\[0\]\.vocab: expected list( or null)?, got integer 5",
     ),
     "vocab item is a number": (
         lambda m: _first(m, "categorical").update(vocab=[1, 2]),
@@ -264,9 +264,14 @@ MALFORMED = {
         r"config\.model\.dropout: expected number, got string 'a'",
     ),
     "width is a string": (
-        _set(["config", "model", "expert_dims"], ["16"]),
+        _set(["config", "model", "mmoe", "expert_dims"], ["16"]),
         CorruptCheckpointError,
-        r"config\.model\.expert_dims\[0\]: expected integer",
+        r"config\.model\.mmoe\.expert_dims\[0\]: expected integer, got string '16'",
+    ),
+    "weighting key is a string": (
+        _set(["config", "train", "weighting"], {"gradnorm": {"alpha": "2"}}),
+        CorruptCheckpointError,
+        r"config\.train\.weighting\.gradnorm\.alpha: expected number, got string '2'",
     ),
     "embed_dim is a boolean": (
         _set(["config", "model", "embed_dim"], True),
@@ -276,7 +281,7 @@ MALFORMED = {
     "train_range has 3 items": (
         _set(["config", "data", "train_range"], [1, 2, 3]),
         CorruptCheckpointError,
-        r"config\.data\.train_range: expected a list of 2 items",
+        r"config\.data\.train_range: expected a list of 2 items, got 3",
     ),
     "metrics is a list": (_set(["metrics"], []), CorruptCheckpointError, r"metrics: expected object"),
     "version is a number": (_set(["version"], 7), CorruptCheckpointError, r"version: expected string"),
@@ -298,7 +303,7 @@ MALFORMED = {
         r"builds no network: ValueError: dropout probability",
     ),
     "negative width": (
-        _set(["config", "model", "expert_dims"], [-3]),
+        _set(["config", "model", "mmoe", "expert_dims"], [-3]),
         CorruptCheckpointError,
         r"builds no network: RuntimeError",
     ),
@@ -308,7 +313,27 @@ MALFORMED = {
         r"builds no network: ValueError: model\.bias_features",
     ),
     # a newer (or older) build's manifest: incompatible rather than corrupt
-    "unknown arch": (_set(["config", "model", "arch"], "nope"), IncompatibleCheckpointError, r"model\.arch"),
+    # a newer build's architecture, with its own table
+    "unknown arch": (
+        lambda m: m["config"]["model"].update(arch="nope", nope=m["config"]["model"].pop("mmoe")),
+        IncompatibleCheckpointError,
+        r"model: Input tag 'nope' found using 'arch' does not match",
+    ),
+    "arch and its table disagree": (
+        _set(["config", "model", "arch"], "ple"),
+        IncompatibleCheckpointError,
+        r"\[model\] arch = 'ple' but the table is \[model\.mmoe\]",
+    ),
+    "unknown weighting": (
+        _set(["config", "train", "weighting"], "nope"),
+        IncompatibleCheckpointError,
+        r"train\.weighting: Input tag 'nope' found using 'kind' does not match",
+    ),
+    "another arch's key": (
+        _set(["config", "model", "mmoe", "levels"], 2),
+        IncompatibleCheckpointError,
+        r"\[model\.mmoe\] unknown keys: \['levels'\]",
+    ),
     "unknown feature kind": (
         _set(["feature_schema", "features", 0, "kind"], "weird"),
         IncompatibleCheckpointError,
@@ -366,7 +391,7 @@ def _peak_rss_mb() -> float:
 
 
 HUGE = {  # each would need ~10^12 parameters (4 TB) if the network were materialised
-    "expert widths": (_set(["config", "model", "expert_dims"], [10**6, 10**6]), r"do not fit"),
+    "expert widths": (_set(["config", "model", "mmoe", "expert_dims"], [10**6, 10**6]), r"do not fit"),
     "embed_dim": (_set(["config", "model", "embed_dim"], 10**9), r"do not fit"),
     "vocabulary": (
         lambda m: (
@@ -376,10 +401,23 @@ HUGE = {  # each would need ~10^12 parameters (4 TB) if the network were materia
         r"do not fit",
     ),
     "tower widths": (_set(["config", "model", "tower_dims"], [10**6, 10**6]), r"do not fit"),
-    "n_experts": (_set(["config", "model", "n_experts"], 10**9), r"n_experts needs at least"),
+    "n_experts": (
+        _set(["config", "model", "mmoe", "n_experts"], 10**9),
+        r"model\.mmoe\.n_experts needs at least",
+    ),
     "ple levels": (
-        lambda m: m["config"]["model"].update(arch="ple", ple_levels=10**9),
-        r"ple_levels x experts per gate needs at least",
+        lambda m: (
+            m["config"]["model"].pop("mmoe"),
+            m["config"]["model"].update(arch="ple", ple={"levels": 10**9}),
+        ),
+        r"model\.ple\.levels x experts per gate needs at least",
+    ),
+    "ple levels, an old flat manifest": (
+        lambda m: (
+            m["config"]["model"].pop("mmoe"),
+            m["config"]["model"].update(arch="ple", ple_levels=10**9),
+        ),
+        r"model\.ple\.levels x experts per gate needs at least",
     ),
 }
 
@@ -437,19 +475,18 @@ def _small_schema(bias: bool):
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias tower"])
 @pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe", "ple", "conditioned"])
 def test_every_arch_is_checked_on_the_meta_device(tmp_path, arch, bias):
-    from model.config import ModelConfig
     from model.nets import build_model
 
     cfg = tiny_config(arch)
-    cfg.model = ModelConfig(
-        arch=arch,  # type: ignore[arg-type]
+    own = {"mmoe": {"n_experts": 3}, "conditioned": {"conditioning": "film"}}.get(arch, {})
+    cfg.model = model_config(
+        arch,
         embed_dim=4,
         bottom_dims=[8, 6],
         expert_dims=[8],
         tower_dims=[4],
-        n_experts=3,
-        conditioning="film",
         bias_features=["position"] if bias else [],
+        **own,
     )
     schema = _small_schema(bias)
     net = build_model(cfg.model, schema, cfg.tasks)
@@ -459,12 +496,115 @@ def test_every_arch_is_checked_on_the_meta_device(tmp_path, arch, bias):
         assert torch.equal(v, loaded[k]) and not loaded[k].is_meta, k
     m = json.loads((path / "manifest.json").read_text())
     key = "expert_dims" if arch in ("mmoe", "ple") else "bottom_dims"
-    m["config"]["model"][key] = [10**6, 10**6]
+    assert m["config"]["model"]["arch"] == arch and key in m["config"]["model"][arch]
+    m["config"]["model"][arch][key] = [10**6, 10**6]
     if bias:
         m["config"]["model"]["bias_dims"] = [10**6, 10**6]
     _rewrite_manifest(path, m)
     with pytest.raises(IncompatibleCheckpointError, match="do not fit"):
         load_checkpoint(path)
+
+
+# -- configs stored flat, before [model.<arch>] and [train.weighting.<kind>] -------------------------
+
+# every key the flat [model] / [train] of older checkpoints held for the parts, at the old defaults
+_OLD_FLAT_MODEL = {
+    "bottom_dims": [256, 128],
+    "n_experts": 4,
+    "expert_dims": [128, 64],
+    "gate_dropout": 0.0,
+    "ple_levels": 2,
+    "n_shared_experts": 2,
+    "n_task_experts": 1,
+    "conditioning": "concat",
+    "task_embed_dim": 16,
+}
+_OLD_FLAT_TRAIN = {
+    "worst_case_temperature": 0.1,
+    "worst_case_reference": "constant",
+    "gradnorm_alpha": 1.5,
+    "gradnorm_lr": 0.01,
+    "gradnorm_reference": "constant",
+}
+
+
+def _flatten_config(config: dict) -> dict:
+    """A manifest's config as an older build wrote it: the arch's table and the weighting's keys flat
+    in [model] / [train] (``levels`` was ``ple_levels``), every other part's keys stored too."""
+    out = json.loads(json.dumps(config))
+    model, train = out["model"], out["train"]
+    own = model.pop(model["arch"])
+    model.update(_OLD_FLAT_MODEL)
+    model.update({"ple_levels" if k == "levels" else k: v for k, v in own.items()})
+    w = train.pop("weighting")
+    kind, keys = (w, {}) if isinstance(w, str) else next(iter(w.items()))
+    train.update(weighting=kind, **_OLD_FLAT_TRAIN)
+    train.update({f"{kind}_{k}": v for k, v in keys.items()})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "net_keys", "weighting"),
+    [
+        ("separate", {"bottom_dims": [8, 6]}, "static"),
+        ("shared_bottom", {"bottom_dims": [8]}, "mgda"),
+        (
+            "mmoe",
+            {"n_experts": 3, "expert_dims": [8], "gate_dropout": 0.2},
+            {"gradnorm": {"alpha": 2.0, "lr": 0.05, "reference": "initial"}},
+        ),
+        (
+            "ple",
+            {"levels": 3, "n_shared_experts": 1, "n_task_experts": 2, "expert_dims": [6]},
+            {"worst_case": {"temperature": 0.3, "reference": "initial"}},
+        ),
+        ("conditioned", {"bottom_dims": [8, 6], "conditioning": "film", "task_embed_dim": 5}, "uncertainty"),
+    ],
+)
+def test_a_manifest_with_the_old_flat_config_loads_and_scores_the_same(tmp_path, arch, net_keys, weighting):
+    from model.config import Config, ConfigError
+    from model.nets import build_model
+
+    d = tiny_config(arch).to_dict()
+    d["model"].update(embed_dim=4, tower_dims=[4], **{arch: net_keys})
+    d["train"]["weighting"] = weighting
+    cfg = Config.from_dict(d)
+    schema = _small_schema(False)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, schema, cfg.tasks).eval()
+    path = save_checkpoint(tmp_path, net, cfg, schema)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["config"]["model"][arch] == {**m["config"]["model"][arch], **net_keys}  # the nested form
+    m["config"] = _flatten_config(m["config"])
+    assert arch not in m["config"]["model"] and "n_experts" in m["config"]["model"]
+    assert isinstance(m["config"]["train"]["weighting"], str) and "gradnorm_lr" in m["config"]["train"]
+    with pytest.raises(ConfigError, match=r"is now \[(model\.|train\.weighting\.)"):
+        Config.from_dict(m["config"])  # refused in a config file ...
+    _rewrite_manifest(path, m)
+    ckpt = load_checkpoint(path)  # ... migrated in a checkpoint
+    assert ckpt.config == cfg
+    assert ckpt.config.model.net == cfg.model.net and ckpt.config.train.weighting == cfg.train.weighting
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ckpt.model.state_dict()[k]), k
+    g = torch.Generator().manual_seed(1)
+    cats = torch.stack(
+        [
+            torch.randint(0, 11, (16,), generator=g),
+            torch.randint(0, 21, (16,), generator=g),
+            torch.randint(0, 3, (16,), generator=g),
+        ],
+        1,
+    )
+    nums = torch.randn(16, 1, generator=g)
+    with torch.no_grad():
+        want, got = net(cats, nums), ckpt.model(cats, nums)
+    for t in want:
+        assert torch.equal(want[t], got[t]), t
+    ranker = Ranker.load(path)
+    c, x = cats.numpy(), nums.numpy()
+    heads = ranker.score_encoded(c, x)
+    for t in want:
+        assert heads[t] == pytest.approx(torch.sigmoid(want[t]).numpy(), rel=1e-6), t
 
 
 # -- LATEST ------------------------------------------------------------------------------------------

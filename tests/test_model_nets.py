@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+from modelkit import model_config
 
-from model.config import ModelConfig, TaskConfig
+from model.config import MMoEConfig, ModelConfig, SeparateConfig, TaskConfig
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import MMoE, SeparateTowers, build_model
 from model.train import observed_tasks, task_losses
@@ -38,7 +39,7 @@ def _batch(b: int = 32):
 @pytest.mark.parametrize("arch", ["separate", "shared_bottom", "mmoe"])
 def test_forward_returns_one_output_per_task(arch):
     net = build_model(
-        ModelConfig(arch=arch, embed_dim=4, expert_dims=[8], bottom_dims=[8], tower_dims=[4]),
+        model_config(arch, embed_dim=4, expert_dims=[8], bottom_dims=[8], tower_dims=[4]),
         _schema(),
         TASKS,
     )
@@ -49,7 +50,7 @@ def test_forward_returns_one_output_per_task(arch):
 
 def test_mmoe_gates_are_distributions_and_gate_dropout_keeps_an_expert():
     cfg = ModelConfig(
-        arch="mmoe", embed_dim=4, n_experts=3, expert_dims=[8], tower_dims=[4], gate_dropout=0.9
+        net=MMoEConfig(n_experts=3, expert_dims=[8], gate_dropout=0.9), embed_dim=4, tower_dims=[4]
     )
     net = build_model(cfg, _schema(), TASKS)
     assert isinstance(net, MMoE)
@@ -68,7 +69,7 @@ def test_mmoe_gates_are_distributions_and_gate_dropout_keeps_an_expert():
 
 def test_separate_towers_share_nothing():
     net = build_model(
-        ModelConfig(arch="separate", embed_dim=4, bottom_dims=[8], tower_dims=[4]), _schema(), TASKS
+        ModelConfig(net=SeparateConfig(bottom_dims=[8]), embed_dim=4, tower_dims=[4]), _schema(), TASKS
     )
     assert isinstance(net, SeparateTowers)
     out = net(*_batch(16))
@@ -96,8 +97,8 @@ def test_masked_losses_are_count_normalised():
         ("separate", {}),
         ("shared_bottom", {}),
         ("mmoe", {}),
-        ("ple", {"ple_levels": 1}),
-        ("ple", {"ple_levels": 2}),
+        ("ple", {"levels": 1}),
+        ("ple", {"levels": 2}),
         ("conditioned", {"conditioning": "concat"}),
         ("conditioned", {"conditioning": "add"}),
         ("conditioned", {"conditioning": "film"}),
@@ -107,7 +108,7 @@ def test_forward_request_equals_forward_on_the_broadcast_request(arch, extra, mo
     """Serving computes the user/context share of the first layer once; outputs must not change."""
     from model.nets import RequestBatch
 
-    cfg = ModelConfig(arch=arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4], **extra)
+    cfg = model_config(arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4], **extra)
     schema = FeatureSchema(
         [
             FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),

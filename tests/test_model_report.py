@@ -56,7 +56,9 @@ def test_report_writes_html_and_figures(tmp_path):
         sharing_cost_table(synthetic),
         lambda png: plot_mmoe_synthetic(synthetic, png),
     )
-    body = "<p><code>train.gradnorm_reference=&quot;initial&quot;</code></p>" + compare_table(compare)
+    body = "<p><code>train.weighting.gradnorm.reference=&quot;initial&quot;</code></p>" + compare_table(
+        compare
+    )
     write_section(reports, "compare_mtl", "Architectures", body, lambda png: plot_compare(compare, png))
     page = write_report(tmp_path)
     text = page.read_text()
@@ -78,7 +80,9 @@ def test_report_writes_html_and_figures(tmp_path):
         "Cost of sharing" in text
         and "<td>0.0</td><td>1.50 [1.50, 1.50]</td><td>1.00 [1.00, 1.00]</td>" in text
     )
-    assert "<code>train.gradnorm_reference=&quot;initial&quot;</code>" in text  # what the runs changed
+    assert (
+        "<code>train.weighting.gradnorm.reference=&quot;initial&quot;</code>" in text
+    )  # what the runs changed
     # written elsewhere (--out), the page carries the sections' figures along
     other = write_report(tmp_path, tmp_path / "elsewhere")
     assert (other.parent / "experiments" / "compare_mtl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

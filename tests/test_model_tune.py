@@ -6,6 +6,7 @@ import pytest
 from modelkit import tiny_config, tiny_toml
 from typer.testing import CliRunner
 
+from model.config import MMoEConfig
 from model.data import load_dataset
 from model.tune import DEFAULT_SPACE, SPACE, folds, suggest, tune
 from service.cli import app
@@ -67,6 +68,7 @@ def test_batch_l2_is_searched_only_when_named():
     fixed = {**everything, "dropout": 0.1, "n_experts": 2, "gate_dropout": 0.0}
     default = suggest(optuna.trial.FixedTrial(fixed), cfg)
     assert default.train.embed_batch_l2 == cfg.train.embed_batch_l2 == 0.0
+    assert default.model.net == MMoEConfig(n_experts=2, expert_dims=[16], gate_dropout=0.0)  # [model.mmoe]
     res = tune(cfg, load_dataset(cfg), n_trials=2, k=2, params=["embed_batch_l2"])
     assert all(1e-3 <= t["embed_batch_l2"] <= 0.3 and np.isfinite(t["value"]) for t in res.trials)
 

@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from model import Ranker
 from model.checkpoint import list_versions, load_checkpoint, resolve_checkpoint
-from model.config import ConfigError
+from model.config import (
+    ARCHS,
+    ConfigError,
+    MMoEConfig,
+    PlainWeighting,
+    SeparateConfig,
+    SharedBottomConfig,
+)
 from model.data import DataError, load_dataset
 from model.train import evaluate_split, fit, load_init_checkpoint, predict, train
 from service.cli import app
@@ -151,7 +158,16 @@ def test_cli_train_init_from(tmp_path):
 def test_legacy_checkpoints_load_and_predict_the_same(arch):
     expected = json.loads((LEGACY / "expected.json").read_text())
     ckpt = load_checkpoint(LEGACY / "models" / f"legacy-{arch}")
-    assert ckpt.config.train.weighting == "static" and ckpt.config.model.bias_features == []
+    assert ckpt.config.train.weighting == PlainWeighting("static") and ckpt.config.model.bias_features == []
+    # the flat keys moved to the arch's table; the other archs' (stored, unused) keys are dropped
+    assert (
+        ckpt.config.model.net
+        == {
+            "separate": SeparateConfig(bottom_dims=[8]),
+            "shared_bottom": SharedBottomConfig(bottom_dims=[8]),
+            "mmoe": MMoEConfig(n_experts=3, expert_dims=[8], gate_dropout=0.1),
+        }[arch]
+    )
     assert ckpt.model.bias_tower is None
     cats, nums = torch.tensor(expected["cats"]), torch.tensor(expected["nums"])
     with torch.no_grad():
@@ -180,7 +196,8 @@ def test_legacy_trained_checkpoint_scores_and_fine_tunes(tmp_path):
     stored = ranker.manifest["metrics"]
     assert metrics["test/engagement/auc"] == pytest.approx(stored["test/engagement/auc"], rel=1e-9)
     # and it is a valid starting point for fine-tuning with the new options
-    cfg.train.epochs, cfg.train.num_threads, cfg.train.weighting = 1, 1, "uncertainty"
+    cfg.train.epochs, cfg.train.num_threads, cfg.train.weighting = 1, 1, PlainWeighting("uncertainty")
+    cfg = cfg.validated()
     res = fit(cfg, ds, init_from=load_checkpoint(path))
     assert res.metrics["init_loaded_tensors"] == len(ranker.model.state_dict())
 
@@ -191,4 +208,6 @@ def test_legacy_fixture_is_untouched():
         manifest = json.loads((p / "manifest.json").read_text())
         assert "weighting" not in manifest["config"]["train"], p.name
         assert "ple_levels" not in manifest["config"]["model"], p.name
+        assert "n_experts" in manifest["config"]["model"], p.name  # the old flat form ...
+        assert not set(ARCHS) & set(manifest["config"]["model"]), p.name  # ... without [model.<arch>]
         assert Path(p / "weights.safetensors").is_file()

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from modelkit import tiny_config
+from modelkit import model_config, tiny_config
 
 from model import Ranker
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import ConfigError, ModelConfig, TaskConfig, load_config
+from model.config import ConfigError, MMoEConfig, ModelConfig, PLEConfig, TaskConfig, load_config
 from model.data import load_dataset
 from model.features import FeatureSchema, FeatureSpec, stable_hash
 from model.nets import PLE, Conditioned, build_model
@@ -61,8 +61,11 @@ def _batch(b: int = 32, seed: int = 0):
 
 
 def _model_cfg(arch: str, **kw) -> ModelConfig:
-    base = dict(arch=arch, embed_dim=4, bottom_dims=[8, 6], expert_dims=[8], tower_dims=[4], n_experts=3)
-    return ModelConfig(**{**base, **kw})
+    """Small layers; ``kw``: [model] keys or the architecture's own ([model.<arch>])."""
+    base = dict(embed_dim=4, bottom_dims=[8, 6], expert_dims=[8], tower_dims=[4])
+    if arch == "mmoe":
+        base["n_experts"] = 3
+    return model_config(arch, **{**base, **kw})
 
 
 # -- PLE ------------------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ def _model_cfg(arch: str, **kw) -> ModelConfig:
 
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_ple_shapes_and_gates_are_distributions(levels):
-    cfg = _model_cfg("ple", ple_levels=levels, n_shared_experts=2, n_task_experts=3)
+    cfg = _model_cfg("ple", levels=levels, n_shared_experts=2, n_task_experts=3)
     net = build_model(cfg, _schema(), TASKS)
     assert isinstance(net, PLE) and len(net.levels) == levels
     cats, nums = _batch(64)
@@ -117,7 +120,9 @@ def test_expert_utilization_covers_ple_levels():
         "level1/satisfaction",
         "level1/shared",
     }
-    n = 2 * cfg.model.n_task_experts + cfg.model.n_shared_experts
+    ple = cfg.model.net
+    assert isinstance(ple, PLEConfig)
+    n = 2 * ple.n_task_experts + ple.n_shared_experts
     for row in util.values():
         assert len(row) == n and sum(row) == pytest.approx(1.0, abs=1e-3)
 
@@ -162,7 +167,7 @@ def test_conditioned_and_ple_train():
 # -- hooks every arch implements ---------------------------------------------------------------------
 
 
-VARIANTS = [(a, {}) for a in ARCHS] + [("ple", {"ple_levels": 3})]
+VARIANTS = [(a, {}) for a in ARCHS] + [("ple", {"levels": 3})]
 
 
 @pytest.mark.parametrize(("arch", "kw"), VARIANTS, ids=[f"{a}{kw or ''}" for a, kw in VARIANTS])
@@ -273,7 +278,7 @@ def test_embedding_regularisers_shrink_the_embeddings_in_training(key, strength,
     cfg = tiny_config()
     setattr(cfg.train, key, -0.1)
     with pytest.raises(ConfigError, match=key):
-        cfg.__post_init__()
+        cfg.validated()
 
 
 @pytest.mark.parametrize("arch", ["separate", "mmoe"])
@@ -375,7 +380,7 @@ def test_unknown_dropout_trains_the_unknown_rows_instead_of_imputing_them():
     bad = tiny_config("mmoe")
     bad.train.unknown_dropout = 1.0
     with pytest.raises(ConfigError, match="unknown_dropout"):
-        bad.__post_init__()
+        bad.validated()
 
 
 # -- soft parameter sharing -----------------------------------------------------------------------
@@ -399,7 +404,7 @@ def test_tower_l2_needs_towers_and_skips_frozen_ones():
     cfg = tiny_config("conditioned")
     cfg.train.tower_l2 = 0.1
     with pytest.raises(ConfigError, match="no per-task towers"):
-        cfg.__post_init__()
+        cfg.validated()
     cfg = tiny_config("shared_bottom", epochs=1)  # every tower frozen: nothing to tie, no crash
     cfg.train.num_threads, cfg.train.tower_l2, cfg.train.freeze = 1, 0.1, ["towers"]
     res = fit(cfg, load_dataset(cfg))
@@ -484,7 +489,7 @@ def test_bias_config_is_validated():
     cfg.model.bias_features = ["position"]
     cfg.model.bias_tasks = ["watch_time"]
     with pytest.raises(ConfigError, match="bias_tasks"):
-        cfg.__post_init__()
+        cfg.validated()
 
 
 def test_bias_tasks_default_to_the_first_configured_task():
@@ -500,7 +505,9 @@ def test_bias_tower_learns_position_bias_on_synthetic_log(tmp_path):
     cfg = load_config("configs/synth_youtube_mmoe.toml")
     cfg.data.data_dir = str(tmp_path)
     cfg.model.bias_features = ["position", "device"]
-    cfg.model.embed_dim, cfg.model.expert_dims, cfg.model.tower_dims = 8, [16], [8]
+    assert isinstance(cfg.model.net, MMoEConfig)
+    cfg.model.embed_dim, cfg.model.net.expert_dims, cfg.model.tower_dims = 8, [16], [8]
+    cfg = cfg.validated()
     cfg.train.epochs, cfg.train.batch_size, cfg.train.num_threads = 3, 512, 1
     ds = load_dataset(cfg)
     assert ds.train.bias is not None and ds.train.bias.shape == (len(ds.train), 2)
@@ -536,7 +543,9 @@ def test_bias_checkpoint_round_trip_and_fine_tune_reuses_bias_vocab(tmp_path):
     cfg = load_config("configs/synth_youtube_mmoe.toml")
     cfg.data.data_dir = str(tmp_path / "d")
     cfg.model.bias_features = ["position", "device"]
-    cfg.model.embed_dim, cfg.model.expert_dims, cfg.model.tower_dims = 4, [8], [4]
+    assert isinstance(cfg.model.net, MMoEConfig)
+    cfg.model.embed_dim, cfg.model.net.expert_dims, cfg.model.tower_dims = 4, [8], [4]
+    cfg = cfg.validated()
     cfg.train.epochs, cfg.train.num_threads = 1, 1
     ds = load_dataset(cfg)
     res = fit(cfg, ds)
@@ -553,7 +562,9 @@ def test_bias_checkpoint_round_trip_and_fine_tune_reuses_bias_vocab(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_round_trips_through_a_checkpoint(arch, tmp_path):
     cfg = tiny_config(arch)
-    cfg.model = _model_cfg(arch, conditioning="film", ple_levels=2)
+    cfg.model = _model_cfg(
+        arch, **{"conditioned": {"conditioning": "film"}, "ple": {"levels": 2}}.get(arch, {})
+    )
     net = build_model(cfg.model, _schema(), cfg.tasks)
     ckpt = load_checkpoint(save_checkpoint(tmp_path, net, cfg, _schema()))
     net.eval()

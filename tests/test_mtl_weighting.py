@@ -3,11 +3,26 @@
 import math
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 from modelkit import tiny_config
 
-from model.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
+from model.config import (
+    Config,
+    ConfigError,
+    GradNormConfig,
+    MMoEConfig,
+    ModelConfig,
+    PlainWeighting,
+    SeparateConfig,
+    SharedBottomConfig,
+    TaskConfig,
+    TrainConfig,
+    WeightingConfig,
+    WorstCaseConfig,
+    apply_overrides,
+)
 from model.data import load_dataset
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import build_model
@@ -32,12 +47,23 @@ def ds():
     return load_dataset(tiny_config())
 
 
-def _cfg(arch: str = "mmoe", epochs: int = 3, **train):
+def _weighting(kind: str, **keys) -> WeightingConfig:
+    """``train.weighting`` ``kind`` with its own keys (``[train.weighting.<kind>]``)."""
+    if kind == "worst_case":
+        return WorstCaseConfig(**keys)
+    if kind == "gradnorm":
+        return GradNormConfig(**keys)
+    assert not keys, f"{kind} has no keys of its own"
+    return PlainWeighting(kind)  # type: ignore[arg-type]
+
+
+def _cfg(arch: str = "mmoe", epochs: int = 3, weighting: str | WeightingConfig = "static", **train):
     cfg = tiny_config(arch, epochs=epochs)
     cfg.train.num_threads = 1  # 2 shared cores: one thread is much faster than two fighting
+    cfg.train.weighting = _weighting(weighting) if isinstance(weighting, str) else weighting
     for k, v in train.items():
         setattr(cfg.train, k, v)
-    return cfg
+    return cfg.validated()
 
 
 # -- uncertainty ---------------------------------------------------------------------------------
@@ -133,7 +159,7 @@ def test_pcgrad_writes_projected_sum_on_shared_and_plain_grads_elsewhere():
         ]
     )
     net = build_model(
-        ModelConfig("shared_bottom", embed_dim=3, bottom_dims=[6], tower_dims=[4]), schema, TASKS
+        ModelConfig(net=SharedBottomConfig(bottom_dims=[6]), embed_dim=3, tower_dims=[4]), schema, TASKS
     )
     net.eval()
     gen = torch.Generator().manual_seed(0)
@@ -166,7 +192,7 @@ def test_gradnorm_weights_stay_positive_and_sum_to_t(ds):
         if kind == "step":
             seen.append(info["weights"])
 
-    res = fit(_cfg(weighting="gradnorm", gradnorm_lr=0.05), ds, progress)
+    res = fit(_cfg(weighting=GradNormConfig(lr=0.05)), ds, progress)
     assert seen
     for w in seen:
         assert all(v > 0 for v in w.values())
@@ -245,22 +271,23 @@ def test_worst_case_constant_reference_does_not_starve_a_rare_label():
     ("scheme", "cls"), [("worst_case", WorstCaseWeighting), ("gradnorm", GradNormWeighting)]
 )
 def test_loss_reference_from_the_config(ds, scheme, cls):
-    """``<scheme>_reference``: "constant" (the default) is the constant predictor's loss on the
-    training labels, given up front; "initial" is taken from the first batch."""
-    key = f"{scheme}_reference"
+    """``[train.weighting.<scheme>] reference``: "constant" (the default) is the constant
+    predictor's loss on the training labels, given up front; "initial" is taken from the first batch."""
     ref = constant_predictor_losses(ds.train.labels, TASKS)
-    w = make_weighting(TrainConfig(weighting=scheme), TASKS, ds.train.labels)
+    assert _weighting(scheme).reference == "constant"  # type: ignore[union-attr]
+    w = make_weighting(TrainConfig(weighting=_weighting(scheme)), TASKS, ds.train.labels)
     assert isinstance(w, cls) and w.reference.value is not None
     assert w.reference.value.tolist() == pytest.approx(ref)
-    lazy = make_weighting(TrainConfig(weighting=scheme, **{key: "initial"}), TASKS)
+    lazy = make_weighting(TrainConfig(weighting=_weighting(scheme, reference="initial")), TASKS)
     assert isinstance(lazy, cls) and lazy.reference.value is None
     with pytest.raises(ValueError, match="training labels"):
-        make_weighting(TrainConfig(weighting=scheme), TASKS)
-    cfg = tiny_config()
-    cfg.train = TrainConfig(weighting=scheme, **{key: "first"})
-    with pytest.raises(ConfigError, match=key):
-        cfg.__post_init__()
-    res = fit(_cfg(weighting=scheme, epochs=1, **{key: "initial"}), ds)
+        make_weighting(TrainConfig(weighting=_weighting(scheme)), TASKS)
+    with pytest.raises(pydantic.ValidationError, match="reference"):
+        _weighting(scheme, reference="first")
+    with pytest.raises(ConfigError, match=rf"train\.weighting\.{scheme}\.reference: Input should be"):
+        apply_overrides(tiny_config(), [f'train.weighting.{scheme}.reference="first"'])
+    res = fit(_cfg(weighting=_weighting(scheme, reference="initial"), epochs=1), ds)
+    assert res.metrics["weighting"] == scheme
     assert math.isfinite(res.metrics["test/satisfaction/auc"])
 
 
@@ -313,7 +340,7 @@ def _tiny_sb_batch(b: int = 64, model: ModelConfig | None = None):
             FeatureSpec("x", "video", "numeric"),
         ]
     )
-    model = model or ModelConfig("shared_bottom", embed_dim=3, bottom_dims=[6], tower_dims=[4])
+    model = model or ModelConfig(net=SharedBottomConfig(bottom_dims=[6]), embed_dim=3, tower_dims=[4])
     net = build_model(model, schema, TASKS)
     gen = torch.Generator().manual_seed(0)
     cats, nums = torch.randint(0, 6, (b, 1), generator=gen), torch.randn(b, 1, generator=gen)
@@ -330,7 +357,7 @@ def test_a_task_without_labels_in_the_batch_is_left_out(scheme):
     labels[:, 1] = float("nan")
     seen = observed_tasks(labels)
     assert seen.tolist() == [True, False]
-    w = make_weighting(TrainConfig(weighting=scheme), TASKS, np.array([[0.0, 1.0], [1.0, 0.0]]))
+    w = make_weighting(TrainConfig(weighting=_weighting(scheme)), TASKS, np.array([[0.0, 1.0], [1.0, 0.0]]))
     params = [p for p in net.parameters()]
     out, z = net.forward_with_shared(cats, nums)
     losses = task_losses(out, labels, TASKS)
@@ -363,7 +390,7 @@ def test_initial_reference_waits_for_a_task_s_first_labels():
 def test_mgda_updates_shared_by_alpha_and_towers_by_their_own_loss(arch):
     """Sener & Koltun's Algorithm 2: the shared parameters get sum_i alpha_i dL_i, a task's own
     parameters dL_t unscaled (alpha only arbitrates what the tasks share)."""
-    mmoe = ModelConfig("mmoe", embed_dim=3, expert_dims=[6], tower_dims=[4], n_experts=3)
+    mmoe = ModelConfig(net=MMoEConfig(n_experts=3, expert_dims=[6]), embed_dim=3, tower_dims=[4])
     net, cats, nums, labels = _tiny_sb_batch(model=mmoe if arch == "mmoe" else None)
     out, z = net.forward_with_shared(cats, nums)
     losses = task_losses(out, labels, TASKS)
@@ -371,7 +398,7 @@ def test_mgda_updates_shared_by_alpha_and_towers_by_their_own_loss(arch):
     per_task = [torch.autograd.grad(losses[t.name], shared, retain_graph=True) for t in TASKS]
     tower = net.towers["satisfaction"].out.weight
     (own,) = torch.autograd.grad(losses["satisfaction"], tower, retain_graph=True)
-    w = make_weighting(TrainConfig(weighting="mgda"), TASKS)
+    w = make_weighting(TrainConfig(weighting=PlainWeighting("mgda")), TASKS)
     w.backward(losses, z, net)
     alpha = [w.weights()[t.name] for t in TASKS]
     assert 0 < alpha[1] < 1 and sum(alpha) == pytest.approx(1.0)
@@ -385,14 +412,16 @@ def test_mgda_with_nothing_shared_weighs_tasks_equally():
     (their per-task gradients are orthogonal, which the min-norm rule would turn into arbitrary
     weights that merely rescale each task's own network)."""
     schema = FeatureSchema([FeatureSpec("u", "user", "categorical", vocab=[str(i) for i in range(5)])])
-    net = build_model(ModelConfig("separate", embed_dim=3, bottom_dims=[6], tower_dims=[4]), schema, TASKS)
+    net = build_model(
+        ModelConfig(net=SeparateConfig(bottom_dims=[6]), embed_dim=3, tower_dims=[4]), schema, TASKS
+    )
     gen = torch.Generator().manual_seed(0)
     cats, labels = (
         torch.randint(0, 6, (64, 1), generator=gen),
         (torch.rand(64, 2, generator=gen) < 0.4).float(),
     )
     out, z = net.forward_with_shared(cats, torch.zeros(64, 0))
-    w = make_weighting(TrainConfig(weighting="mgda"), TASKS)
+    w = make_weighting(TrainConfig(weighting=PlainWeighting("mgda")), TASKS)
     w.backward(task_losses(out, labels, TASKS), z, net)
     assert w.weights() == {"engagement": 0.5, "satisfaction": 0.5}
 
@@ -421,9 +450,18 @@ def test_mgda_weights_are_a_convex_combination(ds):
 
 def test_unknown_weighting_is_a_config_error():
     cfg = tiny_config()
-    cfg.train = TrainConfig(weighting="bogus")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="weighting"):
-        cfg.__post_init__()
+    with pytest.raises(ConfigError, match=r"train\.weighting: Input tag 'bogus' .* does not match"):
+        apply_overrides(cfg, ["train.weighting=bogus"])
+    d = cfg.to_dict()
+    d["train"]["weighting"] = "bogus"
+    with pytest.raises(ConfigError, match=r"train\.weighting: Input tag 'bogus'"):
+        Config.from_dict(d)
+    with pytest.raises(pydantic.ValidationError, match="weighting"):
+        TrainConfig(weighting="bogus")  # type: ignore[arg-type]
+    with pytest.raises(
+        pydantic.ValidationError, match=r"kind\n.*'static', 'uncertainty', 'mgda' or 'pcgrad'"
+    ):
+        PlainWeighting(kind="gradnorm")  # type: ignore[arg-type]  # a scheme with keys is its own class
 
 
 # -- the step log --------------------------------------------------------------------------------
@@ -464,4 +502,4 @@ def test_step_log_off_and_invalid(ds):
     cfg = tiny_config()
     cfg.train.log_every = -1
     with pytest.raises(ConfigError, match="log_every"):
-        cfg.__post_init__()
+        cfg.validated()

@@ -190,7 +190,7 @@ def test_bad_checkpoint_is_rejected_and_old_model_keeps_serving(
         expect = "no weights.safetensors"
     else:  # consistent file, but the network it describes does not fit the weights
         manifest = json.loads((path / "manifest.json").read_text())
-        manifest["config"]["model"]["expert_dims"] = [7]
+        manifest["config"]["model"]["mmoe"]["expert_dims"] = [7]
         (path / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
         expect = "weights do not fit"
     errors0 = reload_errors(live)

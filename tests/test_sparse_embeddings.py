@@ -17,7 +17,7 @@ from modelkit import service_settings, tiny_config
 from test_train_serve_parity import _sharper, assert_serving_matches_offline
 
 from model import load_checkpoint, resolve_checkpoint, stable_hash
-from model.config import Config, ConfigError
+from model.config import Config, ConfigError, PlainWeighting
 from model.features import FeatureSchema, FeatureSpec
 from model.nets import build_model
 from model.train import batch_embedding_l2, embedding_row_counts, make_optimizer, train_step
@@ -41,8 +41,7 @@ def sparse_config() -> Config:
     cfg.train.sparse_embeddings = True
     cfg.train.embed_weight_decay = 0.0
     cfg.train.embed_batch_l2 = 0.05
-    cfg.__post_init__()
-    return cfg
+    return cfg.validated()
 
 
 def test_a_sparse_step_updates_only_the_rows_its_batch_uses() -> None:
@@ -108,14 +107,17 @@ def test_the_batch_l2_of_a_sparse_table_equals_the_dense_one() -> None:
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"embed_weight_decay": 1e-3}, "embed_weight_decay = 0"), ({"weighting": "pcgrad"}, "PCGrad")],
+    [
+        ({"embed_weight_decay": 1e-3}, "embed_weight_decay = 0"),
+        ({"weighting": PlainWeighting("pcgrad")}, "PCGrad"),
+    ],
 )
 def test_sparse_tables_refuse_what_would_touch_every_row(change: dict[str, object], message: str) -> None:
     cfg = sparse_config()
     for k, v in change.items():
         setattr(cfg.train, k, v)
     with pytest.raises(ConfigError, match=message):
-        cfg.__post_init__()
+        cfg.validated()
 
 
 def test_hashed_ids_map_to_one_plus_hash_mod_buckets() -> None:
