@@ -5,7 +5,7 @@ import torch
 from modelkit import model_config
 
 from model.config import MMoEConfig, ModelConfig, SeparateConfig, TaskConfig
-from model.features import FeatureSchema, FeatureSpec
+from model.features import FeatureSchema, FeatureSpec, SequenceSpec
 from model.nets import MMoE, SeparateTowers, build_model
 from model.train import observed_tasks, task_losses
 
@@ -91,36 +91,50 @@ def test_masked_losses_are_count_normalised():
     assert observed_tasks(labels).tolist() == [True, True]
 
 
-@pytest.mark.parametrize(
-    ("arch", "extra"),
-    [
-        ("separate", {}),
-        ("shared_bottom", {}),
-        ("mmoe", {}),
-        ("ple", {"levels": 1}),
-        ("ple", {"levels": 2}),
-        ("conditioned", {"conditioning": "concat"}),
-        ("conditioned", {"conditioning": "add"}),
-        ("conditioned", {"conditioning": "film"}),
-    ],
-)
+def _request_schema(histories_and_bias: bool = False) -> FeatureSchema:
+    """Categoricals and numerics in every group; optionally two histories (attention and mean
+    pooled) and two bias features."""
+    specs = [
+        FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
+        FeatureSpec("fans", "user", "numeric"),
+        FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
+        FeatureSpec("author", "video", "categorical", vocab=[str(i) for i in range(5)]),
+        FeatureSpec("dur", "video", "numeric"),
+        FeatureSpec("tab", "context", "categorical", vocab=["0", "1"]),
+        FeatureSpec("age", "context", "numeric"),
+    ]
+    if not histories_and_bias:
+        return FeatureSchema(specs)
+    specs += [
+        FeatureSpec("position", "bias", "categorical", vocab=[str(i) for i in range(1, 6)]),
+        FeatureSpec("device", "bias", "categorical", vocab=["a", "b"]),
+    ]
+    sequences = [
+        SequenceSpec("views", ["long_view"], 6, "attention", ["video_id", "author"]),
+        SequenceSpec("likes", ["is_like"], 3, "mean", ["video_id"]),
+    ]
+    return FeatureSchema(specs, sequences=sequences)
+
+
+EVERY_ARCH = [
+    ("separate", {}),
+    ("shared_bottom", {}),
+    ("mmoe", {}),
+    ("ple", {"levels": 1}),
+    ("ple", {"levels": 2}),
+    ("conditioned", {"conditioning": "concat"}),
+    ("conditioned", {"conditioning": "add"}),
+    ("conditioned", {"conditioning": "film"}),
+]
+
+
+@pytest.mark.parametrize(("arch", "extra"), EVERY_ARCH)
 def test_forward_request_equals_forward_on_the_broadcast_request(arch, extra, monkeypatch):
     """Serving computes the user/context share of the first layer once; outputs must not change."""
     from model.nets import RequestBatch
 
     cfg = model_config(arch, embed_dim=4, expert_dims=[8, 8], bottom_dims=[8, 8], tower_dims=[4], **extra)
-    schema = FeatureSchema(
-        [
-            FeatureSpec("user_id", "user", "categorical", vocab=[str(i) for i in range(10)]),
-            FeatureSpec("fans", "user", "numeric"),
-            FeatureSpec("video_id", "video", "categorical", vocab=[str(i) for i in range(20)]),
-            FeatureSpec("author", "video", "categorical", vocab=[str(i) for i in range(5)]),
-            FeatureSpec("dur", "video", "numeric"),
-            FeatureSpec("tab", "context", "categorical", vocab=["0", "1"]),
-            FeatureSpec("age", "context", "numeric"),
-        ]
-    )
-    net = build_model(cfg, schema, TASKS).eval()
+    net = build_model(cfg, _request_schema(), TASKS).eval()
     g = torch.Generator().manual_seed(1)
     b = 37
     r = RequestBatch(
@@ -142,6 +156,58 @@ def test_forward_request_equals_forward_on_the_broadcast_request(arch, extra, mo
         fast = net.forward_request(r)
     for t in full:
         torch.testing.assert_close(fast[t], full[t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "extra"), EVERY_ARCH)
+def test_the_request_split_equals_the_broadcast_path_with_histories_and_bias(arch, extra, monkeypatch):
+    """``MultiTaskNet.request_tasks`` on an architecture's declared first layers (the split) gives
+    what the same net gives served without them (the request broadcast to B rows, run through
+    ``forward_tasks``), with histories and the bias tower."""
+    from model.compiled import probe_request
+
+    cfg = model_config(
+        arch,
+        embed_dim=4,
+        expert_dims=[8, 6],
+        bottom_dims=[8, 6],
+        tower_dims=[4],
+        bias_features=["position", "device"],
+        bias_dims=[4],
+        **extra,
+    )
+    schema = _request_schema(histories_and_bias=True)
+    net = build_model(cfg, schema, TASKS).eval()
+    assert net.bias_tower is not None and net.first_layers()  # the arch opts into the split
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():  # away from the init (FiLM starts at the identity, biases at 0)
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for b in (1, 2, 23):
+            r = probe_request(schema, b, g)
+            split = net.forward_request(r)
+            with monkeypatch.context() as m:
+                m.setattr(net, "first_layers", list)  # no first layers declared: the broadcast path
+                plain = net.forward_request(r)
+            assert set(split) == set(plain) == {t.name for t in TASKS}
+            for t in plain:
+                assert split[t].shape == (b,)
+                torch.testing.assert_close(split[t], plain[t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["separate", "shared_bottom"])
+def test_a_net_without_a_first_layer_serves_the_broadcast_request(arch):
+    """No bottom layer: nothing to split, ``first_layers`` is empty and the request is broadcast."""
+    from model.compiled import probe_request
+
+    cfg = model_config(arch, embed_dim=4, bottom_dims=[], tower_dims=[4])
+    schema = _request_schema(histories_and_bias=True)
+    net = build_model(cfg, schema, TASKS).eval()
+    assert net.first_layers() == []
+    r = probe_request(schema, 5, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = net.forward_request(r), net(*r.full(), None, r.full_history())
+    for t in want:
+        torch.testing.assert_close(got[t], want[t])
 
 
 @pytest.mark.parametrize("module", ["mmoe", "ple", "shared_bottom", "separate", "conditioned"])
