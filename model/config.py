@@ -638,14 +638,16 @@ _FLAT_TRAIN: dict[str, tuple[tuple[str, ...], str]] = {
 def _tagged(
     section: str,
     tag_key: str,
+    disc: str,
     default: str,
     tags: tuple[str, ...],
     values: dict[str, Any],
     flat: dict[str, tuple[tuple[str, ...], str]],
     legacy: bool,
 ) -> dict[str, Any]:
-    """One part of a section as the discriminated union reads it ({tag_key: tag, **its keys}) from
-    the TOML form: ``tag_key = "tag"`` and/or a ``[section.tag]`` table, or flat legacy keys."""
+    """One part of a section as the discriminated union reads it ({disc: tag, **its keys}) from the
+    TOML form: ``tag_key = "tag"`` and/or a ``[section.tag]`` table (``[section.tag_key.tag]``),
+    or the flat legacy keys ``flat`` (old name -> (the parts that own it, new name))."""
     table = values.pop(tag_key, None)
     if isinstance(table, Mapping):  # [train.weighting.<kind>]: the key is the table
         if len(table) != 1:
@@ -667,7 +669,7 @@ def _tagged(
     tag = tag if tag is not None else default
     if part is not None and not isinstance(part, Mapping):
         raise ConfigError(f"[{section}] {tag}: expected a table, got {part!r}"[:200], malformed=True)
-    out = {"kind" if tag_key == "weighting" else tag_key: tag, **(part or {})}
+    out = {disc: tag, **(part or {})}
     mixed = [old for old in flat if old in values]
     if legacy and part is not None and mixed:  # no build wrote both forms
         table = f"{section}.weighting.{tag}" if section == "train" else f"{section}.{tag}"
@@ -688,7 +690,7 @@ def _tagged(
 def _nest_model(m: dict[str, Any], legacy: bool) -> dict[str, Any]:
     if "net" in m:  # the dataclass form
         return m
-    return {"net": _tagged("model", "arch", "mmoe", ARCHS, m, _FLAT_MODEL, legacy), **m}
+    return {"net": _tagged("model", "arch", "arch", "mmoe", ARCHS, m, _FLAT_MODEL, legacy), **m}
 
 
 def _nest_weighting(t: dict[str, Any], legacy: bool) -> dict[str, Any]:
@@ -700,7 +702,7 @@ def _nest_weighting(t: dict[str, Any], legacy: bool) -> dict[str, Any]:
     flat = {k: v for k, v in t.items() if k in _FLAT_TRAIN}
     rest = {k: v for k, v in t.items() if k not in _FLAT_TRAIN}
     values = {"weighting": rest.pop("weighting", None), **flat}
-    part = _tagged("train", "weighting", "static", (), values, _FLAT_TRAIN, legacy)
+    part = _tagged("train", "weighting", "kind", "static", (), values, _FLAT_TRAIN, legacy)
     return {**rest, "weighting": part}
 
 
