@@ -106,7 +106,9 @@ def train_cmd(
     artifacts: ArtifactsOpt = Path("artifacts"),
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
-    arch: Annotated[str | None, typer.Option(help="override model.arch")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="override model.arch (starting from its default [model.<arch>] keys)")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="override any config key: section.key=value (TOML value), repeatable"),
