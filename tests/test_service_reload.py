@@ -430,7 +430,7 @@ class Gate:
 
     def __init__(self, holder: ModelHolder, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reached, self.opened = threading.Event(), threading.Event()
-        validate = holder._validate
+        validate = holder.loader.validate
 
         def gated(ranker: Any, columns: Any) -> None:
             validate(ranker, columns)
@@ -438,7 +438,7 @@ class Gate:
                 self.reached.set()
                 assert self.opened.wait(30), "the gate was never opened"
 
-        monkeypatch.setattr(holder, "_validate", gated)
+        monkeypatch.setattr(holder.loader, "validate", gated)
 
     async def wait(self) -> None:
         assert await asyncio.to_thread(self.reached.wait, 30), "the gated version was never validated"
@@ -539,7 +539,7 @@ def test_an_unusable_latest_is_recorded_once_and_never_a_500(
     holder = live.app.state.holder
     v0 = read_latest(artifacts_copy)
     errors0 = reload_errors(live)
-    caplog.set_level(logging.INFO, logger="service.reload")
+    caplog.set_level(logging.INFO, logger="service")
     put_latest(artifacts_copy, raw)
     wait_for(lambda: model_details(live)["last_reload_error"] is not None, what="the error")
     for _ in range(3):  # more watcher rounds: recorded once per bad LATEST, not once per poll
@@ -566,7 +566,7 @@ def test_an_unusable_latest_is_recorded_once_and_never_a_500(
 def test_stopping_background_tasks_outlasts_a_swallowed_cancellation() -> None:
     """A task that drops one cancellation (as asyncio.wait_for can on 3.11) is cancelled again:
     the holder's stop, and so the app's shutdown, ends instead of hanging."""
-    from service.reload import cancel_and_wait
+    from service.watcher import cancel_and_wait
 
     swallowed = []
 
