@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from modelkit import model_details, wait_for
+from modelkit import copy_version, model_details, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import load_checkpoint, read_latest, write_latest
@@ -52,15 +52,6 @@ def reload_errors(client: TestClient) -> float:
             if s.name == "mtrank_model_reload_total" and s.labels.get("result") == "error":
                 return float(s.value)
     raise AssertionError("mtrank_model_reload_total not exposed")
-
-
-def copy_version(artifacts: Path, source: str, new: str) -> Path:
-    dst = models_dir(artifacts) / new
-    shutil.copytree(models_dir(artifacts) / source, dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["version"] = new
-    (dst / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))  # a new digest: a real copy
-    return dst
 
 
 def put_latest(artifacts: Path, raw: bytes) -> None:
