@@ -20,6 +20,8 @@ from service.errors import (
     ValidationFailed,
 )
 from service.events import parse_events_request, to_events
+from service.latest import PointerError
+from service.loader import ReloadError
 from service.ranking import (
     apply_inline_features,
     parse_rank_request,
@@ -27,7 +29,6 @@ from service.ranking import (
     render_response,
     score_plan,
 )
-from service.reload import PointerError, ReloadError
 from service.schemas import (
     ADMIN_ERROR_RESPONSES,
     ERROR_RESPONSES,

@@ -1,9 +1,9 @@
 """The fleet's model pointers: which version every worker and replica serves.
 
-Two records decide it (``service.reload.served_version``, the same way in every process):
+Two records decide it (``served_version``, the same way in every process):
 
-- ``models/LATEST`` in the artifacts folder (``model.read_latest`` / ``write_latest``): what a
-  training run promoted;
+- ``models/LATEST`` in the artifacts folder (``model.read_latest`` / ``write_latest``; read off the
+  event loop by service.latest): what a training run promoted;
 - with the Redis store, ``<prefix>model:current`` (``FleetPointer``), set by an admin reload or
   rollback and announced on the channel ``<prefix>model:events`` (``RedisPointer``), so that every
   worker and replica acts on it at once.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from service.loader import ReloadSource
 from service.settings import Settings
 from service.store import FeatureStore, RedisStore
 from service.store.redis_store import CONTROL_TIMEOUT_S, async_client
@@ -40,7 +41,7 @@ def events_channel(prefix: str) -> str:
 class FleetPointer:
     """``model:current``: the version an admin reload or rollback chose for the fleet, and what
     ``models/LATEST`` named at that moment (``latest``; None in a pointer written as a bare version
-    id by an older release). service.reload decides with it which version every replica serves."""
+    id by an older release). ``served_version`` decides with it which version every replica serves."""
 
     version: str
     latest: str | None
@@ -131,3 +132,18 @@ def open_pointer(settings: Settings, store: FeatureStore) -> RedisPointer | None
     if not isinstance(store, RedisStore):
         return None
     return RedisPointer(settings.redis_url, settings.redis_prefix, cluster=store.cluster)
+
+
+def served_version(latest: str | None, pointer: FleetPointer | None) -> tuple[str, ReloadSource, bool] | None:
+    """The version to serve: (version, source, whether it overrides ``model:current``), or None.
+
+    ``latest``: what models/LATEST names (None: missing or unusable); ``pointer``: Redis'
+    ``model:current`` (None: no Redis, or never set). The pointer wins while LATEST still names
+    what it named when the pointer was set (a pointer of an older release, without that record,
+    always wins); a LATEST moved since is a newer decision (a training run promoted a version).
+    """
+    if pointer is None:
+        return (latest, "latest", False) if latest is not None else None
+    if pointer.latest is None or latest is None or latest == pointer.latest:
+        return pointer.version, "redis", False
+    return latest, "latest", True

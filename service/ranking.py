@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from model import CanonicalRows, Combine, FeatureError, FeatureSchema, combine_scores
 from service.errors import ValidationFailed, describe_validation_errors
-from service.reload import ActiveModel
+from service.loader import ActiveModel
 from service.schemas import (
     DEFAULT_MAX_CANDIDATES,
     RANK_ERROR_HINTS,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -11,7 +13,8 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import Ranker, stable_hash
+from model import Ranker, models_dir, stable_hash
+from model.checkpoint import seal_manifest
 from model.config import (
     ConditionedConfig,
     Config,
@@ -131,6 +134,17 @@ def served_score(heads: Mapping[str, float], method: str, weights: Mapping[str, 
     if method == "product":
         return float(np.prod([heads[h] ** w for h, w in weights.items()]))
     return float(sum(w * heads[h] for h, w in weights.items()))
+
+
+def copy_version(artifacts: Path, source: str, new: str) -> Path:
+    """Copy version ``source`` of ``artifacts`` as version ``new`` (its manifest resealed: a valid
+    checkpoint of its own); returns the new folder."""
+    dst = models_dir(artifacts) / new
+    shutil.copytree(models_dir(artifacts) / source, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = new
+    (dst / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))  # a new digest: a real copy
+    return dst
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

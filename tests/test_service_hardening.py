@@ -189,7 +189,7 @@ def test_a_latest_that_never_delivers_does_not_hang_the_service(
 def test_a_read_that_never_returns_times_out_off_the_event_loop() -> None:
     """The LATEST reader's deadline, on a real read that blocks (a pipe nobody writes): the stand-in
     for a regular file on a hung network file system, which a FIFO no longer is (refused at once)."""
-    from service.reload import BlockingIO  # here: the other tests of this file run on older code too
+    from service.latest import BlockingIO  # here: the other tests of this file run on older code too
 
     r, w = os.pipe()
     io = BlockingIO("test-blocked-read")

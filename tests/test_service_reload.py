@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from modelkit import model_details, wait_for
+from modelkit import copy_version, model_details, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from model import load_checkpoint, read_latest, write_latest
@@ -52,15 +52,6 @@ def reload_errors(client: TestClient) -> float:
             if s.name == "mtrank_model_reload_total" and s.labels.get("result") == "error":
                 return float(s.value)
     raise AssertionError("mtrank_model_reload_total not exposed")
-
-
-def copy_version(artifacts: Path, source: str, new: str) -> Path:
-    dst = models_dir(artifacts) / new
-    shutil.copytree(models_dir(artifacts) / source, dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["version"] = new
-    (dst / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))  # a new digest: a real copy
-    return dst
 
 
 def put_latest(artifacts: Path, raw: bytes) -> None:
@@ -430,7 +421,7 @@ class Gate:
 
     def __init__(self, holder: ModelHolder, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reached, self.opened = threading.Event(), threading.Event()
-        validate = holder._validate
+        validate = holder.loader.validate
 
         def gated(ranker: Any, columns: Any) -> None:
             validate(ranker, columns)
@@ -438,7 +429,7 @@ class Gate:
                 self.reached.set()
                 assert self.opened.wait(30), "the gate was never opened"
 
-        monkeypatch.setattr(holder, "_validate", gated)
+        monkeypatch.setattr(holder.loader, "validate", gated)
 
     async def wait(self) -> None:
         assert await asyncio.to_thread(self.reached.wait, 30), "the gated version was never validated"
@@ -539,7 +530,7 @@ def test_an_unusable_latest_is_recorded_once_and_never_a_500(
     holder = live.app.state.holder
     v0 = read_latest(artifacts_copy)
     errors0 = reload_errors(live)
-    caplog.set_level(logging.INFO, logger="service.reload")
+    caplog.set_level(logging.INFO, logger="service")
     put_latest(artifacts_copy, raw)
     wait_for(lambda: model_details(live)["last_reload_error"] is not None, what="the error")
     for _ in range(3):  # more watcher rounds: recorded once per bad LATEST, not once per poll
@@ -566,7 +557,7 @@ def test_an_unusable_latest_is_recorded_once_and_never_a_500(
 def test_stopping_background_tasks_outlasts_a_swallowed_cancellation() -> None:
     """A task that drops one cancellation (as asyncio.wait_for can on 3.11) is cancelled again:
     the holder's stop, and so the app's shutdown, ends instead of hanging."""
-    from service.reload import cancel_and_wait
+    from service.watcher import cancel_and_wait
 
     swallowed = []
 
