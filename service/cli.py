@@ -74,7 +74,7 @@ def serve_cmd(
     workers: Annotated[
         int | None, typer.Option(help="worker processes sharing the port [MTRANK_WORKERS, default 1]")
     ] = None,
-    wait: Annotated[
+    wait_for_model: Annotated[
         bool | None,
         typer.Option(
             "--wait/--no-wait",
@@ -88,21 +88,10 @@ def serve_cmd(
     Exits with code 1 at once when there is no model to serve (no models/LATEST under the artifacts
     dir), unless told to wait for one (--wait).
     """
+    settings = _settings(**locals())  # every option is the Settings field of its name
     from model import CheckpointNotFoundError, read_latest
     from service.app import run_server
 
-    settings = _settings(
-        host=host,
-        port=port,
-        artifacts=artifacts,
-        feature_store=feature_store,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        data_dir=data_dir,
-        torch_threads=torch_threads,
-        workers=workers,
-        wait_for_model=wait,
-    )
     if not settings.wait_for_model:
         try:
             read_latest(settings.artifacts)

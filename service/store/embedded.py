@@ -39,20 +39,7 @@ from model import (
     is_event,
     load_event_tables,
 )
-from service.store.base import (
-    ENTITY_GROUPS,
-    ColumnMap,
-    EntityGroup,
-    Event,
-    EventsResult,
-    Fetched,
-    GroupLayout,
-    GroupMap,
-    StoreError,
-    StoreLayout,
-    build_column_map,
-    event_codes,
-)
+from service.store import base
 from service.store.tables import load_entity_rows
 
 log = logging.getLogger(__name__)
@@ -65,10 +52,10 @@ class _Table:
     index: dict[str, int]
     cats: np.ndarray  # (N + 1, C) int64
     nums: np.ndarray  # (N + 1, F) float32
-    layout: GroupLayout
+    layout: base.GroupLayout
     source: str
 
-    def lookup(self, ids: Sequence[str], gm: GroupMap) -> tuple[CanonicalRows, np.ndarray]:
+    def lookup(self, ids: Sequence[str], gm: base.GroupMap) -> tuple[CanonicalRows, np.ndarray]:
         """Rows of ``ids`` (defaults for unknown ones) and the positions of the unknown ones."""
         default = len(self.index)
         rows = np.fromiter(map(self.index.get, ids, repeat(default, len(ids))), dtype=np.intp, count=len(ids))
@@ -97,18 +84,18 @@ def _build_histories(
     try:
         tables = load_event_tables(data, specs, data_dir)
     except (DataError, OSError) as e:
-        raise StoreError(f"user histories: {e}") from e
+        raise base.StoreError(f"user histories: {e}") from e
     by_name = {q.name: q for q in specs}
     return {name: _History(by_name[name], t.as_dict(), t.source) for name, t in tables.items()}
 
 
-def _layout_of(tables: dict[EntityGroup, _Table]) -> StoreLayout | None:
-    if len(tables) < len(ENTITY_GROUPS):
+def _layout_of(tables: dict[base.EntityGroup, _Table]) -> base.StoreLayout | None:
+    if len(tables) < len(base.ENTITY_GROUPS):
         return None
-    return StoreLayout(tables["user"].layout, tables["video"].layout)
+    return base.StoreLayout(tables["user"].layout, tables["video"].layout)
 
 
-def _build_table(layout: GroupLayout, ids: list[str], rows: CanonicalRows, source: str) -> _Table:
+def _build_table(layout: base.GroupLayout, ids: list[str], rows: CanonicalRows, source: str) -> _Table:
     cats = np.zeros((len(ids) + 1, len(layout.cats)), dtype=np.int64)
     nums = np.full((len(ids) + 1, len(layout.nums)), np.nan, dtype=np.float32)
     cats[:-1], nums[:-1] = rows.cats, rows.nums
@@ -122,25 +109,25 @@ class EmbeddedStore:
 
     def __init__(self, data_dir: Path | None = None, event_ids: int = 1_000_000) -> None:
         self._data_dir = data_dir
-        self._tables: dict[EntityGroup, _Table] = {}  # live: what fetch reads
+        self._tables: dict[base.EntityGroup, _Table] = {}  # live: what fetch reads
         self._histories: dict[str, _History] = {}  # live, by sequence name
         # (layout id, tables, histories) of the model prepared last, until it is committed
-        self._staged: tuple[str, dict[EntityGroup, _Table], dict[str, _History]] | None = None
-        self._building: list[Event] | None = None  # events posted while histories are being built
+        self._staged: tuple[str, dict[base.EntityGroup, _Table], dict[str, _History]] | None = None
+        self._building: list[base.Event] | None = None  # events posted while histories are being built
         self._seen: OrderedDict[str, None] = OrderedDict()  # event ids, the latest ``event_ids``
         self._max_seen = event_ids
         self._lock = asyncio.Lock()
 
     @property
-    def layout(self) -> StoreLayout | None:
+    def layout(self) -> base.StoreLayout | None:
         return _layout_of(self._tables)
 
-    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
+    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> base.ColumnMap:
         async with self._lock:
             self._staged = None  # a model prepared earlier and never committed was rejected
-            need = StoreLayout.of_schema(schema)
+            need = base.StoreLayout.of_schema(schema)
             tables, grew = dict(self._tables), False
-            for g in ENTITY_GROUPS:
+            for g in base.ENTITY_GROUPS:
                 have = tables.get(g)
                 want = need.group(g)
                 if (
@@ -150,11 +137,11 @@ class EmbeddedStore:
                 ):
                     continue
                 # keep the columns (and their positions) the current model uses, append the new ones
-                base = have.layout if have is not None else GroupLayout(want.key, (), ())
-                grown = GroupLayout(
+                kept = have.layout if have is not None else base.GroupLayout(want.key, (), ())
+                grown = base.GroupLayout(
                     want.key,
-                    base.cats + tuple(c for c in want.cats if c not in base.cats),
-                    base.nums + tuple(c for c in want.nums if c not in base.nums),
+                    kept.cats + tuple(c for c in want.cats if c not in kept.cats),
+                    kept.nums + tuple(c for c in want.nums if c not in kept.nums),
                 )
                 ent = await asyncio.to_thread(load_entity_rows, data, g, grown, self._data_dir)
                 tables[g] = await asyncio.to_thread(_build_table, grown, ent.ids, ent.rows, ent.source)
@@ -162,7 +149,7 @@ class EmbeddedStore:
                 log.info("embedded store: %d %ss from %s (staged)", len(ent.ids), g, ent.source)
             layout = _layout_of(tables)
             assert layout is not None
-            columns = build_column_map(schema, layout, "the embedded feature store")
+            columns = base.build_column_map(schema, layout, "the embedded feature store")
             histories, built = dict(self._histories), False
             todo = [q for q in schema.sequences if not self._holds(q)]
             if todo:
@@ -170,7 +157,7 @@ class EmbeddedStore:
                 try:
                     new = await asyncio.to_thread(_build_histories, data, todo, self._data_dir)
                     for ev in self._building:  # posted while the log was read
-                        self._apply(ev, new.values(), tables["video"], EventsResult())
+                        self._apply(ev, new.values(), tables["video"], base.EventsResult())
                 finally:
                     self._building = None
                 for name, h in new.items():
@@ -190,7 +177,7 @@ class EmbeddedStore:
         live = self._histories.get(q.name)
         return live is not None and live.spec.definition() == q.definition()
 
-    def commit(self, columns: ColumnMap) -> None:
+    def commit(self, columns: base.ColumnMap) -> None:
         staged, self._staged = self._staged, None
         if staged is not None and staged[0] == columns.layout_id:
             # one reference assignment each: fetch sees the old or the new dicts
@@ -200,7 +187,7 @@ class EmbeddedStore:
         if not all(self._holds(q) for q in columns.sequences):
             raise RuntimeError("embedded store: commit of a model whose histories were not prepared")
 
-    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
+    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: base.ColumnMap) -> base.Fetched:
         users, videos = self._tables["user"], self._tables["video"]
         user, unknown_user = users.lookup((user_id,), columns.user)
         vids, unknown = videos.lookup(video_ids, columns.video)
@@ -214,7 +201,7 @@ class EmbeddedStore:
                     history[q.name] = np.zeros((0, q.width), dtype=np.int64)
                 else:
                     history[q.name] = h.users.get(user_id, h.empty).codes
-        return Fetched(
+        return base.Fetched(
             user,
             vids,
             int(unknown_user.size),
@@ -226,10 +213,10 @@ class EmbeddedStore:
         )
 
     # -- events -----------------------------------------------------------------------------------
-    async def append_events(self, events: Sequence[Event]) -> EventsResult:
+    async def append_events(self, events: Sequence[base.Event]) -> base.EventsResult:
         if "video" not in self._tables:
-            raise StoreError("no model loaded yet: the store holds no histories")
-        out = EventsResult(appended=dict.fromkeys(self._histories, 0))
+            raise base.StoreError("no model loaded yet: the store holds no histories")
+        out = base.EventsResult(appended=dict.fromkeys(self._histories, 0))
         live = list(self._histories.values())
         staged: list[_History] = []  # built for a model not yet committed (live ones are shared)
         staged_videos = self._tables["video"]
@@ -246,13 +233,13 @@ class EmbeddedStore:
                 self._seen.popitem(last=False)
             out.accepted += 1
             self._apply(ev, live, self._tables["video"], out)
-            self._apply(ev, staged, staged_videos, EventsResult())
+            self._apply(ev, staged, staged_videos, base.EventsResult())
             if self._building is not None:
                 self._building.append(ev)
         return out
 
     @staticmethod
-    def _apply(ev: Event, histories: Iterable[_History], videos: _Table, out: EventsResult) -> None:
+    def _apply(ev: base.Event, histories: Iterable[_History], videos: _Table, out: base.EventsResult) -> None:
         """Add one event to every history it qualifies for."""
         row = videos.index.get(ev.video_id, len(videos.index))  # unknown video: the default row
         for h in histories:
@@ -261,7 +248,7 @@ class EmbeddedStore:
                 continue
             cols = videos.layout.cats
             side = {c: int(videos.cats[row, cols.index(c)]) for c in q.items[1:] if c in cols}
-            codes = event_codes(q, ev, side)
+            codes = base.event_codes(q, ev, side)
             old = h.users.get(ev.user_id, h.empty)
             h.users[ev.user_id] = old.add(np.array([ev.timestamp]), codes[None, :], q.max_len)
             out.appended[q.name] = out.appended.get(q.name, 0) + 1

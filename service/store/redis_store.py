@@ -71,20 +71,7 @@ from model import (
     resolve_checkpoint,
     unpack_events,
 )
-from service.store.base import (
-    ENTITY_GROUPS,
-    ColumnMap,
-    EntityGroup,
-    Event,
-    EventsResult,
-    Fetched,
-    GroupLayout,
-    GroupMap,
-    StoreError,
-    StoreLayout,
-    build_column_map,
-    event_codes,
-)
+from service.store import base
 from service.store.tables import load_entity_rows, log_unknown_rates
 
 log = logging.getLogger(__name__)
@@ -94,14 +81,14 @@ PIPELINE_CHUNKS = 8  # MSETs per round trip when materializing
 CONTROL_TIMEOUT_S = 2.0  # meta / model pointer / pub-sub: off the request path
 HEALTH_SAMPLE = 100  # entity keys per group that materialize records for the health check
 CLUSTER_BUCKETS = 16  # hash-tag buckets of the keys on a Redis Cluster (entity_key)
-_GROUP_TAG: dict[EntityGroup, str] = {"user": "u", "video": "v"}
+_GROUP_TAG: dict[base.EntityGroup, str] = {"user": "u", "video": "v"}
 
 
 def bucket_of(entity_id: str, buckets: int) -> int:
     return zlib.crc32(entity_id.encode()) % buckets
 
 
-def entity_key(prefix: str, group: EntityGroup, entity_id: str, buckets: int = 0) -> str:
+def entity_key(prefix: str, group: base.EntityGroup, entity_id: str, buckets: int = 0) -> str:
     """``P u:<id>``; with ``buckets`` (a Redis Cluster layout) ``P u:{<bucket>}:<id>``, the bucket
     a hash tag: all keys of a bucket share one cluster slot, so a request reads at most
     ``buckets`` + 1 slots, one MGET each, instead of one slot per key."""
@@ -155,7 +142,7 @@ def redact_url(url: str) -> str:
 # packed rows
 
 
-def row_dtype(layout: GroupLayout) -> np.dtype[Any]:
+def row_dtype(layout: base.GroupLayout) -> np.dtype[Any]:
     """One packed row: int64 categoricals then float32 numerics, little-endian, no padding."""
     fields: list[tuple[str, str, tuple[int]]] = []
     if layout.cats:
@@ -167,7 +154,7 @@ def row_dtype(layout: GroupLayout) -> np.dtype[Any]:
     return dtype
 
 
-def pack_rows(rows: CanonicalRows, layout: GroupLayout) -> list[bytes]:
+def pack_rows(rows: CanonicalRows, layout: base.GroupLayout) -> list[bytes]:
     dtype = row_dtype(layout)
     rec = np.empty(len(rows), dtype=dtype)
     if layout.cats:
@@ -178,7 +165,7 @@ def pack_rows(rows: CanonicalRows, layout: GroupLayout) -> list[bytes]:
     return [buf[i * size : (i + 1) * size] for i in range(len(rows))]
 
 
-def _fields(rec: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray]:
+def _fields(rec: np.ndarray, layout: base.GroupLayout) -> tuple[np.ndarray, np.ndarray]:
     n = rec.shape[0]
     cats = rec["c"] if layout.cats else np.zeros((n, 0), dtype=np.int64)
     nums = rec["n"] if layout.nums else np.zeros((n, 0), dtype=np.float32)
@@ -189,7 +176,7 @@ _NONE = np.zeros(0, dtype=np.intp)
 
 
 def unpack_rows(
-    values: Sequence[bytes | None], ids: Sequence[str], layout: GroupLayout, gm: GroupMap
+    values: Sequence[bytes | None], ids: Sequence[str], layout: base.GroupLayout, gm: base.GroupMap
 ) -> tuple[CanonicalRows, np.ndarray, int]:
     """MGET values -> model-layout rows; missing or malformed values get defaults.
     Returns (rows, positions of the missing values (unknown ids), how many were malformed:
@@ -216,13 +203,13 @@ def parse_meta(raw: bytes | str, where: str) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{where}: not valid JSON ({e})") from None
+        raise base.StoreError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise StoreError(f"{where}: unsupported meta format (want format {META_FORMAT})")
-    meta["layout"] = StoreLayout.from_dict(meta.get("layout"))
+        raise base.StoreError(f"{where}: unsupported meta format (want format {META_FORMAT})")
+    meta["layout"] = base.StoreLayout.from_dict(meta.get("layout"))
     held = meta.get("histories", {})
     if not isinstance(held, dict) or not all(isinstance(v, dict) for v in held.values()):
-        raise StoreError(f"{where}: malformed histories (want name -> definition)")
+        raise base.StoreError(f"{where}: malformed histories (want name -> definition)")
     meta["histories"] = held
     return meta
 
@@ -341,7 +328,7 @@ class RedisStore:
         self._buckets = 0  # the key layout's hash-tag buckets (meta key_buckets), read with the meta
         self._user_prefix = f"{prefix}{_GROUP_TAG['user']}:"
         self._video_prefix = f"{prefix}{_GROUP_TAG['video']}:"
-        self._layouts: dict[str, StoreLayout] = {}  # layout_id -> layout, for every mapped model
+        self._layouts: dict[str, base.StoreLayout] = {}  # layout_id -> layout, for every mapped model
         self._meta: dict[str, Any] | None = None
         self._breaker_failures, self._breaker_reset = breaker_failures, breaker_reset_s
         self._failures = 0
@@ -360,28 +347,28 @@ class RedisStore:
         raw = await asyncio.wait_for(self._control.get(meta_key(self.prefix)), CONTROL_TIMEOUT_S)
         return None if raw is None else parse_meta(raw, f"Redis key {meta_key(self.prefix)!r}")
 
-    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> ColumnMap:
+    async def prepare(self, schema: FeatureSchema, data: DataConfig) -> base.ColumnMap:
         try:
             meta = await self.read_meta()
         except (RedisError, OSError, TimeoutError) as e:
             if self._meta is None:
-                raise StoreError(
+                raise base.StoreError(
                     f"cannot read {meta_key(self.prefix)!r} from Redis: {e or type(e).__name__}"
                 ) from e
             log.warning("Redis unreachable (%s): mapping the model onto the last known layout", e)
             meta = self._meta
         if meta is None:
-            raise StoreError(
+            raise base.StoreError(
                 f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize` (prefix {self.prefix!r})"
             )
-        layout: StoreLayout = meta["layout"]
+        layout: base.StoreLayout = meta["layout"]
         self._buckets = _buckets(meta)
         self._expected = _expected_rates(meta.get("expected_unknown"))
-        columns = build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
+        columns = base.build_column_map(schema, layout, f"the Redis feature store (prefix {self.prefix!r})")
         held = meta["histories"]
         lacking = [q.name for q in schema.sequences if held.get(q.name) != q.definition()]
         if lacking:
-            raise StoreError(
+            raise base.StoreError(
                 f"the Redis feature store (prefix {self.prefix!r}) holds no histories {lacking} as this "
                 "model defines them: run `mtrank materialize` for it"
             )
@@ -389,11 +376,11 @@ class RedisStore:
         self._meta = meta
         return columns
 
-    def commit(self, columns: ColumnMap) -> None:
+    def commit(self, columns: base.ColumnMap) -> None:
         """Nothing to make live: every column map keeps reading with the layout it was built on."""
 
     # -- request path -------------------------------------------------------------------------
-    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap) -> Fetched:
+    async def fetch(self, user_id: str, video_ids: Sequence[str], columns: base.ColumnMap) -> base.Fetched:
         if time.monotonic() < self._open_until:
             return self._degraded(user_id, video_ids, columns, "breaker_open")
         try:
@@ -420,13 +407,13 @@ class RedisStore:
                     bad_user + bad_videos,
                     len(values),
                 )
-            return Fetched(user, videos, n_user, n_videos, True, "layout_mismatch", unknown)
+            return base.Fetched(user, videos, n_user, n_videos, True, "layout_mismatch", unknown)
         history, broken = self._histories(members, columns.sequences)
         if broken:
-            return Fetched(user, videos, n_user, n_videos, True, "history_malformed", unknown, history)
+            return base.Fetched(user, videos, n_user, n_videos, True, "history_malformed", unknown, history)
         self._unknown.add(n_user, len(video_ids), n_videos, self._expected)
         reason = self.problem or ("unknown_rate" if self._unknown.alarm else None)
-        return Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown, history)
+        return base.Fetched(user, videos, n_user, n_videos, reason is not None, reason, unknown, history)
 
     async def _read(
         self, user_id: str, video_ids: Sequence[str], sequences: Sequence[SequenceSpec]
@@ -484,7 +471,9 @@ class RedisStore:
             ],
         )
 
-    def _failed(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
+    def _failed(
+        self, user_id: str, video_ids: Sequence[str], columns: base.ColumnMap, reason: str
+    ) -> base.Fetched:
         self._failures += 1
         if self._failures >= self._breaker_failures:
             if time.monotonic() >= self._open_until:
@@ -497,8 +486,10 @@ class RedisStore:
             self._open_until = time.monotonic() + self._breaker_reset
         return self._degraded(user_id, video_ids, columns, reason)
 
-    def _degraded(self, user_id: str, video_ids: Sequence[str], columns: ColumnMap, reason: str) -> Fetched:
-        return Fetched(
+    def _degraded(
+        self, user_id: str, video_ids: Sequence[str], columns: base.ColumnMap, reason: str
+    ) -> base.Fetched:
+        return base.Fetched(
             columns.user.defaults((user_id,)),
             columns.video.defaults(video_ids),
             unknown_users=0,  # not known to be unknown: the store did not answer
@@ -509,23 +500,23 @@ class RedisStore:
         )
 
     # -- events -------------------------------------------------------------------------------------
-    async def append_events(self, events: Sequence[Event]) -> EventsResult:
-        """See the module doc. StoreError when Redis cannot take them now (nothing half-written:
+    async def append_events(self, events: Sequence[base.Event]) -> base.EventsResult:
+        """See the module doc. base.StoreError when Redis cannot take them now (nothing half-written:
         a chunk's script runs whole or not at all; retrying is safe, ids make it idempotent)."""
         try:
             meta = self._meta if self._meta is not None else await self.read_meta()
             if meta is None:
-                raise StoreError(f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize`")
+                raise base.StoreError(f"Redis has no {meta_key(self.prefix)!r}: run `mtrank materialize`")
             try:
                 held = {name: SequenceSpec.of_definition(name, d) for name, d in meta["histories"].items()}
             except FeatureError as e:
-                raise StoreError(f"Redis key {meta_key(self.prefix)!r}: {e}") from e
+                raise base.StoreError(f"Redis key {meta_key(self.prefix)!r}: {e}") from e
             buckets = _buckets(meta)
-            out = EventsResult(appended=dict.fromkeys(held, 0))
+            out = base.EventsResult(appended=dict.fromkeys(held, 0))
             video_codes = await self._event_videos(events, held.values(), meta["layout"].video, buckets)
             if self._append_script is None:
                 self._append_script = self._control.register_script(APPEND_EVENTS_LUA)
-            by_slot: dict[int, list[Event]] = {}  # one script's keys share a slot on a cluster
+            by_slot: dict[int, list[base.Event]] = {}  # one script's keys share a slot on a cluster
             for ev in events:
                 by_slot.setdefault(bucket_of(ev.user_id, buckets) if buckets else 0, []).append(ev)
             for group in by_slot.values():
@@ -538,16 +529,16 @@ class RedisStore:
                     )
                     out.accepted, out.duplicates = out.accepted + int(fresh), out.duplicates + int(dup)
         except (RedisError, OSError, TimeoutError) as e:
-            raise StoreError(f"Redis did not take the events ({e or type(e).__name__})") from e
+            raise base.StoreError(f"Redis did not take the events ({e or type(e).__name__})") from e
         return out
 
     def _script_args(
         self,
-        events: Sequence[Event],
+        events: Sequence[base.Event],
         held: dict[str, SequenceSpec],
         video_codes: dict[str, dict[str, int]],
         buckets: int,
-        out: EventsResult,
+        out: base.EventsResult,
     ) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         argv: list[Any] = [str(self._event_ttl)]
@@ -555,7 +546,7 @@ class RedisStore:
             entries = []
             for q in held.values():
                 if is_event(ev.labels, q.labels):
-                    codes = event_codes(q, ev, video_codes.get(ev.video_id, {}))
+                    codes = base.event_codes(q, ev, video_codes.get(ev.video_id, {}))
                     (member,) = pack_events(np.array([ev.timestamp]), codes[None, :])
                     entries.append((history_key(self.prefix, q.name, ev.user_id, buckets), q, member))
             keys.append(event_key(self.prefix, ev.event_id, ev.user_id, buckets))
@@ -567,7 +558,11 @@ class RedisStore:
         return keys, argv
 
     async def _event_videos(
-        self, events: Sequence[Event], held: Iterable[SequenceSpec], layout: GroupLayout, buckets: int
+        self,
+        events: Sequence[base.Event],
+        held: Iterable[SequenceSpec],
+        layout: base.GroupLayout,
+        buckets: int,
     ) -> dict[str, dict[str, int]]:
         """The canonical side-feature codes of the events' videos, from their rows (one MGET)."""
         side = sorted({c for q in held for c in q.items[1:] if c in layout.cats})
@@ -604,7 +599,7 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as e:
             log.debug("feature store health check skipped: %s", e)
             return self.problem
-        except StoreError as e:
+        except base.StoreError as e:
             meta, keys, present = None, [], 0
             log.debug("feature store meta unreadable: %s", e)
         problem, detail = None, None
@@ -657,7 +652,7 @@ class RedisStore:
             "key_buckets": self._buckets,
             "timeout_ms": self._timeout * 1000,
             "meta": meta,
-            "columns": layout.to_dict() if isinstance(layout, StoreLayout) else None,
+            "columns": layout.to_dict() if isinstance(layout, base.StoreLayout) else None,
             "breaker_open": time.monotonic() < self._open_until,
             "health": {
                 "problem": self.problem,
@@ -686,10 +681,10 @@ def _buckets(meta: dict[str, Any]) -> int:
     return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else 0
 
 
-def _sample_ids(sample: Any) -> list[tuple[EntityGroup, list[Any]]]:
+def _sample_ids(sample: Any) -> list[tuple[base.EntityGroup, list[Any]]]:
     if not isinstance(sample, dict):
         return []
-    return [(g, ids) for g in ENTITY_GROUPS if isinstance(ids := sample.get(g), list)]
+    return [(g, ids) for g in base.ENTITY_GROUPS if isinstance(ids := sample.get(g), list)]
 
 
 def _expected_rates(value: Any) -> dict[str, float]:
@@ -707,7 +702,7 @@ class MaterializeReport:
     version: str
     prefix: str
     counts: dict[str, int]
-    layout: StoreLayout
+    layout: base.StoreLayout
     seconds: float
     replicas: tuple[int, int] = (0, 0)  # (acknowledged the writes, connected) over every primary
 
@@ -756,7 +751,7 @@ def _write_histories(
     try:
         (table,) = load_event_tables(data, [q], data_dir).values()
     except DataError as e:
-        raise StoreError(f"history {q.name!r}: {e}") from e
+        raise base.StoreError(f"history {q.name!r}: {e}") from e
     pipe = client.pipeline(transaction=False)
     for i, user in enumerate(table.users):
         h = table.history(i)
@@ -801,11 +796,11 @@ def materialize(
     different layout is refused unless ``replace`` (which first deletes the prefix's entity keys).
     On a Redis Cluster (``cluster``; None = ask the server) the keys carry ``cluster_buckets``
     hash-tag buckets (``entity_key``), recorded in the meta as ``key_buckets``.
-    Raises CheckpointError, StoreError or redis errors.
+    Raises CheckpointError, base.StoreError or redis errors.
     """
     t0 = time.perf_counter()
     ckpt = load_checkpoint(resolve_checkpoint(artifacts, version))
-    layout = StoreLayout.of_schema(ckpt.schema)
+    layout = base.StoreLayout.of_schema(ckpt.schema)
     cluster = is_cluster(redis_url) if cluster is None else cluster
     buckets = cluster_buckets if cluster else 0
     opts: dict[str, Any] = {"socket_timeout": 60, "socket_connect_timeout": 5}
@@ -820,7 +815,7 @@ def materialize(
         if raw is not None and not replace:
             old = parse_meta(raw, f"Redis key {meta_key(prefix)!r}")
             if old["layout"] != layout:
-                raise StoreError(
+                raise base.StoreError(
                     f"prefix {prefix!r} holds another column layout (model {old.get('model_version')}); "
                     "materialize into a new prefix, or pass --replace (services re-read the layout "
                     "when they load a model)"
@@ -830,7 +825,7 @@ def materialize(
                 q.name for q in ckpt.schema.sequences if held.get(q.name, q.definition()) != q.definition()
             ]
             if clash:
-                raise StoreError(
+                raise base.StoreError(
                     f"prefix {prefix!r} holds histories {clash} of another definition; materialize into "
                     "a new prefix, or pass --replace"
                 )
@@ -840,7 +835,7 @@ def materialize(
         counts: dict[str, int] = {}
         entity_ids: dict[str, list[str]] = {}
         rng = random.Random(ckpt.version)  # the health-check sample: reproducible per model version
-        for g in ENTITY_GROUPS:
+        for g in base.ENTITY_GROUPS:
             ent = load_entity_rows(ckpt.config.data, g, layout.group(g), data_dir)
             entity_ids[g] = ent.ids
             values = pack_rows(ent.rows, layout.group(g))
