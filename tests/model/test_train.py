@@ -249,7 +249,7 @@ def test_cli_train_evaluate_models_rollback(tmp_path):
     cfg, art = tiny_toml(tmp_path), str(tmp_path / "art")
     r1 = runner.invoke(app, ["train", "--config", cfg, "--artifacts", art])
     assert r1.exit_code == 0, r1.output
-    # --force: the second version becomes LATEST whatever the promotion gate says (tests/test_promotion.py)
+    # --force: the second version becomes LATEST whatever the promotion gate says (model/test_promotion.py)
     r2 = runner.invoke(app, ["train", "--config", cfg, "--artifacts", art, "--seed", "3", "--force"])
     assert r2.exit_code == 0, r2.output
     versions = list_versions(art)

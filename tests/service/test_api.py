@@ -183,7 +183,7 @@ def test_inline_features_override_the_store(client: TestClient) -> None:
     # the same candidate with the same inline features alone: the same score
     (alone,) = rank(client, candidates=[inline])["items"]
     assert alone["score"] == pytest.approx(over[featured], rel=1e-9)
-    # an empty features object changes nothing (unknown names: tests/test_strict_inputs.py)
+    # an empty features object changes nothing (unknown names: tests/service/test_strict_inputs.py)
     same = rank(client, candidates=[{"video_id": VIDEOS[1], "features": {}}, *VIDEOS[2:5]])
     assert {i["video_id"]: i["score"] for i in same["items"]}[VIDEOS[1]] == pytest.approx(base[VIDEOS[1]])
 

@@ -74,7 +74,7 @@ def _copy(path, tmp_path):
 
 def _rewrite_manifest(path, m):
     """Write an edited manifest with a fresh digest, so the load gets past the digest check to the
-    check under test (tests/test_checkpoint_integrity.py covers the digest itself)."""
+    check under test (tests/model/test_checkpoint_integrity.py covers the digest itself)."""
     (path / "manifest.json").write_text(json.dumps(ck.seal_manifest(m)))
 
 

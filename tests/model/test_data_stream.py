@@ -53,7 +53,7 @@ def assert_same_schema(a, b, rel: float = 1e-12) -> None:
 
 
 def full_config() -> Config:
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "kuairand_mmoe.toml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "kuairand_mmoe.toml")
     cfg.data.data_dir = str(DATA_DIR)
     return cfg
 

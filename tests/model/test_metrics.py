@@ -7,7 +7,7 @@ from sklearn.metrics import ndcg_score, roc_auc_score
 
 from model.metrics import gauc, higher_is_better, ndcg_at_k
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.experiments import paired_mean_ratio, paired_ratio
 
 

@@ -13,7 +13,7 @@ from model.config import DATA_DIR_ENV, Config, load_config
 from model.data import load_dataset
 from model.synth import SYNTH_KINDS, make_mmoe_benchmark, make_youtube_log, position_bias
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 YOUTUBE_CONFIG = ROOT / "configs" / "synth_youtube_mmoe.toml"
 MMOE_CONFIG = ROOT / "configs" / "synth_mmoe_benchmark.toml"
 
