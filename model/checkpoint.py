@@ -94,7 +94,7 @@ FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 log = logging.getLogger(__name__)
 
 
-ENTRY = ConfigDict(strict=True)  # manifest entries: JSON types checked, unknown keys ignored
+_ENTRY = ConfigDict(strict=True)  # manifest entries: JSON types checked, unknown keys ignored
 
 
 class CheckpointError(Exception):
@@ -498,26 +498,26 @@ class Checkpoint:
 # a trainer's history or step log, are free-form.
 
 
-@pydantic_dataclass(config=ENTRY)
+@pydantic_dataclass(config=_ENTRY)
 class _TensorEntry:
     shape: list[int]
     dtype: str
 
 
-@pydantic_dataclass(config=ENTRY)
+@pydantic_dataclass(config=_ENTRY)
 class _WeightsEntry:
     sha256: str
     tensors: dict[str, _TensorEntry]
     file: str = WEIGHTS
 
 
-@pydantic_dataclass(config=ENTRY)
+@pydantic_dataclass(config=_ENTRY)
 class _FileEntry:
     sha256: str
     bytes: int | None = None
 
 
-@pydantic_dataclass(config=ENTRY)
+@pydantic_dataclass(config=_ENTRY)
 class _ManifestEntry:
     """The manifest's JSON types (its config is checked by ``Config.from_dict``, its values later)."""
 

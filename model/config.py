@@ -139,10 +139,6 @@ class DataConfig:
         self.videos = self.videos or None
         self.user_key = self.user_key or None
         self.video_key = self.video_key or None
-        if self.train_range is not None:
-            self.train_range = tuple(self.train_range)  # type: ignore[assignment]
-        if self.test_range is not None:
-            self.test_range = tuple(self.test_range)  # type: ignore[assignment]
 
     @property
     def dedup(self) -> bool:
@@ -679,12 +675,19 @@ def _tagged(
             continue
         value = values.pop(old)
         if not legacy:
-            owner = owners[0] if len(owners) == 1 or tag not in owners else tag
-            where = f"[{section}.{owner}] {new}" if section == "model" else f"[train.weighting.{owner}] {new}"
-            raise ConfigError(f"[{section}] {old} is now {where}")
+            raise _moved(section, old, tag)
         if tag in owners:  # an old checkpoint stored every key; the other parts' were unused
             out.setdefault(new, value)
     return out
+
+
+def _moved(section: str, old: str, tag: str) -> ConfigError:
+    """The error for a flat ``[section]`` key that moved to a part's table (``tag``: the part in
+    force, which names the table when the key belongs to several)."""
+    owners, new = (_FLAT_MODEL if section == "model" else _FLAT_TRAIN)[old]
+    owner = tag if tag in owners else owners[0]
+    where = f"[model.{owner}] {new}" if section == "model" else f"[train.weighting.{owner}] {new}"
+    return ConfigError(f"[{section}] {old} is now {where}")
 
 
 def _nest_model(m: dict[str, Any], legacy: bool) -> dict[str, Any]:
@@ -794,9 +797,10 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
         except tomllib.TOMLDecodeError:
             value = text
         model, train = d["model"], d["train"]
-        moved = _FLAT_MODEL if path[0] == "model" else _FLAT_TRAIN if path[0] == "train" else {}
-        if len(path) == 2 and path[1] in moved:
-            Config.from_dict({path[0]: {path[1]: value}})  # raises the "is now" error
+        if path[:1] == ["model"] and path[1:] and path[1] in _FLAT_MODEL:
+            raise _moved("model", path[1], model["arch"])
+        if path[:1] == ["train"] and path[1:] and path[1] in _FLAT_TRAIN:
+            raise _moved("train", path[1], weighting_name(train))
         if path == ["train", "weighting"] and value == weighting_name(train):
             continue  # the weighting it already has, with its keys
         if path == ["model", "arch"] and value != model["arch"]:
